@@ -1,0 +1,90 @@
+"""What the QVG backend did to each captured graph, as tables (tabulate) or a dict/JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tabulate import tabulate
+
+from .sites import Rejected, Site
+
+
+@dataclass
+class GraphReport:
+    """One graph Dynamo handed to the backend."""
+
+    index: int
+    name: str
+    inputs_are_caches: bool
+    sites: list[Site] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    readers: dict[str, int] = field(default_factory=dict)
+    swapped: list[str] = field(default_factory=list)
+    swap_errors: list[str] = field(default_factory=list)
+    code_before: str = ""
+    code_after: Optional[str] = None
+
+    def diff(self) -> str:
+        """Unified diff of the graph's code before the rewrite and after (post-grad ATen)."""
+        if self.code_after is None:
+            return ""
+        return "".join(difflib.unified_diff(
+            self.code_before.splitlines(keepends=True), self.code_after.splitlines(keepends=True),
+            fromfile=f"{self.name} (Dynamo graph)", tofile=f"{self.name} (after QVG, post-grad)"))
+
+
+@dataclass
+class Report:
+    """All graphs of one model (or one `explain` call)."""
+
+    graphs: list[GraphReport] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+    recompiles: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[Site]:
+        return [s for g in self.graphs for s in g.sites]
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": [dataclasses.asdict(g) | {"diff": g.diff()} for g in self.graphs],
+            "graph_breaks": self.graph_breaks,
+            "recompiles": self.recompiles,
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def summary(self) -> str:
+        """Tables: sites found, rewrites applied (swaps), candidates rejected, graph breaks."""
+        lines = [f"QVG backend: {len(self.graphs)} graph(s), {len(self.sites)} cache site(s), "
+                 f"{sum(len(g.swapped) for g in self.graphs)} dense cache(s) replaced by QVGCache, "
+                 f"{len(self.graph_breaks)} graph break(s)"]
+        rows = [[g.index, s.source, ",".join(s.idioms), "/".join(s.roles), s.layout, s.seq_dim,
+                 "x".join(map(str, s.shape)), s.dtype, "; ".join(s.notes) or "-"]
+                for g in self.graphs for s in g.sites]
+        if rows:
+            lines.append(tabulate(rows, headers=["graph", "cache (source)", "idiom", "role", "layout",
+                                                 "seq dim", "shape", "dtype", "notes"], tablefmt="github"))
+        swaps = [[g.index, src] for g in self.graphs for src in g.swapped]
+        if swaps:
+            lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache"], tablefmt="github"))
+        rejected = [[g.index, r.source, r.reason] for g in self.graphs for r in g.rejected]
+        errors = [[g.index, "-", e] for g in self.graphs for e in g.swap_errors]
+        if rejected or errors:
+            lines.append(tabulate(rejected + errors, headers=["graph", "left untouched", "why"],
+                                  tablefmt="github"))
+        if self.graph_breaks:
+            lines.append(tabulate([[b] for b in self.graph_breaks], headers=["graph break"],
+                                  tablefmt="github"))
+        lines.extend(self.notes)
+        return "\n\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

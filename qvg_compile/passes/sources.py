@@ -1,0 +1,106 @@
+"""Find, at run time, the container a graph input came from, so a cache can be swapped in place.
+
+Dynamo records for every graph input the expression it was loaded from (its *source*, e.g.
+``L['kv_cache'][3]['k']`` or ``L['self']._buffers['k_cache']``). The compiled graph runs inside
+the frame of the function Dynamo compiled, so walking up the Python stack finds a frame in which
+that expression evaluates to the very tensor the graph received. Assigning through the last link
+of the expression replaces the tensor where the model keeps it; tuples on the way are rebuilt.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Any, Optional
+
+from torch._dynamo import source as dsrc
+
+_MAX_FRAMES = 64
+
+
+class SourceError(Exception):
+    """The source cannot be evaluated or assigned here (the caller reports it and moves on)."""
+
+
+def _key(index: Any, frame: FrameType) -> Any:
+    if isinstance(index, dsrc.Source):
+        return evaluate(index, frame)
+    return index
+
+
+def evaluate(source: dsrc.Source, frame: FrameType) -> Any:
+    """The object ``source`` denotes in ``frame``."""
+    if isinstance(source, dsrc.LocalSource):
+        if source.local_name not in frame.f_locals:
+            raise SourceError(f"local {source.local_name!r} not in frame {frame.f_code.co_name}")
+        value = frame.f_locals[source.local_name]
+        if getattr(source, "is_derefed_cell_contents", False):
+            value = value.cell_contents
+        return value
+    if isinstance(source, dsrc.GlobalSource):
+        if source.global_name not in frame.f_globals:
+            raise SourceError(f"global {source.global_name!r} not found")
+        return frame.f_globals[source.global_name]
+    if isinstance(source, (dsrc.GetItemSource, dsrc.DictGetItemSource)) or \
+            type(source).__name__.endswith("GetItemSource"):
+        return evaluate(source.base, frame)[_key(source.index, frame)]
+    if isinstance(source, dsrc.AttrSource):
+        value = evaluate(source.base, frame)
+        for part in source.member.split("."):
+            value = getattr(value, part)
+        return value
+    if isinstance(source, dsrc.ChainedSource) and type(source).__name__.endswith("NNModuleSource"):
+        return evaluate(source.base, frame)
+    raise SourceError(f"unsupported source kind {type(source).__name__} ({source.name})")
+
+
+def _assign(source: dsrc.Source, frame: FrameType, new: Any) -> None:
+    if isinstance(source, (dsrc.GetItemSource, dsrc.DictGetItemSource)) or \
+            type(source).__name__.endswith("GetItemSource"):
+        container = evaluate(source.base, frame)
+        key = _key(source.index, frame)
+        if isinstance(container, tuple):
+            items = list(container)
+            items[key] = new
+            rebuilt = type(container)(*items) if hasattr(container, "_fields") else tuple(items)
+            _assign(source.base, frame, rebuilt)
+            return
+        container[key] = new
+        return
+    if isinstance(source, dsrc.AttrSource):
+        owner = evaluate(source.base, frame)
+        *parents, last = source.member.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        setattr(owner, last, new)
+        return
+    if isinstance(source, dsrc.LocalSource):
+        raise SourceError(f"{source.local_name!r} is a bare local: rebinding it would not reach the caller's object")
+    if isinstance(source, dsrc.GlobalSource):
+        frame.f_globals[source.global_name] = new
+        return
+    if isinstance(source, dsrc.ChainedSource) and type(source).__name__.endswith("NNModuleSource"):
+        _assign(source.base, frame, new)
+        return
+    raise SourceError(f"unsupported source kind {type(source).__name__} ({source.name})")
+
+
+def find_frame(source: dsrc.Source, expected: Any, start: Optional[FrameType] = None) -> FrameType:
+    """The nearest caller frame in which ``source`` evaluates to ``expected`` (by identity)."""
+    frame = start or sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        try:
+            if evaluate(source, frame) is expected:
+                return frame
+        except (SourceError, LookupError, AttributeError, TypeError):
+            pass
+        frame = frame.f_back
+    raise SourceError(f"no caller frame holds {source.name}")
+
+
+def replace_at_source(source: dsrc.Source, old: Any, new: Any) -> None:
+    """Put ``new`` where the caller keeps ``old`` (found through ``source``)."""
+    frame = find_frame(source, old, sys._getframe(1))
+    _assign(source, frame, new)

@@ -1,0 +1,243 @@
+"""Detection of KV-cache sites in Dynamo graphs: every idiom of DESIGN.md §5, every reader kind,
+and negatives that must stay untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvg_compile.passes.sites import find_sites
+
+B, H, D = 1, 2, 16
+
+
+def capture(fn, *args, **kwargs):
+    """Dynamo graphs of ``fn(*args)`` and the sites found in each."""
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(find_sites(gm.graph))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend)(*args, **kwargs)
+    torch._dynamo.reset()
+    return results
+
+
+def one_graph(fn, *args):
+    results = capture(fn, *args)
+    assert len(results) == 1
+    return results[0]
+
+
+def bshd(n):
+    return torch.zeros(B, n, H, D)
+
+
+def act(n, seed=0):
+    return torch.randn(B, n, H, D, generator=torch.Generator().manual_seed(seed))
+
+
+def sdpa_bshd(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
+
+
+def idiom_a(cache, x, s: int, e: int):
+    cache["k"][:, s:e] = x
+    cache["v"][:, s:e] = x * 2
+    return sdpa_bshd(x, cache["k"][:, :e], cache["v"][:, :e])
+
+
+def test_idiom_a_slice_write_prefix_read():
+    sites, rejected, readers = one_graph(idiom_a, {"k": bshd(16), "v": bshd(16)}, act(4), 0, 4)
+    assert [r.kind for r in readers] == ["sdpa"]
+    by_source = {s.source: s for s in sites}
+    assert set(by_source) == {"L['cache']['k']", "L['cache']['v']"}
+    k = by_source["L['cache']['k']"]
+    assert k.idioms == ["A"] and k.roles == ["key"] and k.seq_dim == 1 and k.layout == "[B, S, H, D]"
+    assert by_source["L['cache']['v']"].roles == ["value"]
+    assert not rejected
+
+
+def idiom_b(kb, vb, x, sink: int, ev: int, r: int, s: int, e: int):
+    kb[:, sink:sink + r] = kb[:, sink + ev:sink + ev + r].clone()
+    vb[:, sink:sink + r] = vb[:, sink + ev:sink + ev + r].clone()
+    kb[:, s:e] = x
+    vb[:, s:e] = x
+    return sdpa_bshd(x, kb[:, :e], vb[:, :e])
+
+
+def test_idiom_b_rolling_window_with_sinks():
+    sites, _, _ = one_graph(idiom_b, bshd(16), bshd(16), act(4), 2, 4, 6, 8, 12)
+    assert {s.source for s in sites} == {"L['kb']", "L['vb']"}
+    assert all(s.idioms == ["A", "B"] and s.seq_dim == 1 for s in sites)
+
+
+def idiom_c(kb, vb, x, sink: int, w0: int, s: int, e: int):
+    k2, v2 = kb.clone(), vb.clone()
+    k2[:, s:e] = x
+    v2[:, s:e] = x
+    k = torch.cat([k2[:, :sink], k2[:, w0:e]], dim=1)
+    v = torch.cat([v2[:, :sink], v2[:, w0:e]], dim=1)
+    return sdpa_bshd(x, k, v), k2, v2
+
+
+def test_idiom_c_clone_write_cat_read():
+    sites, _, _ = one_graph(idiom_c, bshd(16), bshd(16), act(4), 2, 6, 8, 12)
+    assert {s.source for s in sites} == {"L['kb']", "L['vb']"}
+    assert all("C" in s.idioms and "A" not in s.idioms for s in sites)
+
+
+def idiom_d(k_cache, v_cache, x):
+    q = x.transpose(1, 2)
+    k = torch.cat([k_cache.repeat(2, 1, 1, 1), q], dim=2)
+    v = torch.cat([v_cache.repeat(2, 1, 1, 1), q], dim=2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_idiom_d_functional_cat_with_cfg_repeat():
+    sites, _, _ = one_graph(idiom_d, torch.randn(1, H, 8, D), torch.randn(1, H, 8, D),
+                            torch.randn(2, 4, H, D))
+    assert {s.source for s in sites} == {"L['k_cache']", "L['v_cache']"}
+    assert all(s.idioms == ["D"] and s.seq_dim == 2 and s.layout == "[B, H, S, D]" for s in sites)
+
+
+def rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def idiom_e(k_cache, v_cache, x, cos, sin):
+    q = x.transpose(1, 2)
+    k = rope(torch.cat([k_cache, q], dim=2), cos, sin)
+    v = torch.cat([v_cache.to(x.device), q], dim=2)
+    return F.scaled_dot_product_attention(rope(q, cos[..., -4:, :], sin[..., -4:, :]), k, v)
+
+
+def test_idiom_e_rope_at_read_and_device_move():
+    n = 12
+    cos, sin = torch.randn(n, D // 2), torch.randn(n, D // 2)
+    sites, rejected, _ = one_graph(idiom_e, torch.randn(1, H, 8, D), torch.randn(1, H, 8, D),
+                                   torch.randn(1, 4, H, D), cos, sin)
+    by_source = {s.source: s for s in sites}
+    assert set(by_source) == {"L['k_cache']", "L['v_cache']"}
+    assert by_source["L['k_cache']"].idioms == ["D", "E"]
+    assert "RoPE applied at read" in by_source["L['k_cache']"].notes
+    # The cos/sin tables also feed the query's RoPE: current-chunk inputs, never caches.
+    assert not {"L['cos']", "L['sin']"} & set(by_source)
+
+
+def idiom_f(kv_buf, k, v, s: int, e: int):
+    kv_buf[:, s:e] = torch.cat([k, v], dim=-1)
+    kk, vv = kv_buf[:, :e].split(D, dim=-1)
+    kk = kk.repeat_interleave(2, dim=2)
+    vv = vv.repeat_interleave(2, dim=2)
+    q = torch.randn(1, 4, 2 * H, D)
+    return sdpa_bshd(q, kk, vv)
+
+
+def test_idiom_f_packed_kv_with_gqa():
+    sites, _, _ = one_graph(idiom_f, torch.zeros(1, 16, H, 2 * D), act(4), act(4, 1), 0, 4)
+    assert len(sites) == 1
+    s = sites[0]
+    assert s.source == "L['kv_buf']" and {"A", "F"} <= set(s.idioms)
+    assert sorted(s.roles) == ["key", "value"] and "GQA expansion" in s.notes
+
+
+def idiom_g(cache, x, idx):
+    e = int(idx.item())
+    cache["k"][:, e - 4:e] = x
+    cache["v"][:, e - 4:e] = x
+    return sdpa_bshd(x, cache["k"][:, :e], cache["v"][:, :e])
+
+
+def test_idiom_g_graph_break_on_item():
+    torch._dynamo.config.capture_scalar_outputs = False
+    results = capture(idiom_g, {"k": bshd(16), "v": bshd(16)}, act(4), torch.tensor([8]))
+    assert len(results) >= 1
+    found = {s.source for sites, _, _ in results for s in sites}
+    assert {"L['cache']['k']", "L['cache']['v']"} <= found
+
+
+def test_idiom_g_read_only_graph_uses_known_caches():
+    def read_only(kb, vb, x):
+        return sdpa_bshd(x, kb[:, :8], vb[:, :8])
+
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(find_sites(gm.graph, known_cache=lambda n: "kb" in n.name or "vb" in n.name))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(read_only, backend=backend)(bshd(16), bshd(16), act(4))
+    sites, rejected, _ = results[0]
+    assert {s.source for s in sites} == {"L['kb']", "L['vb']"} and all(s.idioms == ["G"] for s in sites)
+
+
+def idiom_h(kb, vb, x, idx):
+    kb[:, idx] = x
+    vb.index_copy_(1, idx, x)
+    return sdpa_bshd(x, kb, vb)
+
+
+def test_idiom_h_tensor_indexed_writes():
+    sites, _, _ = one_graph(idiom_h, bshd(16), bshd(16), act(4), torch.arange(4, 8))
+    assert {s.source for s in sites} == {"L['kb']", "L['vb']"}
+    assert all("H" in s.idioms and s.seq_dim == 1 for s in sites)
+
+
+def plain_attention(cache, x, s: int, e: int, mask):
+    cache["k"][:, s:e] = x
+    cache["v"][:, s:e] = x
+    q, k, v = (t.transpose(1, 2) for t in (x, cache["k"][:, :e], cache["v"][:, :e]))
+    scores = (q @ k.transpose(-2, -1)) * D ** -0.5 + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def test_matmul_softmax_reader():
+    sites, _, readers = one_graph(plain_attention, {"k": bshd(16), "v": bshd(16)}, act(4), 0, 4,
+                                  torch.zeros(4, 4))
+    assert [r.kind for r in readers] == ["matmul_softmax"]
+    assert {s.source for s in sites} == {"L['cache']['k']", "L['cache']['v']"}
+
+
+class CacheModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(B, H, 16, D))
+        self.register_buffer("v_cache", torch.zeros(B, H, 16, D))
+
+    def forward(self, x, s: int, e: int):
+        self.k_cache[:, :, s:e] = x
+        self.v_cache[:, :, s:e] = x
+        return F.scaled_dot_product_attention(x, self.k_cache[:, :, :e], self.v_cache[:, :, :e])
+
+
+def test_module_buffer_caches():
+    sites, _, _ = one_graph(CacheModule(), torch.randn(B, H, 4, D), 0, 4)
+    assert len(sites) == 2 and all(s.seq_dim == 2 and s.idioms == ["A"] for s in sites)
+    assert all("k_cache" in s.source or "v_cache" in s.source for s in sites)
+
+
+def test_negative_cat_of_activations_and_cross_attention_constant():
+    def fn(x, y, text_k, text_v):
+        kv = torch.cat([x, y], dim=2)
+        self_attn = F.scaled_dot_product_attention(x, kv, kv)
+        return self_attn + F.scaled_dot_product_attention(x, text_k, text_v)
+
+    x = torch.randn(B, H, 4, D)
+    sites, rejected, readers = one_graph(fn, x, x.clone(), torch.randn(B, H, 7, D), torch.randn(B, H, 7, D))
+    assert len(readers) == 2
+    assert sites == []
+    assert {r.source for r in rejected} >= {"L['text_k']", "L['text_v']"}
+
+
+def test_negative_written_but_never_read_by_attention():
+    def fn(buf, x, s: int, e: int):
+        buf[:, s:e] = x
+        return buf.sum()
+
+    sites, rejected, readers = one_graph(fn, bshd(16), act(4), 0, 4)
+    assert sites == [] and readers == []
