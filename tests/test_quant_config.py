@@ -29,7 +29,7 @@ def test_immutable_hashable_picklable():
 @pytest.mark.parametrize("field,value", [
     ("key_bits", 5), ("value_bits", 1), ("group_size", 0), ("stages", -1), ("centroids", 300),
     ("init", "zeros"), ("scale_dtype", "fp32"), ("code_mode", "nf4"), ("clip_ratio", 0.0),
-    ("method", "gptq"), ("kmeans_iters", 0),
+    ("method", "gptq"), ("kmeans_iters", -1),
 ])
 def test_invalid_fields_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

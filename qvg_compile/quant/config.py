@@ -78,7 +78,9 @@ class QVGConfig:
         for name in ("key_bits", "value_bits"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) in SUPPORTED_BITS,
                  name, f"one of {SUPPORTED_BITS}")
-        for name in ("group_size", "centroids", "kmeans_iters"):
+        need(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0, "kmeans_iters",
+             "a non-negative int (0 keeps the initial or given centroids)")
+        for name in ("group_size", "centroids"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                  "a positive int")

@@ -1,0 +1,251 @@
+"""`StoreSpec`: the static description of one compressed store, and its arrays.
+
+A store holds the tokens ``[0, capacity)`` of one cache tensor in the normalised layout
+``[*lead, N, D]`` (the sequence dim moved next to last, every other dim but the channels a
+leading dim). Its last dim may be split into *parts* (K and V packed along the channels, as
+MAGI-1 does), each quantized on its own with its role's bit width. All parts share one token
+state, so a token is sealed, dense or empty in every part at once.
+
+Arrays, in the order the ``qvg::cache_*`` ops take them (``P`` parts; ``T = slots * L + sinks``
+dense rows; ``K`` codebook slots; ``C`` centroids per codebook; ``Dp = D * bits / 8``):
+
+=============  ===========  ==========================  =========================================
+name           device       dtype / shape               holds
+=============  ===========  ==========================  =========================================
+``codes{p}``   cache's      uint8 ``[*lead, cap, Dp]``   packed residual codes (`PackedStore`)
+``scales{p}``  cache's      fp8/fp16 ``[*lead, cap, D/G]``
+``zeros{p}``   cache's      like scales (asymmetric codes only)
+``assign{p}``  cache's      uint8 ``[S, *lead, cap]``
+``cents{p}``   cache's      ``[K, S, *lead, C, D]``     one codebook per slot
+``tail{p}``    cache's      cache dtype ``[*lead, T, D]`` dense rows: slots of L tokens, then sinks
+``seg_ids``    cache's      int32 ``[cap]``             codebook slot of every sealed token
+``pos_map``    host (CPU)   int32 ``[cap]``             per token: `HOLE`, a dense row ``r >= 0``,
+                                                        or sealed in slot ``k`` as ``-(k + 2)``
+``slots``      host         int64 ``[slots, 2]``        per dense slot: first position (-1 free), age
+``segs``       host         int64 ``[K, 4]``            per codebook: live tokens, C, uid, uses
+``counters``   host         int64 ``[2]``               next age, latest codebook slot (-1 none)
+=============  ===========  ==========================  =========================================
+
+The token state lives on the host so that deciding where a write goes never waits for the GPU;
+``seg_ids`` mirrors it on the device for the attention kernel. The spec is a frozen dataclass of
+plain values: it hashes, pickles and round-trips through JSON (`to_json` / `from_json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ..quant.config import QVGConfig
+from ..quant.packing import packed_size
+from .policy import CachePolicy
+
+HOLE = -1
+ROLES = ("key", "value")
+HOST = torch.device("cpu")
+PART_ARRAYS = ("codes", "scales", "zeros", "assign", "cents", "tail")
+SHARED_ARRAYS = ("seg_ids", "pos_map", "slots", "segs", "counters")
+# segs columns
+LIVE, CSIZE, UID, USES = 0, 1, 2, 3
+# counters entries
+NEXT_AGE, LATEST = 0, 1
+
+
+def sealed_code(slot: int) -> int:
+    """``pos_map`` value of a token sealed in codebook slot ``slot``."""
+    return -(slot + 2)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Static layout of a store.
+
+    Attributes:
+        config, policy: how tokens are quantized and when.
+        lead: sizes of the leading dims of the normalised layout.
+        capacity: tokens the store addresses.
+        part_dims: channels of each part (their sum is the cache's last dim).
+        roles: ``"key"`` or ``"value"`` per part (picks the bit width).
+        dtype: the cache's dtype name (``"bfloat16"``...): dense rows and decoded values.
+        slot_tokens: L, tokens per dense slot (0 until the first write fixes it).
+        segments: K, codebook slots (0 until the first seal needs them).
+        codebook: C, centroid rows per codebook slot.
+    """
+
+    config: QVGConfig
+    policy: CachePolicy
+    lead: tuple[int, ...]
+    capacity: int
+    part_dims: tuple[int, ...]
+    roles: tuple[str, ...]
+    dtype: str
+    slot_tokens: int = 0
+    segments: int = 0
+    codebook: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.part_dims) != len(self.roles) or not self.part_dims:
+            raise ValueError(f"roles: expected one role per part {self.part_dims}, got {self.roles}")
+        for role in self.roles:
+            if role not in ROLES:
+                raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+        for d in self.part_dims:
+            if d % self.config.group_size:
+                raise ValueError(f"config.group_size: {self.config.group_size} does not divide the "
+                                 f"head dim {d} of a cache part")
+        if self.config.method not in ("qvg", "rtn"):
+            raise ValueError(f"config.method: the compressed cache stores qvg or rtn codes, got "
+                             f"{self.config.method!r}")
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def stages(self) -> int:
+        return self.config.stages if self.config.method == "qvg" else 0
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.config.code_mode == "asymmetric"
+
+    @property
+    def slots(self) -> int:
+        return self.policy.dense_chunks if self.slot_tokens else 0
+
+    @property
+    def sinks(self) -> int:
+        return min(self.policy.dense_sinks, self.capacity)
+
+    @property
+    def sink_row(self) -> int:
+        """First dense row of the sinks (rows ``[sink_row, sink_row + sinks)`` hold positions
+        ``[0, sinks)``)."""
+        return self.slots * self.slot_tokens
+
+    @property
+    def tail_rows(self) -> int:
+        return self.sink_row + self.sinks
+
+    @property
+    def segment_tokens(self) -> int:
+        """Tokens of one segment sealed from full slots."""
+        return self.policy.seal_chunks * self.slot_tokens
+
+    @property
+    def channels(self) -> int:
+        return sum(self.part_dims)
+
+    def bits(self, part: int) -> int:
+        return self.config.bits_for(self.roles[part])
+
+    def names(self) -> tuple[str, ...]:
+        """Array names in op order."""
+        return _names(len(self.part_dims), self.has_zeros)
+
+    def part_names(self, part: int) -> list[str]:
+        """Array names of one part: codes, scales, (zeros,) assign, cents, tail."""
+        return [f"{base}{part}" for base in PART_ARRAYS if base != "zeros" or self.has_zeros]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every array."""
+        lead, cap, s = self.lead, self.capacity, self.stages
+        out: dict[str, tuple[int, ...]] = {}
+        for p, d in enumerate(self.part_dims):
+            g = d // self.config.group_size
+            out[f"codes{p}"] = (*lead, cap, packed_size(d, self.bits(p)))
+            out[f"scales{p}"] = (*lead, cap, g)
+            if self.has_zeros:
+                out[f"zeros{p}"] = (*lead, cap, g)
+            out[f"assign{p}"] = (s, *lead, cap)
+            out[f"cents{p}"] = (self.segments, s, *lead, self.codebook, d)
+            out[f"tail{p}"] = (*lead, self.tail_rows, d)
+        out["seg_ids"] = (cap,)
+        out["pos_map"] = (cap,)
+        out["slots"] = (self.slots, 2)
+        out["segs"] = (self.segments, 4)
+        out["counters"] = (2,)
+        return out
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        out: dict[str, torch.dtype] = {}
+        for p in range(len(self.part_dims)):
+            out[f"codes{p}"] = torch.uint8
+            out[f"scales{p}"] = self.config.torch_scale_dtype
+            if self.has_zeros:
+                out[f"zeros{p}"] = self.config.torch_scale_dtype
+            out[f"assign{p}"] = torch.uint8
+            out[f"cents{p}"] = self.config.torch_centroid_dtype
+            out[f"tail{p}"] = self.torch_dtype
+        out.update(seg_ids=torch.int32, pos_map=torch.int32, slots=torch.int64, segs=torch.int64,
+                   counters=torch.int64)
+        return out
+
+    @staticmethod
+    def is_host(name: str) -> bool:
+        return name in ("pos_map", "slots", "segs", "counters")
+
+    def allocate(self, device: torch.device) -> list[torch.Tensor]:
+        """Fresh arrays for an empty store: every token a hole, every slot and codebook free."""
+        shapes, dtypes = self.shapes(), self.dtypes()
+        arrays = []
+        for name in self.names():
+            where = HOST if self.is_host(name) else device
+            t = torch.zeros(shapes[name], dtype=dtypes[name], device=where)
+            if name == "pos_map":
+                t.fill_(HOLE)
+            elif name == "slots":
+                t[:, 0] = -1
+            elif name == "counters":
+                t[1] = -1
+            arrays.append(t)
+        return arrays
+
+    def with_sizes(self, slot_tokens: Optional[int] = None, segments: Optional[int] = None,
+                   codebook: Optional[int] = None, capacity: Optional[int] = None,
+                   lead: Optional[tuple[int, ...]] = None) -> "StoreSpec":
+        changes = {k: v for k, v in dict(slot_tokens=slot_tokens, segments=segments, codebook=codebook,
+                                         capacity=capacity, lead=lead).items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def sized_for(self, slot_tokens: int) -> "StoreSpec":
+        """The spec once the slot length is known: enough codebook slots to fill the capacity."""
+        seg = self.policy.seal_chunks * slot_tokens
+        segments = math.ceil(max(self.capacity - self.sinks, 1) / (seg * self.policy.codebook_chunks))
+        codebook = self.policy.codebook_size(self.config, min(seg, max(self.capacity, 1)))
+        return self.with_sizes(slot_tokens=slot_tokens, segments=segments + self.policy.spare_segments,
+                               codebook=max(codebook, self.codebook))
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["config"] = dataclasses.asdict(self.config)
+        d["policy"] = dataclasses.asdict(self.policy)
+        return json.dumps(d, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "StoreSpec":
+        return _from_json(text)
+
+
+@lru_cache(maxsize=256)
+def _from_json(text: str) -> StoreSpec:
+    d = json.loads(text)
+    d["config"] = QVGConfig(**d["config"])
+    d["policy"] = CachePolicy(**d["policy"])
+    for key in ("lead", "part_dims", "roles"):
+        d[key] = tuple(d[key])
+    return StoreSpec(**d)
+
+
+@lru_cache(maxsize=64)
+def _names(parts: int, zeros: bool) -> tuple[str, ...]:
+    out = [f"{base}{p}" for p in range(parts) for base in PART_ARRAYS if base != "zeros" or zeros]
+    return tuple(out) + SHARED_ARRAYS
