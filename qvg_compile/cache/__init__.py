@@ -1,7 +1,10 @@
 """The storage layer: `QVGCache`, a dense-looking KV cache holding 2-bit QVG segments."""
 
+from . import dispatch as _dispatch  # noqa: F401  (fills QVGCache's op table)
 from .api import compress, memory_report
-from .stats import reset_stats, stats
+from .policy import CachePolicy
+from .stats import QVGFallbackWarning, reset_stats, stats
 from .tensor import QVGCache
 
-__all__ = ["QVGCache", "compress", "memory_report", "stats", "reset_stats"]
+__all__ = ["QVGCache", "CachePolicy", "compress", "memory_report", "stats", "reset_stats",
+           "QVGFallbackWarning"]

@@ -1,9 +1,9 @@
-"""Explicit API: `compress` caches found in containers or modules, and `memory_report`."""
+"""Explicit API: `compress` the caches of an object in place, and `memory_report`."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tabulate import tabulate
@@ -11,67 +11,123 @@ from tabulate import tabulate
 from ..quant.config import QVGConfig
 from .tensor import QVGCache
 
+Select = Callable[[str, torch.Tensor], bool]
+VALUE_NAMES = ("v", "value", "values", "v_cache", "value_cache", "cache_v")
 
-def compress(obj: Any, config: Optional[QVGConfig] = None, seq_dim: int = 1) -> Any:
-    """Convert a tensor, or every floating tensor of rank >= 3 in a nested list/dict (converted in
-    place) / tuple (rebuilt) / module buffer, into `QVGCache`. Returns the converted object."""
+
+def is_cache_like(path: str, t: torch.Tensor) -> bool:
+    """The default choice of tensors to compress: floating point, rank >= 3, not a parameter."""
+    return t.dtype.is_floating_point and t.dtype.itemsize > 1 and t.dim() >= 3 and not isinstance(t, torch.nn.Parameter)
+
+
+def role_of(path: str) -> str:
+    """``"value"`` when the last name in ``path`` says so (``["v"]``, ``.value_cache``...)."""
+    last = path.replace("]", "").replace("'", "").replace('"', "").split("[")[-1].split(".")[-1].lower()
+    return "value" if last in VALUE_NAMES or last.endswith("_v") else "key"
+
+
+def compress(obj: Any, config: Optional[QVGConfig] = None, seq_dim: int = 1,
+             select: Optional[Select] = None, **options: Any) -> Any:
+    """Convert a tensor, or every cache tensor inside ``obj``, into `QVGCache`.
+
+    ``obj`` is a tensor (returned converted), a dict or list (converted in place), a tuple
+    (rebuilt: tuples are immutable), or an ``nn.Module`` (its buffers and tensor attributes,
+    and the containers it holds as attributes, converted in place). ``select(path, tensor)``
+    picks the tensors (default `is_cache_like`); the role (key or value) follows the name.
+    ``options`` go to `QVGCache.from_dense` (``chunk_tokens``, ``dense_chunks``...).
+    Returns the converted object.
+    """
+    choose = select or is_cache_like
+    return _convert(obj, "", config, seq_dim, choose, options)
+
+
+def _convert(obj: Any, path: str, config: Optional[QVGConfig], seq_dim: int, choose: Select,
+             options: dict) -> Any:
     if isinstance(obj, QVGCache):
         return obj
     if isinstance(obj, torch.Tensor):
-        if obj.dim() < 3 or not obj.dtype.is_floating_point:
+        if not choose(path, obj):
             return obj
-        return QVGCache.from_dense(obj, seq_dim=seq_dim, config=config)
+        return QVGCache.from_dense(obj, seq_dim, config, role=role_of(path), **options)
     if isinstance(obj, dict):
         for key in list(obj):
-            obj[key] = compress(obj[key], config, seq_dim)
+            obj[key] = _convert(obj[key], f"{path}[{key!r}]", config, seq_dim, choose, options)
         return obj
     if isinstance(obj, list):
-        obj[:] = [compress(item, config, seq_dim) for item in obj]
+        for i, item in enumerate(obj):
+            obj[i] = _convert(item, f"{path}[{i}]", config, seq_dim, choose, options)
         return obj
     if isinstance(obj, tuple):
-        return type(obj)(compress(item, config, seq_dim) for item in obj)
+        items = [_convert(item, f"{path}[{i}]", config, seq_dim, choose, options) for i, item in enumerate(obj)]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, torch.nn.Module):
-        for module in obj.modules():
-            for name, buf in list(module._buffers.items()):
+        for name, module in obj.named_modules():
+            prefix = f"{path}.{name}" if name else path
+            for key, buf in list(module._buffers.items()):
                 if buf is not None:
-                    module._buffers[name] = compress(buf, config, seq_dim)
+                    module._buffers[key] = _convert(buf, f"{prefix}.{key}", config, seq_dim, choose, options)
+            for key, value in list(vars(module).items()):
+                if key.startswith("_") or isinstance(value, (torch.nn.Module, torch.nn.Parameter)):
+                    continue
+                if isinstance(value, (torch.Tensor, dict, list, tuple)):
+                    setattr(module, key, _convert(value, f"{prefix}.{key}", config, seq_dim, choose, options))
         return obj
-    raise TypeError(f"obj: expected a tensor, list, dict, tuple or nn.Module, got {type(obj).__name__}")
+    return obj
 
 
-def _walk(obj: Any, path: str, out: list[tuple[str, torch.Tensor]]) -> None:
+def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set[int]) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
         out.append((path or "<tensor>", obj))
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            _walk(value, f"{path}[{key!r}]", out)
+            _tensors(value, f"{path}[{key!r}]", out, seen)
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            _walk(value, f"{path}[{i}]", out)
+            _tensors(value, f"{path}[{i}]", out, seen)
     elif isinstance(obj, torch.nn.Module):
-        for name, buf in obj.named_buffers():
-            out.append((f"{path}.{name}" if path else name, buf))
+        for name, module in obj.named_modules():
+            prefix = f"{path}.{name}" if name else path
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    _tensors(buf, f"{prefix}.{key}" if prefix else key, out, seen)
+            for key, value in vars(module).items():
+                if not key.startswith("_") and isinstance(value, (torch.Tensor, dict, list, tuple)) \
+                        and not isinstance(value, torch.nn.Parameter):
+                    _tensors(value, f"{prefix}.{key}" if prefix else key, out, seen)
 
 
-def memory_report(obj: Any) -> dict:
-    """Bytes held by every cache tensor in ``obj`` against the dense equivalent.
+def memory_report(obj: Any) -> dict[str, Any]:
+    """Bytes held by every tensor in ``obj`` (a tensor, containers, a module's buffers and tensor
+    attributes) against their dense size.
 
-    Returns ``{"rows": [...], "dense_bytes": int, "held_bytes": int, "compression": float,
-    "table": str}``."""
+    Returns ``{"rows": [{"tensor", "shape", "dtype", "storage", "dense_bytes", "held_bytes",
+    "ratio"}...], "dense_bytes", "held_bytes", "compression", "table"}`` (``table``: GitHub
+    markdown via tabulate)."""
     tensors: list[tuple[str, torch.Tensor]] = []
-    _walk(obj, "", tensors)
+    _tensors(obj, "", tensors, set())
     rows = []
-    dense_total = held_total = 0
+    stores: set[int] = set()
     for path, t in tensors:
         dense = math.prod(t.shape) * t.dtype.itemsize
-        held = t.nbytes() if isinstance(t, QVGCache) else dense
-        dense_total += dense
-        held_total += held
-        rows.append({"tensor": path, "shape": list(t.shape), "qvg": isinstance(t, QVGCache),
-                     "dense_bytes": dense, "held_bytes": held})
-    table = tabulate([[r["tensor"], "x".join(map(str, r["shape"])), "QVG" if r["qvg"] else "dense",
-                       f"{r['dense_bytes'] / 2**20:.2f}", f"{r['held_bytes'] / 2**20:.2f}"] for r in rows]
-                     + [["total", "", "", f"{dense_total / 2**20:.2f}", f"{held_total / 2**20:.2f}"]],
-                     headers=["tensor", "shape", "storage", "dense MiB", "held MiB"], tablefmt="github")
+        held = dense
+        if isinstance(t, QVGCache):
+            # Views of one store hold its bytes once.
+            held = 0 if id(t._handle) in stores else t.nbytes()
+            stores.add(id(t._handle))
+        rows.append({"tensor": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                     "storage": "QVG" if isinstance(t, QVGCache) else "dense", "dense_bytes": dense,
+                     "held_bytes": held, "ratio": dense / max(1, held)})
+    dense_total = sum(r["dense_bytes"] for r in rows)
+    held_total = sum(r["held_bytes"] for r in rows)
+    mib = 2 ** 20
+    table = tabulate(
+        [[r["tensor"], "x".join(map(str, r["shape"])), r["dtype"], r["storage"], f"{r['dense_bytes'] / mib:.3f}",
+          f"{r['held_bytes'] / mib:.3f}", f"{r['ratio']:.2f}"] for r in rows]
+        + [["total", "", "", "", f"{dense_total / mib:.3f}", f"{held_total / mib:.3f}",
+            f"{dense_total / max(1, held_total):.2f}"]],
+        headers=["tensor", "shape", "dtype", "storage", "dense MiB", "held MiB", "x"], tablefmt="github")
     return {"rows": rows, "dense_bytes": dense_total, "held_bytes": held_total,
             "compression": dense_total / max(1, held_total), "table": table}

@@ -47,11 +47,11 @@ class CachePolicy:
     chunk_tokens: Optional[int] = None
     dense_chunks: int = 1
     seal_chunks: int = 1
-    codebook_chunks: int = 1
+    codebook_chunks: int = 2
     codebook_bits: float = 0.25
     warm_start: bool = True
     dense_sinks: int = 0
-    spare_segments: int = 2
+    spare_segments: int = 1
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:

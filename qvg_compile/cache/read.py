@@ -1,62 +1,73 @@
-"""Attention over a compressed history: block by block, merged with log-sum-exp.
+"""Attention over `QVGCache` views: the body of ``qvg::cache_attention``.
 
-Keys/values arrive as an ordered list of blocks (decoded sealed segments, the dense open slot,
-zero gaps of unwritten tokens). Each block contributes ``(out_b, lse_b)``; the running result is
-rescaled by ``exp(lse - lse_new)``, so at most one decoded block exists at a time and no full
-copy of the history is ever built. The result equals SDPA over the concatenated blocks.
+Tokens sealed in both the key and the value store at the same positions are read by the
+attention kernel straight from packed storage (``ranges``); every other token of the views (the
+dense slots, holes, tokens sealed on one side only, dense pieces appended by ``cat``) is
+gathered into the small dense tail. Keys repeated along the batch (``repeat`` for CFG) are read
+once, with the queries of every copy folded into one call; heads repeated by
+``repeat_interleave`` (GQA) are left to the kernel's grouped heads.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-
-def blockwise_attention(
-    q: torch.Tensor,
-    blocks: Iterable[tuple[torch.Tensor, torch.Tensor, int]],
-    attn_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    """``softmax(q k^T * scale + mask) v`` with k, v given as blocks ``(k_b, v_b, key_offset)``.
-
-    q ``[B, Hq, M, D]``; k_b, v_b ``[B, Hkv, n_b, D]`` with Hq a multiple of Hkv (GQA);
-    attn_mask bool (True keeps) or additive, broadcastable to ``[B, Hq, M, N]``. Computed in fp32,
-    returned in q's dtype.
-    """
-    b, hq, m, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qf = q.float() * scale
-    acc = torch.zeros(b, hq, m, v_dim(q), dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, m), -math.inf, dtype=torch.float32, device=q.device)
-    for k_b, v_b, offset in blocks:
-        n = k_b.shape[-2]
-        if n == 0:
-            continue
-        acc = _ensure_width(acc, v_b.shape[-1])
-        groups = hq // k_b.shape[1]
-        kf = k_b.float().repeat_interleave(groups, dim=1) if groups > 1 else k_b.float()
-        vf = v_b.float().repeat_interleave(groups, dim=1) if groups > 1 else v_b.float()
-        s = qf @ kf.transpose(-2, -1)
-        if attn_mask is not None:
-            mask = attn_mask[..., offset:offset + n]
-            s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
-        block_lse = torch.logsumexp(s, dim=-1)
-        new_lse = torch.logaddexp(lse, block_lse)
-        safe = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
-        p = torch.exp(s - safe.unsqueeze(-1))
-        acc = acc * torch.exp(lse - safe).unsqueeze(-1) + p @ vf
-        lse = new_lse
-    return acc.to(q.dtype)
+from . import stats
+from ._reference_read import reference_attention as attention_impl
+from .store import Store, runs_of
+from .view import Lead
 
 
-def v_dim(q: torch.Tensor) -> int:
-    return q.shape[-1]
+@dataclass
+class ReadSide:
+    """One of K or V: its store, the view's store positions (-1 where a dense piece is), the
+    dense pieces concatenated ``[B*tile, H*interleave, m, D]`` (or None), the two leading dims
+    and the part read."""
+
+    store: Store
+    positions: torch.Tensor
+    dense: Optional[torch.Tensor]
+    lead: tuple[Lead, Lead]
+    part: int
+
+    def sel(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple((ax.offset, ax.length) for ax in self.lead)  # type: ignore[return-value]
 
 
-def _ensure_width(acc: torch.Tensor, width: int) -> torch.Tensor:
-    if acc.shape[-1] == width:
-        return acc
-    return torch.zeros(*acc.shape[:-1], width, dtype=acc.dtype, device=acc.device)
+def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views."""
+    pk, pv = k.positions, v.positions
+    sk = torch.where(pk >= 0, k.store.pos_map[pk.clamp(min=0)].long(), 0)
+    sv = torch.where(pv >= 0, v.store.pos_map[pv.clamp(min=0)].long(), 0)
+    fused = (pk >= 0) & (pk == pv) & (sk <= -2) & (sv <= -2)
+    # Sentinels that never continue a run keep unfused indices out of the ranges.
+    marked = torch.where(fused, pk, -2 - torch.arange(pk.numel()))
+    ranges = [(first, first + n) for i, first, n in runs_of(marked) if bool(fused[i])]
+    rest = ((~fused) & (pk >= 0)).nonzero().flatten()
+    tails = []
+    for side, pos in ((k, pk), (v, pv)):
+        tails.append(side.store.decode(pos[rest], [side.part], side.sel())[0])
+    ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
+    tile = k.lead[0].tile
+    b = q.shape[0] // tile
+    fused_tokens = sum(e - s for s, e in ranges)
+    dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
+    stats.add(attention_calls=1, fused_tokens=fused_tokens, tail_tokens=int(rest.numel()) + dense_tokens)
+    if k.dense is None:
+        if tile == 1:
+            return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
+        # [tile*B, H, M, D] -> [B, H, tile*M, D]: every copy of the batch reads the store once.
+        hq, m, d = q.shape[1:]
+        folded = q.reshape(tile, b, hq, m, d).permute(1, 2, 0, 3, 4).reshape(b, hq, tile * m, d)
+        out = attention_impl(folded, ks, vs, ranges, tails[0], tails[1], scale=scale)
+        return out.reshape(b, hq, tile, m, -1).permute(2, 0, 1, 3, 4).reshape(tile * b, hq, m, -1)
+    outs = []
+    for t in range(tile):
+        rows = slice(t * b, (t + 1) * b)
+        tk = torch.cat([tails[0], k.dense[rows].to(tails[0].dtype)], dim=-2)
+        tv = torch.cat([tails[1], v.dense[rows].to(tails[1].dtype)], dim=-2)
+        outs.append(attention_impl(q[rows], ks, vs, ranges, tk, tv, scale=scale))
+    return torch.cat(outs) if tile > 1 else outs[0]

@@ -28,7 +28,9 @@ name           device       dtype / shape               holds
 
 The token state lives on the host so that deciding where a write goes never waits for the GPU;
 ``seg_ids`` mirrors it on the device for the attention kernel. The spec is a frozen dataclass of
-plain values: it hashes, pickles and round-trips through JSON (`to_json` / `from_json`).
+plain values: it hashes, pickles and round-trips through JSON (`to_json` / `from_json`). The
+leading sizes and the capacity are not part of it: they are the arrays' shapes, which may be
+symbolic while a graph is traced.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional
+from functools import cached_property, lru_cache
+from typing import Optional, Sequence
 
 import torch
 
@@ -68,8 +70,6 @@ class StoreSpec:
 
     Attributes:
         config, policy: how tokens are quantized and when.
-        lead: sizes of the leading dims of the normalised layout.
-        capacity: tokens the store addresses.
         part_dims: channels of each part (their sum is the cache's last dim).
         roles: ``"key"`` or ``"value"`` per part (picks the bit width).
         dtype: the cache's dtype name (``"bfloat16"``...): dense rows and decoded values.
@@ -80,8 +80,6 @@ class StoreSpec:
 
     config: QVGConfig
     policy: CachePolicy
-    lead: tuple[int, ...]
-    capacity: int
     part_dims: tuple[int, ...]
     roles: tuple[str, ...]
     dtype: str
@@ -122,7 +120,7 @@ class StoreSpec:
 
     @property
     def sinks(self) -> int:
-        return min(self.policy.dense_sinks, self.capacity)
+        return self.policy.dense_sinks
 
     @property
     def sink_row(self) -> int:
@@ -154,9 +152,9 @@ class StoreSpec:
         """Array names of one part: codes, scales, (zeros,) assign, cents, tail."""
         return [f"{base}{part}" for base in PART_ARRAYS if base != "zeros" or self.has_zeros]
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every array."""
-        lead, cap, s = self.lead, self.capacity, self.stages
+    def shapes(self, lead: Sequence[int], cap: int) -> dict[str, tuple[int, ...]]:
+        """Shape of every array of a store with leading sizes ``lead`` and ``cap`` tokens."""
+        lead, s = tuple(lead), self.stages
         out: dict[str, tuple[int, ...]] = {}
         for p, d in enumerate(self.part_dims):
             g = d // self.config.group_size
@@ -192,9 +190,9 @@ class StoreSpec:
     def is_host(name: str) -> bool:
         return name in ("pos_map", "slots", "segs", "counters")
 
-    def allocate(self, device: torch.device) -> list[torch.Tensor]:
+    def allocate(self, lead: Sequence[int], cap: int, device: torch.device) -> list[torch.Tensor]:
         """Fresh arrays for an empty store: every token a hole, every slot and codebook free."""
-        shapes, dtypes = self.shapes(), self.dtypes()
+        shapes, dtypes = self.shapes(lead, cap), self.dtypes()
         arrays = []
         for name in self.names():
             where = HOST if self.is_host(name) else device
@@ -208,22 +206,34 @@ class StoreSpec:
             arrays.append(t)
         return arrays
 
-    def with_sizes(self, slot_tokens: Optional[int] = None, segments: Optional[int] = None,
-                   codebook: Optional[int] = None, capacity: Optional[int] = None,
-                   lead: Optional[tuple[int, ...]] = None) -> "StoreSpec":
-        changes = {k: v for k, v in dict(slot_tokens=slot_tokens, segments=segments, codebook=codebook,
-                                         capacity=capacity, lead=lead).items() if v is not None}
-        return dataclasses.replace(self, **changes)
+    def for_parts(self, parts: Sequence[int]) -> "StoreSpec":
+        """The spec of a store holding only ``parts`` (first, count) of this one."""
+        first, count = int(parts[0]), int(parts[1])
+        return dataclasses.replace(self, part_dims=self.part_dims[first:first + count],
+                                   roles=self.roles[first:first + count])
 
-    def sized_for(self, slot_tokens: int) -> "StoreSpec":
-        """The spec once the slot length is known: enough codebook slots to fill the capacity."""
+    def sized_for(self, slot_tokens: int, cap: int) -> "StoreSpec":
+        """The spec once the slot length is known: enough codebook slots to fill ``cap`` tokens
+        (never fewer than it has), codebooks sized for a segment of full slots."""
         seg = self.policy.seal_chunks * slot_tokens
-        segments = math.ceil(max(self.capacity - self.sinks, 1) / (seg * self.policy.codebook_chunks))
-        codebook = self.policy.codebook_size(self.config, min(seg, max(self.capacity, 1)))
-        return self.with_sizes(slot_tokens=slot_tokens, segments=segments + self.policy.spare_segments,
-                               codebook=max(codebook, self.codebook))
+        segments = math.ceil(max(cap - self.sinks, 1) / (seg * self.policy.codebook_chunks))
+        segments += self.policy.spare_segments
+        codebook = self.policy.codebook_size(self.config, min(seg, max(cap, 1)))
+        return dataclasses.replace(self, slot_tokens=slot_tokens, segments=max(segments, self.segments),
+                                   codebook=max(codebook, self.codebook))
+
+    def sized_for_segment(self, tokens: int) -> "StoreSpec":
+        """The spec with at least one codebook slot (plus spares) fit for a segment of ``tokens``."""
+        codebook = self.policy.codebook_size(self.config, max(tokens, 1))
+        return dataclasses.replace(self, segments=max(self.segments, 1 + self.policy.spare_segments),
+                                   codebook=max(codebook, self.codebook))
 
     # --- serialisation -------------------------------------------------------------------------
+    @cached_property
+    def json(self) -> str:
+        """`to_json`, computed once (the ops take it as their static argument)."""
+        return self.to_json()
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["config"] = dataclasses.asdict(self.config)
@@ -240,7 +250,7 @@ def _from_json(text: str) -> StoreSpec:
     d = json.loads(text)
     d["config"] = QVGConfig(**d["config"])
     d["policy"] = CachePolicy(**d["policy"])
-    for key in ("lead", "part_dims", "roles"):
+    for key in ("part_dims", "roles"):
         d[key] = tuple(d[key])
     return StoreSpec(**d)
 

@@ -1,32 +1,65 @@
-"""Counters of what the compressed cache did: seals, fallbacks to dense ops, bytes decoded."""
+"""Process-wide counters of what the compressed caches did: seals, decodes, fallbacks.
+
+Counts are taken where the work happens: seals and decodes inside the ``qvg::cache_*`` op bodies
+(so they count at run time, compiled or not), fallbacks when an op without a compressed
+implementation is dispatched (once per eager call; under torch.compile once per trace, while the
+decode it causes still counts on every run).
+"""
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import Counter
+from typing import Any
 
-_COUNTS: Counter = Counter()
-_WARNED: set[str] = set()
-
-
-def count(name: str, amount: int = 1) -> None:
-    _COUNTS[name] += amount
-
-
-def fallback(op: str) -> None:
-    """Record a dense fallback of ``op`` and warn the first time it happens."""
-    _COUNTS[f"fallback:{op}"] += 1
-    if op not in _WARNED:
-        _WARNED.add(op)
-        warnings.warn(f"QVGCache: {op} has no compressed implementation; it dequantizes the cache "
-                      "and runs the dense op (correct, but it builds a dense copy)", stacklevel=3)
+_lock = threading.Lock()
+_counts: Counter = Counter()
+_fallbacks: Counter = Counter()
+_warned: set[str] = set()
 
 
-def stats() -> dict[str, int]:
-    """Counts so far: ``seals``, ``tokens_sealed``, ``reads``, ``decoded_tokens``, ``fallback:<op>``..."""
-    return dict(_COUNTS)
+class QVGFallbackWarning(UserWarning):
+    """An op ran on a dequantized copy of a `QVGCache` (correct, but not compressed)."""
+
+
+def add(**amounts: int) -> None:
+    with _lock:
+        _counts.update(amounts)
+
+
+def fallback(op: str, why: str) -> None:
+    """Count a fallback of ``op``; warn the first time each op falls back."""
+    with _lock:
+        _fallbacks[op] += 1
+        first = op not in _warned
+        _warned.add(op)
+    if first:
+        warnings.warn(f"QVGCache: {op} runs on a dequantized copy ({why}); it is correct but holds "
+                      f"the decoded values in memory. qvg_compile.cache.stats() counts these.",
+                      QVGFallbackWarning, stacklevel=3)
+
+
+def stats() -> dict[str, Any]:
+    """Counters since the last `reset_stats`:
+
+    ``seals`` (segments quantized), ``sealed_tokens``, ``decoded_tokens`` (sealed tokens decoded
+    to dense outside the attention kernel), ``decoded_bytes`` (dense bytes those decodes and
+    dense gathers produced), ``attention_calls``, ``fused_tokens`` (tokens the attention op read
+    straight from packed storage), ``tail_tokens`` (dense tokens it read), ``fallbacks`` (per op
+    name) and ``fallback_total``.
+    """
+    with _lock:
+        out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "decoded_tokens", "decoded_bytes",
+                                               "attention_calls", "fused_tokens", "tail_tokens")}
+        out.update(_counts)
+        out["fallbacks"] = dict(_fallbacks)
+        out["fallback_total"] = sum(_fallbacks.values())
+    return out
 
 
 def reset_stats() -> None:
-    _COUNTS.clear()
-    _WARNED.clear()
+    """Zero every counter (warnings already given are not repeated)."""
+    with _lock:
+        _counts.clear()
+        _fallbacks.clear()

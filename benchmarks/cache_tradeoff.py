@@ -1,0 +1,89 @@
+"""Segment length, codebook size and codebook sharing of `QVGCache`: compression against error.
+
+Fills a cache chunk by chunk (the way an AR pipeline does) with video-like K and V
+(`qvg_compile.quant.synthetic.video_like_kv`: spatially and temporally redundant tokens), then
+reports, per `CachePolicy` variant, the bits per element of the sealed tokens (packed codes,
+scales, assignments, codebooks and token state, from the real allocated arrays; the one open BF16
+chunk is left out, it is the same for every variant) and the relative MSE of the sealed K and V.
+The `CachePolicy` defaults come from this table (see README, "Choosing the cache defaults").
+
+    python benchmarks/cache_tradeoff.py            # CPU, about a minute
+    python benchmarks/cache_tradeoff.py --device cuda --frames 48 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from tabulate import tabulate
+
+from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.quant.metrics import rel_mse
+from qvg_compile.quant.synthetic import video_like_kv
+
+VARIANTS = [
+    # (name, CachePolicy overrides)
+    ("C<=256, own codebook", dict(codebook_bits=4.0)),
+    ("budget 0.5 bit", dict(codebook_bits=0.5)),
+    ("budget 0.25 bit", dict(codebook_bits=0.25)),
+    ("budget 0.25, share x2", dict(codebook_bits=0.25, codebook_chunks=2)),
+    ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),
+    ("budget 0.125 bit", dict(codebook_bits=0.125)),
+    ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, dense_chunks=2, seal_chunks=2)),
+    ("no warm start, 0.25", dict(codebook_bits=0.25, warm_start=False)),
+]
+
+
+def measure(k: torch.Tensor, v: torch.Tensor, chunk: int, overrides: dict) -> dict:
+    """Fill K and V caches ``[B, H, N, D]`` chunk by chunk, seal, and measure."""
+    out: dict = {}
+    bits = []
+    for name, x in (("k", k), ("v", v)):
+        cache = QVGCache.empty(tuple(x.shape), 2, QVGConfig.preset("qvg"), role="key" if name == "k" else "value",
+                               dtype=x.dtype, device=x.device, chunk_tokens=chunk, **overrides)
+        n = x.shape[2] // chunk * chunk
+        for s in range(0, n, chunk):
+            cache[:, :, s:s + chunk] = x[:, :, s:s + chunk]
+        cache.seal()
+        tail = cache._handle.store.a("tail", 0)
+        held = cache.nbytes() - tail.numel() * tail.element_size()
+        bits.append(held * 8 / x[:, :, :n].numel())
+        out[f"{name}_rel_mse"] = rel_mse(x[:, :, :n], cache.dequantize()[:, :, :n])
+        out["segments"] = cache.token_counts()["segments"]
+    out["bits_per_element"] = sum(bits) / 2
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", type=int, default=24, help="latent frames of video-like K/V")
+    parser.add_argument("--frame-tokens", type=int, default=24, help="h = w of a frame's token grid")
+    parser.add_argument("--chunk-frames", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    side = args.frame_tokens
+    data = video_like_kv(heads=args.heads, frames=args.frames, height=side, width=side, seed=args.seed)
+    k, v = data["k"].to(args.device), data["v"].to(args.device)
+    chunk = args.chunk_frames * side * side
+    records = []
+    for name, overrides in VARIANTS:
+        rec = {"variant": name, **overrides, **measure(k, v, chunk, overrides)}
+        records.append(rec)
+    if args.json:
+        print(json.dumps(records, indent=1))
+        return 0
+    print(f"K/V {list(k.shape)}, chunks of {chunk} tokens, {k.shape[2] // chunk} chunks, sealed tokens only")
+    print(tabulate([[r["variant"], f"{r['bits_per_element']:.3f}", f"{16 / r['bits_per_element']:.2f}x",
+                     f"{r['k_rel_mse']:.4f}", f"{r['v_rel_mse']:.4f}", r["segments"]] for r in records],
+                   headers=["policy", "bits/elem", "vs BF16", "K rel-MSE", "V rel-MSE", "segments"],
+                   tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

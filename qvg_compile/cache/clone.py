@@ -1,0 +1,102 @@
+"""Materialise a view of a store as a new store (the body of ``qvg::cache_clone``).
+
+Packed tokens, codebooks and dense rows are copied as they are (repeated leading dims are
+repeated for real: a clone is an independent tensor). Dense rows keep their slot when the view
+keeps the slot's positions in order; the few that cannot (a slot cut by the view's start, sink
+rows that are not at the start any more) are sealed in the clone, and dense pieces appended by
+``cat`` are written into it as relocated dense tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .spec import HOLE, LIVE, StoreSpec
+from .store import Store, runs_of
+from .view import Lead
+
+
+def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts: tuple[int, int],
+                dense: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Arrays of the new store for the view ``positions`` (host int64, -1 at dense pieces),
+    leading dims ``axes``, ``parts`` (first, count); ``dense[p]`` ``[*lead sizes, m, D_p]``."""
+    first, count = parts
+    n = positions.numel()
+    spec = src.spec.for_parts(parts)
+    index = [ax.offset + (torch.arange(ax.size) % (ax.length * ax.interleave)) // ax.interleave for ax in axes]
+
+    def map_lead(t: torch.Tensor, dim: int) -> torch.Tensor:
+        for a, idx in enumerate(index):
+            if not torch.equal(idx, torch.arange(t.shape[dim + a])):
+                t = t.index_select(dim + a, idx.to(t.device))
+        return t
+
+    stored = (positions >= 0).nonzero().flatten()
+    src_pos = positions[stored]
+    whole_run = stored.numel() == n and len(runs_of(src_pos)) == 1
+
+    def take(t: torch.Tensor, seq: int) -> torch.Tensor:
+        """Tokens ``src_pos`` of ``t`` along dim ``seq``, holes (zeros) at dense pieces."""
+        if whole_run:
+            return t.narrow(seq, int(src_pos[0]), n)
+        shape = list(t.shape)
+        shape[seq] = n
+        picked = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        return picked.index_copy_(seq, stored.to(t.device), t.index_select(seq, src_pos.to(t.device)))
+
+    out: dict[str, torch.Tensor] = {}
+    for new_p, p in enumerate(range(first, first + count)):
+        for name in ("codes", "scales", "zeros", "assign", "cents", "tail"):
+            if name == "zeros" and not spec.has_zeros:
+                continue
+            t = src.a(name, p)
+            if name == "assign":
+                t = map_lead(take(t, -1), 1)
+            elif name == "cents":
+                t = map_lead(t, 2)
+            elif name == "tail":
+                t = map_lead(t, 0)
+            else:
+                t = map_lead(take(t, -2), 0)
+            out[f"{name}{new_p}"] = t.clone(memory_format=torch.contiguous_format)
+    out["seg_ids"] = take(src.seg_ids, 0).clone()
+    pos_map = torch.full((n,), HOLE, dtype=torch.int32)
+    pos_map[stored] = src.pos_map[src_pos]
+    out["pos_map"] = pos_map
+    for name in ("slots", "segs", "counters"):
+        out[name] = src.arrays[name].clone()
+    new = Store(spec, [out[name] for name in spec.names()])
+    _repair(new)
+    # i counts dense tokens before the run: its offset in the concatenated dense pieces.
+    for i, start, length in runs_of((positions < 0).nonzero().flatten()):
+        new.write(start, [d[..., i:i + length, :] for d in dense], relocate=True)
+    return [new.arrays[name] for name in spec.names()]
+
+
+def _repair(store: Store) -> None:
+    """Restore the row invariant after positions moved: keep each slot whose tokens still sit
+    at one consistent offset, seal the tokens of the others, recount live tokens."""
+    spec: StoreSpec = store.spec
+    pm = store.pos_map
+    dense = (pm >= 0).nonzero().flatten()
+    rows = pm[dense].long()
+    bad = torch.zeros_like(dense, dtype=torch.bool)
+    L = spec.slot_tokens
+    for j in range(spec.slots):
+        member = (rows >= j * L) & (rows < (j + 1) * L)
+        starts = torch.unique(dense[member] - (rows[member] - j * L))
+        if starts.numel() == 1 and int(starts[0]) >= 0:
+            store.slots[j, 0] = int(starts[0])
+        else:
+            store.slots[j, 0] = -1
+            bad |= member
+    sink = rows >= spec.sink_row
+    bad |= sink & (dense != rows - spec.sink_row)
+    sealed = pm[pm <= -2].long()
+    store.segs[:, LIVE] = torch.bincount(-sealed - 2, minlength=spec.segments) if sealed.numel() else 0
+    if bool(bad.any()):
+        where = dense[bad]
+        values = [store.a("tail", p).index_select(-2, rows[bad].to(store.device)) for p in range(store.parts)]
+        store._store_segment(where, values)

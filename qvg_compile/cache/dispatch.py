@@ -1,0 +1,574 @@
+"""The ATen op table of `QVGCache`: what each op means on compressed storage.
+
+Native ops (no dense copy of the history):
+- views: ``slice``, ``select``, ``split``/``split_with_sizes``/``unbind`` (sequence, leading
+  dims, or channel parts for K|V packed caches), ``transpose``, ``permute``, ``unsqueeze``,
+  ``squeeze``, ``view``/``_unsafe_view`` (size-1 dims, ``expand`` + ``reshape`` GQA), ``expand``,
+  ``alias``, ``detach``;
+- ``repeat`` (leading dims, e.g. CFG) and ``repeat_interleave`` (GQA heads): shared storage;
+- writes: ``copy_`` of a dense tensor (quantize on write, by the sealing policy) or of another
+  cache (packed tokens moved as they are), ``index_copy_``/``index_put_`` along the sequence,
+  ``slice_scatter``/``index_copy``/``index_put`` (clone + write), ``fill_``/``zero_``;
+- ``clone``, ``_to_copy`` (device and dtype), ``cat`` along the sequence with dense tensors or
+  views of the same store (shares the store, appended tokens stay dense), ``zeros_like``/
+  ``empty_like`` (an empty cache);
+- ``qvg::sdpa`` (``F.scaled_dot_product_attention``): ``qvg::cache_attention`` over the packed
+  store.
+
+Everything else decodes the caches it touches, runs the dense op and, for in-place ops, writes
+the result back: correct, counted in `stats` and warned about once per op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_map
+
+from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
+from . import stats
+from .spec import StoreSpec
+from .store import regrow
+from .tensor import QVGCache, StoreHandle
+from .view import CHAN, COW, DENSE, EXPANDED, RUN, SEQ, Lead, Unsupported, View, merge_pieces
+
+aten = torch.ops.aten
+implements = QVGCache.implements
+
+
+def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
+    handler = QVGCache._OPS.get(func)
+    why = "no compressed implementation"
+    if handler is not None:
+        try:
+            return handler(func, args, kwargs)
+        except Unsupported as exc:
+            why = str(exc)
+    return fallback(func, args, kwargs, why)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def _flat_pieces(view: View, runs_only: bool = False) -> list[Any]:
+    out: list[Any] = []
+    for kind, a, n in view.pieces:
+        if kind == RUN:
+            out += [0, a, n]
+        elif not runs_only:
+            out += [1, a, n]
+    return out
+
+
+def _flat_lead(view: View) -> list[Any]:
+    return [x for ax in view.lead for x in (ax.offset, ax.length, ax.interleave, ax.tile)]
+
+
+def _flat_sel(view: View, lead: Sequence[Any]) -> list[Any]:
+    sel = view.lead_sel(lead)
+    return [] if sel is None else [x for pair in sel for x in pair]
+
+
+def _parts_range(view: View) -> range:
+    return range(view.parts[0], view.parts[0] + view.parts[1])
+
+
+def _split_parts(x: torch.Tensor, spec: StoreSpec, view: View) -> list[torch.Tensor]:
+    return list(torch.split(x, [spec.part_dims[p] for p in _parts_range(view)], dim=-1))
+
+
+def _make(like: QVGCache, view: View, dense: Optional[Sequence[torch.Tensor]] = None,
+          handle: Optional[StoreHandle] = None) -> QVGCache:
+    dense = like._dense if dense is None else dense
+    used = sorted({a for k, a, _ in view.pieces if k == DENSE})
+    if used != list(range(len(dense))):
+        remap = {old: new for new, old in enumerate(used)}
+        view = View(view.dims, view.lead, tuple((k, remap[a], n) if k == DENSE else (k, a, n)
+                                                for k, a, n in view.pieces), view.parts, view.bcast, view.mode)
+        dense = [dense[i] for i in used]
+    return QVGCache(handle or like._handle, view, dense)
+
+
+def _dense_concat(t: QVGCache) -> Optional[torch.Tensor]:
+    """The view's dense pieces, in order, as one ``[*lead sizes, m, D]`` tensor (None if none)."""
+    order = [a for k, a, _ in t._view.pieces if k == DENSE]
+    if not order:
+        return None
+    parts = [t._dense[i] for i in order]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def _no_dense(t: QVGCache, what: str) -> None:
+    if t._dense:
+        raise Unsupported(f"{what} of a cache with tokens appended by cat")
+
+
+def decode_view(t: QVGCache) -> torch.Tensor:
+    """The dense tensor a view stands for, built from the store (``qvg::cache_decode``)."""
+    spec, view = t._handle.spec, t._view
+    runs = _flat_pieces(view, runs_only=True)
+    parts = torch.ops.qvg.cache_decode(t._handle.arrays, runs, _flat_lead(view), list(view.parts), spec.json)
+    decoded = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if t._dense:
+        pieces, pos = [], 0
+        for kind, a, n in view.pieces:
+            if kind == RUN:
+                pieces.append(decoded[..., pos:pos + n, :])
+                pos = pos + n
+            else:
+                pieces.append(t._dense[a].to(decoded.dtype))
+        decoded = torch.cat(pieces, dim=-2)
+    return view.from_normalised(decoded).contiguous()
+
+
+def _ensure_slots(t: QVGCache, tokens: Any) -> None:
+    """Eager only: fix the slot length from the first write when the policy left it open."""
+    handle = t._handle
+    if handle.spec.slot_tokens or not isinstance(tokens, int) or tokens <= 0:
+        return
+    if not handle.concrete:
+        raise RuntimeError(
+            "QVGCache: the dense slot length is not known yet (no write has happened); pass "
+            "chunk_tokens= when creating the cache, or run one write eagerly before torch.compile")
+    store = handle.store
+    sized = handle.spec.sized_for(tokens, store.capacity)
+    handle.arrays, handle.spec = regrow(store, sized), sized
+
+
+def _writable(t: QVGCache) -> None:
+    """Make ``t`` safe to write: caches that share a store they do not own (``repeat``, ``cat``
+    results) get their own copy first; expanded views refuse, as dense tensors do."""
+    if t._view.mode == COW and any(not statically_known_true(b == 1) for b in t._view.bcast):
+        raise RuntimeError("QVGCache: writing into a copy of an expanded cache is not supported; "
+                           "write into .dequantize() instead")
+    if t._view.mode == EXPANDED or any(not statically_known_true(b == 1) for b in t._view.bcast):
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers "
+                           "to a single memory location. Please clone() the tensor before performing "
+                           "the operation.")
+    if t._view.mode == COW:
+        own = _clone_cache(t)
+        t._handle, t._view, t._dense = own._handle, own._view, own._dense
+
+
+def write_dense(dst: QVGCache, src: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+    """``dst[...] = src`` (``src`` broadcastable to ``dst``; with ``index``, ``src`` holds the tokens
+    for the sequence positions ``index`` of ``dst``, as ``index_copy_``)."""
+    _writable(dst)
+    view = dst._view
+    if index is None:
+        src = src.expand(dst.shape)
+    norm = view.to_normalised(src.to(device=dst.device, dtype=dst.dtype))
+    _ensure_slots(dst, norm.shape[-2] if index is None else index.numel())
+    spec, arrays = dst._handle.spec, dst._handle.arrays
+    parts = list(_parts_range(view))
+    values = _split_parts(norm, spec, view)
+    sel = _flat_sel(view, arrays[0].shape[:-2])
+    if index is not None:
+        (kind, start, _), = view.pieces
+        torch.ops.qvg.cache_write(arrays, values, parts, 0, index + start, sel, spec.json, False)
+        return
+    pos = 0
+    for kind, start, n in view.pieces:
+        chunk = [v[..., pos:pos + n, :] for v in values]
+        torch.ops.qvg.cache_write(arrays, chunk, parts, start, None, sel, spec.json, False)
+        pos = pos + n
+
+
+def _capacity(t: QVGCache) -> Any:
+    return t._handle.arrays[t._handle.spec.names().index("pos_map")].shape[0]
+
+
+def is_whole(t: QVGCache) -> bool:
+    """The view is its whole store, in store order along every store dim."""
+    return (not t._dense and t._view.plain_lead and t._view.parts == (0, len(t._handle.spec.part_dims))
+            and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None and len(t._view.pieces) == 1
+            and statically_known_true(t._view.pieces[0][1] == 0)
+            and statically_known_true(t._view.pieces[0][2] == _capacity(t)))
+
+
+def copy_cache(dst: QVGCache, src: QVGCache) -> None:
+    """``dst.copy_(src)`` between caches: whole stores copy array by array (AOTAutograd's
+    input-mutation epilogue); views of compatible stores move packed tokens; else decode."""
+    if dst._handle is src._handle and dst._view == src._view:
+        return
+    if tuple(dst.shape) != tuple(src.shape):
+        write_dense(dst, src.dequantize())
+        return
+    _writable(dst)
+    dspec, sspec = dst._handle.spec, src._handle.spec
+    if is_whole(dst) and is_whole(src) and dspec == sspec and dst._view.dims == src._view.dims \
+            and [a.shape for a in dst._handle.arrays] == [a.shape for a in src._handle.arrays]:
+        for a, b in zip(dst._handle.arrays, src._handle.arrays):
+            if a is not b:
+                a.copy_(b)
+        return
+    compatible = (dspec.config == sspec.config and dspec.part_dims == sspec.part_dims and dspec.roles == sspec.roles
+                  and dst._view.parts == (0, len(dspec.part_dims)) and src._view.parts == dst._view.parts
+                  and dst._view.dims == src._view.dims and not src._dense and src._view.plain_lead
+                  and dst._view.lead_sel(dst._handle.arrays[0].shape[:-2]) is None
+                  and src._view.lead_sel(src._handle.arrays[0].shape[:-2]) is None
+                  and len(dst._view.pieces) == 1)
+    if not compatible:
+        stats.fallback("copy_ (cache to cache)", "layouts or configs differ")
+        write_dense(dst, src.dequantize())
+        return
+    (_, start, _), = dst._view.pieces
+    same = dst._handle is src._handle
+    torch.ops.qvg.cache_copy(dst._handle.arrays, [] if same else src._handle.arrays,
+                             _flat_pieces(src._view), start, dspec.json, sspec.json)
+
+
+def _clone_cache(t: QVGCache) -> QVGCache:
+    view = t._view
+    if any(not statically_known_true(b == 1) for b in view.bcast):
+        # repeat_interleave is unsqueeze + expand + clone + view: keep sharing the store; the
+        # view folds the broadcast dim into the leading dim before it.
+        return _make(t, dataclasses.replace(view, mode=COW))
+    spec = t._handle.spec
+    dense = _dense_concat(t)
+    dense_parts = [] if dense is None else _split_parts(dense, spec, view)
+    arrays = torch.ops.qvg.cache_clone(t._handle.arrays, dense_parts, _flat_pieces(view), _flat_lead(view),
+                                       list(view.parts), spec.json)
+    new_spec = spec.for_parts(view.parts)
+    new_view = View(view.dims, tuple(Lead(0, ax.size) for ax in view.lead), ((RUN, 0, view.length()),),
+                    (0, view.parts[1]), view.bcast)
+    return QVGCache(StoreHandle(new_spec, arrays), new_view)
+
+
+# --- views -------------------------------------------------------------------------------------
+def _spec_dims(t: QVGCache) -> tuple[int, ...]:
+    return t._handle.spec.part_dims
+
+
+def _view_result(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@implements(aten.slice.Tensor)
+def _slice(func, args, kwargs):
+    t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    dim = kwargs.get("dim", dim)
+    start, end, step = kwargs.get("start", start), kwargs.get("end", end), kwargs.get("step", step)
+    if step != 1:
+        raise Unsupported("slices with a step")
+    dim %= t.dim()
+    if t._dense and t._view.dims[dim] != SEQ:
+        _no_dense(t, "slicing a leading or channel dim")
+    return _view_result(func, args, kwargs, _make(t, t._view.slice(dim, start, end, _spec_dims(t))))
+
+
+@implements(aten.select.int)
+def _select(func, args, kwargs):
+    t, dim, index = args
+    _no_dense(t, "select")
+    return _view_result(func, args, kwargs, _make(t, t._view.select(dim % t.dim(), index, _spec_dims(t))))
+
+
+@implements(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(func, args, kwargs):
+    t, size = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % t.dim()
+    total = t.shape[dim]
+    sizes = list(size) if isinstance(size, (list, tuple)) else \
+        [size] * (total // size) + ([total % size] if total % size else [])
+    out, pos = [], 0
+    for n in sizes:
+        if t._dense and t._view.dims[dim] != SEQ:
+            _no_dense(t, "split of a leading or channel dim")
+        out.append(_make(t, t._view.slice(dim, pos, pos + n, _spec_dims(t))))
+        pos = pos + n
+    return _view_result(func, args, kwargs, out)
+
+
+@implements(aten.unbind.int)
+def _unbind(func, args, kwargs):
+    t = args[0]
+    dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % t.dim()
+    _no_dense(t, "unbind")
+    out = [_make(t, t._view.select(dim, i, _spec_dims(t))) for i in range(t.shape[dim])]
+    return _view_result(func, args, kwargs, out)
+
+
+@implements(aten.transpose.int)
+def _transpose(func, args, kwargs):
+    t, a, b = args
+    return _view_result(func, args, kwargs, _make(t, t._view.transpose(a, b)))
+
+
+@implements(aten.permute.default)
+def _permute(func, args, kwargs):
+    t, order = args
+    return _view_result(func, args, kwargs, _make(t, t._view.permute(order)))
+
+
+@implements(aten.unsqueeze.default)
+def _unsqueeze(func, args, kwargs):
+    t, dim = args
+    if t._dense:
+        _no_dense(t, "unsqueeze")
+    return _view_result(func, args, kwargs, _make(t, t._view.unsqueeze(dim)))
+
+
+@implements(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(func, args, kwargs):
+    t = args[0]
+    dims = list(range(t.dim())) if len(args) == 1 else ([args[1]] if isinstance(args[1], int) else list(args[1]))
+    return _view_result(func, args, kwargs, _make(t, t._view.squeeze(dims, _spec_dims(t))))
+
+
+@implements(aten.view.default, aten._unsafe_view.default)
+def _reshape(func, args, kwargs):
+    t, shape = args
+    _no_dense(t, "view")
+    out = _make(t, t._view.reshape(shape, _spec_dims(t)))
+    return _view_result(func, args, kwargs, out) if func is aten.view.default else out
+
+
+@implements(aten.expand.default)
+def _expand(func, args, kwargs):
+    t, sizes = args[0], args[1]
+    _no_dense(t, "expand")
+    return _view_result(func, args, kwargs, _make(t, t._view.expand(sizes, _spec_dims(t))))
+
+
+@implements(aten.alias.default, aten.detach.default)
+def _alias(func, args, kwargs):
+    t = args[0]
+    return _view_result(func, args, kwargs, _make(t, t._view))
+
+
+@implements(aten.repeat.default)
+def _repeat(func, args, kwargs):
+    t, reps = args
+    _no_dense(t, "repeat")
+    return _make(t, t._view.repeat(reps, _spec_dims(t)))
+
+
+# --- data ops ----------------------------------------------------------------------------------
+@implements(aten.copy_.default)
+def _copy(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, QVGCache):
+        stats.fallback("copy_ (cache into a dense tensor)", "the destination is dense")
+        return dst.copy_(src.dequantize())
+    if isinstance(src, QVGCache):
+        copy_cache(dst, src)
+    else:
+        write_dense(dst, src)
+    return dst
+
+
+@implements(aten.clone.default)
+def _clone(func, args, kwargs):
+    return _clone_cache(args[0])
+
+
+@implements(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    t = args[0]
+    dtype = kwargs.get("dtype") or t.dtype
+    device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else t.device
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        raise Unsupported(f"conversion to {dtype}")
+    spec = t._handle.spec
+    new_spec = StoreSpec(spec.config, spec.policy, spec.part_dims, spec.roles, str(dtype).removeprefix("torch."),
+                         spec.slot_tokens, spec.segments, spec.codebook)
+    arrays = []
+    for name, a in zip(spec.names(), t._handle.arrays):
+        if spec.is_host(name):
+            arrays.append(a.clone())
+        elif name.startswith("tail"):
+            arrays.append(a.to(device=device, dtype=dtype, copy=True))
+        else:
+            arrays.append(a.to(device=device, copy=True))
+    dense = [d.to(device=device, dtype=dtype, copy=True) for d in t._dense]
+    return QVGCache(StoreHandle(new_spec, arrays), t._view, dense)
+
+
+@implements(aten.fill_.Scalar, aten.zero_.default)
+def _fill(func, args, kwargs):
+    t = args[0]
+    value = 0 if func is aten.zero_.default else args[1]
+    _writable(t)
+    view = t._view
+    if isinstance(value, (int, float)) and value == 0 and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None \
+            and view.parts == (0, len(t._handle.spec.part_dims)):
+        torch.ops.qvg.cache_release(t._handle.arrays, _flat_pieces(view), t._handle.spec.json)
+    else:
+        write_dense(t, torch.full((), value, dtype=t.dtype, device=t.device))
+    return t
+
+
+def _seq_index(t: QVGCache, dim: int, index: torch.Tensor) -> torch.Tensor:
+    if t._view.dims[dim % t.dim()] != SEQ or len(t._view.pieces) != 1 or t._view.pieces[0][0] != RUN:
+        raise Unsupported("indexed writes along a dim other than the sequence")
+    if index.dtype not in (torch.int64, torch.int32) or index.dim() != 1:
+        raise Unsupported("indexed writes with a non 1-D integer index")
+    return index
+
+
+@implements(aten.index_copy_.default)
+def _index_copy_(func, args, kwargs):
+    t, dim, index, source = args
+    index = _seq_index(t, dim, index)
+    shape = list(t.shape)
+    shape[dim % t.dim()] = index.numel()
+    write_dense(t, source.expand(shape), index=index)
+    return t
+
+
+@implements(aten.index_put_.default)
+def _index_put_(func, args, kwargs):
+    t, indices, values = args[0], args[1], args[2]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    tensors = [(i, x) for i, x in enumerate(indices) if x is not None]
+    if accumulate or len(tensors) != 1 or tensors[0][1].dtype == torch.bool:
+        raise Unsupported("index_put_ other than one integer index along the sequence")
+    dim, index = tensors[0]
+    index = _seq_index(t, dim, index)
+    shape = list(t.shape)
+    shape[dim] = index.numel()
+    write_dense(t, values.expand(shape), index=index)
+    return t
+
+
+@implements(aten.index_copy.default, aten.index_put.default, aten.slice_scatter.default)
+def _functional_write(func, args, kwargs):
+    t = args[0]
+    if not isinstance(t, QVGCache):
+        raise Unsupported("a dense destination")
+    out = _clone_cache(t)
+    if func is aten.slice_scatter.default:
+        names = ("src", "dim", "start", "end", "step")
+        a = dict(zip(names, (None, 0, None, None, 1)))
+        a.update(zip(names, args[1:]))
+        a.update(kwargs)
+        if a["step"] != 1:
+            raise Unsupported("slices with a step")
+        target = _make(out, out._view.slice(a["dim"] % out.dim(), a["start"], a["end"], _spec_dims(out)))
+        _copy(aten.copy_.default, (target, a["src"]), {})
+    elif func is aten.index_copy.default:
+        _index_copy_(aten.index_copy_.default, (out, *args[1:]), kwargs)
+    else:
+        _index_put_(aten.index_put_.default, (out, *args[1:]), kwargs)
+    return out
+
+
+@implements(aten.cat.default)
+def _cat(func, args, kwargs):
+    tensors = [t for t in args[0] if not (t.dim() == 1 and t.shape[0] == 0)]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    head = next(t for t in tensors if isinstance(t, QVGCache))
+    dim %= head.dim()
+    if head._view.dims[dim] != SEQ or head._view.bcast:
+        raise Unsupported("cat along a dim other than the sequence, or of an expanded cache")
+    pieces: list[tuple[str, Any, Any]] = []
+    dense: list[torch.Tensor] = []
+    for t in tensors:
+        if not isinstance(t, QVGCache):
+            pieces.append((DENSE, len(dense), t.shape[dim]))
+            dense.append(head._view.to_normalised(t.to(device=head.device, dtype=head.dtype)))
+            continue
+        if t._handle is not head._handle or not t._view.same_layout(head._view):
+            raise Unsupported("cat of caches with different stores or layouts")
+        for kind, a, n in t._view.pieces:
+            if kind == DENSE:
+                pieces.append((DENSE, len(dense), n))
+                dense.append(t._dense[a])
+            else:
+                pieces.append((kind, a, n))
+    v = head._view
+    return _make(head, View(v.dims, v.lead, merge_pieces(tuple(pieces)), v.parts, v.bcast, COW), dense)
+
+
+@implements(aten.zeros_like.default, aten.empty_like.default)
+def _empty_like(func, args, kwargs):
+    t = args[0]
+    dtype = kwargs.get("dtype") or t.dtype
+    device = kwargs.get("device") or t.device
+    if any(not statically_known_true(b == 1) for b in t._view.bcast) or not dtype.is_floating_point:
+        raise Unsupported("an empty cache of this view")
+    spec = t._handle.spec.for_parts(t._view.parts)
+    if spec.slot_tokens:
+        spec = StoreSpec(spec.config, spec.policy, spec.part_dims, spec.roles, str(dtype).removeprefix("torch."),
+                         spec.slot_tokens, spec.segments, spec.codebook)
+    lead = [ax.size for ax in t._view.lead]
+    n = t._view.length()
+    arrays = spec.allocate(lead, n, torch.device(device))
+    view = View(t._view.dims, tuple(Lead(0, s) for s in lead), ((RUN, 0, n),), (0, t._view.parts[1]), t._view.bcast)
+    return QVGCache(StoreHandle(spec, arrays), view)
+
+
+@implements(torch.ops.qvg.sdpa.default)
+def _sdpa(func, args, kwargs):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    a = dict(zip(names, defaults))
+    a.update(zip(names, args))
+    a.update(kwargs)
+    q, k, v = a["query"], a["key"], a["value"]
+    if isinstance(q, QVGCache) or not isinstance(k, QVGCache) or not isinstance(v, QVGCache):
+        raise Unsupported("queries from a cache, or only one of keys and values cached")
+    if a["attn_mask"] is not None or a["dropout_p"] or a["is_causal"]:
+        raise Unsupported("attention masks, dropout or is_causal")
+    _fusable(q, k, v, a["enable_gqa"])
+    sides = []
+    for t in (k, v):
+        dense = _dense_concat(t)
+        sides += [t._handle.arrays, [] if dense is None else [dense], _flat_pieces(t._view), _flat_lead(t._view),
+                  t._view.parts[0], t._handle.spec.json]
+    return torch.ops.qvg.cache_attention(q, *sides, a["scale"])
+
+
+def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> None:
+    """Raise Unsupported unless ``qvg::cache_attention`` computes exactly what SDPA would."""
+    if q.dim() != 4:
+        raise Unsupported("queries that are not [B, H, M, D]")
+    for t in (k, v):
+        view = t._view
+        if view.dims != (0, 1, SEQ, CHAN) or len(view.lead) != 2 or view.parts[1] != 1 or view.bcast:
+            raise Unsupported("keys or values that are not [B, H, N, D] views of one part")
+        if view.lead[0].interleave != 1 or view.lead[1].tile != 1:
+            raise Unsupported("batch repeated by repeat_interleave or heads by repeat")
+        if t._dense and view.lead[1].interleave != 1:
+            raise Unsupported("tokens appended by cat to heads repeated for GQA")
+    if k._view.lead[0].tile != v._view.lead[0].tile or k.shape[:3] != v.shape[:3]:
+        raise Unsupported("keys and values of different batch or length")
+    kinds = [(kind, n) for kind, _, n in k._view.pieces]
+    if [kind for kind, _ in kinds] != [kind for kind, _, _ in v._view.pieces] or not all(
+            statically_known_true(n == m) for (_, n), (_, _, m) in zip(kinds, v._view.pieces)):
+        raise Unsupported("keys and values made of different pieces")
+    if not statically_known_true(k.shape[2] > 0):
+        if k.shape[2] == 0:
+            raise Unsupported("no keys")
+    hq, hk = q.shape[1], k.shape[1]
+    if (hq != hk and not enable_gqa) or hq % hk or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise Unsupported("shapes SDPA rejects")
+
+
+# --- fallback ----------------------------------------------------------------------------------
+def fallback(func: Any, args: tuple, kwargs: dict, why: str) -> Any:
+    """Decode the caches, run the dense op, write in-place results back into the caches."""
+    stats.fallback(str(func), why)
+    dense_args, dense_kwargs = tree_map(lambda t: t.dequantize() if isinstance(t, QVGCache) else t, (args, kwargs))
+    out = func(*dense_args, **dense_kwargs)
+    schema = func._schema
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            original = args[i] if i < len(args) else kwargs.get(arg.name)
+            if isinstance(original, QVGCache):
+                new = dense_args[i] if i < len(args) else dense_kwargs[arg.name]
+                write_dense(original, new)
+                written.append((new, original))
+    if not written:
+        return out
+
+    def back(x: Any) -> Any:
+        for new, original in written:
+            if x is new:
+                return original
+        return x
+    return tree_map(back, out)

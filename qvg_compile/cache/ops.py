@@ -1,0 +1,211 @@
+"""The ``qvg::cache_*`` custom ops: every step of `QVGCache` that touches its arrays.
+
+They take the store's arrays as one list (in `StoreSpec.names` order), positions as SymInt
+lists and the static layout as a JSON string, so a compiled graph calls them with whatever
+positions a chunk has without guarding on them. Mutating ops declare the whole list mutated;
+Inductor keeps them in place (no copy of the store). The bodies build a `Store` and run its
+algorithms; fake implementations give output shapes from the spec alone.
+
+``qvg::sdpa`` is the entry point ``F.scaled_dot_product_attention`` is routed to when a
+`QVGCache` is involved: on dense tensors it is SDPA, on caches `QVGCache` dispatches it to
+``qvg::cache_attention`` (or to a dense fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .clone import clone_store
+from .read import ReadSide, attend
+from .spec import StoreSpec
+from .store import Store, runs_of
+from .view import Lead
+
+Tensor = torch.Tensor
+
+
+def store_of(arrays: Sequence[Tensor], spec: str) -> Store:
+    return Store(StoreSpec.from_json(spec), list(arrays))
+
+
+def lead_sel(flat: Sequence[int]) -> Optional[tuple[tuple[int, int], ...]]:
+    """``[o0, n0, o1, n1, ...]`` to ``((o0, n0), ...)``; empty selects the whole lead."""
+    return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)) if flat else None
+
+
+def leads(flat: Sequence[int]) -> tuple[Lead, ...]:
+    """``[offset, length, interleave, tile] * rank`` to `Lead` s."""
+    return tuple(Lead(*(int(x) for x in flat[i:i + 4])) for i in range(0, len(flat), 4))
+
+
+def positions(pieces: Sequence[int]) -> torch.Tensor:
+    """Host positions of ``[kind, a, n] * pieces`` (kind 0: run from a; 1: dense, -1 each)."""
+    out = [torch.arange(int(a), int(a) + int(n)) if int(kind) == 0 else torch.full((int(n),), -1)
+           for kind, a, n in zip(pieces[0::3], pieces[1::3], pieces[2::3])]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+# --- mutations ---------------------------------------------------------------------------------
+@torch.library.custom_op("qvg::cache_write", mutates_args=("arrays",))
+def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], start: int,
+                index: Optional[Tensor], lead: list[int], spec: str, relocate: bool) -> None:
+    """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
+    ``[start, start + n)``, or at ``index[i]`` for the i-th token when ``index`` is given."""
+    store = store_of(arrays, spec)
+    full = [None] * store.parts
+    for p, v in zip(parts, values):
+        full[p] = v
+    sel = lead_sel(lead)
+    if index is None:
+        store.write(int(start), full, sel, relocate)
+        return
+    idx = index.reshape(-1).cpu().long()
+    idx = torch.where(idx < 0, idx + store.capacity, idx)
+    if bool(((idx < 0) | (idx >= store.capacity)).any()):
+        raise IndexError(f"index out of range in self: positions {idx.tolist()} for a cache of "
+                         f"{store.capacity} tokens")
+    for i, first, n in runs_of(idx):
+        store.write(first, [None if v is None else v[..., i:i + n, :] for v in full], sel, relocate)
+
+
+@cache_write.register_fake
+def _(arrays, values, parts, start, index, lead, spec, relocate) -> None:
+    return None
+
+
+@torch.library.custom_op("qvg::cache_copy", mutates_args=("dst",))
+def cache_copy(dst: list[Tensor], src: list[Tensor], pieces: list[int], start: int, dst_spec: str,
+               src_spec: str) -> None:
+    """Copy the store positions ``pieces`` (runs only) of ``src`` (empty list: ``dst`` itself) to
+    ``[start, start + n)`` of ``dst``."""
+    target = store_of(dst, dst_spec)
+    source = target if not src else store_of(src, src_spec)
+    target.copy_from(int(start), source, positions(pieces))
+
+
+@cache_copy.register_fake
+def _(dst, src, pieces, start, dst_spec, src_spec) -> None:
+    return None
+
+
+@torch.library.custom_op("qvg::cache_release", mutates_args=("arrays",))
+def cache_release(arrays: list[Tensor], pieces: list[int], spec: str) -> None:
+    """Make the store positions of ``pieces`` holes (``zero_`` / ``fill_(0)``)."""
+    store = store_of(arrays, spec)
+    pos = positions(pieces)
+    if pos.numel() == store.capacity and torch.equal(pos, torch.arange(store.capacity)):
+        store.reset()
+    else:
+        store.release(pos)
+
+
+@cache_release.register_fake
+def _(arrays, pieces, spec) -> None:
+    return None
+
+
+@torch.library.custom_op("qvg::cache_seal", mutates_args=("arrays",))
+def cache_seal(arrays: list[Tensor], spec: str) -> None:
+    """Seal every dense slot."""
+    store_of(arrays, spec).seal_all()
+
+
+@cache_seal.register_fake
+def _(arrays, spec) -> None:
+    return None
+
+
+@torch.library.custom_op("qvg::cache_load", mutates_args=("arrays",))
+def cache_load(arrays: list[Tensor], values: list[Tensor], spec: str) -> None:
+    """Replace the whole content by dense ``values[p]`` ``[*lead, capacity, D_p]``."""
+    store_of(arrays, spec).load_dense(values)
+
+
+@cache_load.register_fake
+def _(arrays, values, spec) -> None:
+    return None
+
+
+# --- reads -------------------------------------------------------------------------------------
+@torch.library.custom_op("qvg::cache_decode", mutates_args=())
+def cache_decode(arrays: list[Tensor], pieces: list[int], lead: list[int], parts: list[int],
+                 spec: str) -> list[Tensor]:
+    """Dense ``[*lead sizes, n, D_p]`` of the runs in ``pieces`` (in order), for each part in
+    ``parts`` (first, count), leading dims mapped by ``lead`` (4 ints per dim)."""
+    store = store_of(arrays, spec)
+    axes = leads(lead)
+    sel = tuple((ax.offset, ax.length) for ax in axes)
+    outs = store.decode(positions(pieces), range(int(parts[0]), int(parts[0]) + int(parts[1])), sel)
+    return [_repeat_lead(x, axes).contiguous() for x in outs]
+
+
+@cache_decode.register_fake
+def _(arrays, pieces, lead, parts, spec) -> list[Tensor]:
+    s = StoreSpec.from_json(spec)
+    n = sum(pieces[2::3])
+    sizes = [ax.size for ax in leads(lead)]
+    dev = arrays[0].device
+    return [arrays[0].new_empty((*sizes, n, s.part_dims[p]), dtype=s.torch_dtype, device=dev)
+            for p in range(parts[0], parts[0] + parts[1])]
+
+
+@torch.library.custom_op("qvg::cache_clone", mutates_args=())
+def cache_clone(arrays: list[Tensor], dense: list[Tensor], pieces: list[int], lead: list[int],
+                parts: list[int], spec: str) -> list[Tensor]:
+    """The arrays of a new store holding exactly the view (``pieces``, ``lead``, ``parts``);
+    ``dense[p]`` ``[*lead sizes, m, D_p]`` are the view's dense pieces, concatenated."""
+    store = store_of(arrays, spec)
+    return clone_store(store, positions(pieces), leads(lead), (int(parts[0]), int(parts[1])), list(dense))
+
+
+@cache_clone.register_fake
+def _(arrays, dense, pieces, lead, parts, spec) -> list[Tensor]:
+    new = StoreSpec.from_json(spec).for_parts(parts)
+    shapes, dtypes = new.shapes([ax.size for ax in leads(lead)], sum(pieces[2::3])), new.dtypes()
+    dev = arrays[0].device
+    return [arrays[0].new_empty(shapes[n], dtype=dtypes[n], device=torch.device("cpu") if new.is_host(n) else dev)
+            for n in new.names()]
+
+
+@torch.library.custom_op("qvg::cache_attention", mutates_args=())
+def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces: list[int], k_lead: list[int],
+                    k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
+                    v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
+    """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
+    def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
+        return ReadSide(store_of(arrays, spec), positions(pieces), dense[0] if dense else None,
+                        leads(lead), part)  # type: ignore[arg-type]
+    return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
+                  side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale).contiguous()
+
+
+@cache_attention.register_fake
+def _(q, k, k_dense, k_pieces, k_lead, k_part, k_spec, v, v_dense, v_pieces, v_lead, v_part, v_spec, scale):
+    return q.new_empty((*q.shape[:-1], StoreSpec.from_json(v_spec).part_dims[v_part]))
+
+
+@torch.library.custom_op("qvg::sdpa", mutates_args=())
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (the dense meaning; `QVGCache` overrides it)."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa).contiguous()
+
+
+@sdpa.register_fake
+def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _repeat_lead(x: Tensor, axes: Sequence[Lead]) -> Tensor:
+    for a, ax in enumerate(axes):
+        if ax.interleave > 1:
+            x = x.repeat_interleave(ax.interleave, dim=a)
+        if ax.tile > 1:
+            reps = [1] * x.dim()
+            reps[a] = ax.tile
+            x = x.repeat(reps)
+    return x

@@ -1,0 +1,492 @@
+"""`Store`: the run-time state machine of one compressed cache tensor.
+
+It works on the real arrays of a `StoreSpec` (see there for the layout) and is what the bodies of
+the ``qvg::cache_*`` ops run, eagerly or from a compiled graph, so every decision that depends
+on positions (which slot a write lands in, when a slot is sealed, which codebook a segment uses)
+is taken at run time and never becomes a guard of a compiled graph.
+
+Token states (``pos_map``): a *hole* was never written and reads as zero; a *dense* token lives
+in a row of the tail; a *sealed* token lives in the packed arrays and decodes with the codebook
+of its slot. Invariant: dense row ``r < sink_row`` belongs to slot ``j = r // L`` and holds
+position ``slots[j].start + r - j * L``; sink row ``r`` holds position ``r - sink_row``. So a row
+holds at most one position and a position at most one row.
+
+Writes (`write`): inside the span of a dense slot, the rows are rewritten (denoising steps); else
+the write takes a free slot, or seals the ``seal_chunks`` oldest slots into one segment first.
+Writes longer than a slot, and dense tokens relocated by a copy when no slot is free, are sealed
+directly. Copies between caches (`copy_from`) move packed tokens as they are and share codebooks
+by uid, so nothing already quantized is quantized again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from typing import Optional, Sequence
+
+import torch
+
+from ..quant.segment import QVGSegment
+from ..quant.store import PackedStore
+from . import stats
+from .encode import encode_segment
+from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, UID, USES, StoreSpec, sealed_code
+
+# (offset, length) of every leading dim; None selects all of them.
+LeadSel = Optional[tuple[tuple[int, int], ...]]
+
+
+def runs_of(positions: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive values in a host int tensor: ``(index, first value, length)``."""
+    n = positions.numel()
+    if n == 0:
+        return []
+    breaks = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    bounds = [0, *breaks, n]
+    first = positions[bounds[:-1]].tolist()
+    return [(a, f, b - a) for a, b, f in zip(bounds, bounds[1:], first)]
+
+
+def new_uid() -> int:
+    """A random 62-bit codebook id: unique across caches, processes and saved files."""
+    return uuid.uuid4().int >> 66
+
+
+class Store:
+    """The arrays of one store and the algorithms over them. ``arrays`` in `StoreSpec.names` order."""
+
+    def __init__(self, spec: StoreSpec, arrays: Sequence[torch.Tensor]) -> None:
+        names = spec.names()
+        if len(arrays) != len(names):
+            raise ValueError(f"arrays: expected {len(names)} arrays {names}, got {len(arrays)}")
+        self.spec = spec
+        self.arrays = dict(zip(names, arrays))
+        self.pos_map = self.arrays["pos_map"]
+        self.slots = self.arrays["slots"]
+        self.segs = self.arrays["segs"]
+        self.counters = self.arrays["counters"]
+        self.seg_ids = self.arrays["seg_ids"]
+        self.lead = tuple(self.arrays["codes0"].shape[:-2])
+        self.capacity = self.pos_map.shape[0]
+        self.sinks = min(spec.sinks, self.capacity)
+
+    @property
+    def device(self) -> torch.device:
+        return self.arrays["codes0"].device
+
+    @property
+    def parts(self) -> int:
+        return len(self.spec.part_dims)
+
+    def a(self, name: str, part: int) -> torch.Tensor:
+        return self.arrays[f"{name}{part}"]
+
+    # --- indexing helpers ----------------------------------------------------------------------
+    def _lead(self, sel: LeadSel) -> tuple[slice, ...]:
+        if sel is None:
+            return tuple(slice(None) for _ in self.lead)
+        return tuple(slice(o, o + n) for o, n in sel)
+
+    def _rows_view(self, part: int, sel: LeadSel) -> torch.Tensor:
+        return self.a("tail", part)[self._lead(sel)]
+
+    def _age(self) -> int:
+        age = int(self.counters[NEXT_AGE])
+        self.counters[NEXT_AGE] = age + 1
+        return age
+
+    def _expected_row(self, j: int, start: int, end: int) -> torch.Tensor:
+        first = int(self.slots[j, 0])
+        return torch.arange(start, end, dtype=torch.int32) - first + j * self.spec.slot_tokens
+
+    # --- release and state ---------------------------------------------------------------------
+    def release(self, positions: torch.Tensor) -> None:
+        """Forget what ``positions`` (host int64) hold: they become holes; codebooks lose them."""
+        if positions.numel() == 0:
+            return
+        v = self.pos_map[positions].long()
+        sealed = v <= -2
+        if bool(sealed.any()):
+            slots = -v[sealed] - 2
+            self.segs[:, LIVE] -= torch.bincount(slots, minlength=self.spec.segments)
+        self.pos_map[positions] = HOLE
+
+    def reset(self) -> None:
+        """Every token a hole, every slot and codebook free (the codebook arrays are left as
+        they are: they are only read through a live slot)."""
+        self.pos_map.fill_(HOLE)
+        self.slots[:, 0] = -1
+        self.segs.zero_()
+        self.counters[LATEST] = -1
+
+    # --- writes --------------------------------------------------------------------------------
+    def write(self, start: int, values: Sequence[Optional[torch.Tensor]], sel: LeadSel = None,
+              relocate: bool = False) -> None:
+        """Dense semantics of writing ``values[p]`` ``[*lead(sel), n, D_p]`` (None: part untouched)
+        at positions ``[start, start + n)``.
+
+        ``relocate``: the values are dense tokens copied from another place of a cache; when no
+        slot covers them and none is free they are sealed where they land instead of evicting
+        (sealing) the slot being written.
+        """
+        present = [v for v in values if v is not None]
+        if not present:
+            return
+        n = present[0].shape[-2]
+        end = start + n
+        if not 0 <= start <= end <= self.capacity:
+            raise IndexError(f"QVGCache: write of positions [{start}, {end}) into a cache of "
+                             f"{self.capacity} tokens")
+        if n == 0:
+            return
+        if self.spec.config.check_finite and not all(bool(torch.isfinite(v).all()) for v in present):
+            # Checked here, not when the slot is sealed later, so that the failing write is the
+            # one reported and the cache is left exactly as it was.
+            raise ValueError("QVGCache: the written values contain NaN or Inf; one would poison a "
+                             "whole codebook (QVGConfig(check_finite=False) stores them anyway)")
+        full = sel is None and len(present) == self.parts
+        values = [None if v is None else v.to(device=self.device, dtype=self.spec.torch_dtype)
+                  for v in values]
+        sinks = self.sinks
+        if start < sinks:
+            e = min(end, sinks)
+            rows = torch.arange(start, e, dtype=torch.int32) + self.spec.sink_row
+            self._write_rows(start, e, rows, [None if v is None else v[..., :e - start, :] for v in values],
+                             sel, full)
+            values = [None if v is None else v[..., e - start:, :] for v in values]
+            start = e
+        if start >= end:
+            return
+        j = self._slot_covering(start, end)
+        if j is None:
+            if not self.spec.slots or end - start > self.spec.slot_tokens or (
+                    relocate and not bool((self.slots[:, 0] < 0).any())):
+                self._seal_direct(start, end, values, sel, full)
+                return
+            j = self._take_slot()
+            self.slots[j, 0] = start
+            self.slots[j, 1] = self._age()
+        self._write_rows(start, end, self._expected_row(j, start, end), values, sel, full)
+
+    def _slot_covering(self, start: int, end: int) -> Optional[int]:
+        first = self.slots[:, 0]
+        ok = (first >= 0) & (first <= start) & (first + self.spec.slot_tokens >= end)
+        hits = ok.nonzero().flatten()
+        return int(hits[0]) if hits.numel() else None
+
+    def _write_rows(self, start: int, end: int, rows: torch.Tensor,
+                    values: Sequence[Optional[torch.Tensor]], sel: LeadSel, full: bool) -> None:
+        cur = self.pos_map[start:end]
+        moving = cur != rows
+        if bool(moving.any()):
+            positions = torch.arange(start, end)[moving]
+            target = rows[moving].long().to(self.device)
+            if not full:
+                # Rows are shared by every leading index and part: fill the ones this write does
+                # not cover with what those positions hold now.
+                for p, old in enumerate(self.decode(positions)):
+                    self.a("tail", p).index_copy_(-2, target, old)
+            self.release(positions)
+            self.pos_map[positions] = rows[moving]
+        r0 = int(rows[0])
+        for p, v in enumerate(values):
+            if v is not None:
+                self._rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
+
+    def _take_slot(self) -> int:
+        free = (self.slots[:, 0] < 0).nonzero().flatten()
+        if free.numel():
+            return int(free[0])
+        oldest = torch.argsort(self.slots[:, 1])[: self.spec.policy.seal_chunks].tolist()
+        self._seal_slots(oldest)
+        return oldest[0]
+
+    def _slot_positions(self, j: int) -> torch.Tensor:
+        first, L = int(self.slots[j, 0]), self.spec.slot_tokens
+        end = min(first + L, self.capacity)
+        span = torch.arange(first, end)
+        return span[self.pos_map[first:end] == self._expected_row(j, first, end)]
+
+    def _seal_slots(self, slots: list[int]) -> None:
+        positions = torch.cat([self._slot_positions(j) for j in slots]).sort().values
+        for j in slots:
+            self.slots[j, 0] = -1
+        if positions.numel():
+            rows = self.pos_map[positions].long().to(self.device)
+            self._store_segment(positions, [self.a("tail", p).index_select(-2, rows) for p in range(self.parts)])
+
+    def seal_all(self) -> None:
+        """Seal every dense slot now (end of a video; sinks stay dense)."""
+        occupied = (self.slots[:, 0] >= 0).nonzero().flatten()
+        order = occupied[torch.argsort(self.slots[occupied, 1])].tolist()
+        group = self.spec.policy.seal_chunks
+        for i in range(0, len(order), group):
+            self._seal_slots(order[i:i + group])
+
+    def _seal_direct(self, start: int, end: int, values: Sequence[Optional[torch.Tensor]],
+                     sel: LeadSel, full: bool) -> None:
+        positions = torch.arange(start, end)
+        if not full:
+            current = self.decode(positions)
+            for p, v in enumerate(values):
+                if v is not None:
+                    current[p][self._lead(sel)] = v
+            values = current
+        self.release(positions)
+        piece = self.spec.segment_tokens or (end - start)
+        for a in range(start, end, piece):
+            b = min(end, a + piece)
+            self._store_segment(torch.arange(a, b), [v[..., a - start:b - start, :] for v in values])
+
+    # --- segments and codebooks ----------------------------------------------------------------
+    def _choose_codebook(self, n: int) -> tuple[int, int, bool, Optional[int]]:
+        """(slot, C, shared, warm-start slot) for a new segment of ``n`` tokens."""
+        latest = int(self.counters[LATEST])
+        policy = self.spec.policy
+        has_latest = latest >= 0 and int(self.segs[latest, CSIZE]) > 0
+        if has_latest and policy.codebook_chunks > 1 and int(self.segs[latest, USES]) < policy.codebook_chunks:
+            return latest, int(self.segs[latest, CSIZE]), True, None
+        free = self.segs[:, LIVE] == 0
+        if has_latest and bool(free.sum() > 1):
+            free[latest] = False  # keep the warm start intact
+        choices = free.nonzero().flatten()
+        if choices.numel():
+            slot = int(choices[0])
+            c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
+            warm = latest if (policy.warm_start and has_latest and self.spec.stages
+                              and int(self.segs[latest, CSIZE]) == c) else None
+            return slot, c, False, warm
+        if not has_latest:
+            raise RuntimeError("QVGCache: no free codebook slot and no codebook to share")
+        return latest, int(self.segs[latest, CSIZE]), True, None
+
+    def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
+        """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending)."""
+        n = positions.numel()
+        slot, c, shared, warm = self._choose_codebook(n)
+        lead = len(self.lead)
+        for p, x in enumerate(xs):
+            cents = self.a("cents", p)
+            init = None
+            if shared:
+                init = cents[slot, ..., :c, :]
+            elif warm is not None:
+                init = cents[warm, ..., :c, :]
+            # A shared codebook may have more centroids than this segment has tokens: the encoder
+            # needs C <= n, and assignment is per token, so repeat tokens and keep the first n.
+            xp = x if not shared or n >= c else x.repeat_interleave(math.ceil(c / n), dim=-2)
+            seg = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared)
+            if xp is not x:
+                seg = _first_tokens(seg, n)
+            if not shared:
+                cents[slot, ..., :c, :] = seg.centroids
+            for i, first, length in runs_of(positions):
+                dst, src = slice(first, first + length), slice(i, i + length)
+                self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
+                self.a("scales", p)[..., dst, :] = seg.scales[..., src, :]
+                if self.spec.has_zeros:
+                    self.a("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
+                self.a("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
+        if not shared:
+            self.segs[slot] = torch.tensor([0, c, new_uid(), 0], dtype=torch.int64)
+            self.counters[LATEST] = slot
+        self.segs[slot, USES] += 1
+        self.segs[slot, LIVE] += n
+        self.pos_map[positions] = sealed_code(slot)
+        dev = positions.to(self.device)
+        self.seg_ids.index_fill_(0, dev, slot)
+        stats.add(seals=1, sealed_tokens=n)
+
+    # --- reads ---------------------------------------------------------------------------------
+    def packed(self, part: int, sel: LeadSel = None) -> PackedStore:
+        """The sealed tokens of ``part`` as the kernels' `PackedStore` (``[B, H, cap, ...]``
+        views, no copy; stores whose lead is not 2-D are viewed as ``[prod(lead[:-1]), lead[-1]]``)."""
+        lead = self.lead
+        ix = self._lead(sel)
+        codes, scales = self.a("codes", part)[ix], self.a("scales", part)[ix]
+        zeros = self.a("zeros", part)[ix] if self.spec.has_zeros else None
+        assign = self.a("assign", part)[(slice(None), *ix)]
+        cents = self.a("cents", part)[(slice(None), slice(None), *ix)]
+        if len(lead) != 2:
+            shape = codes.shape[:-2]
+            b, h = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+            codes, scales = codes.reshape(b, h, *codes.shape[-2:]), scales.reshape(b, h, *scales.shape[-2:])
+            zeros = None if zeros is None else zeros.reshape(b, h, *zeros.shape[-2:])
+            assign = assign.reshape(assign.shape[0], b, h, assign.shape[-1])
+            cents = cents.reshape(*cents.shape[:2], b, h, *cents.shape[-2:])
+        return PackedStore(codes, scales, zeros, assign, cents, self.seg_ids,
+                           self.spec.bits(part), self.spec.config.group_size, self.spec.config.code_mode)
+
+    def decode(self, positions: torch.Tensor, parts: Optional[Sequence[int]] = None,
+               sel: LeadSel = None) -> list[torch.Tensor]:
+        """Dense values ``[*lead(sel), n, D_p]`` (cache dtype) of ``positions`` (host int64), per part."""
+        parts = range(self.parts) if parts is None else parts
+        n = positions.numel()
+        v = self.pos_map[positions].long() if n else torch.empty(0, dtype=torch.long)
+        dense = (v >= 0).nonzero().flatten()
+        sealed = v <= -2
+        runs = runs_of(torch.where(sealed, positions, -2 - torch.arange(n)))
+        runs = [r for r in runs if bool(sealed[r[0]])]
+        out = []
+        for p in parts:
+            tail = self._rows_view(p, sel)
+            x = torch.zeros(*tail.shape[:-2], n, tail.shape[-1], dtype=tail.dtype, device=self.device)
+            if dense.numel():
+                x.index_copy_(-2, dense.to(self.device), tail.index_select(-2, v[dense].to(self.device)))
+            store = self.packed(p, sel) if runs else None
+            for i, first, length in runs:
+                block = store.dequantize(first, first + length, x.dtype)
+                x[..., i:i + length, :] = block.reshape(*x.shape[:-2], length, x.shape[-1])
+            out.append(x)
+        decoded = int(sealed.sum())
+        stats.add(decoded_tokens=decoded, decoded_bytes=sum(t.numel() * t.element_size() for t in out))
+        return out
+
+    # --- copies between caches -----------------------------------------------------------------
+    def copy_from(self, start: int, src: "Store", positions: torch.Tensor) -> None:
+        """Dense semantics of ``self[start:start+n] = src[positions]`` (host int64, n of them), for
+        stores of the same layout: packed tokens move as they are (codebooks shared by uid), dense
+        tokens are written as relocated dense values, holes stay holes."""
+        n = positions.numel()
+        dst = torch.arange(start, start + n)
+        if not 0 <= start <= start + n <= self.capacity:
+            raise IndexError(f"QVGCache: copy into positions [{start}, {start + n}) of a cache of "
+                             f"{self.capacity} tokens")
+        same = src is self
+        if same:
+            if torch.equal(positions, dst):
+                return
+            if bool(torch.isin(positions, dst).any()):
+                raise RuntimeError("unsupported operation: some elements of the input tensor and the "
+                                   "written-to tensor refer to a single memory location. Please clone() "
+                                   "the tensor before performing the operation.")
+        v = src.pos_map[positions].long()
+        sealed, dense = v <= -2, v >= 0
+        sp, sk = positions[sealed], (-v[sealed] - 2)
+        payload = [src._packed_rows(p, sp) for p in range(self.parts)]
+        rows = v[dense].to(src.device)
+        relocated = [src.a("tail", p).index_select(-2, rows).to(self.device) for p in range(self.parts)]
+        self.release(dst)
+        kmap = {k: (k if same else self._import_codebook(src, k)) for k in torch.unique(sk).tolist()}
+        # Tokens whose codebook finds no free slot here are decoded and written as dense values.
+        lost = torch.tensor([kmap[k] is None for k in sk.tolist()], dtype=torch.bool)
+        keep = (~lost).nonzero().flatten()
+        if keep.numel():
+            dp = dst[sealed][keep]
+            slots = torch.tensor([kmap[k] for k in sk[keep].tolist()], dtype=torch.long)
+            for p in range(self.parts):
+                idx = keep.to(src.device)
+                self._put_packed_rows(p, dp, [t.index_select(t.dim() - 2 if i < len(payload[p]) - 1 else -1, idx)
+                                              for i, t in enumerate(payload[p])])
+            self.pos_map[dp] = (-slots - 2).to(torch.int32)
+            self.seg_ids.index_copy_(0, dp.to(self.device), slots.to(torch.int32).to(self.device))
+            self.segs[:, LIVE] += torch.bincount(slots, minlength=self.spec.segments)
+        moved = [(dst[dense], relocated)]
+        if bool(lost.any()):
+            moved.append((dst[sealed][lost], src.decode(sp[lost])))
+        for where, values in moved:
+            for i, first, length in runs_of(where):
+                self.write(first, [x[..., i:i + length, :] for x in values], relocate=True)
+
+    def _packed_rows(self, part: int, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Copies of codes, scales, (zeros,) assignments of the tokens at ``positions``."""
+        idx = positions.to(self.device)
+        out = [self.a("codes", part).index_select(-2, idx), self.a("scales", part).index_select(-2, idx)]
+        if self.spec.has_zeros:
+            out.append(self.a("zeros", part).index_select(-2, idx))
+        out.append(self.a("assign", part).index_select(-1, idx))
+        return out
+
+    def _put_packed_rows(self, part: int, positions: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        """Inverse of `_packed_rows`: write codes, scales, (zeros,) assignments at ``positions``."""
+        idx = positions.to(self.device)
+        names = ["codes", "scales"] + (["zeros"] if self.spec.has_zeros else [])
+        for name, t in zip(names, rows):
+            # index_copy_ has no FP8 kernel on CPU: move the scales as raw bytes.
+            _as_bytes(self.a(name, part)).index_copy_(-2, idx, _as_bytes(t.to(self.device)))
+        self.a("assign", part).index_copy_(-1, idx, rows[-1].to(self.device))
+
+    def _import_codebook(self, src: "Store", k: int) -> Optional[int]:
+        """This store's slot holding ``src``'s codebook ``k`` (copied in if needed), or None."""
+        uid = int(src.segs[k, UID])
+        match = ((self.segs[:, UID] == uid) & (self.segs[:, CSIZE] > 0)).nonzero().flatten()
+        if match.numel():
+            return int(match[0])
+        free = (self.segs[:, LIVE] == 0)
+        latest = int(self.counters[LATEST])
+        if latest >= 0 and bool(free.sum() > 1):
+            free[latest] = False
+        choices = free.nonzero().flatten()
+        if not choices.numel():
+            return None
+        slot, c = int(choices[0]), int(src.segs[k, CSIZE])
+        for p in range(self.parts):
+            self.a("cents", p)[slot, ..., :c, :] = src.a("cents", p)[k, ..., :c, :].to(self.device)
+        self.segs[slot] = src.segs[k]
+        self.segs[slot, LIVE] = 0
+        return slot
+
+    # --- whole-store conversions ---------------------------------------------------------------
+    def load_dense(self, values: Sequence[torch.Tensor]) -> None:
+        """Replace the content by ``values[p]`` ``[*lead, capacity, D_p]``: tokens up to the last
+        non-zero one count as written; the last slot's worth stays dense (when the slot length is
+        known), sinks stay dense, the rest is sealed in segments of `segment_tokens`."""
+        self.reset()
+        written = torch.zeros(self.capacity, dtype=torch.bool)
+        for v in values:
+            nz = v.ne(0).reshape(-1, v.shape[-2], v.shape[-1]).any(-1).any(0)
+            written |= nz.cpu()
+        hits = written.nonzero()
+        w = int(hits[-1]) + 1 if hits.numel() else 0
+        sinks = min(self.sinks, w)
+        if sinks:
+            self.write(0, [v[..., :sinks, :] for v in values])
+        L = self.spec.slot_tokens
+        keep = max(sinks, w - L) if L else w
+        if keep > sinks:
+            self._seal_direct(sinks, keep, [v[..., sinks:keep, :] for v in values], None, True)
+        if w > keep:
+            self.write(keep, [v[..., keep:w, :] for v in values])
+
+    def dense_values(self) -> list[torch.Tensor]:
+        """Every token decoded, per part ``[*lead, capacity, D_p]``."""
+        return self.decode(torch.arange(self.capacity))
+
+
+def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
+    """Arrays for ``spec`` (more slots, codebooks or centroid rows than ``store.spec``) holding the
+    same content: codebooks and sink rows are copied over, dense slots must be empty."""
+    old = store.spec
+    if bool((store.slots[:, 0] >= 0).any()) and old.slot_tokens != spec.slot_tokens:
+        raise RuntimeError("QVGCache: cannot change the slot length while slots hold dense tokens")
+    arrays = spec.allocate(store.lead, store.capacity, store.device)
+    new = Store(spec, arrays)
+    for name in spec.names():
+        if name.startswith(("codes", "scales", "zeros", "assign")) or name in ("seg_ids", "pos_map", "counters"):
+            new.arrays[name].copy_(store.arrays[name])
+    k, c = old.segments, old.codebook
+    new.segs[:k] = store.segs
+    for p in range(store.parts):
+        new.a("cents", p)[:k, ..., :c, :] = store.a("cents", p)
+        new.a("tail", p)[..., spec.sink_row:spec.sink_row + store.sinks, :] = \
+            store.a("tail", p)[..., old.sink_row:old.sink_row + store.sinks, :]
+    sink = (store.pos_map >= old.sink_row) & (store.pos_map < old.sink_row + store.sinks)
+    new.pos_map[sink] += spec.sink_row - old.sink_row
+    if old.slot_tokens == spec.slot_tokens and old.slots:
+        new.slots.copy_(store.slots)
+        for p in range(store.parts):
+            new.a("tail", p)[..., :old.sink_row, :] = store.a("tail", p)[..., :old.sink_row, :]
+    return arrays
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` reinterpreted as uint8 when it is a one-byte float (copies of FP8 scales)."""
+    return t.view(torch.uint8) if t.dtype.is_floating_point and t.element_size() == 1 else t
+
+
+def _first_tokens(seg: QVGSegment, n: int) -> QVGSegment:
+    return dataclasses.replace(
+        seg, codes=seg.codes[..., :n, :], scales=seg.scales[..., :n, :],
+        zeros=None if seg.zeros is None else seg.zeros[..., :n, :],
+        assignments=seg.assignments[..., :n])
