@@ -58,7 +58,9 @@ def _convert(obj: Any, path: str, config: Optional[QVGConfig], seq_dim: int, cho
             obj[i] = _convert(item, f"{path}[{i}]", config, seq_dim, choose, options)
         return obj
     if isinstance(obj, tuple):
-        items = [_convert(item, f"{path}[{i}]", config, seq_dim, choose, options) for i, item in enumerate(obj)]
+        names = getattr(obj, "_fields", None) or [f"[{i}]" for i in range(len(obj))]
+        items = [_convert(item, f"{path}.{name}" if not name.startswith("[") else f"{path}{name}", config, seq_dim,
+                          choose, options) for name, item in zip(names, obj)]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, torch.nn.Module):
         for name, module in obj.named_modules():

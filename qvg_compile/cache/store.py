@@ -368,7 +368,10 @@ class Store:
         rows = v[dense].to(src.device)
         relocated = [src.a("tail", p).index_select(-2, rows).to(self.device) for p in range(self.parts)]
         self.release(dst)
-        kmap = {k: (k if same else self._import_codebook(src, k)) for k in torch.unique(sk).tolist()}
+        kmap: dict[int, Optional[int]] = {}
+        for k in torch.unique(sk).tolist():
+            # Slots taken by this copy's earlier imports are not free yet (LIVE is bumped below).
+            kmap[k] = k if same else self._import_codebook(src, k, taken=[s for s in kmap.values() if s is not None])
         # Tokens whose codebook finds no free slot here are decoded and written as dense values.
         lost = torch.tensor([kmap[k] is None for k in sk.tolist()], dtype=torch.bool)
         keep = (~lost).nonzero().flatten()
@@ -407,13 +410,15 @@ class Store:
             _as_bytes(self.a(name, part)).index_copy_(-2, idx, _as_bytes(t.to(self.device)))
         self.a("assign", part).index_copy_(-1, idx, rows[-1].to(self.device))
 
-    def _import_codebook(self, src: "Store", k: int) -> Optional[int]:
-        """This store's slot holding ``src``'s codebook ``k`` (copied in if needed), or None."""
+    def _import_codebook(self, src: "Store", k: int, taken: Sequence[int] = ()) -> Optional[int]:
+        """This store's slot holding ``src``'s codebook ``k`` (copied in if needed, never into a
+        slot of ``taken``), or None."""
         uid = int(src.segs[k, UID])
         match = ((self.segs[:, UID] == uid) & (self.segs[:, CSIZE] > 0)).nonzero().flatten()
         if match.numel():
             return int(match[0])
         free = (self.segs[:, LIVE] == 0)
+        free[list(taken)] = False
         latest = int(self.counters[LATEST])
         if latest >= 0 and bool(free.sum() > 1):
             free[latest] = False

@@ -1,0 +1,52 @@
+"""`QVGCache.save` / `QVGCache.load` (safetensors): exact round trip, views saved as clones,
+writes continue after loading, clear errors on foreign files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qvg_compile import QVGCache, QVGConfig
+
+CFG = QVGConfig.preset("qvg").replace(centroids=16)
+
+
+def filled() -> QVGCache:
+    torch.manual_seed(0)
+    c = QVGCache.empty((1, 64, 2, 64), 1, CFG, dtype=torch.float32, chunk_tokens=16)
+    for s in range(0, 48, 16):
+        c[:, s:s + 16] = torch.randn(1, 16, 2, 64)
+    return c
+
+
+def test_round_trip_is_exact_and_writes_continue(tmp_path):
+    c = filled()
+    path = str(tmp_path / "k.safetensors")
+    c.save(path)
+    back = QVGCache.load(path)
+    assert back.shape == c.shape and back.token_counts() == c.token_counts()
+    assert torch.equal(back.dequantize(), c.dequantize())
+    new = torch.randn(1, 16, 2, 64)
+    back[:, 48:64] = new
+    c[:, 48:64] = new
+    assert torch.equal(back.dequantize(), c.dequantize())
+
+
+def test_a_view_is_saved_as_what_it_shows(tmp_path):
+    c = filled()
+    path = str(tmp_path / "v.safetensors")
+    view = c[:, 8:40].transpose(1, 2)
+    view.save(path)
+    back = QVGCache.load(path)
+    assert back.shape == view.shape and torch.equal(back.dequantize(), view.dequantize())
+
+
+def test_foreign_files_and_bad_arguments_are_clear_errors(tmp_path):
+    path = str(tmp_path / "other.safetensors")
+    save_file({"x": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a QVGCache file"):
+        QVGCache.load(path)
+    from qvg_compile.cache.io import save
+    with pytest.raises(TypeError, match="QVGCache"):
+        save(torch.zeros(2), path)

@@ -1,0 +1,94 @@
+"""`Store`: the sealing policy (slots, segments, sinks), codebook sharing and warm start, copies
+between caches, and capacity errors. Checked through `QVGCache` and its token counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache import reset_stats, stats
+from qvg_compile.cache.spec import UID, USES
+from qvg_compile.cache.store import runs_of
+
+CFG = QVGConfig.preset("qvg").replace(centroids=16)
+L = 16
+
+
+def cache(**options) -> QVGCache:
+    options.setdefault("chunk_tokens", L)
+    return QVGCache.empty((1, 128, 2, 64), 1, CFG, dtype=torch.float32, **options)
+
+
+def fill(c: QVGCache, chunks: int, seed: int = 0, writes: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, chunks * L, 2, 64, generator=gen)
+    for i in range(chunks):
+        for _ in range(writes):
+            c[:, i * L:(i + 1) * L] = x[:, i * L:(i + 1) * L]
+    return x
+
+
+def test_runs_of_finds_maximal_consecutive_runs():
+    assert runs_of(torch.tensor([3, 4, 5, 9, 10, 2])) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
+    assert runs_of(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_dense_chunks_and_seal_chunks_bound_what_stays_dense():
+    c = cache(dense_chunks=3, seal_chunks=2)
+    reset_stats()
+    x = fill(c, 6, writes=3)
+    counts = c.token_counts()
+    # 6 chunks, 3 dense slots: chunks 0-1 sealed together, then 2-3 when slots ran out again.
+    assert stats()["seals"] == 2 and counts["sealed"] == 4 * L and counts["dense"] == 2 * L
+    assert torch.equal(c.dequantize()[:, 4 * L:6 * L], x[:, 4 * L:])
+
+
+def test_sinks_stay_dense_and_are_never_sealed():
+    c = cache(dense_sinks=4)
+    x = fill(c, 5)
+    c.seal()
+    assert c.token_counts()["dense"] == 4
+    assert torch.equal(c.dequantize()[:, :4], x[:, :4])
+
+
+def test_codebooks_are_shared_by_consecutive_segments_and_warm_started():
+    c = cache(codebook_chunks=2)
+    fill(c, 5)
+    store = c._handle.store
+    live = store.segs[store.segs[:, 0] > 0]
+    assert live.shape[0] == 2 and live[:, USES].tolist() == [2, 2]
+    alone = cache(codebook_chunks=1)
+    fill(alone, 5)
+    assert alone.token_counts()["segments"] == 4
+
+
+def test_copy_between_caches_moves_packed_tokens_and_shares_codebooks_by_uid():
+    src = cache()
+    fill(src, 4)
+    dst = cache()
+    reset_stats()
+    dst[:, :3 * L] = src[:, :3 * L]
+    assert stats()["seals"] == 0  # nothing quantized again
+    assert torch.equal(dst.dequantize()[:, :3 * L], src.dequantize()[:, :3 * L])
+    s_uids = set(src._handle.store.segs[:, UID].tolist()) - {0}
+    d_uids = set(dst._handle.store.segs[:, UID].tolist()) - {0}
+    assert d_uids and d_uids <= s_uids
+
+
+def test_capacity_is_enforced_like_a_dense_tensor():
+    c = cache()
+    with pytest.raises(RuntimeError):
+        c[:, 120:136] = torch.randn(1, 16, 2, 64)
+    with pytest.raises((IndexError, RuntimeError)):
+        c.index_copy_(1, torch.arange(120, 136), torch.randn(1, 16, 2, 64))
+    assert c.token_counts()["holes"] == 128
+
+
+def test_slot_length_is_taken_from_the_first_write_when_not_given():
+    c = QVGCache.empty((1, 64, 2, 64), 1, CFG, dtype=torch.float32)
+    assert c.spec.slot_tokens == 0
+    c[:, :8] = torch.randn(1, 8, 2, 64)
+    assert c.spec.slot_tokens == 8
+    c[:, 8:16] = torch.randn(1, 8, 2, 64)
+    assert c.token_counts() == {"sealed": 8, "dense": 8, "holes": 48, "segments": 1}
