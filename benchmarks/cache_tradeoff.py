@@ -24,15 +24,15 @@ from qvg_compile.quant.metrics import rel_mse
 from qvg_compile.quant.synthetic import video_like_kv
 
 VARIANTS = [
-    # (name, CachePolicy overrides)
-    ("C<=256, own codebook", dict(codebook_bits=4.0)),
-    ("budget 0.5 bit", dict(codebook_bits=0.5)),
-    ("budget 0.25 bit", dict(codebook_bits=0.25)),
-    ("budget 0.25, share x2", dict(codebook_bits=0.25, codebook_chunks=2)),
+    # (name, CachePolicy overrides); every row states codebook_chunks (its default is 2)
+    ("C=256 per chunk", dict(codebook_bits=4.0, codebook_chunks=1)),
+    ("budget 0.5 bit", dict(codebook_bits=0.5, codebook_chunks=1)),
+    ("budget 0.25 bit", dict(codebook_bits=0.25, codebook_chunks=1)),
+    ("budget 0.25, share x2 (default)", dict(codebook_bits=0.25, codebook_chunks=2)),
     ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),
-    ("budget 0.125 bit", dict(codebook_bits=0.125)),
-    ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, dense_chunks=2, seal_chunks=2)),
-    ("no warm start, 0.25", dict(codebook_bits=0.25, warm_start=False)),
+    ("budget 0.125 bit", dict(codebook_bits=0.125, codebook_chunks=1)),
+    ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, codebook_chunks=1, dense_chunks=2, seal_chunks=2)),
+    ("share x2, no warm start", dict(codebook_bits=0.25, codebook_chunks=2, warm_start=False)),
 ]
 
 
