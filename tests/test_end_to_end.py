@@ -1,0 +1,80 @@
+"""CPU smoke of benchmarks/end_to_end.py at a tiny config, plus its accounting helpers."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["end_to_end"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e = load_benchmark()
+
+
+def event(name, us, parent=None):
+    return SimpleNamespace(name=name, cpu_time_total=us, device_time_total=us, cpu_parent=parent)
+
+
+def test_time_shares_counts_outermost_ops_only():
+    outer = event("qvg::cache_attention", 300.0)
+    nested_sdpa = event("aten::_scaled_dot_product_flash_attention", 200.0, parent=outer)
+    seal = event("qvg::cache_seal", 40.0, parent=event("qvg::cache_write", 50.0))
+    write = seal.cpu_parent
+    decode = event("qvg::cache_decode", 7.0)
+    other = event("aten::mm", 1000.0)
+    shares = e2e.time_shares([outer, nested_sdpa, write, seal, decode, other], cuda=True)
+    assert shares == pytest.approx({"quantize": 50e-6, "dequantize": 7e-6, "attention": 300e-6})
+
+
+def test_budget_search_matches_the_byte_count_for_bf16():
+    cfg = e2e.sf.tiny_config(dim=128, num_heads=2, ffn_dim=128)
+    per_frame = 2 * cfg.num_layers * cfg.frame_tokens * cfg.dim * 2  # K and V, bf16
+    weights, reserve = 10_000, 3_000
+    budget = weights + reserve + 50 * per_frame + per_frame // 2
+    qvg = e2e.qvg_compile.backend()
+    got = e2e.max_frames_in_budget("bf16", cfg, budget, reserve, torch.device("cpu"), torch.bfloat16, qvg,
+                                   limit_frames=300, weight_bytes=weights)
+    assert got["frames"] == 48  # the largest multiple of the 3-frame chunk <= 50
+    assert not got["hit_limit"]
+    qgot = e2e.max_frames_in_budget("qvg", cfg, budget, reserve, torch.device("cpu"), torch.bfloat16, qvg,
+                                    limit_frames=300, weight_bytes=weights)
+    assert qgot["frames"] > 2 * got["frames"]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
+    results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "1",
+                        "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--out", str(tmp_path)])
+    runs = {r["backend"]: r for r in results["runs"]}
+    assert runs["bf16"]["cache_types"] == ["Tensor"] and runs["qvg"]["cache_types"] == ["QVGCache"]
+    bf16, qvg = runs["bf16"]["rows"][0], runs["qvg"]["rows"][0]
+    assert bf16["kv_dense_bytes"] == bf16["kv_bytes"] == qvg["kv_dense_bytes"]
+    assert bf16["kv_bytes"] / qvg["kv_bytes"] > 2.0
+    assert qvg["stats"]["seals"] > 0 and qvg["stats"]["fused_tokens"] > 0
+    assert qvg["shares"]["quantize"] > 0 and qvg["shares"]["attention"] > 0
+    assert bf16["shares"]["quantize"] == 0 and bf16["shares"]["attention"] > 0
+    assert 0 < results["output_rel_diff"][9] < math.inf
+    fit = {f["kind"]: f["frames"] for f in results["fit"]["results"]}
+    assert fit["qvg"] > 2 * fit["bf16"] > 0
+    saved = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert saved["runs"][1]["rows"][0]["kv_bytes"] == qvg["kv_bytes"]
+    assert "overhead %" in (tmp_path / "end_to_end_table.md").read_text()
