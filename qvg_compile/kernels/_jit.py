@@ -1,0 +1,107 @@
+"""Triton device functions shared by the QVG kernels: small-float codecs and the tile decoder.
+
+Scales and zero points are handled as raw integer codes so the same code runs in the Triton
+interpreter (which has no FP8 type) and on the GPU, and so rounding is *directed* exactly like
+`qvg_compile.quant.group.round_to_storage`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# code_mode -> constexpr id used by every kernel.
+MODE_IDS = {"symmetric": 0, "symmetric_full": 1, "asymmetric": 2}
+
+
+@triton.jit
+def small_float_decode(bits, EXP: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr):
+    """Integer codes of a small IEEE-like float (FP8 E4M3: 4, 3, 7) -> fp32 values."""
+    bits = bits.to(tl.int32)
+    sign = (bits >> (EXP + MAN)) & 1
+    e = (bits >> MAN) & ((1 << EXP) - 1)
+    m = bits & ((1 << MAN) - 1)
+    normal = ((e + (127 - BIAS)) << 23) | (m << (23 - MAN))
+    unit = tl.full([], (1 - BIAS - MAN + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * unit
+    val = tl.where(e > 0, normal.to(tl.float32, bitcast=True), sub)
+    return tl.where(sign == 1, -val, val)
+
+
+@triton.jit
+def small_float_encode(v, UP: tl.constexpr, EXP: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr):
+    """fp32 ``v`` (finite, in range) -> int32 code of the nearest small float toward +inf (UP)
+    or -inf: the smallest representable value >= v, or the largest <= v."""
+    neg = v < 0
+    a = tl.abs(v)
+    ab = a.to(tl.int32, bitcast=True)
+    ex = (ab >> 23) - 127
+    mant = ab & 0x7FFFFF
+    code_n = ((ex + BIAS) << MAN) | (mant >> (23 - MAN))
+    rem_n = (mant & ((1 << (23 - MAN)) - 1)) != 0
+    # Below the smallest normal the target is a multiple of its subnormal unit: scale exactly.
+    inv_unit = tl.full([], (BIAS + MAN - 1 + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+    t = a * inv_unit
+    ft = tl.floor(t)
+    code_s = ft.to(tl.int32)
+    rem_s = t != ft
+    is_norm = ex >= 1 - BIAS
+    code = tl.where(is_norm, code_n, code_s)
+    rem = tl.where(is_norm, rem_n, rem_s)
+    # Rounding up a positive or down a negative value grows the magnitude.
+    if UP:
+        grow = rem & (v > 0)
+    else:
+        grow = rem & neg
+    code = code + grow.to(tl.int32)
+    return tl.where(neg & (code != 0), code | (1 << (EXP + MAN)), code)
+
+
+@triton.jit
+def load_scale(ptr, mask, SCALE_FP8: tl.constexpr):
+    """Scales / zero points as fp32: FP8 E4M3 stored as uint8 codes, or native fp16."""
+    if SCALE_FP8:
+        return small_float_decode(tl.load(ptr, mask=mask, other=0), 4, 3, 7)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def decode_tile(
+    codes, s_cn, s_cd,
+    scales, s_sn, s_sg,
+    zeros, s_zn, s_zg,
+    assign, s_as, s_an,
+    cents, s_xk, s_xs, s_xc, s_xd,
+    seg_ids,
+    offs_n, n_mask, offs_d,
+    BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr,
+    SCALE_FP8: tl.constexpr,
+):
+    """Decode tokens ``offs_n`` (``[BN]``) of one (batch, head) of a `PackedStore` -> fp32 ``[BN, D]``.
+
+    Pointers are already offset to the (batch, head); the arithmetic and the order of the
+    centroid additions (last stage first) are those of `PackedStore.dequantize`.
+    """
+    PER: tl.constexpr = 8 // BITS
+    m2 = n_mask[:, None]
+    byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
+    q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    g = (offs_d // GROUP)[None, :]
+    s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
+    if MODE == 0:
+        x = (q - ((1 << (BITS - 1)) - 1)) * s
+    elif MODE == 1:
+        x = (q - ((1 << (BITS - 1)) - 0.5)) * s
+    else:
+        z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
+        x = q * s + z
+    if STAGES > 0:
+        seg = tl.load(seg_ids + offs_n, mask=n_mask, other=0).to(tl.int64)
+        base = cents + seg * s_xk
+        for i in tl.static_range(STAGES):
+            st = STAGES - 1 - i
+            a = tl.load(assign + st * s_as + offs_n * s_an, mask=n_mask, other=0).to(tl.int64)
+            row = base + st * s_xs + a * s_xc
+            x += tl.load(row[:, None] + offs_d[None, :] * s_xd, mask=m2, other=0.0).to(tl.float32)
+    return x
