@@ -204,8 +204,10 @@ class Row:
 
 def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.nn.Module], Callable],
                 contexts: Sequence[int], timed_chunks: int, profile_at: int | None, seed: int,
-                clock: Clock, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Generate one video with ``compile_fn(model)``, timing chunks at each context length."""
+                clock: Clock, out: Path, log: Callable[[str], None],
+                deadline: float = math.inf) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+    """Generate one video with ``compile_fn(model)``, timing chunks at each context length.
+    Contexts not started by ``deadline`` (a `time.perf_counter` value) are skipped and listed."""
     torch._dynamo.reset()
     qvg_compile.reset_stats()
     cfg: sf.SelfForcingConfig = model.config
@@ -226,7 +228,11 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
     log(f"[{name}] compile + first 3 chunks: {warmup_s:.1f} s (capacity {capacity} frames)")
     rows: list[Row] = []
     outputs: dict[int, torch.Tensor] = {}
+    skipped = []
     for context in contexts:
+        if time.perf_counter() > deadline:
+            skipped.append(context)
+            continue
         t_prefill = time.perf_counter()
         while video.frames < context:
             video.clean_pass()
@@ -256,7 +262,7 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     types = sorted({type(layer[k]).__name__ for layer in video.kv for k in ("k", "v")})
     result = {"backend": name, "warmup_s": warmup_s, "conversion_peak_bytes": conversion_peak,
-              "cache_types": types, "dynamo_unique_graphs": graphs,
+              "cache_types": types, "dynamo_unique_graphs": graphs, "skipped_contexts": skipped,
               "rows": [dataclasses.asdict(r) for r in rows]}
     del video, fn
     torch._dynamo.reset()
@@ -347,6 +353,53 @@ def max_frames_in_budget(kind: str, cfg: sf.SelfForcingConfig, budget: float, re
             "hit_limit": lo >= limit_frames, "probes": probes}
 
 
+# ---------------------------------------------------------------------------------- LongCat
+
+
+def run_longcat(layers: int, chunks: int, config: str, device: torch.device, seed: int, clock: Clock,
+                qvg: qvg_compile.QVGBackend, log: Callable[[str], None], deadline: float) -> dict[str, Any]:
+    """The LongCat-style model (functional cache, idioms D/E: each chunk re-encodes the history
+    and the denoising forwards ``cat`` it in front of their own K/V) with ``layers`` layers:
+    seconds per chunk (cache pass + 4 CFG forwards) and the cache's bytes, BF16 against QVG.
+    The last chunk is reported (history ``(chunks - 1) * 4`` frames); earlier ones compile."""
+    from examples.models import longcat as lc
+    cfg = lc.real_config(num_layers=layers) if config == "real" else lc.tiny_config(num_layers=layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = lc.LongCatModel(cfg)
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    out: dict[str, Any] = {"layers": layers, "history_frames": (chunks - 1) * cfg.chunk_frames, "runs": []}
+    for name, compile_fn in (("bf16", lambda m: torch.compile(m)), ("qvg", lambda m: torch.compile(m, backend=qvg))):
+        if time.perf_counter() > deadline:
+            log(f"[longcat] {name} skipped: out of time")
+            break
+        torch._dynamo.reset()
+        qvg_compile.reset_stats()
+        fn = compile_fn(model)
+        marks: list[float] = []
+        kv_bytes: list[int] = []
+
+        def on_chunk(index: int, kv: Any) -> None:
+            clock.sync()
+            marks.append(time.perf_counter())
+            kv_bytes.append(0 if kv is None else qvg_compile.memory_report(kv)["held_bytes"])
+
+        t0 = time.perf_counter()
+        lc.generate(fn, chunks, seed, progress=False, on_chunk=on_chunk)
+        times = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+        run = {"backend": name, "chunk_s": times, "s_per_chunk": times[-1], "kv_bytes": kv_bytes[-1],
+               "stats": qvg_compile.stats()}
+        out["runs"].append(run)
+        log(f"[longcat] {name}: chunk times {[round(t, 3) for t in times]} s, last-chunk KV {kv_bytes[-1] / GB:.3f} GB, "
+            f"stats {run['stats']}")
+        del fn
+    del model
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------- output
 
 
@@ -390,7 +443,7 @@ def summary_tables(results: dict[str, Any]) -> str:
             bshares = b.get("shares") or {}
             table.append([b["context"], f"{b['s_per_chunk']:.3f}", f"{q['s_per_chunk']:.3f}",
                           f"{100 * (q['s_per_chunk'] / b['s_per_chunk'] - 1):+.1f}",
-                          f"{b['kv_bytes'] / GB:.2f}", f"{q['kv_bytes'] / GB:.2f}",
+                          f"{b['kv_bytes'] / GB:.3g}", f"{q['kv_bytes'] / GB:.3g}",
                           f"{b['kv_bytes'] / max(1, q['kv_bytes']):.2f}",
                           f"{b['peak_bytes'] / GB:.2f}", f"{q['peak_bytes'] / GB:.2f}",
                           f"{100 * bshares['attention'] / b['s_per_chunk']:.1f}" if bshares else "-", share])
@@ -405,8 +458,15 @@ def summary_tables(results: dict[str, Any]) -> str:
         lines.append(tabulate(rows, headers=[f"cache (budget {fit['budget_bytes'] / GB:.0f} GB)", "frames that fit",
                                              "activation reserve GB", "hit search limit"], tablefmt="github")
                      + f"\nframes ratio qvg/bf16: {ratio:.2f}")
-    for extra in results.get("extras", []):
-        lines.append(extra)
+    longcat = results.get("longcat")
+    if longcat and len(longcat["runs"]) == 2:
+        b, q = longcat["runs"]
+        lines.append(tabulate([[f"LongCat-style, {longcat['layers']} layers", longcat["history_frames"],
+                                f"{b['s_per_chunk']:.3f}", f"{q['s_per_chunk']:.3f}",
+                                f"{100 * (q['s_per_chunk'] / b['s_per_chunk'] - 1):+.1f}",
+                                f"{b['kv_bytes'] / GB:.3f}", f"{q['kv_bytes'] / GB:.3f}", q["stats"]["fallback_total"]]],
+                              headers=["model", "history frames", "bf16 s/chunk", "qvg s/chunk", "overhead %",
+                                       "KV GB bf16", "KV GB qvg", "qvg fallbacks"], tablefmt="github"))
     return "\n\n".join(lines)
 
 
@@ -439,7 +499,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget-gb", type=float, default=60.0)
     parser.add_argument("--fit-limit", type=int, default=3000, help="largest capacity tried, in frames")
     parser.add_argument("--time-limit", type=float, default=330.0,
-                        help="seconds after which the optional phases (memory fit) are skipped")
+                        help="seconds after which the optional phases (memory fit, LongCat) are skipped")
+    parser.add_argument("--backend-time-limit", type=float, default=150.0,
+                        help="seconds per backend after which its remaining contexts are skipped")
+    parser.add_argument("--longcat-layers", type=int, default=4, help="0: no LongCat-style run")
+    parser.add_argument("--longcat-chunks", type=int, default=5)
+    parser.add_argument("--longcat-min-time", type=float, default=120.0,
+                        help="start the LongCat run only with this many seconds left before --time-limit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)
@@ -466,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": name, "torch": torch.__version__, "model": f"{args.config} ({cfg.num_layers} layers, "
         f"{cfg.num_heads}x{cfg.head_dim}, {cfg.frame_tokens} tokens/frame)",
-        "config": dataclasses.asdict(cfg), "weight_bytes": weight_bytes, "runs": [], "extras": []}
+        "config": dataclasses.asdict(cfg), "weight_bytes": weight_bytes, "runs": []}
     log(f"{results['model']} on {name}, torch {torch.__version__}, weights {weight_bytes / GB:.2f} GB")
     qvg = qvg_compile.backend()
     results["qvg_config"] = dataclasses.asdict(qvg.config)
@@ -475,19 +541,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     profile_at = args.profile_at if args.profile_at in contexts else None
     outputs = {}
     for backend_name, compile_fn in compilers.items():
+        deadline = time.perf_counter() + args.backend_time_limit
         run, outputs[backend_name] = run_backend(backend_name, model, compile_fn, contexts, args.timed_chunks,
-                                                 profile_at, args.seed, clock, out, log)
+                                                 profile_at, args.seed, clock, out, log, deadline)
         results["runs"].append(run)
         (out / "end_to_end.json").write_text(json.dumps(results, indent=1, default=str))
     results["qvg_report"] = qvg.report.summary() if hasattr(qvg.report, "summary") else str(qvg.report)
-    for context in contexts:
+    for context in set(outputs["bf16"]) & set(outputs["qvg"]):
         a, b = outputs["bf16"][context], outputs["qvg"][context]
         results.setdefault("output_rel_diff", {})[context] = float((a - b).norm() / a.norm())
     runs = {r["backend"]: r for r in results["runs"]}
     if time.perf_counter() - started < args.time_limit:
         fit = []
         for kind in ("bf16", "qvg"):
-            reserve = max(r["activation_bytes"] for r in runs[kind]["rows"])
+            reserve = max((r["activation_bytes"] for r in runs[kind]["rows"]), default=0)
             fit.append(max_frames_in_budget(kind, cfg, args.budget_gb * GB, reserve, device, torch.bfloat16, qvg,
                                             args.fit_limit, weight_bytes))
             log(f"[fit] {kind}: {fit[-1]['frames']} frames in {args.budget_gb} GB "
@@ -495,6 +562,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["fit"] = {"budget_bytes": args.budget_gb * GB, "results": fit}
     else:
         log(f"[fit] skipped: {time.perf_counter() - started:.0f} s > --time-limit {args.time_limit}")
+    left = args.time_limit - (time.perf_counter() - started)
+    if args.longcat_layers and left > args.longcat_min_time:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["longcat"] = run_longcat(args.longcat_layers, args.longcat_chunks, args.config, device, args.seed,
+                                         clock, qvg_compile.backend(), log, started + args.time_limit)
+        (out / "end_to_end.json").write_text(json.dumps(results, indent=1, default=str))
+    elif args.longcat_layers:
+        log(f"[longcat] skipped: {left:.0f} s left, --longcat-min-time {args.longcat_min_time}")
     results["elapsed_s"] = time.perf_counter() - started
     (out / "end_to_end.json").write_text(json.dumps(results, indent=1, default=str))
     if plot(results, out / "end_to_end.png"):
