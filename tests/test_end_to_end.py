@@ -63,7 +63,8 @@ def fresh_dynamo():
 
 def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "1",
-                        "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--out", str(tmp_path)])
+                        "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--longcat-layers", "0",
+                        "--out", str(tmp_path)])
     runs = {r["backend"]: r for r in results["runs"]}
     assert runs["bf16"]["cache_types"] == ["Tensor"] and runs["qvg"]["cache_types"] == ["QVGCache"]
     bf16, qvg = runs["bf16"]["rows"][0], runs["qvg"]["rows"][0]
