@@ -9,6 +9,6 @@ Public entry points:
 
 from .attention import qvg_attention, reference_attention
 from .decode import dequantize_segment, dequantize_store
+from .encode import encode_qvg
 
-
-__all__ = ["qvg_attention", "reference_attention", "dequantize_store", "dequantize_segment"]
+__all__ = ["qvg_attention", "reference_attention", "dequantize_store", "dequantize_segment", "encode_qvg"]
