@@ -175,6 +175,19 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     err_fast = rel(seg.dequantize(), xf)
     err_ref = rel(ref.dequantize(), xf)
     agree = float((seg.assignments == ref.assignments).float().mean())
+    # Same centroids and assignments as the reference -> the fused quantizer must be bit-exact.
+    from qvg_compile.kernels._triton_encode import quantize
+    from qvg_compile.quant.group import group_quantize
+    from qvg_compile.quant.segment import gather_centroids
+
+    g = b * h
+    codes, scales, _, _ = quantize(x, ref.centroids.view(1, g, 256, d), ref.assignments.view(1, g, n), 2, 64,
+                                   cfg.code_mode, cfg.torch_scale_dtype)
+    resid = x.view(g, n, d).float() - gather_centroids(ref.centroids.view(g, 256, d), ref.assignments.view(g, n))
+    gq = group_quantize(resid, 2, 64, cfg.code_mode, cfg.torch_scale_dtype)
+    exact = float((codes == gq.codes).float().mean()) * float(
+        (scales.view(torch.uint8) == gq.scales.view(torch.uint8)).float().mean())
+    del resid, gq, codes, scales
     t = bench(lambda: (encode_fast(x, cfg, -2, "key", init_x), encode_fast(y, cfg, -2, "value", init_y)))
     tr = bench(lambda: (encode_ref(x, cfg, -2, "key", init_x), encode_ref(y, cfg, -2, "value", init_y)), reps=20)
     c = 256
@@ -183,7 +196,7 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     floor = max(fl / flops, byts / bw) * 1e3
     log(out_dir, dict(kernel=f"encode K+V ({iters} it)", shape=str(list(shape)), ms=t, torch_ref_ms=tr,
                       floor_ms=floor, pct_of_floor=100 * floor / t, rel_err=err_fast, ref_rel_err=err_ref,
-                      assign_agree=agree))
+                      assign_agree=agree, quantize_bit_exact=exact))
 
 
 def main() -> None:
@@ -212,9 +225,11 @@ def main() -> None:
                             fused_cfgs=[None, (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3)])
         else:
             for keys in (32760, 93600, 280800):
-                bench_attention(a.out, keys, bw, flops, ["fused", "streamed"], check=keys <= 93600)
+                impls = ["streamed", "streamed::q", "streamed:16384"] + (["fused"] if keys == 93600 else [])
+                bench_attention(a.out, keys, bw, flops, impls,
+                                fused_cfgs=[None, (128, 32, 4, 1), (64, 32, 4, 1)])
     cols = ["kernel", "shape", "ms", "vs_sdpa", "torch_ref_ms", "floor_ms", "pct_of_floor", "tflops", "rel_err",
-            "extra_mem_pct", "assign_agree"]
+            "extra_mem_pct", "assign_agree", "quantize_bit_exact"]
     table = [[r.get(c, "") for c in cols] for r in ROWS if r["kernel"] != "ceilings"]
     print(f"\nceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     print(tabulate(table, headers=cols, floatfmt=".4g"))
