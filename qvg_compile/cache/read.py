@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import stats
-from ._reference_read import reference_attention as attention_impl
+from ..kernels.attention import qvg_attention as attention_impl
 from .store import Store, runs_of
 from .view import Lead
 
