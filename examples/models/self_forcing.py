@@ -1,0 +1,474 @@
+"""Self-Forcing / CausVid style AR video model: a causal Wan 2.1 DiT with a pipeline-owned KV cache.
+
+How the family keeps its cache, and what this file reproduces (DESIGN.md §5 ids):
+
+* **A** - the pipeline allocates, per layer, ``{"k": [B, S, H, D], "v": [B, S, H, D],
+  "global_end_index": tensor([0]), "local_end_index": tensor([0])}`` and passes the list into
+  every forward. The self-attention writes the current chunk by slice assignment
+  ``kv_cache["k"][:, local_start:local_end] = roped_k`` and reads the prefix back from the same
+  buffer, ``kv_cache["k"][:, max(0, local_end - max_attention_size):local_end]``, then SDPA on
+  ``[B, H, N, D]``. K is stored *after* RoPE (Wan's complex fp64 3D RoPE), so the cache holds
+  position-bearing keys.
+* **B** - with ``local_attn_size != -1`` the buffer is a rolling window of ``local_attn_size``
+  frames whose first ``sink_size`` frames are never evicted: on overflow the kept tail is shifted
+  left with ``buf[:, sink:sink+r] = buf[:, sink+ev:sink+ev+r].clone()`` and the chunk is written at
+  the end.
+* **G** - the write position comes from ``.item()`` on the index tensors and is committed with
+  ``fill_``: a graph break, so under ``torch.compile`` the write and the read of one layer can
+  land in different graphs.
+* The cross-attention caches the text K/V once per video in ``{"k", "v", "is_init"}`` (the
+  tensors are replaced on first use, ``is_init`` flips to ``True``).
+
+Only the last write to a slot lasts: each chunk of 3 latent frames is denoised in 4 forwards
+(timesteps 1000/750/500/250, x0 prediction then re-noising) that all write the same slot, then one
+clean forward at t=0 rewrites it with the K/V the next chunks will read.
+
+Real dimensions (``real_config``): Wan 2.1 1.3B - 30 layers, dim 1536, 12 heads x 128, FFN 8960,
+text 512 tokens x 4096 (umT5), latents ``[B, 16, F, 60, 104]`` -> 1,560 tokens per latent frame.
+Weights are random; the model is a faithful cache workload, not a video generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .common import (
+    GeluFFN,
+    PatchEmbed3d,
+    RMSNorm,
+    TimestepEmbedding,
+    apply_rope_complex,
+    check_int,
+    check_rope_axes,
+    check_tensor,
+    gate,
+    modulate,
+    model_device_dtype,
+    new_generator,
+    randn,
+    rope_angles_3d,
+    rope_complex,
+    shifted_sigma,
+    timesteps_for,
+    unpatchify,
+    wan_rope_axes,
+)
+
+KVCache = list[dict[str, torch.Tensor]]
+"""Self-attention cache: one dict per layer, ``k``/``v`` ``[B, S, H, D]`` in the model dtype,
+``global_end_index``/``local_end_index`` ``[1]`` int64 (tokens)."""
+
+CrossAttnCache = list[dict[str, torch.Tensor | bool]]
+"""Cross-attention cache: one dict per layer, ``k``/``v`` ``[B, L, H, D]``, ``is_init`` bool."""
+
+
+@dataclass(frozen=True)
+class SelfForcingConfig:
+    """Architecture and sample geometry. ``local_attn_size``/``sink_size`` are in latent frames;
+    ``local_attn_size=-1`` means global attention over a cache sized by ``generate(max_frames=)``."""
+
+    num_layers: int
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    text_dim: int
+    text_len: int
+    latent_height: int
+    latent_width: int
+    in_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    chunk_frames: int = 3
+    local_attn_size: int = -1
+    sink_size: int = 0
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "dim", "num_heads", "ffn_dim", "text_dim", "text_len",
+                     "latent_height", "latent_width", "in_channels", "freq_dim", "chunk_frames"):
+            check_int(name, getattr(self, name))
+        check_int("sink_size", self.sink_size, minimum=0)
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
+        if self.patch_size[0] != 1:
+            raise ValueError("the causal cache is per latent frame: patch_size[0] must be 1")
+        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
+            raise ValueError("latent height/width must be multiples of the patch size")
+        if self.local_attn_size != -1:
+            # The rolled part must stay non-negative after evicting to fit a whole new chunk.
+            if self.local_attn_size < self.sink_size + self.chunk_frames:
+                raise ValueError(
+                    f"local_attn_size={self.local_attn_size} must be -1 or >= sink_size + "
+                    f"chunk_frames = {self.sink_size + self.chunk_frames}"
+                )
+        elif self.sink_size:
+            raise ValueError("sink_size only applies to a rolling window (local_attn_size != -1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per latent frame after patchify (1,560 for the real config)."""
+        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+
+
+def tiny_config(**overrides: object) -> SelfForcingConfig:
+    """A 2-layer model, 2 heads x 64, on ``[B, 16, F, 4, 4]`` latents (4 tokens per frame): seconds on CPU."""
+    cfg = SelfForcingConfig(
+        num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=24, text_len=8,
+        latent_height=4, latent_width=4, freq_dim=32,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def real_config(**overrides: object) -> SelfForcingConfig:
+    """Wan 2.1 1.3B at 480x832 (latents 60x104, 1,560 tokens per latent frame)."""
+    cfg = SelfForcingConfig(
+        num_layers=30, dim=1536, num_heads=12, ffn_dim=8960, text_dim=4096, text_len=512,
+        latent_height=60, latent_width=104,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+class CausalSelfAttention(nn.Module):
+    """Self-attention of one block, reading and writing the pipeline's KV cache (idioms A, B, G)."""
+
+    def __init__(self, cfg: SelfForcingConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.local_attn_size = cfg.local_attn_size
+        self.sink_size = cfg.sink_size
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        kv_cache: dict[str, torch.Tensor],
+        current_start: int,
+        frame_tokens: int,
+    ) -> torch.Tensor:
+        """``x [B, N, dim]``, ``freqs [N, D/2]`` complex128 (RoPE of this chunk's absolute
+        positions); writes tokens ``[current_start, current_start + N)`` of the video into
+        ``kv_cache`` and attends to the cached prefix. Returns ``[B, N, dim]``."""
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
+        k = self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim)
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim)
+        roped_q = apply_rope_complex(q, freqs)
+        roped_k = apply_rope_complex(k, freqs)
+
+        capacity = kv_cache["k"].shape[1]
+        current_end = current_start + n
+        global_end = kv_cache["global_end_index"].item()
+        local_end_prev = kv_cache["local_end_index"].item()
+        # A forward on a new chunk advances the global end; re-denoising the same chunk does not,
+        # so it lands on the same slot and overwrites it.
+        advance = current_end - global_end
+        sink = self.sink_size * frame_tokens
+        if self.local_attn_size != -1 and advance > 0 and local_end_prev + n > capacity:
+            evicted = local_end_prev + n - capacity
+            kept = local_end_prev - evicted - sink
+            # clone(): source and destination overlap whenever kept > evicted.
+            kv_cache["k"][:, sink:sink + kept] = kv_cache["k"][:, sink + evicted:sink + evicted + kept].clone()
+            kv_cache["v"][:, sink:sink + kept] = kv_cache["v"][:, sink + evicted:sink + evicted + kept].clone()
+            local_end = local_end_prev + advance - evicted
+        else:
+            local_end = local_end_prev + advance
+        local_start = local_end - n
+        if local_start < 0 or local_end > capacity:
+            raise ValueError(
+                f"KV cache of {capacity} tokens cannot hold tokens [{local_start}, {local_end}): "
+                "allocate more frames (generate(max_frames=...)) or use a rolling window"
+            )
+        kv_cache["k"][:, local_start:local_end] = roped_k
+        kv_cache["v"][:, local_start:local_end] = v
+
+        max_attention_size = capacity if self.local_attn_size == -1 else self.local_attn_size * frame_tokens
+        lo = max(0, local_end - max_attention_size)
+        out = F.scaled_dot_product_attention(
+            roped_q.transpose(1, 2),
+            kv_cache["k"][:, lo:local_end].transpose(1, 2),
+            kv_cache["v"][:, lo:local_end].transpose(1, 2),
+        )
+        kv_cache["global_end_index"].fill_(current_end)
+        kv_cache["local_end_index"].fill_(local_end)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class CachedCrossAttention(nn.Module):
+    """Cross-attention to the text tokens, whose K/V are computed once per video and cached."""
+
+    def __init__(self, cfg: SelfForcingConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, crossattn_cache: dict) -> torch.Tensor:
+        """``x [B, N, dim]``, ``context [B, L, dim]`` (embedded text) -> ``[B, N, dim]``."""
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
+        if not crossattn_cache["is_init"]:
+            crossattn_cache["k"] = self.norm_k(self.k(context)).view(b, -1, self.num_heads, self.head_dim)
+            crossattn_cache["v"] = self.v(context).view(b, -1, self.num_heads, self.head_dim)
+            crossattn_cache["is_init"] = True
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), crossattn_cache["k"].transpose(1, 2), crossattn_cache["v"].transpose(1, 2)
+        )
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class CausalWanBlock(nn.Module):
+    """Wan block: AdaLN-modulated self-attention, cross-attention to text, AdaLN-modulated FFN."""
+
+    def __init__(self, cfg: SelfForcingConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = CausalSelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.cross_attn = CachedCrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        freqs: torch.Tensor,
+        kv_cache: dict[str, torch.Tensor],
+        crossattn_cache: dict,
+        current_start: int,
+        frame_tokens: int,
+    ) -> torch.Tensor:
+        """``x [B, N, dim]``, ``e [B, F, 6, dim]`` per-frame modulation -> ``[B, N, dim]``."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), freqs, kv_cache, current_start, frame_tokens)
+        x = x + gate(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
+        return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+
+
+class SelfForcingModel(nn.Module):
+    """Causal Wan 2.1 DiT predicting the flow ``noise - x0`` for one chunk of latent frames."""
+
+    def __init__(self, config: SelfForcingConfig) -> None:
+        super().__init__()
+        if not isinstance(config, SelfForcingConfig):
+            raise TypeError(f"config must be a SelfForcingConfig, got {type(config).__name__}")
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
+        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(CausalWanBlock(config) for _ in range(config.num_layers))
+        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, config.in_channels * config.patch_size[0] * config.patch_size[1] * config.patch_size[2])
+        self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        kv_cache: KVCache,
+        crossattn_cache: CrossAttnCache,
+        current_start: int,
+    ) -> torch.Tensor:
+        """Denoise one chunk.
+
+        Args:
+            x: noisy latents ``[B, C, F, H, W]`` in the model dtype (F = frames of this chunk).
+            t: timesteps ``[B, F]`` fp32 in [0, 1000], one per latent frame.
+            context: text encoder states ``[B, L, text_dim]`` in the model dtype.
+            kv_cache: per-layer self-attention cache (see :data:`KVCache`), mutated in place.
+            crossattn_cache: per-layer text K/V cache (see :data:`CrossAttnCache`), filled on first use.
+            current_start: index of the chunk's first token in the whole video
+                (``first_frame * frame_tokens``).
+
+        Returns:
+            The predicted flow ``[B, C, F, H, W]`` in the model dtype.
+        """
+        cfg = self.config
+        if len(kv_cache) != cfg.num_layers or len(crossattn_cache) != cfg.num_layers:
+            raise ValueError(f"expected {cfg.num_layers} cache entries per cache, got "
+                             f"{len(kv_cache)} and {len(crossattn_cache)}")
+        tokens, grid = self.patch_embedding(x)
+        f, h, w = grid
+        frame_tokens = h * w
+        if current_start % frame_tokens:
+            raise ValueError(f"current_start={current_start} is not a multiple of {frame_tokens} tokens per frame")
+        start_frame = current_start // frame_tokens
+        frame_pos = torch.arange(start_frame, start_frame + f, device=x.device)
+        freqs = rope_complex(rope_angles_3d(frame_pos, h, w, wan_rope_axes(cfg.head_dim), cfg.rope_theta))
+
+        e = self.time_embedding(t)
+        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
+        ctx = self.text_embedding(context)
+        for block, kv, ca in zip(self.blocks, kv_cache, crossattn_cache):
+            tokens = block(tokens, e0, ctx, freqs, kv, ca, current_start, frame_tokens)
+        shift, scale = (self.head_modulation + e.unsqueeze(2)).unbind(2)
+        out = self.head(modulate(self.head_norm(tokens), shift, scale))
+        return unpatchify(out, grid, cfg.patch_size, cfg.in_channels)
+
+
+def _config_of(model: nn.Module) -> SelfForcingConfig:
+    """The config of a :class:`SelfForcingModel`, also through a ``torch.compile`` wrapper."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(cfg, SelfForcingConfig):
+        raise TypeError("model must be a SelfForcingModel (optionally wrapped by torch.compile)")
+    return cfg
+
+
+def init_kv_cache(model: nn.Module, batch_size: int, max_frames: int | None = None) -> KVCache:
+    """Allocate the self-attention cache as the Self-Forcing pipeline does.
+
+    Capacity is ``local_attn_size`` frames for a rolling window, else ``max_frames`` frames
+    (required then). Buffers are zeros in the model's dtype and device: ``[B, S, H, D]`` with
+    ``S = frames * frame_tokens`` (1,560 per frame for the real config).
+    """
+    cfg = _config_of(model)
+    check_int("batch_size", batch_size)
+    if cfg.local_attn_size != -1:
+        if max_frames is not None:
+            raise ValueError("a rolling-window model's cache holds local_attn_size frames: leave max_frames unset")
+        frames = cfg.local_attn_size
+    else:
+        if max_frames is None:
+            raise ValueError("max_frames is required for a global-attention cache")
+        frames = check_int("max_frames", max_frames)
+    device, dtype = model_device_dtype(model)
+    shape = (batch_size, frames * cfg.frame_tokens, cfg.num_heads, cfg.head_dim)
+    return [
+        {
+            "k": torch.zeros(shape, dtype=dtype, device=device),
+            "v": torch.zeros(shape, dtype=dtype, device=device),
+            "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
+        }
+        for _ in range(cfg.num_layers)
+    ]
+
+
+def init_crossattn_cache(model: nn.Module, batch_size: int) -> CrossAttnCache:
+    """Allocate the text K/V cache ``[B, text_len, H, D]`` per layer, not yet initialised."""
+    cfg = _config_of(model)
+    check_int("batch_size", batch_size)
+    device, dtype = model_device_dtype(model)
+    shape = (batch_size, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    return [
+        {"k": torch.zeros(shape, dtype=dtype, device=device),
+         "v": torch.zeros(shape, dtype=dtype, device=device),
+         "is_init": False}
+        for _ in range(cfg.num_layers)
+    ]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    num_chunks: int,
+    seed: int,
+    *,
+    batch_size: int = 1,
+    max_frames: int | None = None,
+    context: torch.Tensor | None = None,
+    denoising_steps: Sequence[float] = (1000.0, 750.0, 500.0, 250.0),
+    shift: float = 5.0,
+    progress: bool = True,
+    kv_cache: KVCache | None = None,
+    crossattn_cache: CrossAttnCache | None = None,
+    on_chunk: Callable[[int, KVCache], None] | None = None,
+) -> torch.Tensor:
+    """Generate ``num_chunks`` chunks the way Self-Forcing's causal inference pipeline does.
+
+    Per chunk: one forward per denoising step (x0 prediction, then re-noising to the next step's
+    level), then a clean forward at t=0 that rewrites the chunk's cache slot.
+
+    Args:
+        model: a :class:`SelfForcingModel`, eager or ``torch.compile``d.
+        num_chunks: chunks of ``config.chunk_frames`` latent frames to generate.
+        seed: seeds all noise (and the stand-in text embedding when ``context`` is None).
+        batch_size: videos generated together.
+        max_frames: cache capacity in latent frames for global attention (default: the whole
+            video); must be unset for a rolling window, whose capacity is ``local_attn_size``.
+        context: text encoder states ``[B, text_len, text_dim]``; random when None.
+        denoising_steps: timesteps in [0, 1000] of the few-step sampler, before the shift.
+        shift: flow-matching schedule shift.
+        progress: show a tqdm bar over chunks.
+        kv_cache: a cache from :func:`init_kv_cache` to use instead of a fresh one (the pipeline
+            owns it: pass one to inspect it afterwards, or one converted by
+            ``qvg_compile.compress`` to run the eager model on a compressed cache).
+        crossattn_cache: likewise, from :func:`init_crossattn_cache`.
+        on_chunk: called after each chunk's clean pass with ``(chunk_index, kv_cache)``.
+
+    Returns:
+        Latents ``[B, 16, num_chunks * chunk_frames, H, W]`` in the model dtype.
+    """
+    cfg = _config_of(model)
+    check_int("num_chunks", num_chunks)
+    check_int("batch_size", batch_size)
+    steps = [float(s) for s in denoising_steps]
+    if not steps:
+        raise ValueError("denoising_steps must not be empty")
+    sigmas = [shifted_sigma(s, shift) for s in steps]
+    device, dtype = model_device_dtype(model)
+    total_frames = num_chunks * cfg.chunk_frames
+    if cfg.local_attn_size == -1 and max_frames is None:
+        max_frames = total_frames
+    gen = new_generator(device, seed)
+    if context is None:
+        context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
+    check_tensor("context", context, (batch_size, None, cfg.text_dim))
+    context = context.to(device=device, dtype=dtype)
+
+    if kv_cache is None:
+        kv_cache = init_kv_cache(model, batch_size, max_frames)
+    if crossattn_cache is None:
+        crossattn_cache = init_crossattn_cache(model, batch_size)
+    if len(kv_cache) != cfg.num_layers or len(crossattn_cache) != cfg.num_layers:
+        raise ValueError(f"kv_cache and crossattn_cache must hold {cfg.num_layers} layers, got "
+                         f"{len(kv_cache)} and {len(crossattn_cache)}")
+    shape = (batch_size, cfg.in_channels, cfg.chunk_frames, cfg.latent_height, cfg.latent_width)
+    output = torch.zeros(shape[:2] + (total_frames,) + shape[3:], dtype=dtype, device=device)
+    t_shape = (batch_size, cfg.chunk_frames)
+    for chunk in tqdm(range(num_chunks), desc="self_forcing", unit="chunk", disable=not progress):
+        current_start = chunk * cfg.chunk_frames * cfg.frame_tokens
+        noisy = randn(shape, gen, dtype)
+        for i, sigma in enumerate(sigmas):
+            flow = model(noisy, timesteps_for(sigma, t_shape, device), context, kv_cache, crossattn_cache, current_start)
+            x0 = noisy.float() - sigma * flow.float()
+            if i + 1 < len(sigmas):
+                nxt = sigmas[i + 1]
+                noisy = ((1.0 - nxt) * x0 + nxt * randn(shape, gen, torch.float32)).to(dtype)
+        denoised = x0.to(dtype)
+        output[:, :, chunk * cfg.chunk_frames:(chunk + 1) * cfg.chunk_frames] = denoised
+        model(denoised, timesteps_for(0.0, t_shape, device), context, kv_cache, crossattn_cache, current_start)
+        if on_chunk is not None:
+            on_chunk(chunk, kv_cache)
+    return output
