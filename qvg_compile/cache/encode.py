@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..quant.config import QVGConfig
-from ..quant.qvg import encode_qvg
+from ..kernels.encode import encode_qvg
 from ..quant.segment import QVGSegment
 
 
