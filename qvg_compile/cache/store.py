@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
+from ..kernels.decode import dequantize_store
 from ..quant.segment import QVGSegment
 from ..quant.store import PackedStore
 from . import stats
@@ -336,7 +338,9 @@ class Store:
                 x.index_copy_(-2, dense.to(self.device), tail.index_select(-2, v[dense].to(self.device)))
             store = self.packed(p, sel) if runs else None
             for i, first, length in runs:
-                block = store.dequantize(first, first + length, x.dtype)
+                # The decoder writes 16/32-bit floats; float64 caches decode in fp32 and widen.
+                block = dequantize_store(store, first, first + length,
+                                         x.dtype if x.dtype in DECODE_DTYPES else torch.float32)
                 x[..., i:i + length, :] = block.reshape(*x.shape[:-2], length, x.shape[-1])
             out.append(x)
         decoded = int(sealed.sum())
