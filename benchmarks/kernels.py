@@ -149,9 +149,12 @@ def bench_decode(out_dir: str, shape: tuple, bw: float) -> None:
     decode_into(ks, 0, n, ok)
     err = rel(ok, ks.dequantize(0, n, torch.float32))
     t = bench(lambda: (decode_into(ks, 0, n, ok), decode_into(vs, 0, n, ov)))
+    t_gather = bench(lambda: (decode_into(ks, 0, n, ok, False), decode_into(vs, 0, n, ov, False)))
     ref = bench(lambda: (ks.dequantize(0, n, torch.bfloat16), vs.dequantize(0, n, torch.bfloat16)), reps=20)
     byts = 2 * (ok.numel() * 2) + ks.nbytes + vs.nbytes
     floor = byts / bw * 1e3
+    log(out_dir, dict(kernel="decode K+V [per-element scales]", shape=str(list(shape)), ms=t_gather,
+                      floor_ms=floor, pct_of_floor=100 * floor / t_gather))
     log(out_dir, dict(kernel="decode K+V", shape=str(list(shape)), ms=t, torch_ref_ms=ref, floor_ms=floor,
                       pct_of_floor=100 * floor / t, rel_err=err))
 
@@ -227,7 +230,7 @@ def main() -> None:
             for keys in (32760, 93600, 280800):
                 impls = ["streamed", "streamed::q", "streamed:16384"] + (["fused"] if keys == 93600 else [])
                 bench_attention(a.out, keys, bw, flops, impls,
-                                fused_cfgs=[None, (128, 32, 4, 1), (64, 32, 4, 1)])
+                                fused_cfgs=[None, (128, 64, 8, 2, False), (128, 32, 4, 1), (64, 32, 4, 1)])
     cols = ["kernel", "shape", "ms", "vs_sdpa", "torch_ref_ms", "floor_ms", "pct_of_floor", "tflops", "rel_err",
             "extra_mem_pct", "assign_agree", "quantize_bit_exact"]
     table = [[r.get(c, "") for c in cols] for r in ROWS if r["kernel"] != "ceilings"]

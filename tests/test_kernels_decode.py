@@ -40,14 +40,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("changes", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
-def test_triton_decode_matches_reference(changes, out_dtype):
+@pytest.mark.parametrize("out_dtype,grouped", [(torch.float32, True), (torch.float16, True), (torch.float32, False)])
+def test_triton_decode_matches_reference(changes, out_dtype, grouped):
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16").replace(**changes)
     store = make_store(1, cfg=cfg)
     lo, hi = 5, 60  # crosses the segment boundary, not a multiple of the block
     ref = store.dequantize(lo, hi, out_dtype)
     out = torch.full((1, 2, hi - lo, 32), float("nan"), dtype=out_dtype)
-    decode_into(store, lo, hi, out)
+    decode_into(store, lo, hi, out, grouped)
     assert torch.equal(out, ref)
 
 

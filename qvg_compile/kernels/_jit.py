@@ -76,7 +76,7 @@ def decode_tile(
     seg_ids,
     offs_n, n_mask, offs_d,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr,
-    SCALE_FP8: tl.constexpr,
+    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr = False,
 ):
     """Decode tokens ``offs_n`` (``[BN]``) of one (batch, head) of a `PackedStore` -> fp32 ``[BN, D]``.
 
@@ -87,15 +87,28 @@ def decode_tile(
     m2 = n_mask[:, None]
     byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
     q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-    g = (offs_d // GROUP)[None, :]
-    s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
+    BN: tl.constexpr = offs_n.shape[0]
+    D: tl.constexpr = offs_d.shape[0]
+    NG: tl.constexpr = D // GROUP
+    if GROUPED:
+        # One scale load and decode per group, broadcast over the group's channels.
+        g = tl.arange(0, NG)[None, :]
+        s = tl.reshape(load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8), (BN, NG, 1))
+        q = tl.reshape(q, (BN, NG, GROUP))
+    else:
+        g = (offs_d // GROUP)[None, :]
+        s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
     if MODE == 0:
         x = (q - ((1 << (BITS - 1)) - 1)) * s
     elif MODE == 1:
         x = (q - ((1 << (BITS - 1)) - 0.5)) * s
     else:
         z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
+        if GROUPED:
+            z = tl.reshape(z, (BN, NG, 1))
         x = q * s + z
+    if GROUPED:
+        x = tl.reshape(x, (BN, D))
     if STAGES > 0:
         seg = tl.load(seg_ids + offs_n, mask=n_mask, other=0).to(tl.int64)
         base = cents + seg * s_xk

@@ -27,7 +27,7 @@ from ._jit import MODE_IDS, decode_tile
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, grouped scales]) by head dim.
 FUSED_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (128, 64, 4, 2), 128: (128, 64, 8, 2),
                  256: (64, 32, 8, 2)}
 
@@ -71,6 +71,7 @@ def _attn_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
     K_STAGES: tl.constexpr, V_STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, MASK_KIND: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -104,12 +105,12 @@ def _attn_kernel(
             n_mask = offs_n < end
             k = decode_tile(kc, s_kcn, s_kcd, ks, s_ksn, s_ksg, kz, s_kzn, s_kzg, ka, s_kas, s_kan,
                             kx, s_kxk, s_kxs, s_kxc, s_kxd, kseg, offs_n, n_mask, offs_d,
-                            K_BITS, GROUP, MODE, K_STAGES, SCALE_FP8)
+                            K_BITS, GROUP, MODE, K_STAGES, SCALE_FP8, GROUPED)
             s = tl.dot(qt, tl.trans(k.to(qt.dtype))) * qk_scale
             s = tl.where(n_mask[None, :], s, float("-inf"))
             v = decode_tile(vc, s_vcn, s_vcd, vs, s_vsn, s_vsg, vz, s_vzn, s_vzg, va, s_vas, s_van,
                             vx, s_vxk, s_vxs, s_vxc, s_vxd, vseg, offs_n, n_mask, offs_d,
-                            V_BITS, GROUP, MODE, V_STAGES, SCALE_FP8)
+                            V_BITS, GROUP, MODE, V_STAGES, SCALE_FP8, GROUPED)
             m_i, l_i, acc = _online_step(s, v.to(qt.dtype), m_i, l_i, acc)
 
     tk += b * s_tkb + hk * s_tkh
@@ -140,12 +141,13 @@ def _attn_kernel(
 
 def attend_fused(q: torch.Tensor, k_store: PackedStore, v_store: PackedStore, ranges: list[tuple[int, int]],
                  tail_k: torch.Tensor, tail_v: torch.Tensor, tail_mask: Optional[torch.Tensor], scale: float,
-                 config: Optional[tuple[int, int, int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention (inputs validated by the caller): out ``[B, Hq, M, D]`` contiguous in q's
     dtype and fp32 lse ``[B, Hq, M]``."""
     b, hq, m, d = q.shape
     hkv = k_store.codes.shape[1]
-    block_m, block_n, warps, stages = config or FUSED_CONFIGS[d]
+    block_m, block_n, warps, stages, *rest = config or FUSED_CONFIGS[d]
+    grouped = bool(rest[0]) if rest else True
     out = torch.empty(b, hq, m, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, m, dtype=torch.float32, device=q.device)
     flat = [int(x) for r in ranges for x in r if r[1] > r[0]]
@@ -169,7 +171,7 @@ def attend_fused(q: torch.Tensor, k_store: PackedStore, v_store: PackedStore, ra
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, K_BITS=k_store.bits, V_BITS=v_store.bits,
         GROUP=k_store.group_size, MODE=MODE_IDS[k_store.code_mode], K_STAGES=k_store.stages,
         V_STAGES=v_store.stages, SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, MASK_KIND=mask_kind,
-        num_warps=warps, num_stages=stages,
+        GROUPED=grouped, num_warps=warps, num_stages=stages,
     )
     return out, lse
 

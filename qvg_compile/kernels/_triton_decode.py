@@ -11,6 +11,8 @@ from ._common import kernel_store_args
 from ._jit import MODE_IDS, decode_tile
 
 BLOCK_TOKENS = 64
+# Decode one scale per group and broadcast it (True), or gather a scale per element (False).
+GROUPED = True
 
 
 @triton.jit
@@ -24,7 +26,7 @@ def _decode_kernel(
     out, s_ob, s_oh, s_on, s_od,
     start, n, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr,
+    MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -40,13 +42,13 @@ def _decode_kernel(
         assign + b * s_ab + h * s_ah, s_as, s_an,
         cents + b * s_xb + h * s_xh, s_xk, s_xs, s_xc, s_xd,
         seg_ids, start + offs, mask, offs_d,
-        BITS, GROUP, MODE, STAGES, SCALE_FP8,
+        BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED,
     )
     ptrs = out + b * s_ob + h * s_oh + offs[:, None].to(tl.int64) * s_on + offs_d[None, :] * s_od
     tl.store(ptrs, x.to(out.dtype.element_ty), mask=mask[:, None])
 
 
-def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor, grouped: bool = GROUPED) -> torch.Tensor:
     """Decode tokens ``[start, end)`` of ``store`` into ``out`` ``[B, H, end - start, D]`` (any strides)."""
     b, h, _, d = store.codes.shape[0], store.codes.shape[1], store.capacity, store.head_dim
     n = end - start
@@ -57,7 +59,7 @@ def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor) -> 
         *kernel_store_args(store), out, *out.stride(), start, n, h,
         D=d, BLOCK_N=BLOCK_TOKENS, BITS=store.bits, GROUP=store.group_size,
         MODE=MODE_IDS[store.code_mode], STAGES=store.stages,
-        SCALE_FP8=store.scales.dtype == torch.float8_e4m3fn,
+        SCALE_FP8=store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped,
         num_warps=4,
     )
     return out
