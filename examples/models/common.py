@@ -265,26 +265,3 @@ def sigma_schedule(num_steps: int, shift: float) -> list[float]:
 def timesteps_for(sigma: float, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """A ``[B, F]`` fp32 tensor of the model timestep (``1000 * sigma``) for every frame."""
     return torch.full(tuple(shape), 1000.0 * sigma, device=device, dtype=torch.float32)
-
-
-def cache_nbytes(obj: object) -> int:
-    """Bytes held by every tensor reachable through dicts, lists, tuples and attributes."""
-    seen: set[int] = set()
-
-    def walk(o: object) -> int:
-        if isinstance(o, torch.Tensor):
-            key = o.untyped_storage().data_ptr() if o.numel() else id(o)
-            if key in seen:
-                return 0
-            seen.add(key)
-            return o.untyped_storage().nbytes()
-        if isinstance(o, dict):
-            return sum(walk(v) for v in o.values())
-        if isinstance(o, (list, tuple)):
-            return sum(walk(v) for v in o)
-        if hasattr(o, "__dict__"):
-            return sum(walk(v) for v in vars(o).values())
-        return 0
-
-    return walk(obj)
-

@@ -1,0 +1,117 @@
+"""HY-WorldPlay reference model (examples/models/worldplay.py): eager shapes and determinism for
+both positional layouts, and the QVG backend on it: every layer's K and V cache (returned by the
+cache pass, appended by the pipeline, concatenated after the text K/V at read) is found and moved
+into QVGCache. Two known backend/cache gaps are strict xfails (see their reasons)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qvg_compile
+from qvg_compile import QVGCache, QVGConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.models import worldplay as wp  # noqa: E402
+
+CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
+TOL = 1e-5
+TEXT_KV_REASON = ("backend bug: passes/sites.py treats every cat part before the last as history "
+                  "(idiom D), so the per-layer text K/V constant concatenated in front "
+                  "(L['text_kv'][i][j]) is reported as a cache and quantized")
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return wp.WorldPlayModel(wp.tiny_config(**overrides)).eval()
+
+
+def compress(kv):
+    return qvg_compile.compress(kv, CFG, seq_dim=2)
+
+
+@pytest.fixture(scope="module")
+def compiled_run():
+    torch._dynamo.reset()
+    m = make()
+    expected = wp.generate(m, 3, seed=1, progress=False, cache_hook=compress)
+    qvg = qvg_compile.backend(CFG)
+    caches = {}
+    got = wp.generate(torch.compile(m, backend=qvg), 3, seed=1, progress=False,
+                      on_chunk=lambda i, kv: caches.__setitem__(i, kv))
+    torch._dynamo.reset()
+    return got, expected, caches, qvg.report
+
+
+@pytest.mark.parametrize("layout", ["batch", "head_dim"])
+def test_eager_shapes_determinism_and_cache_layout(layout):
+    m = make(pos_layout=layout)
+    cfg = m.config
+    caches = {}
+    a = wp.generate(m, 3, seed=3, progress=False, on_chunk=lambda i, kv: caches.__setitem__(i, kv))
+    assert a.shape == (1, 16, 6, cfg.latent_height, cfg.latent_width) and torch.isfinite(a).all()
+    assert torch.equal(a, wp.generate(m, 3, seed=3, progress=False))
+    assert not torch.allclose(a, wp.generate(m, 3, seed=4, progress=False))
+    n = 6 * cfg.frame_tokens
+    k_shape = (2, 2, n, 64) if layout == "batch" else (1, 2, n, 128)
+    assert all(tuple(layer["k"].shape) == k_shape and tuple(layer["v"].shape) == (1, 2, n, 64)
+               for layer in caches[2])
+    # The two variants differ (the camera path is not the frame index).
+    k = caches[2][0]["k"]
+    first, second = (k[0], k[1]) if layout == "batch" else (k[..., :64], k[..., 64:])
+    assert (first - second).abs().max() > 1e-3
+    bounded = make(pos_layout=layout, memory_frames=3)
+    kept = {}
+    wp.generate(bounded, 3, seed=3, progress=False, on_chunk=lambda i, kv: kept.__setitem__(i, kv))
+    assert kept[2][0]["v"].shape[2] == 3 * cfg.frame_tokens
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="pos_layout"):
+        wp.tiny_config(pos_layout="channels")
+    with pytest.raises(ValueError, match="poses"):
+        wp.generate(make(), 1, seed=0, poses=torch.zeros(3, 3), progress=False)
+
+
+def test_backend_finds_and_moves_every_self_attention_cache(compiled_run):
+    _, _, caches, report = compiled_run
+    assert all(isinstance(layer[name], QVGCache) for i in (1, 2) for layer in caches[i] for name in ("k", "v"))
+    sources = {s.source: s for s in report.sites}
+    for i in range(2):
+        for name, role in (("k", "key"), ("v", "value")):
+            site = sources[f"L['kv_cache'][{i}]['{name}']"]
+            assert site.roles == [role] and site.seq_dim == 2 and "D" in site.idioms
+
+
+@pytest.mark.xfail(strict=True, reason=TEXT_KV_REASON)
+def test_backend_leaves_the_text_kv_alone(compiled_run):
+    _, _, _, report = compiled_run
+    assert not [s.source for s in report.sites if s.source.startswith("L['text_kv']")]
+
+
+@pytest.mark.xfail(strict=True, reason=TEXT_KV_REASON + "; the compiled run then differs from eager")
+def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
+    got, expected, _, _ = compiled_run
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.xfail(strict=True, reason="cache gap: torch.cat([QVGCache, dense], seq) keeps the appended "
+                                       "tokens as dense pieces that are never sealed, so a cache grown "
+                                       "by the pipeline stays ~BF16 (1.0x at 16 chunks)")
+def test_steady_state_kv_bytes_are_6_5x_below_bf16():
+    # Same knobs as the LongCat test (read-only history, toy-length codebook amortisation).
+    policy = {"codebook_bits": 0.125, "spare_segments": 0}
+    held, bf16 = [], []
+    for n in (4, 8):
+        torch.manual_seed(0)
+        m = wp.WorldPlayModel(wp.tiny_config(num_layers=1, dim=1024, num_heads=8, latent_height=4,
+                                             latent_width=4, num_steps=1)).to(torch.bfloat16).eval()
+        last = {}
+        wp.generate(m, n, seed=1, progress=False,
+                    cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2, **policy),
+                    on_chunk=lambda i, kv: last.__setitem__(0, kv))
+        caches = [layer[name] for layer in last[0] for name in ("k", "v")]
+        held.append(sum(c.nbytes() for c in caches))
+        bf16.append(sum(c.numel() * 2 for c in caches))
+    assert (bf16[1] - bf16[0]) / (held[1] - held[0]) >= 6.5
