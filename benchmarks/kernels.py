@@ -202,6 +202,31 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
                       assign_agree=agree, quantize_bit_exact=exact))
 
 
+def bench_encode_parts(out_dir: str, shape: tuple) -> None:
+    """Where the encode time goes (one tensor, bf16): each kernel alone, and block-size variants."""
+    from qvg_compile.kernels import _triton_encode as tk
+
+    b, h, n, d = shape
+    x = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    g = b * h
+    c = x[:, :, :256].reshape(g, 256, d).float()
+    a = tk.assign(x, c)
+    cents = c.to(torch.bfloat16).unsqueeze(0)
+    parts = {
+        "assign[bn128,w8]": lambda: tk.assign(x, c),
+        "assign[bn64,w4]": lambda: tk.assign(x, c, 64, 4),
+        "assign[bn128,w4]": lambda: tk.assign(x, c, 128, 4),
+        "update": lambda: tk.update(x, a, c),
+        "quantize[bn32,w4]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full", torch.float8_e4m3fn),
+        "quantize[bn64,w4]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full",
+                                                 torch.float8_e4m3fn, 64, 4),
+        "quantize[bn16,w2]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full",
+                                                 torch.float8_e4m3fn, 16, 2),
+    }
+    for name, fn in parts.items():
+        log(out_dir, dict(kernel=f"encode part {name}", shape=str(list(shape)), ms=bench(fn)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -222,6 +247,11 @@ def main() -> None:
         shapes = [(1, 12, 37440, 128)] if a.smoke else [(1, 12, 37440, 128), (1, 32, 29640, 128)]
         for s in shapes:
             bench_encode(a.out, s, bw, flops)
+    if "encode_parts" in parts:
+        bench_encode_parts(a.out, (1, 12, 37440, 128))
+    if "stream_blocks" in parts:
+        for keys in (32760, 93600):
+            bench_attention(a.out, keys, bw, flops, ["streamed:4096", "streamed:8192", "fused"], check=False)
     if "attention" in parts:
         if a.smoke:
             bench_attention(a.out, 93600, bw, flops, ["fused", "streamed"],

@@ -161,17 +161,17 @@ def _x_args(x: torch.Tensor) -> tuple:
     return (x, *x.stride(), x.shape[1])
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def assign(x: torch.Tensor, centroids: torch.Tensor, block_n: int = 0, warps: int = 8) -> torch.Tensor:
     """Nearest centroid per token: x ``[B1, B2, N, D]``, centroids fp32 ``[B1*B2, C, D]`` -> uint8 ``[B1*B2, N]``."""
     b1, b2, n, d = x.shape
     g, c, _ = centroids.shape
     cents = centroids.float().contiguous()
     out = torch.empty(g, n, dtype=torch.uint8, device=x.device)
-    block_n = 128 if x.is_cuda else 32
+    block_n = block_n or (128 if x.is_cuda else 32)
     block_c = 128 if d <= 128 else 64
     _assign_kernel[(triton.cdiv(n, block_n), g)](*_x_args(x), cents, out, n, c, D=d, BLOCK_N=block_n,
                                                  BLOCK_C=min(block_c, triton.next_power_of_2(c)),
-                                                 PREC=_precision(x), num_warps=8 if x.is_cuda else 4)
+                                                 PREC=_precision(x), num_warps=warps if x.is_cuda else 4)
     return out
 
 
@@ -197,7 +197,7 @@ def update(x: torch.Tensor, assignments: torch.Tensor, previous: torch.Tensor, s
 
 
 def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor, bits: int, group_size: int,
-             code_mode: str, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             code_mode: str, scale_dtype: torch.dtype, block_n: int = 32, warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual group quantization of x ``[B1, B2, N, D]`` after subtracting ``centroids`` ``[S, G, C, D]``
     picked by ``assignments`` ``[S, G, N]``. Returns codes uint8 ``[G, N, D*bits/8]``, scales
     ``[G, N, D/G]``, zeros (same, or ``[G, N, 0]``) and a per-token out-of-range flag int8 ``[G, N]``."""
@@ -214,10 +214,9 @@ def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor
     flags = torch.empty(g, n, dtype=torch.int8, device=x.device)
     cents = centroids.contiguous() if s else codes
     assign_ = assignments.contiguous() if s else codes
-    block_n = 32
     _quantize_kernel[(triton.cdiv(n, block_n), g)](
         *_x_args(x), cents, assign_, codes, scales, zeros if asym else scales, flags, n, c, g,
         torch.finfo(scale_dtype).max / 1.25,
         D=d, BLOCK_N=block_n, BITS=bits, GROUP=group_size, MODE=MODE_IDS[code_mode], STAGES=s,
-        EXP=exp, MAN=man, BIAS=bias, num_warps=4)
+        EXP=exp, MAN=man, BIAS=bias, num_warps=warps)
     return codes, scales.view(scale_dtype), zeros.view(scale_dtype), flags

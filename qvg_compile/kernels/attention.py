@@ -12,6 +12,10 @@
   else flash), and merged in place by a Triton kernel. Extra memory: one K+V block plus one
   partial output.
 
+``"streamed"`` is the default on CUDA: 1.05x BF16 cuDNN SDPA at 93,600 keys on H100, against
+7.9x for the fused kernel as it stands (benchmarks/RESULTS.md). The fused kernel is kept for
+its zero extra memory and as the base for a faster in-kernel decode.
+
 `qvg_attention` validates, then dispatches: CUDA -> `DEFAULT_IMPL` (overridable with the
 environment variable ``QVG_ATTENTION_IMPL=fused|streamed|reference``), other devices -> the
 reference. 3-bit codes, head dims other than 16/32/64/128/256, and K/V head dims that differ
@@ -34,9 +38,11 @@ DEFAULT_IMPL = "streamed"
 IMPLS = ("fused", "streamed", "reference")
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_HEAD_DIMS = (16, 32, 64, 128, 256)
-# Streamed blocks hold at most this fraction of the history's dense K+V bytes (and >= MIN tokens).
+# Streamed blocks: this fraction of the history's tokens, rounded down to 1024, at least MIN
+# tokens. Measured on H100 (4,680 queries, 12 heads): blocks of 4,096 keys run cuDNN at 1.6-1.8x
+# the one-shot time, 8,192 and more at 1.04-1.14x; see benchmarks/RESULTS.md.
 STREAM_FRACTION = 0.08
-STREAM_MIN_TOKENS = 1024
+STREAM_MIN_TOKENS = 8192
 
 
 def reference_attention(
@@ -155,7 +161,7 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
     out = torch.zeros(b, hkv, g * m, d, dtype=acc_dtype, device=q.device)
     lse = torch.full((b, hkv, g * m), -math.inf, dtype=torch.float32, device=q.device)
     total = sum(e - s for s, e in ranges)
-    blk = min(total, block_tokens or max(STREAM_MIN_TOKENS, int(total * STREAM_FRACTION) // 256 * 256))
+    blk = min(total, block_tokens or max(STREAM_MIN_TOKENS, int(total * STREAM_FRACTION) // 1024 * 1024))
     if total:
         kbuf = torch.empty(b, hkv, blk, d, dtype=q.dtype, device=q.device)
         vbuf = torch.empty_like(kbuf)
