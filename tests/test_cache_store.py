@@ -9,7 +9,7 @@ import torch
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
 from qvg_compile.cache.spec import UID, USES
-from qvg_compile.cache.store import runs_of
+from qvg_compile.cache.store import masked_runs, runs_of
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 L = 16
@@ -32,6 +32,18 @@ def fill(c: QVGCache, chunks: int, seed: int = 0, writes: int = 1) -> torch.Tens
 def test_runs_of_finds_maximal_consecutive_runs():
     assert runs_of(torch.tensor([3, 4, 5, 9, 10, 2])) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
     assert runs_of(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_masked_runs_equal_runs_of_the_kept_entries():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(0, 40, (1,), generator=gen))
+        pos = torch.randint(0, 3, (n,), generator=gen).cumsum(0)
+        keep = torch.rand(n, generator=gen) > 0.3
+        # Reference: runs over all entries, unkept ones replaced by values that never continue a run.
+        marked = torch.where(keep, pos, -1000 - 2 * torch.arange(n))
+        expected = [r for r in runs_of(marked) if bool(keep[r[0]])]
+        assert masked_runs(pos, keep) == expected
 
 
 def test_dense_chunks_and_seal_chunks_bound_what_stays_dense():

@@ -17,7 +17,7 @@ import torch
 
 from . import stats
 from ..kernels.attention import qvg_attention as attention_impl
-from .store import Store, runs_of
+from .store import Store, masked_runs
 from .view import Lead
 
 
@@ -43,9 +43,7 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) ->
     sk = torch.where(pk >= 0, k.store.pos_map[pk.clamp(min=0)].long(), 0)
     sv = torch.where(pv >= 0, v.store.pos_map[pv.clamp(min=0)].long(), 0)
     fused = (pk >= 0) & (pk == pv) & (sk <= -2) & (sv <= -2)
-    # Sentinels that never continue a run keep unfused indices out of the ranges.
-    marked = torch.where(fused, pk, -2 - torch.arange(pk.numel()))
-    ranges = [(first, first + n) for i, first, n in runs_of(marked) if bool(fused[i])]
+    ranges = [(first, first + n) for _, first, n in masked_runs(pk, fused)]
     rest = ((~fused) & (pk >= 0)).nonzero().flatten()
     tails = []
     for side, pos in ((k, pk), (v, pv)):

@@ -50,6 +50,20 @@ def runs_of(positions: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(a, f, b - a) for a, b, f in zip(bounds, bounds[1:], first)]
 
 
+def masked_runs(positions: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, int, int]]:
+    """`runs_of` restricted to the entries where ``keep`` (host bool) is set: maximal runs that are
+    consecutive both in index and in value, as ``(index, first value, length)``. Vectorised: a
+    history of mostly unkept tokens costs a few tensor ops, not a Python step per token."""
+    idx = keep.nonzero().flatten()
+    if idx.numel() == 0:
+        return []
+    values = positions[idx]
+    breaks = (((idx[1:] - idx[:-1]) != 1) | ((values[1:] - values[:-1]) != 1)).nonzero().flatten().add(1).tolist()
+    bounds = [0, *breaks, idx.numel()]
+    heads = torch.tensor(bounds[:-1])
+    return [(i, f, b - a) for i, f, a, b in zip(idx[heads].tolist(), values[heads].tolist(), bounds, bounds[1:])]
+
+
 def new_uid() -> int:
     """A random 62-bit codebook id: unique across caches, processes and saved files."""
     return uuid.uuid4().int >> 66
@@ -328,8 +342,7 @@ class Store:
         v = self.pos_map[positions].long() if n else torch.empty(0, dtype=torch.long)
         dense = (v >= 0).nonzero().flatten()
         sealed = v <= -2
-        runs = runs_of(torch.where(sealed, positions, -2 - torch.arange(n)))
-        runs = [r for r in runs if bool(sealed[r[0]])]
+        runs = masked_runs(positions, sealed)
         out = []
         for p in parts:
             tail = self._rows_view(p, sel)
@@ -377,11 +390,15 @@ class Store:
             # Slots taken by this copy's earlier imports are not free yet (LIVE is bumped below).
             kmap[k] = k if same else self._import_codebook(src, k, taken=[s for s in kmap.values() if s is not None])
         # Tokens whose codebook finds no free slot here are decoded and written as dense values.
-        lost = torch.tensor([kmap[k] is None for k in sk.tolist()], dtype=torch.bool)
+        lut = torch.full((max(src.spec.segments, 1),), -1, dtype=torch.long)
+        for k, slot in kmap.items():
+            lut[k] = -1 if slot is None else slot
+        mapped = lut[sk]
+        lost = mapped < 0
         keep = (~lost).nonzero().flatten()
         if keep.numel():
             dp = dst[sealed][keep]
-            slots = torch.tensor([kmap[k] for k in sk[keep].tolist()], dtype=torch.long)
+            slots = mapped[keep]
             for p in range(self.parts):
                 idx = keep.to(src.device)
                 self._put_packed_rows(p, dp, [t.index_select(t.dim() - 2 if i < len(payload[p]) - 1 else -1, idx)
