@@ -188,11 +188,16 @@ def test_bad_writes_are_clear_errors_and_leave_the_cache_unchanged():
         kb[:, 60:64] = torch.randn(B, L, H, D)  # shape mismatch, as on a dense tensor
     with pytest.raises((IndexError, RuntimeError)):
         kb.index_copy_(1, torch.tensor([S + 3]), torch.randn(B, 1, H, D))
+    assert torch.equal(dq(kb), before)
     bad = torch.randn(B, L, H, D)
     bad[0, 3, 1, 5] = float("nan")
+    kb[:, L:2 * L] = bad  # the open chunk holds what it is given, as a dense tensor would
+    assert torch.isnan(dq(kb)[0, L + 3, 1, 5])
+    before = dq(kb)
     with pytest.raises(ValueError, match="NaN"):
-        kb[:, L:2 * L] = bad
-    assert torch.equal(dq(kb), before)
+        kb[:, 2 * L:3 * L] = torch.randn(B, L, H, D)  # sealing the NaN chunk is refused
+    assert torch.equal(dq(kb).nan_to_num(), before.nan_to_num())
+    assert kb.token_counts()["dense"] == L
 
 
 def test_nan_is_stored_when_check_finite_is_off():

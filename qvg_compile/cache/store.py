@@ -156,11 +156,6 @@ class Store:
                              f"{self.capacity} tokens")
         if n == 0:
             return
-        if self.spec.config.check_finite and not all(bool(torch.isfinite(v).all()) for v in present):
-            # Checked here, not when the slot is sealed later, so that the failing write is the
-            # one reported and the cache is left exactly as it was.
-            raise ValueError("QVGCache: the written values contain NaN or Inf; one would poison a "
-                             "whole codebook (QVGConfig(check_finite=False) stores them anyway)")
         full = sel is None and len(present) == self.parts
         values = [None if v is None else v.to(device=self.device, dtype=self.spec.torch_dtype)
                   for v in values]
@@ -224,13 +219,26 @@ class Store:
         span = torch.arange(first, end)
         return span[self.pos_map[first:end] == self._expected_row(j, first, end)]
 
+    def _check_finite(self, values: Sequence[torch.Tensor]) -> None:
+        """The math layer's NaN/Inf policy, applied when tokens are sealed and before any state
+        changes, so a failing seal leaves the cache as it was. Checking here rather than on every
+        write keeps the denoising writes free of a device-to-host sync."""
+        if self.spec.config.check_finite and not all(bool(torch.isfinite(v).all()) for v in values):
+            raise ValueError("QVGCache: tokens about to be quantized contain NaN or Inf (written since "
+                             "the last seal); one would poison a whole codebook. The cache is unchanged; "
+                             "QVGConfig(check_finite=False) stores them anyway")
+
     def _seal_slots(self, slots: list[int]) -> None:
         positions = torch.cat([self._slot_positions(j) for j in slots]).sort().values
+        values = []
+        if positions.numel():
+            rows = self.pos_map[positions].long().to(self.device)
+            values = [self.a("tail", p).index_select(-2, rows) for p in range(self.parts)]
+            self._check_finite(values)
         for j in slots:
             self.slots[j, 0] = -1
         if positions.numel():
-            rows = self.pos_map[positions].long().to(self.device)
-            self._store_segment(positions, [self.a("tail", p).index_select(-2, rows) for p in range(self.parts)])
+            self._store_segment(positions, values)
 
     def seal_all(self) -> None:
         """Seal every dense slot now (end of a video; sinks stay dense)."""
@@ -249,6 +257,7 @@ class Store:
                 if v is not None:
                     current[p][self._lead(sel)] = v
             values = current
+        self._check_finite([v for v in values if v is not None])
         self.release(positions)
         piece = self.spec.segment_tokens or (end - start)
         for a in range(start, end, piece):
