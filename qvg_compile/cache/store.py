@@ -349,15 +349,17 @@ class Store:
         parts = range(self.parts) if parts is None else parts
         n = positions.numel()
         v = self.pos_map[positions].long() if n else torch.empty(0, dtype=torch.long)
-        dense = (v >= 0).nonzero().flatten()
         sealed = v <= -2
         runs = masked_runs(positions, sealed)
+        # Dense rows come in runs too (a slot holds consecutive positions): copying slices avoids
+        # moving host index tensors to the device, which would wait for the GPU to drain.
+        dense_runs = masked_runs(v, v >= 0)
         out = []
         for p in parts:
             tail = self._rows_view(p, sel)
             x = torch.zeros(*tail.shape[:-2], n, tail.shape[-1], dtype=tail.dtype, device=self.device)
-            if dense.numel():
-                x.index_copy_(-2, dense.to(self.device), tail.index_select(-2, v[dense].to(self.device)))
+            for i, row, length in dense_runs:
+                x[..., i:i + length, :] = tail[..., row:row + length, :]
             store = self.packed(p, sel) if runs else None
             for i, first, length in runs:
                 # The decoder writes 16/32-bit floats; float64 caches decode in fp32 and widen.
