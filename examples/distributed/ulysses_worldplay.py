@@ -1,0 +1,238 @@
+"""Ulysses sequence-parallel HY-WorldPlay-style model: tokens split over ranks, heads split in attention.
+
+`UlyssesWorldPlay` is `examples.models.worldplay.WorldPlayModel` (same weights, same cache
+idioms D and F) where each rank holds ``1/P`` of every frame's tokens (rows ``[r*T/P, (r+1)*T/P)``
+of each latent frame, so the per-frame modulation still applies) through embeddings, FFNs and
+the head. Attention is where the ranks meet, as in HY-WorldPlay's xDiT Ulysses path:
+an all-to-all turns this rank's tokens of all heads into all tokens of its ``H/P`` heads, the
+tokens are put back in frame order, attention runs over ``[text ; cache ; new]`` for those
+heads, and a second all-to-all returns the outputs to their tokens. The cache entries each rank
+returns (and the pipeline ``cat``s) are therefore its own heads for the whole sequence,
+``[2B, H/P, N, D]`` / ``[B, H/P, N, D]``, in the same token order as in one process, and
+``torch.compile(backend=qvg_compile.backend(...))`` compresses them per rank with the two
+all-to-alls left in the graph.
+
+Generation is `examples.models.worldplay.generate`, unchanged: every rank calls it with the
+same seed and gets the whole video back.
+
+    torchrun --nproc-per-node 2 -m examples.distributed.ulysses_worldplay --config tiny --qvg
+    python -m examples.distributed.ulysses_worldplay --config tiny --nproc 2 --qvg    # CPU, gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from examples.models import worldplay as wp
+from examples.models.common import check_tensor, modulate, rope_angles_3d, rope_cos_sin, unpatchify, wan_rope_axes
+
+from .parallel import Group, all_gather, heads_to_seq, launch, rank_and_size, seq_to_heads, split_evenly
+
+
+def _frame_order(x: torch.Tensor, frames: int, size: int) -> torch.Tensor:
+    """``[..., P*n, D]`` with rank-major tokens (each rank: ``frames`` x ``T/P``) -> frame-major."""
+    if size == 1:
+        return x
+    lead, d = x.shape[:-2], x.shape[-1]
+    y = x.reshape(*lead, size, frames, -1, d).transpose(-4, -3)
+    return y.reshape(*lead, -1, d)
+
+
+def _rank_order(x: torch.Tensor, frames: int, size: int) -> torch.Tensor:
+    """Inverse of `_frame_order`."""
+    if size == 1:
+        return x
+    lead, d = x.shape[:-2], x.shape[-1]
+    y = x.reshape(*lead, frames, size, -1, d).transpose(-4, -3)
+    return y.reshape(*lead, -1, d)
+
+
+class UlyssesSelfAttention(wp.SelfAttention):
+    """`wp.SelfAttention` with the Ulysses all-to-alls around the attention of this rank's heads."""
+
+    group: Group
+    frames: int  # latent frames per chunk: every rank's tokens are frames x (T / P)
+
+    @classmethod
+    def from_attention(cls, attn: wp.SelfAttention, group: Group) -> "UlyssesSelfAttention":
+        _, size = rank_and_size(group)
+        split_evenly("num_heads", attn.num_heads, size)
+        attn.__class__ = cls
+        attn.group = group
+        return attn
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: dict[str, torch.Tensor] | None,
+        return_kv: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``x [B, n, dim]`` (this rank's tokens), ``rope`` tables ``[n, D]`` of those tokens,
+        ``text_kv`` and ``kv_cache`` of this rank's heads. Returns ``[B, n, dim]`` and, with
+        ``return_kv``, this chunk's cache entries for this rank's heads."""
+        b, n, _ = x.shape
+        _, size = rank_and_size(self.group)
+        frames = self.frames
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.positions(self.norm_q(q), rope)
+        k = self.positions(self.norm_k(k), rope)
+        q, k, v = (_frame_order(seq_to_heads(t, self.group), frames, size) for t in (q, k, v))
+        new_kv = {"k": k.clone(), "v": v.clone()} if return_kv else None
+        text_k, text_v = text_kv
+        if self.pos_layout == "batch":
+            text_k = text_k.repeat(2, 1, 1, 1)
+        else:
+            text_k = torch.cat([text_k, text_k], dim=-1)
+        if kv_cache is not None:
+            k = torch.cat([text_k, kv_cache["k"], k], dim=2)
+            v = torch.cat([text_v, kv_cache["v"], v], dim=2)
+        else:
+            k = torch.cat([text_k, k], dim=2)
+            v = torch.cat([text_v, v], dim=2)
+        if self.pos_layout == "batch":
+            out = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1))
+            out = out.unflatten(0, (2, b)).mean(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = heads_to_seq(_rank_order(out, frames, size), self.group)
+        return self.o(out.transpose(1, 2).flatten(2)), new_kv
+
+
+class UlyssesWorldPlay(wp.WorldPlayModel):
+    """This rank's view of a `wp.WorldPlayModel` under Ulysses sequence parallelism. Build it
+    with `from_model` from the same full weights on every rank."""
+
+    group: Group
+
+    @classmethod
+    def from_model(cls, model: wp.WorldPlayModel, group: Group) -> "UlyssesWorldPlay":
+        """Convert ``model`` in place (weights are kept whole; every rank runs its tokens)."""
+        if not isinstance(model, wp.WorldPlayModel):
+            raise TypeError(f"model must be a WorldPlayModel, got {type(model).__name__}")
+        _, size = rank_and_size(group)
+        cfg = model.config
+        split_evenly("num_heads", cfg.num_heads, size)
+        split_evenly("tokens per frame", cfg.frame_tokens, size)
+        model.__class__ = cls
+        model.group = group
+        for block in model.blocks:
+            UlyssesSelfAttention.from_attention(block.attn, group)
+            block.attn.frames = cfg.chunk_frames
+        return model
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of ``[B, H, ...]``."""
+        rank, size = rank_and_size(self.group)
+        hp = x.shape[1] // size
+        return x[:, rank * hp:(rank + 1) * hp]
+
+    def _tokens(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """This rank's tokens of ``[..., frames*T, C]`` (a contiguous block of every frame)."""
+        rank, size = rank_and_size(self.group)
+        if size == 1:
+            return x
+        per_frame = x.unflatten(-2, (frames, -1))
+        part = per_frame.shape[-2] // size
+        return per_frame[..., rank * part:(rank + 1) * part, :].flatten(-3, -2)
+
+    def encode_text(self, context: torch.Tensor) -> wp.TextKV:
+        """Text K/V of this rank's heads, ``[B, H/P, L, D]`` per layer."""
+        return [(self._heads(k), self._heads(v)) for k, v in super().encode_text(context)]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        poses: torch.Tensor,
+        text_kv: wp.TextKV,
+        kv_cache: wp.KVCache | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, wp.KVCache]:
+        """`wp.WorldPlayModel.forward` with this rank's tokens; the flow is gathered from every
+        rank, so each returns the whole ``[B, C, F, H, W]``."""
+        cfg = self.config
+        for name, cache in (("text_kv", text_kv), ("kv_cache", kv_cache)):
+            if cache is not None and len(cache) != cfg.num_layers:
+                raise ValueError(f"{name} must hold {cfg.num_layers} layers, got {len(cache)}")
+        tokens, (f, h, w) = self.patch_embedding(x)
+        if f != cfg.chunk_frames:
+            raise ValueError(f"x must hold one chunk of {cfg.chunk_frames} frames, got {f}")
+        check_tensor("poses", poses, (f, 3))
+        hist_frames = 0 if kv_cache is None else kv_cache[0]["v"].shape[2] // (h * w)
+        axes = wan_rope_axes(cfg.head_dim)
+        frame_pos = torch.arange(hist_frames, hist_frames + f, device=x.device)
+        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
+        cam_cos, cam_sin = rope_cos_sin(wp.camera_angles(poses, h, w, axes, cfg.rope_theta))
+        rope = tuple(self._tokens(r, f) for r in (cos, sin, cam_cos, cam_sin))
+        e = self.time_embedding(t) + self.pose_embedding(poses.to(tokens.dtype))
+        tokens = self._tokens(tokens, f)
+        new_cache: wp.KVCache = []
+        for i, block in enumerate(self.blocks):
+            tokens, new_kv = block(tokens, e, rope, text_kv[i], None if kv_cache is None else kv_cache[i], return_kv)
+            if return_kv:
+                new_cache.append(new_kv)
+        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
+        local = self.head(modulate(self.head_norm(tokens), shift, scale))
+        _, size = rank_and_size(self.group)
+        gathered = _frame_order(all_gather(local, 1, self.group), f, size)
+        out = unpatchify(gathered, (f, h, w), cfg.patch_size, cfg.in_channels)
+        return (out, new_cache) if return_kv else out
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def build(config: str, device: torch.device, group: Group, seed: int = 0,
+          dtype: torch.dtype = torch.bfloat16) -> UlyssesWorldPlay:
+    """The same full model on every rank (seeded), as this rank's Ulysses view."""
+    cfg = wp.real_config() if config == "real" else wp.tiny_config()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = wp.WorldPlayModel(cfg)
+    return UlyssesWorldPlay.from_model(model.to(dtype).eval().requires_grad_(False), group)
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    import qvg_compile
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    model = build(args.config, device, dist.group.WORLD)
+    fn = torch.compile(model, backend=qvg_compile.backend()) if args.qvg else torch.compile(model)
+    caches = []
+    latents = wp.generate(fn, args.chunks, args.seed, progress=False, on_chunk=lambda i, kv: caches.append(kv))
+    report = qvg_compile.memory_report(caches[-1])
+    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.1f} MiB "
+          f"of {report['dense_bytes'] / 2**20:.1f} MiB dense ({report['compression']:.2f}x)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Ulysses sequence-parallel HY-WorldPlay-style generation")
+    parser.add_argument("--config", choices=("tiny", "real"), default="tiny")
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--qvg", action="store_true", help="compile with the QVG backend")
+    parser.add_argument("--nproc", type=int, default=None, help="spawn this many processes (else torchrun)")
+    parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with GPUs)")
+    args = parser.parse_args(argv)
+    args.backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if args.nproc:
+        launch(_worker, args.nproc, args, backend=args.backend)
+    else:
+        from .parallel import init_from_env
+        rank, world, _ = init_from_env(args.backend)
+        import torch.distributed as dist
+        try:
+            _worker(rank, world, args)
+        finally:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
