@@ -206,3 +206,17 @@ def test_nan_is_stored_when_check_finite_is_off():
     bad[0, 0, 0, 0] = float("inf")
     kb[:, :L] = bad
     assert torch.isinf(dq(kb)[0, 0, 0, 0])
+
+
+def test_d_cache_grown_by_repeated_cat_stays_compressed_with_the_newest_chunk_dense():
+    gen = torch.Generator().manual_seed(10)
+    chunks = [torch.randn(1, H, L, D, generator=gen) for _ in range(9)]
+    k = QVGCache.from_dense(chunks[0], 2, CFG, chunk_tokens=L)
+    for new in chunks[1:]:
+        k = torch.cat([k, new], 2)
+        assert isinstance(k, QVGCache) and k._view.dense_count() <= 1
+    full = torch.cat(chunks, 2)
+    assert torch.equal(dq(k)[:, :, -L:], chunks[-1])
+    assert k.token_counts()["dense"] == L and k.token_counts()["sealed"] == 8 * L
+    assert (dq(k) - full).norm() / full.norm() < 0.6
+    assert k.compression_ratio() > 4

@@ -4,7 +4,7 @@ Packed tokens, codebooks and dense rows are copied as they are (repeated leading
 repeated for real: a clone is an independent tensor). Dense rows keep their slot when the view
 keeps the slot's positions in order; the few that cannot (a slot cut by the view's start, sink
 rows that are not at the start any more) are sealed in the clone, and dense pieces appended by
-``cat`` are written into it as relocated dense tokens.
+``cat`` are written into it a slot at a time, as the pipeline would have written them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .spec import HOLE, LIVE, StoreSpec
-from .store import Store, runs_of
+from .store import Store, as_bytes, runs_of
 from .view import Lead
 
 
@@ -44,7 +44,8 @@ def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts
         shape = list(t.shape)
         shape[seq] = n
         picked = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        return picked.index_copy_(seq, stored.to(t.device), t.index_select(seq, src_pos.to(t.device)))
+        as_bytes(picked).index_copy_(seq, stored.to(t.device), as_bytes(t.index_select(seq, src_pos.to(t.device))))
+        return picked
 
     out: dict[str, torch.Tensor] = {}
     for new_p, p in enumerate(range(first, first + count)):
@@ -69,9 +70,14 @@ def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts
         out[name] = src.arrays[name].clone()
     new = Store(spec, [out[name] for name in spec.names()])
     _repair(new)
-    # i counts dense tokens before the run: its offset in the concatenated dense pieces.
+    # i counts dense tokens before the run: its offset in the concatenated dense pieces. Pieces
+    # are written a slot at a time, in order, under the normal sealing policy, so the newest
+    # appended tokens are the ones that stay dense (as if the pipeline had written them).
+    step = spec.slot_tokens or n
     for i, start, length in runs_of((positions < 0).nonzero().flatten()):
-        new.write(start, [d[..., i:i + length, :] for d in dense], relocate=True)
+        for a in range(0, length, step):
+            b = min(length, a + step)
+            new.write(start + a, [d[..., i + a:i + b, :] for d in dense])
     return [new.arrays[name] for name in spec.names()]
 
 

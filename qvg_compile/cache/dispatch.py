@@ -480,7 +480,24 @@ def _cat(func, args, kwargs):
             else:
                 pieces.append((kind, a, n))
     v = head._view
-    return _make(head, View(v.dims, v.lead, merge_pieces(tuple(pieces)), v.parts, v.bcast, COW), dense)
+    merged = merge_pieces(tuple(pieces))
+    out = _make(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
+    if _grown_by_appends(merged) and v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast):
+        # A cache grown by repeated functional appends (``k = cat([k, k_new])``) would keep every
+        # appended chunk dense: from the second appended piece on, the result gets a store of its
+        # own, where older appended chunks are sealed by the policy. Decided on the structure of
+        # the pieces alone (never their lengths) so compiled code takes the same branch as eager.
+        return _clone_cache(out)
+    return out
+
+
+def _grown_by_appends(pieces: Sequence[tuple[str, Any, Any]]) -> bool:
+    """Stored tokens first, then at least two dense pieces appended after them."""
+    kinds = [kind for kind, _, _ in pieces]
+    if not kinds or kinds[0] != RUN or kinds.count(DENSE) < 2:
+        return False
+    first_dense = kinds.index(DENSE)
+    return all(kind == DENSE for kind in kinds[first_dense:])
 
 
 @implements(aten.zeros_like.default, aten.empty_like.default)

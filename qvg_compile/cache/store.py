@@ -439,7 +439,7 @@ class Store:
         names = ["codes", "scales"] + (["zeros"] if self.spec.has_zeros else [])
         for name, t in zip(names, rows):
             # index_copy_ has no FP8 kernel on CPU: move the scales as raw bytes.
-            _as_bytes(self.a(name, part)).index_copy_(-2, idx, _as_bytes(t.to(self.device)))
+            as_bytes(self.a(name, part)).index_copy_(-2, idx, as_bytes(t.to(self.device)))
         self.a("assign", part).index_copy_(-1, idx, rows[-1].to(self.device))
 
     def _import_codebook(self, src: "Store", k: int, taken: Sequence[int] = ()) -> Optional[int]:
@@ -517,7 +517,7 @@ def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
     return arrays
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """``t`` reinterpreted as uint8 when it is a one-byte float (copies of FP8 scales)."""
     return t.view(torch.uint8) if t.dtype.is_floating_point and t.element_size() == 1 else t
 
