@@ -1,7 +1,7 @@
 """HY-WorldPlay reference model (examples/models/worldplay.py): eager shapes and determinism for
 both positional layouts, and the QVG backend on it: every layer's K and V cache (returned by the
 cache pass, appended by the pipeline, concatenated after the text K/V at read) is found and moved
-into QVGCache. Two known backend/cache gaps are strict xfails (see their reasons)."""
+into QVGCache. A known backend gap is a strict xfail (see its reason)."""
 
 import sys
 from pathlib import Path
@@ -96,9 +96,6 @@ def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
     assert (got - expected).abs().max().item() <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="cache gap: torch.cat([QVGCache, dense], seq) keeps the appended "
-                                       "tokens as dense pieces that are never sealed, so a cache grown "
-                                       "by the pipeline stays ~BF16 (1.0x at 16 chunks)")
 def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # Same knobs as the LongCat test (read-only history, toy-length codebook amortisation).
     policy = {"codebook_bits": 0.125, "spare_segments": 0}
