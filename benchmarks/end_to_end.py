@@ -96,12 +96,13 @@ class Video:
     (`sf.generate`); `clean_pass` only writes a chunk's K/V (the untimed history)."""
 
     def __init__(self, model: torch.nn.Module, fn: Callable[..., torch.Tensor], capacity_frames: int,
-                 seed: int) -> None:
+                 seed: int, kv: sf.KVCache | None = None, cross: sf.CrossAttnCache | None = None) -> None:
         self.cfg: sf.SelfForcingConfig = model.config
         self.fn = fn
         self.device, self.dtype = model_device_dtype(model)
-        self.kv = sf.init_kv_cache(model, 1, capacity_frames)
-        self.cross = sf.init_crossattn_cache(model, 1)
+        # A sharded model brings its own per-rank caches (benchmarks/multi_gpu.py).
+        self.kv = sf.init_kv_cache(model, 1, capacity_frames) if kv is None else kv
+        self.cross = sf.init_crossattn_cache(model, 1) if cross is None else cross
         self.gen = new_generator(self.device, seed)
         self.context = randn((1, self.cfg.text_len, self.cfg.text_dim), self.gen, self.dtype)
         self.frames = 0
@@ -114,10 +115,12 @@ class Video:
         t = timesteps_for(sigma, (1, self.cfg.chunk_frames), self.device)
         return self.fn(x, t, self.context, self.kv, self.cross, self.frames * self.cfg.frame_tokens)
 
+    @torch.no_grad()
     def clean_pass(self) -> None:
         self._forward(randn(self.shape, self.gen, self.dtype), 0.0)
         self.frames += self.cfg.chunk_frames
 
+    @torch.no_grad()
     def chunk(self) -> None:
         noisy = randn(self.shape, self.gen, self.dtype)
         for i, sigma in enumerate(self.sigmas):

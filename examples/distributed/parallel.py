@@ -102,7 +102,7 @@ def column_shard(linear: nn.Linear, group: Group) -> nn.Linear:
         shard.weight.copy_(linear.weight[rows])
         if linear.bias is not None:
             shard.bias.copy_(linear.bias[rows])
-    return shard
+    return shard.requires_grad_(linear.weight.requires_grad)
 
 
 class RowParallelLinear(nn.Module):
@@ -114,9 +114,9 @@ class RowParallelLinear(nn.Module):
         rank, size = rank_and_size(group)
         cols = split_evenly("in_features", linear.in_features, size)
         self.group = group
-        self.weight = nn.Parameter(linear.weight.detach()[:, rank * cols:(rank + 1) * cols].clone(),
-                                   requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        grad = linear.weight.requires_grad
+        self.weight = nn.Parameter(linear.weight.detach()[:, rank * cols:(rank + 1) * cols].clone(), requires_grad=grad)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(F.linear(x, self.weight), self.group)
@@ -133,7 +133,8 @@ class ShardedRMSNorm(nn.Module):
         full = norm.weight.shape[0]
         part = split_evenly("norm features", full, size)
         self.group, self.full, self.eps = group, full, norm.eps
-        self.weight = nn.Parameter(norm.weight.detach()[rank * part:(rank + 1) * part].clone(), requires_grad=False)
+        self.weight = nn.Parameter(norm.weight.detach()[rank * part:(rank + 1) * part].clone(),
+                                   requires_grad=norm.weight.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
