@@ -145,9 +145,10 @@ def _device_time_us(event: Any, cuda: bool) -> float:
 
 def time_shares(events: Sequence[Any], cuda: bool) -> dict[str, float]:
     """Seconds spent in quantize / dequantize / attention ops (outermost match only, so an op
-    nested in another counted one is not counted twice), device time on a GPU."""
+    nested in another counted one is not counted twice): device time on a GPU (host time on a
+    CPU) under the group's name, and host time under ``host_<group>``."""
     groups = {"quantize": QUANTIZE_OPS, "dequantize": DEQUANTIZE_OPS, "attention": ATTENTION_OPS}
-    out = {name: 0.0 for name in groups}
+    out = {name: 0.0 for name in groups} | {f"host_{name}": 0.0 for name in groups}
 
     def group_of(name: str) -> str | None:
         return next((g for g, ops in groups.items() if name in ops), None)
@@ -164,7 +165,13 @@ def time_shares(events: Sequence[Any], cuda: bool) -> dict[str, float]:
             parent = parent.cpu_parent
         if not nested:
             out[g] += _device_time_us(ev, cuda) / 1e6
+            out[f"host_{g}"] += float(ev.cpu_time_total) / 1e6
     return out
+
+
+def device_busy_s(events: Sequence[Any]) -> float:
+    """Seconds of device work in ``events`` (each kernel once: self device time summed)."""
+    return sum(float(getattr(ev, "self_device_time_total", 0.0)) for ev in events) / 1e6
 
 
 def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str, float]:
@@ -175,7 +182,9 @@ def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str
     with profile(activities=activities) as prof:
         video.chunk()
         clock.sync()
-    shares = time_shares(prof.events(), clock.cuda)
+    events = prof.events()
+    shares = time_shares(events, clock.cuda)
+    shares["device_busy"] = device_busy_s(events) if clock.cuda else 0.0
     if log_path is not None:
         key = "cuda_time_total" if clock.cuda else "cpu_time_total"
         try:
@@ -433,6 +442,11 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def busy(shares: dict[str, float], row: dict[str, Any]) -> str:
+    """Device-busy time of the profiled chunk over the (unprofiled) median chunk time."""
+    return f"{100 * shares['device_busy'] / row['s_per_chunk']:.0f}" if shares.get("device_busy") else "-"
+
+
 def summary_tables(results: dict[str, Any]) -> str:
     runs = {run["backend"]: run for run in results["runs"]}
     base, qvg = runs.get("bf16"), runs.get("qvg")
@@ -449,10 +463,12 @@ def summary_tables(results: dict[str, Any]) -> str:
                           f"{b['kv_bytes'] / GB:.3g}", f"{q['kv_bytes'] / GB:.3g}",
                           f"{b['kv_bytes'] / max(1, q['kv_bytes']):.2f}",
                           f"{b['peak_bytes'] / GB:.2f}", f"{q['peak_bytes'] / GB:.2f}",
-                          f"{100 * bshares['attention'] / b['s_per_chunk']:.1f}" if bshares else "-", share])
+                          f"{100 * bshares['attention'] / b['s_per_chunk']:.1f}" if bshares else "-", share,
+                          busy(bshares, b), busy(shares, q)])
         lines.append(tabulate(table, headers=[
             "history frames", "bf16 s/chunk", "qvg s/chunk", "overhead %", "KV GB bf16", "KV GB qvg",
-            "KV x", "peak GB bf16", "peak GB qvg", "bf16 attn %", "qvg quant/deq/attn %"], tablefmt="github"))
+            "KV x", "peak GB bf16", "peak GB qvg", "bf16 attn %", "qvg quant/deq/attn %",
+            "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github"))
     fit = results.get("fit")
     if fit:
         rows = [[f["kind"], f["frames"], f"{f['reserve_bytes'] / GB:.2f}", "yes" if f["hit_limit"] else "no"]

@@ -36,7 +36,8 @@ def test_time_shares_counts_outermost_ops_only():
     decode = event("qvg::cache_decode", 7.0)
     other = event("aten::mm", 1000.0)
     shares = e2e.time_shares([outer, nested_sdpa, write, seal, decode, other], cuda=True)
-    assert shares == pytest.approx({"quantize": 50e-6, "dequantize": 7e-6, "attention": 300e-6})
+    assert shares == pytest.approx({"quantize": 50e-6, "dequantize": 7e-6, "attention": 300e-6,
+                                    "host_quantize": 50e-6, "host_dequantize": 7e-6, "host_attention": 300e-6})
 
 
 def test_budget_search_matches_the_byte_count_for_bf16():
