@@ -246,9 +246,12 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
             skipped.append(context)
             continue
         t_prefill = time.perf_counter()
-        while video.frames < context:
+        while video.frames < context and time.perf_counter() <= deadline:
             video.clean_pass()
         clock.sync()
+        if video.frames < context:
+            skipped.append(context)
+            continue
         prefill_s = time.perf_counter() - t_prefill
         if video.frames != context:
             raise ValueError(f"contexts must be multiples of {cfg.chunk_frames} frames and >= "
@@ -332,20 +335,22 @@ def max_frames_in_budget(kind: str, cfg: sf.SelfForcingConfig, budget: float, re
 
     def fits(frames: int) -> bool:
         held: list[torch.Tensor] = []
+        caches: list[torch.Tensor] = []
         ok = True
         try:
             if reserve:
                 held.append(torch.empty(reserve, dtype=torch.uint8, device=device))
-            held += allocate_caches(kind, cfg, frames, device, dtype, backend)
-            used = torch.cuda.memory_allocated() if cuda else resident + held_bytes(held)
+            caches = allocate_caches(kind, cfg, frames, device, dtype, backend)
+            used = torch.cuda.memory_allocated() if cuda else resident + reserve + held_bytes(caches)
             ok = used <= budget
         except torch.OutOfMemoryError:
             ok = False
         finally:
-            del held
+            cache_bytes = held_bytes(caches) if ok else 0
+            del held, caches
             if cuda:
                 torch.cuda.empty_cache()
-        probes.append((frames, ok))
+        probes.append((frames, ok, cache_bytes))
         return ok
 
     try:
@@ -424,17 +429,23 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"bf16": "tab:blue", "qvg": "tab:orange"}
     for run in results["runs"]:
         ctx = [r["context"] for r in run["rows"]]
-        ax1.plot(ctx, [r["s_per_chunk"] for r in run["rows"]], marker="o", label=run["backend"])
-        ax2.plot(ctx, [r["kv_bytes"] / GB for r in run["rows"]], marker="o", label=f"{run['backend']} KV")
-        ax2.plot(ctx, [r["peak_bytes"] / GB for r in run["rows"]], marker="x", linestyle="--",
-                 label=f"{run['backend']} peak allocated")
+        ax1.plot(ctx, [r["s_per_chunk"] for r in run["rows"]], marker="o", color=colors.get(run["backend"]),
+                 label=run["backend"])
+    fit = results.get("fit")
+    if fit:
+        for f in fit["results"]:
+            points = sorted((frames, size) for frames, ok, size in f["probes"] if ok)
+            ax2.plot([p[0] for p in points], [p[1] / GB for p in points], marker=".", color=colors.get(f["kind"]),
+                     label=f"{f['kind']} KV allocated (fits: {f['frames']} frames)")
+        ax2.axhline(fit["budget_bytes"] / GB, color="gray", linestyle=":", label="budget (weights, caches, activations)")
     ax1.set(xlabel="latent frames of history", ylabel="seconds per chunk (4+1 forwards)", title="latency")
-    ax2.set(xlabel="latent frames of history", ylabel="GB", title="memory (cache capacity fixed per run)")
+    ax2.set(xlabel="cache capacity (latent frames)", ylabel="GB", title="KV memory, allocated for real")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(f"Self-Forcing-style model, {results['model']} - {results['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
