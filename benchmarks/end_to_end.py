@@ -479,14 +479,14 @@ def summary_tables(results: dict[str, Any]) -> str:
         lines.append(tabulate(table, headers=[
             "history frames", "bf16 s/chunk", "qvg s/chunk", "overhead %", "KV GB bf16", "KV GB qvg",
             "KV x", "peak GB bf16", "peak GB qvg", "bf16 attn %", "qvg quant/deq/attn %",
-            "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github"))
+            "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github", disable_numparse=True))
     fit = results.get("fit")
     if fit:
         rows = [[f["kind"], f["frames"], f"{f['reserve_bytes'] / GB:.2f}", "yes" if f["hit_limit"] else "no"]
                 for f in fit["results"]]
         ratio = fit["results"][1]["frames"] / max(1, fit["results"][0]["frames"]) if len(fit["results"]) == 2 else float("nan")
         lines.append(tabulate(rows, headers=[f"cache (budget {fit['budget_bytes'] / GB:.0f} GB)", "frames that fit",
-                                             "activation reserve GB", "hit search limit"], tablefmt="github")
+                                             "activation reserve GB", "hit search limit"], tablefmt="github", disable_numparse=True)
                      + f"\nframes ratio qvg/bf16: {ratio:.2f}")
     longcat = results.get("longcat")
     if longcat and len(longcat["runs"]) == 2:
@@ -496,7 +496,7 @@ def summary_tables(results: dict[str, Any]) -> str:
                                 f"{100 * (q['s_per_chunk'] / b['s_per_chunk'] - 1):+.1f}",
                                 f"{b['kv_bytes'] / GB:.3f}", f"{q['kv_bytes'] / GB:.3f}", q["stats"]["fallback_total"]]],
                               headers=["model", "history frames", "bf16 s/chunk", "qvg s/chunk", "overhead %",
-                                       "KV GB bf16", "KV GB qvg", "qvg fallbacks"], tablefmt="github"))
+                                       "KV GB bf16", "KV GB qvg", "qvg fallbacks"], tablefmt="github", disable_numparse=True))
     return "\n\n".join(lines)
 
 

@@ -153,7 +153,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                           f"{max(r['peak_bytes'] for r in ranks) / GB:.2f}", sum(r["fallbacks"] for r in ranks)])
     text = tabulate(table, headers=["model", "cache", "ranks", "heads/rank", "history frames", "s/chunk (slowest)",
                                     "vs bf16 %", "KV GB/rank", "KV x", "peak GB/rank", "fallbacks"],
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)
     (out / "multi_gpu_table.md").write_text(text + "\n")
     print(f"\n{device} x {rows[0]['world']}; {result['date']}\n\n{text}", flush=True)
 
