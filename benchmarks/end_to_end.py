@@ -186,7 +186,7 @@ def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str
     shares = time_shares(events, clock.cuda)
     shares["device_busy"] = device_busy_s(events) if clock.cuda else 0.0
     if log_path is not None:
-        key = "cuda_time_total" if clock.cuda else "cpu_time_total"
+        key = "device_time_total" if clock.cuda else "cpu_time_total"
         try:
             table = prof.key_averages().table(sort_by=key, row_limit=40)
         except (AttributeError, KeyError):
@@ -380,6 +380,8 @@ def run_longcat(layers: int, chunks: int, config: str, device: torch.device, see
     seconds per chunk (cache pass + 4 CFG forwards) and the cache's bytes, BF16 against QVG.
     The last chunk is reported (history ``(chunks - 1) * 4`` frames); earlier ones compile."""
     from examples.models import longcat as lc
+    if chunks < 4:
+        raise ValueError(f"--longcat-chunks must be >= 4 (chunks 0-2 compile), got {chunks}")
     cfg = lc.real_config(num_layers=layers) if config == "real" else lc.tiny_config(num_layers=layers)
     torch.manual_seed(seed)
     with torch.device(device):
