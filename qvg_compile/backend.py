@@ -108,7 +108,7 @@ class QVGBackend:
             if self.validate and graph_report.inputs_are_caches:
                 return _Validated(gm, compiled, self.rtol, self.atol)
             return compiled
-        return _SwapOnFirstUse(self, gm, example_inputs, dense_sites, graph_report)
+        return _SwapOnFirstUse(self, gm, dense_sites, graph_report)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], graph_report: GraphReport) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -124,9 +124,10 @@ class _SwapOnFirstUse:
     keeps them, runs that call eagerly on the QVGCache, and leaves the next call to Dynamo's
     recompile. Calls whose caches cannot be swapped run the Inductor-compiled dense graph."""
 
-    def __init__(self, backend: QVGBackend, gm: fx.GraphModule, example_inputs: list[Any],
-                 sites: list[tuple[int, Site, Any]], report: GraphReport) -> None:
-        self.backend, self.gm, self.example_inputs = backend, gm, example_inputs
+    def __init__(self, backend: QVGBackend, gm: fx.GraphModule, sites: list[tuple[int, Site, Any]],
+                 report: GraphReport) -> None:
+        # No example inputs are kept: they are the dense caches whose memory the swap frees.
+        self.backend, self.gm = backend, gm
         self.sites, self.report = sites, report
         self._dense: Optional[Callable] = None
 
@@ -152,7 +153,7 @@ class _SwapOnFirstUse:
         if swapped:
             return self.gm(*args)
         if self._dense is None:
-            self._dense = self.backend._inductor(self.gm, self.example_inputs, self.report)
+            self._dense = self.backend._inductor(self.gm, args, self.report)
         return self._dense(*args)
 
 

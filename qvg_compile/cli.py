@@ -39,6 +39,24 @@ def _quant_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo_run import run_demo
+
+    result = run_demo(chunks=args.chunks, seed=args.seed, out=args.out, progress=not args.quiet)
+    print(result["report"].summary())
+    print()
+    print(result["memory_table"])
+    print()
+    print(f"KV cache: {result['dense_bytes'] / 2**20:.2f} MiB dense -> {result['qvg_bytes'] / 2**20:.2f} MiB "
+          f"with QVG ({result['dense_bytes'] / max(1, result['qvg_bytes']):.2f}x less)")
+    print(f"PSNR of the QVG video against the dense-cache video (same seed): {result['psnr_db']:.2f} dB "
+          f"over {result['frames']} frames")
+    print(f"time: dense eager {result['dense_seconds']:.1f} s, QVG compiled {result['qvg_seconds']:.1f} s "
+          "(including compilation)")
+    print(f"video (dense | QVG): {result['video']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvg-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--head-dim", type=int, default=128)
     qb.add_argument("--json", action="store_true", help="print a JSON list of records")
     qb.set_defaults(func=_quant_bench)
+
+    demo = sub.add_parser("demo", help="generate a video with a 2-bit QVG KV cache (CPU, ~1 minute)")
+    demo.add_argument("--chunks", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="qvg_demo.gif")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
     return parser
 
 
