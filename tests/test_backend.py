@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
-from qvg_compile.tinyvideo import TinyVideoModel, allocate_cache, generate
+from qvg_compile.tiny.model import TinyVideoModel, allocate_cache, generate
 
 CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
 
