@@ -138,9 +138,7 @@ class Video:
 
 
 def _device_time_us(event: Any, cuda: bool) -> float:
-    if not cuda:
-        return float(event.cpu_time_total)
-    return float(getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)))
+    return float(event.device_time_total if cuda else event.cpu_time_total)
 
 
 def time_shares(events: Sequence[Any], cuda: bool) -> dict[str, float]:
@@ -170,8 +168,11 @@ def time_shares(events: Sequence[Any], cuda: bool) -> dict[str, float]:
 
 
 def device_busy_s(events: Sequence[Any]) -> float:
-    """Seconds of device work in ``events`` (each kernel once: self device time summed)."""
-    return sum(float(getattr(ev, "self_device_time_total", 0.0)) for ev in events) / 1e6
+    """Seconds of device work in ``events``: the self device time of the host-side events (ops
+    and kernel launches), so each kernel counts once (kernels are also listed as events of
+    their own)."""
+    host = torch.autograd.DeviceType.CPU
+    return sum(float(ev.self_device_time_total) for ev in events if ev.device_type == host) / 1e6
 
 
 def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str, float]:
@@ -327,10 +328,11 @@ def max_frames_in_budget(kind: str, cfg: sf.SelfForcingConfig, budget: float, re
     cuda = device.type == "cuda"
     step = cfg.chunk_frames
     resident = torch.cuda.memory_allocated() if cuda else weight_bytes
+    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
     if cuda:
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
     probes = []
 
     def fits(frames: int) -> bool:
@@ -365,7 +367,7 @@ def max_frames_in_budget(kind: str, cfg: sf.SelfForcingConfig, budget: float, re
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     finally:
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return {"kind": kind, "frames": lo, "reserve_bytes": reserve, "resident_bytes": resident,
             "hit_limit": lo >= limit_frames, "probes": probes}
 

@@ -28,6 +28,14 @@ def event(name, us, parent=None):
     return SimpleNamespace(name=name, cpu_time_total=us, device_time_total=us, cpu_parent=parent)
 
 
+def test_device_busy_counts_each_kernel_once():
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(device_type=cpu, self_device_time_total=300.0),    # op that launched it
+              SimpleNamespace(device_type=cuda, self_device_time_total=300.0),   # the kernel itself
+              SimpleNamespace(device_type=cpu, self_device_time_total=20.0)]
+    assert e2e.device_busy_s(events) == pytest.approx(320e-6)
+
+
 def test_time_shares_counts_outermost_ops_only():
     outer = event("qvg::cache_attention", 300.0)
     nested_sdpa = event("aten::_scaled_dot_product_flash_attention", 200.0, parent=outer)
