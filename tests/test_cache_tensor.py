@@ -140,3 +140,62 @@ def test_wan_sized_layer_cache_memory(frames: int):
     packed_ratio = (n * h * d * 2 - tail_bytes) / (cache.nbytes() - tail_bytes)
     assert packed_ratio >= (5.3 if frames == 21 else 6.3)
     assert cache.compression_ratio() >= (3.3 if frames == 21 else 5.55)
+
+
+def _rolling(kb, k, sink: int, keep: int, evict: int, end: int):
+    """Idiom B: shift the kept window left past the sinks, write the new chunk at the end."""
+    kb[:, sink:sink + keep] = kb[:, sink + evict:sink + evict + keep].clone()
+    kb[:, end - k.shape[1]:end] = k
+    return kb[:, :end].sum()  # any read that depends on every token
+
+
+def _clone_write_cat_read(kb, vb, q, k, v, s: int, e: int):
+    """Idiom C: write into clones, read sinks + window by cat; the buffers are not mutated."""
+    tk, tv = kb.clone(), vb.clone()
+    tk[:, s:e] = k
+    tv[:, s:e] = v
+    rk = torch.cat([tk[:, :4], tk[:, 16:e]], 1).transpose(1, 2)
+    rv = torch.cat([tv[:, :4], tv[:, 16:e]], 1).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, rk, rv)
+
+
+def _index_write(kb, vb, q, k, v, idx):
+    """Idiom H: tensor-indexed writes, then attention over the whole buffer."""
+    kb.index_copy_(1, idx, k)
+    vb[:, idx] = v
+    return F.scaled_dot_product_attention(q, kb.transpose(1, 2), vb.transpose(1, 2))
+
+
+@pytest.mark.parametrize("idiom", ["B", "C", "H"])
+def test_compiled_idioms_equal_eager(idiom: str):
+    torch.manual_seed(4)
+    eager, compiled = pair(), pair()
+    backend = Counting()
+    for caches in (eager, compiled):
+        gen = torch.Generator().manual_seed(0)
+        for c in range(4):
+            x = torch.randn(B, L, H, D, generator=gen)
+            caches[0][:, c * L:(c + 1) * L] = x
+            caches[1][:, c * L:(c + 1) * L] = x
+    if idiom == "B":
+        fn = torch.compile(_rolling, backend=backend, fullgraph=True)
+        for step in range(3):
+            k = torch.randn(B, L, H, D)
+            out = fn(compiled[0], k, 4, 44, 16, 64)
+            ref = _rolling(eager[0], k, 4, 44, 16, 64)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-3)
+    elif idiom == "C":
+        fn = torch.compile(_clone_write_cat_read, backend=backend, fullgraph=True)
+        for step in range(3):
+            q, k, v = torch.randn(B, H, L, D), torch.randn(B, L, H, D), torch.randn(B, L, H, D)
+            out = fn(*compiled, q, k, v, 64, 80)
+            assert (out - _clone_write_cat_read(*eager, q, k, v, 64, 80)).abs().max() <= 1e-5
+    else:
+        fn = torch.compile(_index_write, backend=backend, fullgraph=True)
+        for step in range(3):
+            idx = torch.arange(64 + step * 8, 72 + step * 8)
+            q, k, v = torch.randn(B, H, 8, D), torch.randn(B, 8, H, D), torch.randn(B, 8, H, D)
+            out = fn(*compiled, q, k, v, idx)
+            assert (out - _index_write(*eager, q, k, v, idx)).abs().max() <= 1e-5
+    assert torch.equal(eager[0].dequantize(), compiled[0].dequantize())
+    assert backend.graphs <= 2
