@@ -19,6 +19,7 @@ a cache saved per rank (`parallel.save_caches` / `parallel.load_caches`).
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -183,13 +184,14 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import qvg_compile
-    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun over several hosts
+    device = torch.device("cuda", local) if args.backend == "nccl" else torch.device("cpu")
     model = build(args.config, device, dist.group.WORLD)
     fn = torch.compile(model, backend=qvg_compile.backend()) if args.qvg else torch.compile(model)
     latents, cache = generate(fn, args.chunks, args.seed)
     report = qvg_compile.memory_report(cache)
-    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.1f} MiB "
-          f"of {report['dense_bytes'] / 2**20:.1f} MiB dense ({report['compression']:.2f}x)", flush=True)
+    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.3g} MiB "
+          f"of {report['dense_bytes'] / 2**20:.3g} MiB dense ({report['compression']:.2f}x)", flush=True)
     if args.save:
         save_caches(cache, args.save, rank)
 

@@ -22,6 +22,7 @@ same seed and gets the whole video back.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch
@@ -202,14 +203,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import qvg_compile
-    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun over several hosts
+    device = torch.device("cuda", local) if args.backend == "nccl" else torch.device("cpu")
     model = build(args.config, device, dist.group.WORLD)
     fn = torch.compile(model, backend=qvg_compile.backend()) if args.qvg else torch.compile(model)
     caches = []
     latents = wp.generate(fn, args.chunks, args.seed, progress=False, on_chunk=lambda i, kv: caches.append(kv))
     report = qvg_compile.memory_report(caches[-1])
-    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.1f} MiB "
-          f"of {report['dense_bytes'] / 2**20:.1f} MiB dense ({report['compression']:.2f}x)", flush=True)
+    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.3g} MiB "
+          f"of {report['dense_bytes'] / 2**20:.3g} MiB dense ({report['compression']:.2f}x)", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
