@@ -2,7 +2,9 @@
 
 The file holds one tensor per array (named as in `StoreSpec.names`) and, in the safetensors
 metadata, ``format`` (``qvg-cache/1``), ``spec`` (`StoreSpec.to_json`) and ``view``. A view of a
-larger store is saved as its clone, so the file holds exactly what the tensor shows.
+larger store is saved as its clone: the file holds the tokens the tensor shows, with one caveat:
+dense tokens appended by ``cat`` are written into the clone as the pipeline would have written
+them, so all but the last chunk's worth are quantized (as the cache does when it grows).
 """
 
 from __future__ import annotations
