@@ -58,6 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
     from .tiny.checkpoint import load_checkpoint
@@ -68,15 +70,22 @@ def _eval(args: argparse.Namespace) -> int:
                                methods=args.methods.split(","), bits=args.bits, seed=args.seed, via=args.via,
                                device=args.device, dtype=dtype, progress=not args.json)
     if args.json:
-        print(json.dumps(records, indent=1))
-        return 0
-    print(tabulate([[r["label"], f"{r['bits_per_element']:.3f}", f"{r['compression']:.2f}x", f"{r['psnr_db']:.2f}",
-                     f"{r['ssim']:.3f}", f"{r['psnr_last_chunk_db']:.2f}", f"{r['seconds']:.1f}"] for r in records],
-                   headers=["cache", "bits/elem", "vs dense", "PSNR dB", "SSIM", "PSNR last chunk", "s"],
-                   tablefmt="github"))
+        finite = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in records]
+        print(json.dumps(finite, indent=1))
+    else:
+        print(tabulate([[r["label"], r["via"], f"{r['bits_per_element']:.3f}", f"{r['compression']:.2f}x",
+                         f"{r['psnr_db']:.2f}", f"{r['ssim']:.3f}", f"{r['psnr_last_chunk_db']:.2f}",
+                         f"{r['seconds']:.1f}"] for r in records],
+                       headers=["cache", "how", "bits/elem", "vs dense", "PSNR dB", "SSIM", "PSNR last chunk", "s"],
+                       tablefmt="github"))
     if args.plot:
         from .tiny.media import save_psnr_plot
-        print(f"plot: {save_psnr_plot(records, args.plot)}")
+        path = save_psnr_plot(records, args.plot, title=f"{args.chunks} chunks, {args.prompts} prompt(s), {args.dtype}")
+        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)
+    if args.gif:
+        from .tiny.media import save_strip
+        path = save_strip([v[0] for v in videos.values()], [r["label"] for r in records], args.gif)
+        print(f"video strip: {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -107,13 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="video quality of QVG and baseline caches against the dense-cache rollout")
     ev.add_argument("--chunks", type=int, default=12, help="chunks per video, the prompt chunk included")
     ev.add_argument("--prompts", type=int, default=2)
-    ev.add_argument("--methods", default="qvg,qvg_pro,rtn", help="comma-separated presets the cache can hold")
+    ev.add_argument("--methods", default="qvg,qvg_asym,qvg_pro,qvg_pro_asym,rtn,kivi,quarot",
+                    help="comma-separated: qvg, qvg_asym, qvg_pro, qvg_pro_asym, rtn (in QVGCache), kivi, quarot (simulated)")
     ev.add_argument("--bits", type=int, default=2)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--via", choices=["compress", "compile"], default="compress")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     ev.add_argument("--plot", help="write a PNG of PSNR per frame here (matplotlib)")
+    ev.add_argument("--gif", help="write the first prompt's videos side by side here (Pillow)")
     ev.add_argument("--json", action="store_true", help="print the records as JSON")
     ev.set_defaults(func=_eval)
     return parser

@@ -7,6 +7,11 @@ the caches are either compressed up front with `qvg_compile.compress` (``via="co
 SSIM against the BF16 rollout over the generated frames, bits per element and compression of the
 whole cache as held at the end (the open chunk's dense slot and every codebook included), and the
 wall time of the rollout.
+
+`QVGCache` stores QVG and RTN codes only, so KIVI and QuaRot run simulated (``via="simulated"``):
+after each chunk's clean pass its K/V slot is replaced by ``quantize(...).dequantize()`` of the
+math layer, which is what the cache does when it seals a chunk (the open chunk stays dense in
+both). Their bits are the segments' own accounting plus the dense open chunk.
 """
 
 from __future__ import annotations
@@ -19,31 +24,70 @@ import torch
 
 from ..backend import backend
 from ..cache import compress, memory_report
+from ..quant.api import quantize
 from ..quant.config import QVGConfig
 from .checkpoint import Checkpoint
 from .data import from_uint8
 from .metrics import psnr_per_frame, ssim_per_frame
 from .model import TinyVideoModel, allocate_cache, generate
 
-LABELS = {"bf16": "BF16 cache", "qvg": "QVG", "qvg_pro": "QVG-Pro", "rtn": "RTN", "kivi": "KIVI",
-          "quarot": "QuaRot"}
-DEFAULT_METHODS = ("qvg", "qvg_pro", "rtn", "kivi", "quarot")
+LABELS = {"bf16": "BF16 cache", "qvg": "QVG", "qvg_asym": "QVG asym", "qvg_pro": "QVG-Pro",
+          "qvg_pro_asym": "QVG-Pro asym", "rtn": "RTN", "kivi": "KIVI", "quarot": "QuaRot"}
+DEFAULT_METHODS = ("qvg", "qvg_asym", "qvg_pro", "qvg_pro_asym", "rtn", "kivi", "quarot")
+SIMULATED = ("kivi", "quarot")
 VIAS = ("compress", "compile")
 
 
 def method_config(name: str, head_dim: int, bits: int = 2) -> QVGConfig:
-    """The preset ``name`` at ``bits`` for keys and values; QuaRot's group (128 in its preset) is
-    capped at the head dim, since a group may not span heads."""
+    """The config of method ``name`` at ``bits`` for keys and values.
+
+    ``qvg``/``qvg_pro`` are the presets (published symmetric codes); ``*_asym`` use asymmetric
+    codes (all 4 levels, an FP8 zero point beside the FP8 scale). QuaRot's group (128 in its
+    preset) is capped at the head dim; KIVI's full-precision window is 0 because the open chunk
+    (a whole chunk of tokens) stays dense for every method."""
     if name not in LABELS or name == "bf16":
         raise ValueError(f"name: expected one of {sorted(set(LABELS) - {'bf16'})}, got {name!r}")
-    config = QVGConfig.preset(name, key_bits=bits, value_bits=bits)
+    preset = name.removesuffix("_asym")
+    config = QVGConfig.preset(preset, key_bits=bits, value_bits=bits)
+    if name.endswith("_asym"):
+        config = config.replace(code_mode="asymmetric")
+    if name == "kivi":
+        config = config.replace(residual_window=0)
     if config.group_size > head_dim:
         config = config.replace(group_size=head_dim)
     return config
 
 
+class SimulatedCache:
+    """``after_chunk`` hook of `generate`: quantizes each finished chunk of a dense cache in place
+    with the math layer and counts the bytes its segments hold."""
+
+    def __init__(self, config: QVGConfig) -> None:
+        self.config = config
+        self.chunk_bytes: list[int] = []
+
+    def __call__(self, cache: list[dict], start: int, end: int) -> None:
+        held = 0
+        for layer in cache:
+            for name, role in (("k", "key"), ("v", "value")):
+                x = layer[name][:, start:end]
+                segment = quantize(x, self.config, seq_dim=1, role=role)
+                layer[name][:, start:end] = segment.dequantize().to(x.dtype)
+                held += segment.nbytes
+        self.chunk_bytes.append(held)
+
+    def bits(self, cache: list[dict]) -> tuple[float, float]:
+        """``(bits per element, compression)`` with every chunk but the last quantized."""
+        elements = sum(layer[name].numel() for layer in cache for name in ("k", "v"))
+        itemsize = cache[0]["k"].element_size()
+        open_bytes = elements * itemsize // len(self.chunk_bytes)
+        held = sum(self.chunk_bytes[:-1]) + open_bytes
+        return 8 * held / elements, elements * itemsize / held
+
+
 def rollout(model: TinyVideoModel, chunks: int, prompt: torch.Tensor, seed: int,
             config: Optional[QVGConfig] = None, via: str = "compress", progress: bool = False,
+            after_chunk: Optional[Callable] = None,
             **cache_options: Any) -> tuple[torch.Tensor, list[dict], float]:
     """One video per prompt ``[B, F, C, H, W]`` with a dense cache (``config=None``) or a
     compressed one. Returns ``(frames [B, chunks*F, C, H, W], cache, seconds)``."""
@@ -60,7 +104,7 @@ def rollout(model: TinyVideoModel, chunks: int, prompt: torch.Tensor, seed: int,
     _sync(param.device)
     start = time.perf_counter()
     video = generate(runner, chunks, seed=seed, cache=cache, prompt=prompt.to(param.device, param.dtype),
-                     progress=progress)
+                     progress=progress, after_chunk=after_chunk)
     _sync(param.device)
     return video, cache, time.perf_counter() - start
 
@@ -86,7 +130,8 @@ def evaluate(ckpt: Checkpoint, chunks: int = 24, prompts: int = 4, methods: Sequ
     Returns ``(records, videos)``: one record per method, the BF16 reference first (``method``,
     ``label``, ``bits_per_element``, ``compression``, ``psnr_db``, ``ssim``, ``psnr_last_chunk_db``,
     ``per_frame_psnr_db``, ``per_frame_ssim``, ``first_frame``, ``seconds``, ``frames``, ``via``,
-    ``config``), and the videos ``[B, T, C, H, W]`` by method.
+    ``config``), and the videos ``[B, T, C, H, W]`` by method. KIVI and QuaRot run simulated
+    (``via="simulated"``, see the module docstring); the rest through ``via``.
     """
     from tqdm.auto import tqdm
 
@@ -107,9 +152,14 @@ def evaluate(ckpt: Checkpoint, chunks: int = 24, prompts: int = 4, methods: Sequ
     videos = {"bf16": reference.float().cpu()}
     for name in tqdm(methods, desc="methods", unit="method", disable=not progress):
         config = method_config(name, cfg.head_dim, bits)
-        video, cache, seconds = rollout(model, chunks, prompt, seed, config, via, **options)
-        bpe, compression = cache_bits(cache)
-        records.append(_record(name, config, reference, video, first, seconds, bpe, compression, via))
+        if name in SIMULATED:
+            hook = SimulatedCache(config)
+            video, cache, seconds = rollout(model, chunks, prompt, seed, after_chunk=hook)
+            (bpe, compression), how = hook.bits(cache), "simulated"
+        else:
+            video, cache, seconds = rollout(model, chunks, prompt, seed, config, via, **options)
+            (bpe, compression), how = cache_bits(cache), via
+        records.append(_record(name, config, reference, video, first, seconds, bpe, compression, how))
         videos[name] = video.float().cpu()
     return records, videos
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -265,14 +265,16 @@ def timesteps(steps: int) -> list[float]:
 @torch.no_grad()
 def generate(model: nn.Module, num_chunks: int, seed: int = 0, cache: Optional[list[dict]] = None,
              prompt: Optional[torch.Tensor] = None, progress: bool = True,
-             steps: Optional[int] = None) -> torch.Tensor:
+             steps: Optional[int] = None,
+             after_chunk: Optional[Callable[[list[dict], int, int], None]] = None) -> torch.Tensor:
     """Auto-regressive generation; returns frames ``[B, num_chunks * F, C, H, W]`` in the model's dtype.
 
     ``prompt`` ``[B, k * F, C, H, W]`` (optional) fills the first k chunks: they only get the
     clean pass. Every other chunk starts from seeded noise (drawn on the CPU, so a seed gives the
     same noise on every device) and gets ``steps`` Euler steps, each rewriting the chunk's cache
     slot, then the clean pass at t=0. ``model`` may be the compiled module; ``cache`` defaults to
-    a fresh `allocate_cache`.
+    a fresh `allocate_cache`. ``after_chunk(cache, start, end)`` runs after each clean pass (the
+    eval uses it to quantize a finished chunk in place).
     """
     from tqdm.auto import tqdm
 
@@ -307,5 +309,7 @@ def generate(model: nn.Module, num_chunks: int, seed: int = 0, cache: Optional[l
                 velocity = model(x, torch.full_like(zero, t0), cache, start)
                 x = x + (t1 - t0) * velocity
         model(x, zero, cache, start)
+        if after_chunk is not None:
+            after_chunk(cache, start, start + cfg.chunk_tokens)
         frames.append(x)
     return torch.cat(frames, dim=1)
