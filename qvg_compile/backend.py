@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,8 +26,8 @@ import torch.fx as fx
 
 from .cache import QVGCache
 from .passes.report import GraphReport, Report
-from .passes.sites import Site, find_sites
-from .passes.sources import SourceError, replace_at_source
+from .passes.sites import Known, Rejected, Site, find_sites, written_inputs
+from .passes.sources import SourceError, assign_at_source, check_assignable, check_source_kind, find_frame
 from .quant.config import QVGConfig
 
 
@@ -62,103 +63,205 @@ class QVGBackend:
                  rtol: float = 1e-3, atol: float = 1e-3, **cache_options: Any) -> None:
         if config is not None and not isinstance(config, QVGConfig):
             raise TypeError(f"config: expected a QVGConfig, got {type(config).__name__}")
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
         self.config = config or QVGConfig.preset("qvg")
         self.validate = bool(validate)
         self.rtol, self.atol = rtol, atol
         self.cache_options = cache_options
         self.report = Report()
         self._lock = threading.Lock()
-        # Sources of inputs already proven to be caches: a later graph that only reads them
-        # (write and read split by a graph break, idiom G) still treats them as caches.
-        self._known_sources: set[str] = set()
+        # What each graph showed about its inputs, by Dynamo source: later graphs (write and read
+        # split by a graph break, idiom G) and later calls build on it.
+        self._known: dict[str, Known] = {}
+
+    def _known_of(self, node: fx.Node) -> Optional[Known]:
+        value = node.meta.get("example_value")
+        if isinstance(value, QVGCache):
+            return Known("cache", value.seq_dim)
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        return self._known.get(source.name) if source is not None else None
+
+    def _learn(self, graph: fx.Graph, sites: list[Site], rejected: list[Rejected]) -> None:
+        for s in sites:
+            prior = self._known.get(s.source)
+            tokens = prior.tokens if prior is not None else None
+            self._known[s.source] = Known("cache", s.seq_dim, tuple(s.roles), tokens)
+        cached = {s.placeholder for s in sites}
+        for ph, writes in written_inputs(graph).items():
+            source = getattr(ph.meta.get("grapharg"), "source", None)
+            if ph.name in cached or source is None or source.name in self._known:
+                continue
+            self._known[source.name] = Known("written", writes.seq_dim, (), writes.tokens)
+        for r in rejected:
+            if r.roles and r.source != "-" and r.source not in self._known:
+                self._known[r.source] = Known("read", None, tuple(r.roles))
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         with self._lock:
             graph_report = GraphReport(len(self.report.graphs), f"graph_{len(self.report.graphs)}",
                                        inputs_are_caches=False, code_before=gm.code)
             self.report.graphs.append(graph_report)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-        def known(node: fx.Node) -> bool:
-            value = node.meta.get("example_value")
-            source = getattr(node.meta.get("grapharg"), "source", None)
-            return isinstance(value, QVGCache) or (source is not None and source.name in self._known_sources)
-
-        sites, rejected, readers = find_sites(gm.graph, known_cache=known)
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            sites, rejected, readers = find_sites(gm.graph, known_cache=self._known_of)
+            self._learn(gm.graph, sites, rejected)
         graph_report.sites, graph_report.rejected = sites, rejected
         for r in readers:
             graph_report.readers[r.kind] = graph_report.readers.get(r.kind, 0) + 1
-        for s in sites:
-            self._known_sources.add(s.source)
         position = {n.name: i for i, n in enumerate(placeholders)}
-        dense_sites = []
+        dense_sites, errors = [], []
         for s in sites:
             node = placeholders[position[s.placeholder]]
-            source = getattr(node.meta.get("grapharg"), "source", None)
             if isinstance(node.meta.get("example_value"), QVGCache):
                 continue
-            if source is None:
-                graph_report.swap_errors.append(f"{s.source}: Dynamo recorded no source for it")
-                continue
-            dense_sites.append((position[s.placeholder], s, source))
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            problem = "Dynamo recorded no source for it" if source is None else self._cannot_swap(s, source, node)
+            if problem:
+                errors.append(f"{s.source}: not replaced ({problem})")
+            else:
+                dense_sites.append((position[s.placeholder], s, source))
+        if errors and dense_sites:
+            # All of a graph's caches or none: attention never mixes a dense and a QVG operand.
+            errors += [f"{s.source}: not replaced (kept dense with the other caches of this graph)"
+                       for _, s, _ in dense_sites]
+            dense_sites = []
+        graph_report.swap_errors.extend(errors)
         graph_report.inputs_are_caches = any(isinstance(n.meta.get("example_value"), QVGCache)
                                              for n in placeholders)
         if not dense_sites:
-            compiled = self._inductor(gm, example_inputs, graph_report)
-            if self.validate and graph_report.inputs_are_caches:
+            if not graph_report.inputs_are_caches:
+                return self._inductor(gm, example_inputs, graph_report)
+            compiled = self._inductor_or_eager(gm, example_inputs, graph_report)
+            if self.validate:
                 return _Validated(gm, compiled, self.rtol, self.atol)
             return compiled
         return _SwapOnFirstUse(self, gm, dense_sites, graph_report)
+
+    def _cannot_swap(self, site: Site, source: Any, node: fx.Node) -> Optional[str]:
+        """Why the dense input of ``site`` could not become a `QVGCache`, decided when the graph
+        is compiled (so a graph that stays dense is compiled once, as Inductor would)."""
+        try:
+            check_source_kind(source)
+            value = node.meta.get("example_value")
+            QVGCache.empty(tuple(int(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
+                           device="meta", **self.cache_kwargs(site))
+        except (SourceError, ValueError, TypeError) as exc:
+            return str(exc)
+        return None
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], graph_report: GraphReport) -> Callable:
         from torch._inductor.compile_fx import compile_fx
         return compile_fx(gm, example_inputs,
                           config_patches={"post_grad_custom_post_pass": _PostGradCapture(graph_report)})
 
+    def _inductor_or_eager(self, gm: fx.GraphModule, example_inputs: list[Any],
+                           graph_report: GraphReport) -> Callable:
+        """Inductor over `QVGCache` inputs; a graph Inductor cannot compile runs eagerly on the
+        caches (still quantized and correct), reported rather than raised."""
+        try:
+            compiled = self._inductor(gm, example_inputs, graph_report)
+        except Exception as exc:  # noqa: BLE001 (any Inductor failure: the eager graph is correct)
+            _eager_note(graph_report, f"Inductor could not compile it over QVGCache inputs "
+                                      f"({type(exc).__name__}: {_first_line(exc)}); it runs eagerly")
+            return gm
+        return _EagerOnLayoutMismatch(gm, compiled, graph_report)
+
     def to_cache(self, dense: torch.Tensor, site: Site) -> QVGCache:
-        return QVGCache.from_dense(dense, seq_dim=site.seq_dim, config=self.config, **self.cache_options)
+        """``dense`` quantized into a `QVGCache` for ``site`` (roles give the bit widths)."""
+        return QVGCache.from_dense(dense, seq_dim=site.seq_dim, config=self.config, **self.cache_kwargs(site))
+
+    def cache_kwargs(self, site: Site) -> dict[str, Any]:
+        """`QVGCache` options for ``site``: the backend's cache options, its role(s), and for a
+        cache first written in another graph (G), that write's length as the slot length."""
+        options = dict(self.cache_options)
+        roles = tuple(site.roles)
+        if "F" in site.idioms and len(roles) == 2:
+            options.setdefault("roles", ("key", "value"))
+        elif len(roles) == 1:
+            options.setdefault("role", roles[0])
+        known = self._known.get(site.source)
+        if known is not None and known.tokens and "G" in site.idioms:
+            # The write already happened densely in another graph: keep that chunk an open slot,
+            # as a cache written from the start would.
+            options.setdefault("chunk_tokens", known.tokens)
+        return options
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _eager_note(report: GraphReport, message: str) -> None:
+    if message not in report.eager:
+        report.eager.append(message)
+        warnings.warn(f"qvg_backend, {report.name}: {message}", QVGBackendWarning, stacklevel=3)
+
+
+class QVGBackendWarning(UserWarning):
+    """A graph over QVG caches runs eagerly (correct, slower); `Report.summary()` says why."""
 
 
 class _SwapOnFirstUse:
     """Runs a graph whose cache inputs are still dense: swaps them for QVGCache where the model
     keeps them, runs that call eagerly on the QVGCache, and leaves the next call to Dynamo's
-    recompile. Calls whose caches cannot be swapped run the Inductor-compiled dense graph."""
+    recompile. Whether the caches can be swapped is decided at compile time
+    (`QVGBackend._cannot_swap`)."""
 
     def __init__(self, backend: QVGBackend, gm: fx.GraphModule, sites: list[tuple[int, Site, Any]],
                  report: GraphReport) -> None:
         # No example inputs are kept: they are the dense caches whose memory the swap frees.
         self.backend, self.gm = backend, gm
         self.sites, self.report = sites, report
-        self._dense: Optional[Callable] = None
 
     def __call__(self, *args: Any) -> Any:
         args = list(args)
-        swapped = False
-        for index, site, source in self.sites:
-            value = args[index]
-            if type(value) is not torch.Tensor:
-                continue
-            try:
-                cache = self.backend.to_cache(value, site)
-                replace_at_source(source, value, cache)
-            except (SourceError, ValueError, TypeError) as exc:
-                message = f"{site.source}: not replaced ({exc})"
-                if message not in self.report.swap_errors:
-                    self.report.swap_errors.append(message)
-                continue
+        planned = []
+        try:
+            for index, site, source in self.sites:
+                value = args[index]
+                if type(value) is not torch.Tensor:
+                    continue
+                frame = find_frame(source, value)
+                check_assignable(source, frame)
+                planned.append((index, site, source, frame))
+        except SourceError as exc:
+            # Checked when compiled, so only an unusual caller gets here: run this call as traced.
+            _eager_note(self.report, f"the caches could not be replaced at their source ({exc}); "
+                                     "this call ran eagerly on the dense tensors")
+            return self.gm(*args)
+        for index, site, source, frame in planned:
+            cache = self.backend.to_cache(args[index], site)
+            assign_at_source(source, frame, cache)
             args[index] = cache
-            swapped = True
             if site.source not in self.report.swapped:
                 self.report.swapped.append(site.source)
-        if swapped:
+        del planned
+        return self.gm(*args)
+
+
+class _EagerOnLayoutMismatch:
+    """Inductor asserts the sizes and strides of the arrays inside `QVGCache` inputs before it
+    computes anything; a layout its guards did not cover runs that call eagerly instead."""
+
+    def __init__(self, gm: fx.GraphModule, compiled: Callable, report: GraphReport) -> None:
+        self.gm, self.compiled, self.report = gm, compiled, report
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.compiled(*args)
+        except AssertionError as exc:
+            if "expected size" not in str(exc) and "stride" not in str(exc):
+                raise
+            _eager_note(self.report, f"a QVGCache input's inner arrays changed layout without a "
+                                     f"recompile ({_first_line(exc)}); that call ran eagerly")
             return self.gm(*args)
-        if self._dense is None:
-            self._dense = self.backend._inductor(self.gm, args, self.report)
-        return self._dense(*args)
 
 
 class _Validated:
-    """First call: compiled and eager (on cloned caches) must agree, else `ValidationError`."""
+    """First call: compiled and eager (on cloned caches) must agree, outputs and the caches the
+    graph writes, else `ValidationError`."""
 
     def __init__(self, gm: fx.GraphModule, compiled: Callable, rtol: float, atol: float) -> None:
         self.gm, self.compiled, self.rtol, self.atol = gm, compiled, rtol, atol
@@ -173,13 +276,19 @@ class _Validated:
         got = self.compiled(*args)
         flat_expected, _ = torch.utils._pytree.tree_flatten(expected)
         flat_got, _ = torch.utils._pytree.tree_flatten(got)
-        for i, (e, g) in enumerate(zip(flat_expected, flat_got)):
-            if isinstance(e, torch.Tensor) and not isinstance(e, QVGCache):
-                if not torch.allclose(g.float(), e.float(), rtol=self.rtol, atol=self.atol):
-                    diff = float((g.float() - e.float()).abs().max())
-                    raise ValidationError(
-                        f"qvg_backend(validate=True): output {i} of the compiled graph differs from "
-                        f"eager QVG execution by {diff:.3g} (rtol={self.rtol}, atol={self.atol})")
+        pairs = [(f"output {i}", e, g) for i, (e, g) in enumerate(zip(flat_expected, flat_got))]
+        pairs += [(f"cache input {i}", c, a) for i, (c, a) in enumerate(zip(copies, args))
+                  if isinstance(a, QVGCache)]
+        for what, e, g in pairs:
+            if not isinstance(e, torch.Tensor) or not isinstance(g, torch.Tensor):
+                continue
+            e = e.dequantize() if isinstance(e, QVGCache) else e
+            g = g.dequantize() if isinstance(g, QVGCache) else g
+            if e.shape != g.shape or not torch.allclose(g.float(), e.float(), rtol=self.rtol, atol=self.atol):
+                diff = float((g.float() - e.float()).abs().max()) if e.shape == g.shape else float("inf")
+                raise ValidationError(
+                    f"qvg_backend(validate=True): {what} of the compiled graph differs from "
+                    f"eager QVG execution by {diff:.3g} (rtol={self.rtol}, atol={self.atol})")
         return got
 
 

@@ -62,7 +62,14 @@ GQA_METHODS = {"repeat_interleave", "expand", "repeat"}
 
 
 def is_call(node: Any, targets: set) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+    """``node`` calls one of ``targets`` (an op packet, as Dynamo records ``torch.ops.aten.x``,
+    counts as its default overload)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket) and hasattr(target, "default"):
+        return target in targets or target.default in targets
+    return target in targets
 
 
 def is_method(node: Any, names: set) -> bool:

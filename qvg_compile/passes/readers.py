@@ -15,6 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .graph_ops import (MATMUL_TARGETS, SDPA_TARGETS, SDPA_TUPLE_TARGETS, SOFTMAX_TARGETS, arg,
@@ -33,6 +34,9 @@ class Reader:
     v: fx.Node
     # matmul_softmax only: the node holding scores before softmax, and the mask/scale nodes seen.
     scores: Optional[fx.Node] = None
+    # Sequence dim of k/v as the reader sees them: -2 for [B, H, N, D], 1 for flash-attn's
+    # [B, N, H, D], 0 for its varlen [total, H, D].
+    seq_dim: int = -2
 
 
 def _unwrap_casts(node: object) -> object:
@@ -85,16 +89,39 @@ def _scores_source(node: object) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
     return None, None
 
 
+def _op_name(target: object) -> str:
+    """``namespace::name`` of a torch op (overload or packet), else the Python name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
+
+
+def _default_overload(target: object) -> object:
+    """Dynamo records ``torch.ops.aten.x(...)`` with the packet: compare by its default overload."""
+    if isinstance(target, torch._ops.OpOverloadPacket) and hasattr(target, "default"):
+        return target.default
+    return target
+
+
+def _is_flash_attn_forward(node: fx.Node) -> bool:
+    name = _op_name(node.target)
+    return "flash_attn" in name and ("forward" in name or "fwd" in name or name.endswith("_func"))
+
+
 def find_readers(graph: fx.Graph) -> list[Reader]:
     """Every attention reader in ``graph``, in graph order."""
     readers: list[Reader] = []
     for node in graph.nodes:
-        if is_call(node, SDPA_TARGETS) or is_call(node, SDPA_TUPLE_TARGETS):
+        target = _default_overload(node.target) if node.op == "call_function" else None
+        if target in SDPA_TARGETS or target in SDPA_TUPLE_TARGETS:
             readers.append(Reader(node, "sdpa", arg(node, 0, "query"), arg(node, 1, "key"),
                                   arg(node, 2, "value")))
-        elif node.op == "call_function" and "flash_attn" in str(getattr(node.target, "name", lambda: "")()
-                                                                  if hasattr(node.target, "name") else node.target):
-            readers.append(Reader(node, "flash_attn", node.args[0], node.args[1], node.args[2]))
+        elif node.op == "call_function" and _is_flash_attn_forward(node) and len(node.args) >= 3:
+            varlen = "varlen" in _op_name(node.target)
+            readers.append(Reader(node, "flash_attn", node.args[0], node.args[1], node.args[2],
+                                  seq_dim=0 if varlen else 1))
         elif _is_matmul(node):
             probs = _unwrap_casts(node.args[0])
             if not _is_softmax(probs):

@@ -25,6 +25,8 @@ class GraphReport:
     readers: dict[str, int] = field(default_factory=dict)
     swapped: list[str] = field(default_factory=list)
     swap_errors: list[str] = field(default_factory=list)
+    # Why this graph (or some call of it) runs eagerly instead of through Inductor, if it does.
+    eager: list[str] = field(default_factory=list)
     code_before: str = ""
     code_after: Optional[str] = None
 
@@ -61,8 +63,9 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
-    def summary(self) -> str:
-        """Tables: sites found, rewrites applied (swaps), candidates rejected, graph breaks."""
+    def summary(self, diff: bool = False) -> str:
+        """Tables: sites found, rewrites applied (swaps), candidates rejected, graph breaks; and
+        with ``diff=True`` each graph's unified diff (Dynamo code -> post-grad ATen code)."""
         lines = [f"QVG backend: {len(self.graphs)} graph(s), {len(self.sites)} cache site(s), "
                  f"{sum(len(g.swapped) for g in self.graphs)} dense cache(s) replaced by QVGCache, "
                  f"{len(self.graph_breaks)} graph break(s)"]
@@ -80,10 +83,16 @@ class Report:
         if rejected or errors:
             lines.append(tabulate(rejected + errors, headers=["graph", "left untouched", "why"],
                                   tablefmt="github"))
+        eager = [[g.index, e] for g in self.graphs for e in g.eager]
+        if eager:
+            lines.append(tabulate(eager, headers=["graph", "runs eagerly because"],
+                                  tablefmt="github"))
         if self.graph_breaks:
             lines.append(tabulate([[b] for b in self.graph_breaks], headers=["graph break"],
                                   tablefmt="github"))
         lines.extend(self.notes)
+        if diff:
+            lines.extend(d for d in (g.diff() for g in self.graphs) if d)
         return "\n\n".join(lines)
 
     def __str__(self) -> str:

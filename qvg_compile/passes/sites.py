@@ -56,11 +56,27 @@ class Site:
 
 @dataclass
 class Rejected:
-    """A candidate left untouched, and why."""
+    """A candidate left untouched, and why (``roles``: how attention read it, if it did)."""
 
     node: str
     source: str
     reason: str
+    roles: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Known:
+    """What other graphs (or earlier calls) showed about an input, keyed by its source.
+
+    ``evidence`` is ``"cache"`` (proven), ``"written"`` (slice or index writes, no attention read
+    in that graph) or ``"read"`` (read by attention as K/V, never written in that graph). A
+    ``"written"`` input read by attention here, or a ``"read"`` input written here, is a cache
+    whose write and read were split by a graph break (idiom G)."""
+
+    evidence: str
+    seq_dim: Optional[int] = None
+    roles: tuple[str, ...] = ()
+    tokens: Optional[int] = None
 
 
 @dataclass
@@ -103,8 +119,9 @@ def _last_dim_slice(index: object, rank: int) -> bool:
         all(i == slice(None) for i in items[:-1])
 
 
-def trace_back(node: object, limit: int = 64) -> list[Trace]:
-    """All placeholders ``node`` is computed from through data-preserving ops."""
+def trace_back(node: object, limit: int = 64, seq_dim: int = -2) -> list[Trace]:
+    """All placeholders ``node`` is computed from through data-preserving ops (``seq_dim``: the
+    sequence dim of ``node`` as its reader sees it, followed back through transposes)."""
     out: list[Trace] = []
 
     def walk(n: object, ops: list[str], state: dict, depth: int) -> None:
@@ -155,7 +172,7 @@ def trace_back(node: object, limit: int = 64) -> list[Trace]:
             return
 
     value = example_value(node) if isinstance(node, fx.Node) else None
-    start_dim = value.dim() - 2 if value is not None and value.dim() >= 2 else None
+    start_dim = seq_dim % value.dim() if value is not None and value.dim() >= 2 else None
     walk(node, [], dict(via_cat=None, rope=False, moved=False, gqa=False, packed_last_dim=False,
                         clone_of=False, read_dim=start_dim), 0)
     return out
@@ -195,6 +212,12 @@ class Writes:
     index_writes: int = 0
     self_copies: int = 0
     clone_writes: int = 0
+    # Tokens one write covers along seq_dim, when static (the chunk length of the pipeline).
+    tokens: Optional[int] = None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.slice_writes or self.index_writes)
 
 
 def _writes_into(ph: fx.Node) -> Writes:
@@ -216,6 +239,7 @@ def _writes_into(ph: fx.Node) -> Writes:
                     w.clone_writes += 1
                 if w.seq_dim is None:
                     w.seq_dim = dim
+                    w.tokens = _static_size(value, dim)
                 if any(t.placeholder is ph for t in trace_back(value)):
                     w.self_copies += 1
             elif is_method(user, {"index_copy_", "index_put_", "index_add_"}) and user.args[0] is root:
@@ -231,32 +255,54 @@ def _writes_into(ph: fx.Node) -> Writes:
     return w
 
 
+KnownFn = Callable[[fx.Node], "Optional[Known] | bool"]
+
+
+def _as_known(value: "Optional[Known] | bool") -> Optional[Known]:
+    if isinstance(value, Known):
+        return value
+    return Known("cache") if value else None
+
+
 def find_sites(
     graph: fx.Graph,
-    known_cache: Callable[[fx.Node], bool] = lambda node: False,
+    known_cache: KnownFn = lambda node: None,
 ) -> tuple[list[Site], list[Rejected], list[Reader]]:
-    """Cache sites of ``graph``; ``known_cache(placeholder)`` says whether another graph (or an
-    earlier call) already showed that input to be a cache (idiom G)."""
+    """Cache sites of ``graph``, the candidates rejected (with the reason) and the attention readers.
+
+    ``known_cache(placeholder)`` returns what other graphs (or earlier calls) showed about that
+    input: a `Known`, ``True`` for a proven cache, or ``None``. It turns an input that is only
+    read here, or only written here, into a site when another graph did the other half (G).
+    """
     readers = find_readers(graph)
     found: dict[fx.Node, Site] = {}
     rejected: list[Rejected] = []
+
+    def reject(node: fx.Node, reason: str, role: Optional[str] = None) -> None:
+        for r in rejected:
+            if r.node == node.name and r.reason == reason:
+                if role and role not in r.roles:
+                    r.roles.append(role)
+                return
+        rejected.append(Rejected(node.name, _source_name(node), reason, [role] if role else []))
+
     for reader in readers:
         # Inputs the query is computed from hold the current chunk's activations, not history.
         query_inputs = {t.placeholder for t in trace_back(reader.q)}
         for role, operand in (("key", reader.k), ("value", reader.v)):
-            traces = trace_back(operand)
-            if not any(True for _ in traces):
+            traces = trace_back(operand, seq_dim=reader.seq_dim)
+            if not traces:
                 rejected.append(Rejected(reader.node.name, "-", f"{role} of {reader.kind} is computed "
                                          "from activations only (no graph input): not a cache"))
                 continue
             for t in traces:
                 ph = t.placeholder
-                if ph in query_inputs and not _writes_into(ph).slice_writes:
+                writes = _writes_into(ph)
+                if ph in query_inputs and not writes.slice_writes:
                     continue
                 value = example_value(ph)
                 if value is None or value.dim() < 3 or not value.dtype.is_floating_point:
                     continue
-                writes = _writes_into(ph)
                 idioms: list[str] = []
                 if writes.slice_writes and not writes.clone_writes:
                     idioms.append("A")
@@ -270,27 +316,26 @@ def find_sites(
                     idioms.append("H")
                 if t.packed_last_dim:
                     idioms.append("F")
-                if not idioms and known_cache(ph):
+                known = _as_known(known_cache(ph))
+                if (not idioms or idioms == ["F"]) and known is not None and known.evidence in ("cache", "written"):
                     idioms.append("G")
                 if not idioms or idioms == ["F"]:
-                    reason = ("read by attention but never written or appended to in this graph, "
-                              "and not known as a cache from another graph (cross-attention "
-                              "constant or positional table): left untouched")
-                    if not any(r.node == ph.name and r.reason == reason for r in rejected):
-                        rejected.append(Rejected(ph.name, _source_name(ph), reason))
+                    reject(ph, "read by attention but never written or appended to in this graph, "
+                               "and not known as a cache from another graph (cross-attention "
+                               "constant or positional table): left untouched", role)
                     continue
                 if t.rope:
                     idioms.append("E")
                 seq_dim = writes.seq_dim if writes.seq_dim is not None else t.via_cat
+                if seq_dim is None and known is not None:
+                    seq_dim = known.seq_dim
                 if seq_dim is None:
                     seq_dim = t.read_dim
                 if isinstance(seq_dim, int) and seq_dim < 0:
                     seq_dim += value.dim()
                 site = found.get(ph)
                 if site is None:
-                    layout = {1: "[B, S, H, D]", 2: "[B, H, S, D]"}.get(seq_dim, f"seq dim {seq_dim}")
-                    site = Site(ph.name, _source_name(ph), [], [], seq_dim, tuple(value.shape),
-                                str(value.dtype).replace("torch.", ""), layout, [], t.ops)
+                    site = _new_site(ph, value, seq_dim, t.ops)
                     found[ph] = site
                 for i in idioms:
                     if i not in site.idioms:
@@ -303,6 +348,18 @@ def find_sites(
                                    (t.rope, "RoPE applied at read")):
                     if flag and note not in site.notes:
                         site.notes.append(note)
+    # Written here, read by attention in another graph (the read and the write split by a break).
+    for ph, writes in written_inputs(graph).items():
+        known = _as_known(known_cache(ph))
+        if ph in found or known is None or known.evidence not in ("cache", "read"):
+            continue
+        value = example_value(ph)
+        seq_dim = writes.seq_dim if writes.seq_dim is not None else known.seq_dim
+        site = _new_site(ph, value, seq_dim, [])
+        site.idioms = ["G"] + (["H"] if writes.index_writes else []) + (["B"] if writes.self_copies else [])
+        site.roles = list(known.roles)
+        site.notes.append("written here, read by attention in another graph")
+        found[ph] = site
     for site in found.values():
         if "F" in site.idioms and len(site.roles) < 2:
             # A last-dim split feeding only K (e.g. RoPE halves) is not a packed K/V layout.
@@ -310,6 +367,36 @@ def find_sites(
         site.idioms.sort()
         if site.seq_dim is None:
             rejected.append(Rejected(site.placeholder, site.source,
-                                     "could not tell its sequence dim: left untouched"))
+                                     "could not tell its sequence dim: left untouched", list(site.roles)))
     sites = [s for s in found.values() if s.seq_dim is not None]
     return sites, rejected, readers
+
+
+def _new_site(ph: fx.Node, value: torch.Tensor, seq_dim: Optional[int], ops: list[str]) -> Site:
+    layout = {1: "[B, S, H, D]", 2: "[B, H, S, D]"}.get(seq_dim, f"seq dim {seq_dim}")
+    return Site(ph.name, _source_name(ph), [], [], seq_dim, tuple(value.shape),
+                str(value.dtype).replace("torch.", ""), layout, [], ops)
+
+
+def written_inputs(graph: fx.Graph) -> dict[fx.Node, Writes]:
+    """Floating-point inputs of rank >= 3 that ``graph`` writes by slice or index (their seq dim
+    is the written dim), whether or not attention reads them here."""
+    out: dict[fx.Node, Writes] = {}
+    for ph in graph.nodes:
+        if ph.op != "placeholder":
+            continue
+        value = example_value(ph)
+        if value is None or value.dim() < 3 or not value.dtype.is_floating_point:
+            continue
+        writes = _writes_into(ph)
+        if writes.any and not writes.clone_writes and writes.seq_dim is not None:
+            out[ph] = writes
+    return out
+
+
+def _static_size(value: object, dim: Optional[int]) -> Optional[int]:
+    t = example_value(value) if isinstance(value, fx.Node) else None
+    if t is None or dim is None or dim >= t.dim():
+        return None
+    size = t.shape[dim]
+    return size if isinstance(size, int) else None

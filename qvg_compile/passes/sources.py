@@ -104,3 +104,45 @@ def replace_at_source(source: dsrc.Source, old: Any, new: Any) -> None:
     """Put ``new`` where the caller keeps ``old`` (found through ``source``)."""
     frame = find_frame(source, old, sys._getframe(1))
     _assign(source, frame, new)
+
+
+def check_source_kind(source: dsrc.Source) -> None:
+    """Raise `SourceError` when no frame could make ``source`` assignable: a bare local (the
+    caller's own variable), or a kind of source this module does not follow."""
+    if isinstance(source, dsrc.LocalSource):
+        raise SourceError(f"{source.local_name!r} is a bare local: rebinding it would not reach the caller's object")
+    if isinstance(source, (dsrc.GetItemSource, dsrc.DictGetItemSource, dsrc.AttrSource)) or \
+            type(source).__name__.endswith("GetItemSource"):
+        return
+    if isinstance(source, dsrc.GlobalSource):
+        return
+    if isinstance(source, dsrc.ChainedSource) and type(source).__name__.endswith("NNModuleSource"):
+        check_source_kind(source.base)
+        return
+    raise SourceError(f"unsupported source kind {type(source).__name__} ({source.name})")
+
+
+def check_assignable(source: dsrc.Source, frame: FrameType) -> None:
+    """Raise `SourceError` unless `assign_at_source` can put a value at ``source`` in ``frame``
+    (checked for every cache of a graph before any is replaced)."""
+    if isinstance(source, (dsrc.GetItemSource, dsrc.DictGetItemSource)) or \
+            type(source).__name__.endswith("GetItemSource"):
+        container = evaluate(source.base, frame)
+        if isinstance(container, tuple):
+            check_assignable(source.base, frame)
+        elif not hasattr(container, "__setitem__"):
+            raise SourceError(f"{source.name}: {type(container).__name__} does not support item assignment")
+        return
+    if isinstance(source, (dsrc.AttrSource, dsrc.GlobalSource)):
+        return
+    if isinstance(source, dsrc.LocalSource):
+        raise SourceError(f"{source.local_name!r} is a bare local: rebinding it would not reach the caller's object")
+    if isinstance(source, dsrc.ChainedSource) and type(source).__name__.endswith("NNModuleSource"):
+        check_assignable(source.base, frame)
+        return
+    raise SourceError(f"unsupported source kind {type(source).__name__} ({source.name})")
+
+
+def assign_at_source(source: dsrc.Source, frame: FrameType, new: Any) -> None:
+    """Put ``new`` at ``source`` as evaluated in ``frame`` (from `find_frame`)."""
+    _assign(source, frame, new)
