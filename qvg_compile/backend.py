@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -75,13 +76,30 @@ class QVGBackend:
         # What each graph showed about its inputs, by Dynamo source: later graphs (write and read
         # split by a graph break, idiom G) and later calls build on it.
         self._known: dict[str, Known] = {}
+        # Dense tensors returned by graphs this backend compiled, by id (weakly): one fed back as
+        # an input is state the caller keeps across calls (a functional cache, idiom D).
+        self._outputs: dict[int, weakref.ref] = {}
 
-    def _known_of(self, node: fx.Node) -> Optional[Known]:
+    def _known_of(self, node: fx.Node, fed_back: set[str] = frozenset()) -> Optional[Known]:
         value = node.meta.get("example_value")
         if isinstance(value, QVGCache):
             return Known("cache", value.seq_dim)
         source = getattr(node.meta.get("grapharg"), "source", None)
-        return self._known.get(source.name) if source is not None else None
+        known = self._known.get(source.name) if source is not None else None
+        if known is None and node.name in fed_back:
+            return Known("fed_back")
+        return known
+
+    def _is_output(self, value: Any) -> bool:
+        ref = self._outputs.get(id(value))
+        return ref is not None and ref() is value
+
+    def record_outputs(self, outputs: Any) -> None:
+        """Remember the dense tensors a compiled graph returned (see ``_outputs``)."""
+        for t in torch.utils._pytree.tree_leaves(outputs):
+            if type(t) is torch.Tensor and t.dim() >= 3 and id(t) not in self._outputs:
+                key = id(t)
+                self._outputs[key] = weakref.ref(t, lambda _, key=key: self._outputs.pop(key, None))
 
     def _learn(self, graph: fx.Graph, sites: list[Site], rejected: list[Rejected]) -> None:
         for s in sites:
@@ -100,11 +118,14 @@ class QVGBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         with self._lock:
+            compile_id = torch._guards.CompileContext.current_compile_id()
             graph_report = GraphReport(len(self.report.graphs), f"graph_{len(self.report.graphs)}",
-                                       inputs_are_caches=False, code_before=gm.code)
+                                       inputs_are_caches=False, code_before=gm.code,
+                                       compile_id=str(compile_id) if compile_id is not None else "")
             self.report.graphs.append(graph_report)
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            sites, rejected, readers = find_sites(gm.graph, known_cache=self._known_of)
+            fed_back = {n.name for n, x in zip(placeholders, example_inputs) if self._is_output(x)}
+            sites, rejected, readers = find_sites(gm.graph, known_cache=lambda n: self._known_of(n, fed_back))
             self._learn(gm.graph, sites, rejected)
         graph_report.sites, graph_report.rejected = sites, rejected
         for r in readers:
@@ -131,12 +152,12 @@ class QVGBackend:
                                              for n in placeholders)
         if not dense_sites:
             if not graph_report.inputs_are_caches:
-                return self._inductor(gm, example_inputs, graph_report)
+                return _Recording(self, self._inductor(gm, example_inputs, graph_report))
             compiled = self._inductor_or_eager(gm, example_inputs, graph_report)
             if self.validate:
-                return _Validated(gm, compiled, self.rtol, self.atol)
-            return compiled
-        return _SwapOnFirstUse(self, gm, dense_sites, graph_report)
+                compiled = _Validated(gm, compiled, self.rtol, self.atol)
+            return _Recording(self, compiled)
+        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report))
 
     def _cannot_swap(self, site: Site, source: Any, node: fx.Node) -> Optional[str]:
         """Why the dense input of ``site`` could not become a `QVGCache`, decided when the graph
@@ -201,6 +222,18 @@ def _eager_note(report: GraphReport, message: str) -> None:
 
 class QVGBackendWarning(UserWarning):
     """A graph over QVG caches runs eagerly (correct, slower); `Report.summary()` says why."""
+
+
+class _Recording:
+    """Calls a compiled graph and records its dense outputs (`QVGBackend.record_outputs`)."""
+
+    def __init__(self, backend: QVGBackend, fn: Callable) -> None:
+        self.backend, self.fn = backend, fn
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        self.backend.record_outputs(out)
+        return out
 
 
 class _SwapOnFirstUse:

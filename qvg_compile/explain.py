@@ -16,38 +16,51 @@ def _graph_break_reasons() -> dict[str, int]:
     return dict(torch._dynamo.utils.counters.get("graph_break", {}))
 
 
+def _first_line(reason: str) -> str:
+    return reason.strip().splitlines()[0] if reason.strip() else reason
+
+
 def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = None,
-            calls: int = 2, **kwargs: Any) -> Report:
-    """Compile ``model_or_fn`` with a private QVG backend, call it on deep copies of the example
-    inputs, and report per graph: cache sites (idiom, source, shape, layout, seq dim), the dense
-    caches replaced by QVGCache, candidates left untouched and why, graph breaks, and a unified
-    diff of each graph's code before (Dynamo) and after (post-grad ATen with ``qvg::`` ops).
+            calls: int = 2, cache_options: Optional[dict[str, Any]] = None, **kwargs: Any) -> Report:
+    """Compile ``model_or_fn`` with a private QVG backend, call it ``calls`` times on deep copies
+    of the example inputs, and report per graph: cache sites (idiom, module path, shape, layout,
+    seq dim), the dense caches replaced by QVGCache, candidates left untouched and why, attention
+    readers, graph breaks, recompiles, and a unified diff of each graph's code before (Dynamo)
+    and after (post-grad ATen with the ``qvg::`` ops): ``report.summary(diff=True)``,
+    ``report.to_dict()``, ``report.to_json()``.
 
     The second call (``calls=2``) runs the graph recompiled over QVGCache inputs, which is where
-    the fused ``qvg::`` ops appear. Dynamo's caches are reset first; the caller's tensors and
-    containers are never modified.
+    the fused ``qvg::`` ops appear. Dynamo's caches are reset before and after (compiled code of
+    other functions is recompiled on its next call); the caller's model, tensors and containers
+    are never modified. ``kwargs`` go to the model; ``cache_options`` to `QVGCache.from_dense`.
     """
     if not callable(model_or_fn):
         raise TypeError(f"model_or_fn: expected an nn.Module or a callable, got {type(model_or_fn).__name__}")
-    if not isinstance(calls, int) or calls < 1:
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls: expected a positive int, got {calls!r}")
-    backend = QVGBackend(config)
+    backend = QVGBackend(config, **(cache_options or {}))
     model = copy.deepcopy(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else model_or_fn
     args, kwargs = copy.deepcopy((args, kwargs))
     torch._dynamo.reset()
     before = _graph_break_reasons()
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        for _ in range(calls):
-            compiled(*args, **kwargs)
+    # Cached compiles skip the post-grad pass that records each graph's code after the rewrite.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        try:
+            for _ in range(calls):
+                compiled(*args, **kwargs)
+        finally:
+            torch._dynamo.reset()
     after = _graph_break_reasons()
     report = backend.report
-    report.graph_breaks = [f"{reason} (x{count - before.get(reason, 0)})"
+    report.graph_breaks = [f"{_first_line(reason)} (x{count - before.get(reason, 0)})"
                            for reason, count in after.items() if count > before.get(reason, 0)]
-    report.recompiles = max(0, len(report.graphs) - 1)
-    if not report.sites:
+    if not report.graphs:
+        report.notes.append("Dynamo captured no graph: nothing to rewrite (the function ran eagerly).")
+    elif not report.sites:
         report.notes.append(
-            "No KV cache found: no graph input is both read by attention and written or appended "
-            "to. The model runs unchanged under the QVG backend (Inductor only).")
-    torch._dynamo.reset()
+            "No KV cache found: no graph input is read by attention (SDPA, flash-attn, or "
+            "matmul-softmax-matmul) and also written, appended to and returned, or known as a "
+            "cache from another graph. The model runs unchanged under the QVG backend (Inductor only).")
     return report

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qvg_compile.passes.sites import find_sites
+from qvg_compile.passes.readers import find_readers
+from qvg_compile.passes.sites import Known, find_sites
 
 B, H, D = 1, 2, 16
 
@@ -90,16 +91,47 @@ def test_idiom_c_clone_write_cat_read():
 
 def idiom_d(k_cache, v_cache, x):
     q = x.transpose(1, 2)
-    k = torch.cat([k_cache.repeat(2, 1, 1, 1), q], dim=2)
-    v = torch.cat([v_cache.repeat(2, 1, 1, 1), q], dim=2)
-    return F.scaled_dot_product_attention(q, k, v)
+    k = torch.cat([k_cache, q[:1]], dim=2)
+    v = torch.cat([v_cache, q[:1]], dim=2)
+    out = F.scaled_dot_product_attention(q, k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1))
+    return out, k, v  # the grown caches are returned: a functional append
 
 
-def test_idiom_d_functional_cat_with_cfg_repeat():
+def test_idiom_d_functional_cat_returned_with_cfg_repeat():
     sites, _, _ = one_graph(idiom_d, torch.randn(1, H, 8, D), torch.randn(1, H, 8, D),
                             torch.randn(2, 4, H, D))
     assert {s.source for s in sites} == {"L['k_cache']", "L['v_cache']"}
     assert all(s.idioms == ["D"] and s.seq_dim == 2 and s.layout == "[B, H, S, D]" for s in sites)
+
+
+def text_then_history(text_k, text_v, k_cache, v_cache, x):
+    """HY-WorldPlay: text K/V in front of the history, the concatenation not returned."""
+    q = x.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, torch.cat([text_k, k_cache, q], dim=2),
+                                          torch.cat([text_v, v_cache, q], dim=2))
+
+
+def test_idiom_d_history_fed_back_from_a_graph_output_text_prefix_rejected():
+    args = (torch.randn(1, H, 3, D), torch.randn(1, H, 3, D), torch.randn(1, H, 8, D),
+            torch.randn(1, H, 8, D), torch.randn(1, 4, H, D))
+    results = []
+
+    def backend(gm, example_inputs):
+        fed_back = {"l_k_cache_", "l_v_cache_"}  # what the backend knows from earlier outputs
+        results.append(find_sites(gm.graph, known_cache=lambda n: Known("fed_back") if n.name in fed_back else None))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(text_then_history, backend=backend)(*args)
+    sites, rejected, _ = results[0]
+    assert {s.source for s in sites} == {"L['k_cache']", "L['v_cache']"}
+    assert all(s.idioms == ["D"] for s in sites)
+    why = {r.source: r.reason for r in rejected}
+    assert "constant prefix" in why["L['text_k']"] and "L['text_v']" in why
+    # Without the fed-back evidence nothing is a cache: no input is written, returned or known.
+    sites, rejected, _ = one_graph(text_then_history, *args)
+    assert sites == [] and {r.source for r in rejected} == {"L['text_k']", "L['text_v']", "L['k_cache']",
+                                                            "L['v_cache']"}
 
 
 def rope(x, cos, sin):
@@ -109,9 +141,10 @@ def rope(x, cos, sin):
 
 def idiom_e(k_cache, v_cache, x, cos, sin):
     q = x.transpose(1, 2)
-    k = rope(torch.cat([k_cache, q], dim=2), cos, sin)
+    k_all = torch.cat([k_cache, q], dim=2)  # pre-RoPE keys
     v = torch.cat([v_cache.to(x.device), q], dim=2)
-    return F.scaled_dot_product_attention(rope(q, cos[..., -4:, :], sin[..., -4:, :]), k, v)
+    out = F.scaled_dot_product_attention(rope(q, cos[..., -4:, :], sin[..., -4:, :]), rope(k_all, cos, sin), v)
+    return out, k_all, v
 
 
 def test_idiom_e_rope_at_read_and_device_move():
@@ -241,3 +274,83 @@ def test_negative_written_but_never_read_by_attention():
 
     sites, rejected, readers = one_graph(fn, bshd(16), act(4), 0, 4)
     assert sites == [] and readers == []
+
+
+def test_packed_kv_read_with_ellipsis_slices_is_f():
+    def magi(buf, k, v, s: int, e: int):
+        buf[:, s:e] = torch.cat([k, v], dim=-1)
+        kv = buf[:, :e]
+        keys = kv[..., :D].transpose(1, 2).repeat_interleave(2, dim=1)
+        values = kv[..., D:].transpose(1, 2).repeat_interleave(2, dim=1)
+        return F.scaled_dot_product_attention(torch.randn(1, 2 * H, 4, D), keys, values)
+
+    sites, _, _ = one_graph(magi, torch.zeros(1, 16, H, 2 * D), act(4), act(4, 1), 0, 4)
+    assert len(sites) == 1 and sites[0].idioms == ["A", "F"] and sorted(sites[0].roles) == ["key", "value"]
+    assert sites[0].seq_dim == 1
+
+
+def test_aten_sdpa_variants_are_readers():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, H, 4, D)
+    gm = make_fx(attn)(q, q, q)
+    readers = find_readers(gm.graph)
+    assert [r.kind for r in readers] == ["sdpa"]
+    assert readers[0].node.target in {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                                      torch.ops.aten.scaled_dot_product_attention.default,
+                                      torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+    def packet(cache, x, s: int, e: int):
+        cache["k"][:, :, s:e] = x
+        cache["v"][:, :, s:e] = x
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            x, cache["k"][:, :, :e], cache["v"][:, :, :e])[0]
+
+    sites, _, readers = one_graph(packet, {"k": torch.zeros(B, H, 16, D), "v": torch.zeros(B, H, 16, D)},
+                                  torch.randn(B, H, 4, D), 0, 4)
+    assert [r.kind for r in readers] == ["sdpa"] and len(sites) == 2 and all(s.seq_dim == 2 for s in sites)
+
+
+@torch.library.custom_op("qvg_sites_flash_attn::flash_attn_varlen_forward", mutates_args=())
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Stands in for flash-attn's varlen op: ``[total, H, D]`` operands."""
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+
+
+@varlen_forward.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def test_flash_attn_varlen_reader_reads_token_major_caches():
+    def fn(cache, x, s: int, e: int):
+        cache["k"][s:e] = x
+        cache["v"][s:e] = x
+        return varlen_forward(x, cache["k"][:e], cache["v"][:e])
+
+    sites, _, readers = one_graph(fn, {"k": torch.zeros(16, H, D), "v": torch.zeros(16, H, D)},
+                                  torch.randn(4, H, D), 0, 4)
+    assert [r.kind for r in readers] == ["flash_attn"] and readers[0].seq_dim == 0
+    assert {s.seq_dim for s in sites} == {0}
+
+
+def test_written_in_one_graph_read_in_another_is_g_both_ways():
+    def write_only(buf, x, s: int, e: int):
+        buf[:, s:e] = x
+        return x * 2
+
+    results = []
+
+    def backend(gm, example_inputs):
+        known = Known("read", None, ("key",))
+        results.append(find_sites(gm.graph, known_cache=lambda n: known if n.name == "l_buf_" else None))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(write_only, backend=backend)(bshd(16), act(4), 0, 4)
+    sites, _, readers = results[0]
+    assert readers == [] and len(sites) == 1
+    assert sites[0].idioms == ["G"] and sites[0].roles == ["key"] and sites[0].seq_dim == 1

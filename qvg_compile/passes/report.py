@@ -10,7 +10,7 @@ from typing import Optional
 
 from tabulate import tabulate
 
-from .sites import Rejected, Site
+from .sites import Rejected, Site, readable
 
 
 @dataclass
@@ -20,6 +20,8 @@ class GraphReport:
     index: int
     name: str
     inputs_are_caches: bool
+    # Dynamo's compile id "frame/compile": "0/1" is frame 0's first recompile.
+    compile_id: str = ""
     sites: list[Site] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     readers: dict[str, int] = field(default_factory=dict)
@@ -45,12 +47,24 @@ class Report:
 
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
-    recompiles: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def sites(self) -> list[Site]:
         return [s for g in self.graphs for s in g.sites]
+
+    def compiles_per_frame(self) -> dict[str, int]:
+        """Graphs compiled per Dynamo frame (a graph break starts a new frame)."""
+        out: dict[str, int] = {}
+        for g in self.graphs:
+            frame = g.compile_id.split("/")[0] if g.compile_id else g.name
+            out[frame] = out.get(frame, 0) + 1
+        return out
+
+    @property
+    def recompiles(self) -> int:
+        """Compiles beyond the first of each frame (the budget is 2 per frame for a whole video)."""
+        return sum(n - 1 for n in self.compiles_per_frame().values())
 
     def to_dict(self) -> dict:
         return {
@@ -66,19 +80,23 @@ class Report:
     def summary(self, diff: bool = False) -> str:
         """Tables: sites found, rewrites applied (swaps), candidates rejected, graph breaks; and
         with ``diff=True`` each graph's unified diff (Dynamo code -> post-grad ATen code)."""
-        lines = [f"QVG backend: {len(self.graphs)} graph(s), {len(self.sites)} cache site(s), "
+        lines = [f"QVG backend: {len(self.graphs)} graph(s) ({self.recompiles} recompile(s)), "
+                 f"{len({s.source for s in self.sites})} cache(s), "
                  f"{sum(len(g.swapped) for g in self.graphs)} dense cache(s) replaced by QVGCache, "
                  f"{len(self.graph_breaks)} graph break(s)"]
-        rows = [[g.index, s.source, ",".join(s.idioms), "/".join(s.roles), s.layout, s.seq_dim,
+        rows = [[g.index, s.module_path, ",".join(s.idioms), "/".join(s.roles), s.layout, s.seq_dim,
                  "x".join(map(str, s.shape)), s.dtype, "; ".join(s.notes) or "-"]
                 for g in self.graphs for s in g.sites]
         if rows:
-            lines.append(tabulate(rows, headers=["graph", "cache (source)", "idiom", "role", "layout",
+            lines.append(tabulate(rows, headers=["graph", "cache", "idiom", "role", "layout",
                                                  "seq dim", "shape", "dtype", "notes"], tablefmt="github"))
-        swaps = [[g.index, src] for g in self.graphs for src in g.swapped]
+        readers = [[g.index, kind, n] for g in self.graphs for kind, n in sorted(g.readers.items())]
+        if readers:
+            lines.append(tabulate(readers, headers=["graph", "attention reader", "calls"], tablefmt="github"))
+        swaps = [[g.index, readable(src)] for g in self.graphs for src in g.swapped]
         if swaps:
             lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache"], tablefmt="github"))
-        rejected = [[g.index, r.source, r.reason] for g in self.graphs for r in g.rejected]
+        rejected = [[g.index, readable(r.source), r.reason] for g in self.graphs for r in g.rejected]
         errors = [[g.index, "-", e] for g in self.graphs for e in g.swap_errors]
         if rejected or errors:
             lines.append(tabulate(rejected + errors, headers=["graph", "left untouched", "why"],

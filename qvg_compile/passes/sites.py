@@ -25,6 +25,7 @@ rejected with a reason and left untouched.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -53,6 +54,11 @@ class Site:
     path: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def module_path(self) -> str:
+        """The source as the model spells it: ``blocks.0.attn.k_cache``, ``kv_cache[3]['k']``."""
+        return readable(self.source)
+
 
 @dataclass
 class Rejected:
@@ -69,9 +75,11 @@ class Known:
     """What other graphs (or earlier calls) showed about an input, keyed by its source.
 
     ``evidence`` is ``"cache"`` (proven), ``"written"`` (slice or index writes, no attention read
-    in that graph) or ``"read"`` (read by attention as K/V, never written in that graph). A
-    ``"written"`` input read by attention here, or a ``"read"`` input written here, is a cache
-    whose write and read were split by a graph break (idiom G)."""
+    in that graph), ``"read"`` (read by attention as K/V, never written in that graph) or
+    ``"fed_back"`` (the tensor is an output of an earlier compiled graph). A ``"written"`` input
+    read by attention here, or a ``"read"`` input written here, is a cache whose write and read
+    were split by a graph break (idiom G); a ``"fed_back"`` input that attention reads
+    concatenated with new tokens is a functional cache (idiom D)."""
 
     evidence: str
     seq_dim: Optional[int] = None
@@ -86,12 +94,25 @@ class Trace:
     placeholder: fx.Node
     ops: list[str]
     via_cat: Optional[int] = None
+    cat_node: Optional[fx.Node] = None
     rope: bool = False
     moved: bool = False
     gqa: bool = False
     packed_last_dim: bool = False
     clone_of: bool = False
     read_dim: Optional[int] = None
+
+
+_MODULE_DICTS = re.compile(r"\._(?:modules|buffers|parameters)\[['\"]([^'\"]+)['\"]\]")
+
+
+def readable(source: str) -> str:
+    """A Dynamo source name as the model spells it: ``L['self']._modules['blocks']._modules['0']
+    ._buffers['k']`` -> ``blocks.0.k``; ``L['kv_cache'][0]['k']`` -> ``kv_cache[0]['k']``."""
+    out = _MODULE_DICTS.sub(r".\1", source)
+    out = re.sub(r"^L\['self'\]\.?", "", out)
+    out = re.sub(r"^[LG]\['([^']+)'\]", r"\1", out)
+    return out or source
 
 
 def _source_name(node: fx.Node) -> str:
@@ -114,9 +135,11 @@ def _first_sliced_dim(index: object) -> Optional[int]:
 
 
 def _last_dim_slice(index: object, rank: int) -> bool:
+    """``index`` slices only the last dim: ``x[:, :, :, :d]`` or ``x[..., d:]``."""
     items = index if isinstance(index, tuple) else (index,)
-    return len(items) == rank and isinstance(items[-1], slice) and items[-1] != slice(None) and \
-        all(i == slice(None) for i in items[:-1])
+    full = len(items) == rank or (Ellipsis in items and items.index(Ellipsis) == len(items) - 2)
+    return full and isinstance(items[-1], slice) and items[-1] != slice(None) and \
+        all(i == slice(None) or i is Ellipsis for i in items[:-1])
 
 
 def trace_back(node: object, limit: int = 64, seq_dim: int = -2) -> list[Trace]:
@@ -136,7 +159,7 @@ def trace_back(node: object, limit: int = 64, seq_dim: int = -2) -> list[Trace]:
             parts = list(n.args[0] if n.args else n.kwargs.get("tensors", ()))
             for i, t in enumerate(parts):
                 # Only the parts before the last are history; the last part is the new chunk.
-                history = {"via_cat": dim} if i < len(parts) - 1 else {}
+                history = {"via_cat": dim, "cat_node": n} if i < len(parts) - 1 else {}
                 walk(t, ops + [f"cat(dim={dim})"], {**state, **history}, depth + 1)
             return
         if is_call(n, VIEW_FUNCTIONS) or is_method(n, VIEW_METHODS):
@@ -173,7 +196,7 @@ def trace_back(node: object, limit: int = 64, seq_dim: int = -2) -> list[Trace]:
 
     value = example_value(node) if isinstance(node, fx.Node) else None
     start_dim = seq_dim % value.dim() if value is not None and value.dim() >= 2 else None
-    walk(node, [], dict(via_cat=None, rope=False, moved=False, gqa=False, packed_last_dim=False,
+    walk(node, [], dict(via_cat=None, cat_node=None, rope=False, moved=False, gqa=False, packed_last_dim=False,
                         clone_of=False, read_dim=start_dim), 0)
     return out
 
@@ -310,15 +333,23 @@ def find_sites(
                     idioms.append("B")
                 if writes.clone_writes:
                     idioms.append("C")
-                if t.via_cat is not None and not writes.slice_writes:
+                known = _as_known(known_cache(ph))
+                appended = t.via_cat is not None and not writes.slice_writes
+                if appended and (_reaches_output(t.cat_node) or (
+                        known is not None and known.evidence in ("cache", "written", "fed_back"))):
                     idioms.append("D")
                 if writes.index_writes:
                     idioms.append("H")
                 if t.packed_last_dim:
                     idioms.append("F")
-                known = _as_known(known_cache(ph))
                 if (not idioms or idioms == ["F"]) and known is not None and known.evidence in ("cache", "written"):
                     idioms.append("G")
+                if (not idioms or idioms == ["F"]) and appended:
+                    reject(ph, "concatenated with new tokens for attention, but the concatenation is "
+                               "not returned and the tensor neither came from a graph output nor is "
+                               "known as a cache from another graph (a constant prefix such as text "
+                               "K/V): left untouched", role)
+                    continue
                 if not idioms or idioms == ["F"]:
                     reject(ph, "read by attention but never written or appended to in this graph, "
                                "and not known as a cache from another graph (cross-attention "
@@ -370,6 +401,24 @@ def find_sites(
                                      "could not tell its sequence dim: left untouched", list(site.roles)))
     sites = [s for s in found.values() if s.seq_dim is not None]
     return sites, rejected, readers
+
+
+def _reaches_output(node: Optional[fx.Node]) -> bool:
+    """``node`` (or a view, copy or cast of it) is returned by the graph: a functional append
+    whose result the caller keeps (idiom D)."""
+    seen: set[fx.Node] = set()
+    todo = [node] if node is not None else []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op == "output":
+                return True
+            if (is_call(user, VIEW_FUNCTIONS) or is_method(user, VIEW_METHODS)) and user.args and user.args[0] is n:
+                todo.append(user)
+    return False
 
 
 def _new_site(ph: fx.Node, value: torch.Tensor, seq_dim: Optional[int], ops: list[str]) -> Site:
