@@ -89,6 +89,77 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_factory(spec: str):
+    """``FILE.py:FACTORY`` -> the factory callable (the file's directory is importable meanwhile)."""
+    import importlib.util
+    from pathlib import Path
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ValueError(f"expected FILE.py:FACTORY, got {spec!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"no such file: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"qvg_inspect_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(file.resolve().parent))
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"{path} defines no callable {name!r}")
+    return factory
+
+
+def _inspect_inputs(built):
+    """What a factory returns: ``(model, args)``, ``(model, args, kwargs)`` or a dict with keys
+    ``model``, ``args`` and optionally ``kwargs``."""
+    if isinstance(built, dict):
+        model, args, kwargs = built.get("model"), built.get("args", ()), built.get("kwargs", {})
+    elif isinstance(built, tuple) and len(built) in (2, 3):
+        model, args, kwargs = built[0], built[1], built[2] if len(built) == 3 else {}
+    else:
+        raise ValueError("the factory must return (model, args), (model, args, kwargs) or "
+                         "{'model': ..., 'args': ..., 'kwargs': ...}")
+    if not callable(model):
+        raise ValueError(f"the factory's model is not callable ({type(model).__name__})")
+    args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"the factory's kwargs must be a dict, got {type(kwargs).__name__}")
+    return model, args, kwargs
+
+
+def _option_value(text: str):
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from . import backend as make_backend
+    from .explain import explain
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = _option_value(value)
+    try:
+        qvg = make_backend(preset=args.preset, **options)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+    model, call_args, call_kwargs = _inspect_inputs(_load_factory(args.target)())
+    report = explain(model, *call_args, config=qvg.config, calls=args.calls, cache_options=qvg.cache_options,
+                     **call_kwargs)
+    print(report.to_json() if args.json else report.summary(diff=args.diff))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvg-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gif", help="write the first prompt's videos side by side here (Pillow)")
     ev.add_argument("--json", action="store_true", help="print the records as JSON")
     ev.set_defaults(func=_eval)
+
+    ins = sub.add_parser("inspect", help="what the QVG backend finds and rewrites in a model built by FILE.py:FACTORY")
+    ins.add_argument("target", metavar="FILE.py:FACTORY",
+                     help="a function returning (model, args), (model, args, kwargs) or a dict with those keys")
+    ins.add_argument("--preset", default="qvg", help="quantization preset (default: qvg)")
+    ins.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a QVGConfig field (group_size=16) or cache option (chunk_tokens=1560); repeatable")
+    ins.add_argument("--calls", type=int, default=2, help="calls to make (the 2nd runs the QVGCache graph)")
+    ins.add_argument("--diff", action="store_true", help="also print each graph's unified code diff")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON (diffs included)")
+    ins.set_defaults(func=_inspect)
     return parser
 
 

@@ -1,0 +1,173 @@
+"""`qvg_compile.explain` and ``qvg-compile inspect``: per-graph tables (sites with module paths,
+replacements, rejections with reasons, readers, graph breaks), dict/JSON, unified diffs with the
+``qvg`` ops, no side effects on the caller's model and tensors, clear notes for models without
+a cache, and the CLI on a model built by a factory in a Python file."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qvg_compile
+from qvg_compile import QVGConfig, cli
+
+CFG = QVGConfig.preset("qvg", centroids=8, kmeans_iters=2, group_size=16)
+DIM, HEADS, N, C = 32, 2, 16, 4
+
+MODEL_SOURCE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIM, HEADS, N, C = 32, 2, 16, 4
+
+
+class Attention(nn.Module):
+    """Self-attention over a [B, N, H, D] cache written by slices, plus cross-attention to text."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.o = nn.Linear(DIM, DIM)
+        self.register_buffer("k_cache", torch.zeros(1, N, HEADS, DIM // HEADS))
+        self.register_buffer("v_cache", torch.zeros(1, N, HEADS, DIM // HEADS))
+
+    def forward(self, x, s: int, e: int, text_k, text_v):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, HEADS, DIM // HEADS).unbind(2)
+        self.k_cache[:, s:e] = k
+        self.v_cache[:, s:e] = v
+        q = q.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, self.k_cache[:, :e].transpose(1, 2),
+                                           self.v_cache[:, :e].transpose(1, 2))
+        y = y + F.scaled_dot_product_attention(q, text_k, text_v)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class TinyAR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Attention() for _ in range(2))
+
+    def forward(self, x, s: int, e: int, text_k, text_v):
+        for block in self.blocks:
+            x = x + block(x, s, e, text_k, text_v)
+        return x
+
+
+def make():
+    torch.manual_seed(0)
+    text = torch.randn(1, HEADS, 5, DIM // HEADS)
+    return TinyAR().eval(), (torch.randn(1, C, DIM), 0, C, text, text.clone())
+'''
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inspect") / "tiny_ar.py"
+    path.write_text(MODEL_SOURCE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def explained(model_file):
+    namespace = {}
+    exec(compile(model_file.read_text(), str(model_file), "exec"), namespace)
+    model, args = namespace["make"]()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    report = qvg_compile.explain(model, *args, config=CFG)
+    return model, buffers, report
+
+
+def test_sites_with_module_paths_replacements_and_rejections(explained):
+    model, buffers, report = explained
+    paths = {s.module_path for s in report.sites}
+    assert paths == {f"blocks.{i}.{name}" for i in range(2) for name in ("k_cache", "v_cache")}
+    assert all(s.idioms == ["A"] and s.seq_dim == 1 and s.layout == "[B, S, H, D]" for s in report.sites)
+    assert sorted(report.graphs[0].swapped) == sorted(s.source for s in report.graphs[0].sites)
+    assert report.graphs[1].inputs_are_caches and report.recompiles == 1
+    why = {r.source: r.reason for r in report.graphs[0].rejected}
+    assert "cross-attention constant" in why["L['text_k']"]
+    assert report.graphs[0].readers == {"sdpa": 4}
+
+
+def test_caller_model_and_tensors_untouched(explained):
+    model, buffers, _ = explained
+    for name, b in model.named_buffers():
+        assert type(b) is torch.Tensor and torch.equal(b, buffers[name])
+
+
+def test_summary_tables_and_diff(explained):
+    _, _, report = explained
+    text = report.summary()
+    for header in ("graph |", "cache", "idiom", "seq dim", "replaced by QVGCache", "left untouched",
+                   "attention reader"):
+        assert header in text
+    assert "blocks.0.k_cache" in text and "2 graph(s) (1 recompile(s)), 4 cache(s)" in text
+    diff = report.graphs[1].diff()
+    assert diff.startswith("--- graph_1 (Dynamo graph)\n+++ graph_1 (after QVG, post-grad)")
+    assert "torch.ops.qvg." in diff  # the compressed cache's ops in the compiled graph
+    assert diff in report.summary(diff=True) and diff not in text
+
+
+def test_dict_and_json(explained):
+    _, _, report = explained
+    data = json.loads(report.to_json())
+    assert data["recompiles"] == 1 and len(data["graphs"]) == 2
+    sites = data["graphs"][0]["sites"]
+    assert {s["source"] for s in sites} == {s.source for s in report.graphs[0].sites}
+    assert data["graphs"][1]["diff"] == report.graphs[1].diff()
+
+
+def test_graph_breaks_are_listed():
+    def fn(state, x, pos):
+        e = int(pos.item())
+        state["k"][:, e - C:e] = x
+        state["v"][:, e - C:e] = x
+        return F.scaled_dot_product_attention(x.transpose(1, 2), state["k"][:, :e].transpose(1, 2),
+                                              state["v"][:, :e].transpose(1, 2))
+
+    state = {"k": torch.zeros(1, N, HEADS, 16), "v": torch.zeros(1, N, HEADS, 16)}
+    report = qvg_compile.explain(fn, state, torch.randn(1, C, HEADS, 16), torch.tensor(C), config=CFG)
+    assert any("item()" in b for b in report.graph_breaks)
+    assert all("\n" not in b for b in report.graph_breaks)
+    assert {s.module_path for s in report.sites} == {"state['k']", "state['v']"}
+    assert type(state["k"]) is torch.Tensor
+
+
+def test_no_cache_and_bad_arguments():
+    report = qvg_compile.explain(torch.nn.Linear(4, 4), torch.randn(1, 4))
+    assert "No KV cache found" in report.summary() and report.sites == []
+    with pytest.raises(ValueError, match="calls"):
+        qvg_compile.explain(torch.nn.Linear(4, 4), torch.randn(1, 4), calls=0)
+    with pytest.raises(TypeError, match="model_or_fn"):
+        qvg_compile.explain("not a model")
+
+
+def test_cli_inspect_prints_tables_and_json(model_file, capsys):
+    target = f"{model_file}:make"
+    assert cli.main(["inspect", target, "--option", "group_size=16", "--option", "centroids=8",
+                     "--option", "kmeans_iters=2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.v_cache" in out and "replaced by QVGCache" in out
+    assert cli.main(["inspect", target, "--option", "group_size=16", "--json", "--calls", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["graphs"]) == 1 and len(data["graphs"][0]["sites"]) == 4
+
+
+def test_cli_inspect_errors_are_clear(model_file, tmp_path, capsys):
+    assert cli.main(["inspect", str(model_file)]) == 2
+    assert "FILE.py:FACTORY" in capsys.readouterr().err
+    assert cli.main(["inspect", f"{model_file}:nope"]) == 2
+    assert "no callable 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.py"
+    bad.write_text(textwrap.dedent("""
+        def make():
+            return 3
+    """))
+    assert cli.main(["inspect", f"{bad}:make"]) == 2
+    assert "the factory must return" in capsys.readouterr().err
+    assert cli.main(["inspect", f"{model_file}:make", "--option", "bits=5"]) == 2
+    assert "key_bits" in capsys.readouterr().err
