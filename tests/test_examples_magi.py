@@ -88,10 +88,6 @@ def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
     assert (got - dense).abs().max().item() > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="backend gap: K|V packed along the last dim and read with "
-                                       "kv[..., :D] / kv[..., D:] is not reported as idiom F, and the "
-                                       "QVGCache is built with one 'key' part instead of roles "
-                                       "('key', 'value')")
 def test_packed_kv_is_recognised_as_two_parts(compiled_run):
     _, _, _, params, report = compiled_run
     assert all("F" in s.idioms for s in report.sites)

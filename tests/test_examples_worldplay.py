@@ -1,7 +1,7 @@
 """HY-WorldPlay reference model (examples/models/worldplay.py): eager shapes and determinism for
 both positional layouts, and the QVG backend on it: every layer's K and V cache (returned by the
 cache pass, appended by the pipeline, concatenated after the text K/V at read) is found and moved
-into QVGCache. A known backend gap is a strict xfail (see its reason)."""
+into QVGCache."""
 
 import sys
 from pathlib import Path
@@ -17,10 +17,6 @@ from examples.models import worldplay as wp  # noqa: E402
 
 CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
 TOL = 1e-5
-TEXT_KV_REASON = ("backend bug: passes/sites.py treats every cat part before the last as history "
-                  "(idiom D), so the per-layer text K/V constant concatenated in front "
-                  "(L['text_kv'][i][j]) is reported as a cache and quantized")
-
 
 def make(**overrides):
     torch.manual_seed(0)
@@ -84,13 +80,11 @@ def test_backend_finds_and_moves_every_self_attention_cache(compiled_run):
             assert site.roles == [role] and site.seq_dim == 2 and "D" in site.idioms
 
 
-@pytest.mark.xfail(strict=True, reason=TEXT_KV_REASON)
 def test_backend_leaves_the_text_kv_alone(compiled_run):
     _, _, _, report = compiled_run
     assert not [s.source for s in report.sites if s.source.startswith("L['text_kv']")]
 
 
-@pytest.mark.xfail(strict=True, reason=TEXT_KV_REASON + "; the compiled run then differs from eager")
 def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
     got, expected, _, _ = compiled_run
     assert (got - expected).abs().max().item() <= TOL
