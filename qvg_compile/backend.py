@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from .cache import QVGCache
 from .passes.report import GraphReport, Report
+from .passes.rewrite import fuse_matmul_softmax
 from .passes.sites import Known, Rejected, Site, find_sites, written_inputs
 from .passes.sources import SourceError, assign_at_source, check_assignable, check_source_kind, find_frame
 from .quant.config import QVGConfig
@@ -150,6 +151,8 @@ class QVGBackend:
         graph_report.swap_errors.extend(errors)
         graph_report.inputs_are_caches = any(isinstance(n.meta.get("example_value"), QVGCache)
                                              for n in placeholders)
+        if dense_sites or graph_report.inputs_are_caches:
+            self._fuse_attention(gm, sites, readers, graph_report)
         if not dense_sites:
             if not graph_report.inputs_are_caches:
                 return _Recording(self, self._inductor(gm, example_inputs, graph_report))
@@ -158,6 +161,19 @@ class QVGBackend:
                 compiled = _Validated(gm, compiled, self.rtol, self.atol)
             return _Recording(self, compiled)
         return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report))
+
+    @staticmethod
+    def _fuse_attention(gm: fx.GraphModule, sites: list[Site], readers: list, graph_report: GraphReport) -> None:
+        """Hand-written attention over a cache becomes SDPA, so the read is the fused one. Masked
+        chains stay as written: the fused read takes no mask, SDPA would decode the cache anyway."""
+        cache_readers = {name for s in sites for name in s.readers}
+        for r in readers:
+            if r.kind == "matmul_softmax" and r.node.name in cache_readers:
+                done = fuse_matmul_softmax(gm.graph, r, masks=False)
+                if done:
+                    graph_report.rewrites.append(done)
+        if graph_report.rewrites:
+            gm.recompile()
 
     def _cannot_swap(self, site: Site, source: Any, node: fx.Node) -> Optional[str]:
         """Why the dense input of ``site`` could not become a `QVGCache`, decided when the graph

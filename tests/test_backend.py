@@ -78,8 +78,10 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def compiled_run(case: Case, qvg: Optional[QVGBackend] = None):
     """Eager reference on quantized caches, compiled run on dense caches; returns both outputs,
-    the compiled run's state, weak references to its dense caches and the backend."""
+    the compiled run's state, weak references to its dense caches and the backend; `stats()`
+    afterwards count the compiled run only."""
     expected = loop(case.fn, case, quantized(case))
+    qvg_compile.reset_stats()
     qvg = qvg or qvg_compile.backend(CFG)
     state = case.state()
     refs = {key: weakref.ref(state[key]) for key in case.caches}
@@ -340,6 +342,14 @@ def matmul_softmax(state, x, s: int, e: int, mask):
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
+def matmul_softmax_unmasked(state, x, s: int, e: int):
+    state["k"][:, s:e] = x
+    state["v"][:, s:e] = x
+    q, k, v = (t.transpose(1, 2) for t in (x, state["k"][:, :e], state["v"][:, :e]))
+    scores = q @ k.transpose(-2, -1) / D ** 0.5
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
 def aten_sdpa(state, x, s: int, e: int):
     state["k"][:, :, s:e] = x
     state["v"][:, :, s:e] = x
@@ -368,9 +378,10 @@ MASK = torch.triu(torch.full((C, N), -1e4), diagonal=1)
 
 @pytest.mark.parametrize("fn, layout, caches, extra, kind", [
     (matmul_softmax, (B, N, H, D), KV_BSHD, (MASK,), "matmul_softmax"),
+    (matmul_softmax_unmasked, (B, N, H, D), KV_BSHD, (), "matmul_softmax"),
     (aten_sdpa, (B, H, N, D), KV_BHND, (), "sdpa"),
     (flash_attn, (B, N, H, D), KV_BSHD, (), "flash_attn"),
-], ids=["matmul_softmax_fp32_mask", "aten_sdpa_variant", "flash_attn_op"])
+], ids=["matmul_softmax_fp32_mask", "matmul_softmax_fp32", "aten_sdpa_variant", "flash_attn_op"])
 def test_reader_kinds(fn, layout, caches, extra, kind):
     shape = (B, C, H, D) if layout[1] == N else (B, H, C, D)
     case = Case(fn, dict_state(layout=layout), caches,
@@ -378,6 +389,13 @@ def test_reader_kinds(fn, layout, caches, extra, kind):
     report = assert_rewritten(case, compiled_run(case))
     assert kind in report.graphs[0].readers
     assert len(report.graphs) <= MAX_GRAPHS_PER_FRAME
+    if fn is matmul_softmax_unmasked:
+        # Rewritten into SDPA: the compiled run reads the cache fused, never decoding it whole.
+        assert all("scaled_dot_product_attention" in g.rewrites[0] for g in report.graphs)
+        stats = qvg_compile.stats()  # (its fallbacks count Dynamo's fake-tensor trace of the matmuls)
+        assert stats["decoded_tokens"] == 0 and stats["attention_calls"] > 0
+    elif fn is matmul_softmax:
+        assert not any(g.rewrites for g in report.graphs)  # the fused read takes no mask
 
 
 # --- negatives: stay dense, unchanged and correct ---------------------------------------------

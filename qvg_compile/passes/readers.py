@@ -32,8 +32,9 @@ class Reader:
     q: fx.Node
     k: fx.Node
     v: fx.Node
-    # matmul_softmax only: the node holding scores before softmax, and the mask/scale nodes seen.
+    # matmul_softmax only: the softmax node and the ``q @ k^T`` matmul feeding it.
     scores: Optional[fx.Node] = None
+    scores_matmul: Optional[fx.Node] = None
     # Sequence dim of k/v as the reader sees them: -2 for [B, H, N, D], 1 for flash-attn's
     # [B, N, H, D], 0 for its varlen [total, H, D].
     seq_dim: int = -2
@@ -132,5 +133,6 @@ def find_readers(graph: fx.Graph) -> list[Reader]:
             k = _untranspose(qk.args[1])
             if k is None:
                 continue
-            readers.append(Reader(node, "matmul_softmax", qk.args[0], k, node.args[1], scores=probs))
+            readers.append(Reader(node, "matmul_softmax", qk.args[0], k, node.args[1], scores=probs,
+                                  scores_matmul=qk))
     return readers

@@ -26,6 +26,8 @@ class GraphReport:
     rejected: list[Rejected] = field(default_factory=list)
     readers: dict[str, int] = field(default_factory=dict)
     swapped: list[str] = field(default_factory=list)
+    # Graph rewrites applied before compiling (hand-written attention fused into SDPA).
+    rewrites: list[str] = field(default_factory=list)
     swap_errors: list[str] = field(default_factory=list)
     # Why this graph (or some call of it) runs eagerly instead of through Inductor, if it does.
     eager: list[str] = field(default_factory=list)
@@ -96,6 +98,9 @@ class Report:
         swaps = [[g.index, readable(src)] for g in self.graphs for src in g.swapped]
         if swaps:
             lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache"], tablefmt="github"))
+        rewrites = [[g.index, r] for g in self.graphs for r in g.rewrites]
+        if rewrites:
+            lines.append(tabulate(rewrites, headers=["graph", "rewrite"], tablefmt="github"))
         rejected = [[g.index, readable(r.source), r.reason] for g in self.graphs for r in g.rejected]
         errors = [[g.index, "-", e] for g in self.graphs for e in g.swap_errors]
         if rejected or errors:
