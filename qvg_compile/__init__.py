@@ -4,7 +4,7 @@
 graphs and moves them into `QVGCache` storage; see `explain` for what it found and did.
 """
 
-from .backend import QVGBackend, backend, qvg_backend, register
+from .backend import QVGBackend, QVGBackendWarning, ValidationError, backend, qvg_backend, register
 from .cache import QVGCache, compress, memory_report, reset_stats, stats
 from .explain import explain
 from .patch import PatchHandle, patch
@@ -14,6 +14,7 @@ register()
 
 __all__ = [
     "QVGConfig", "quantize", "QVGCache", "compress", "memory_report", "stats", "reset_stats",
-    "qvg_backend", "backend", "QVGBackend", "explain", "patch", "PatchHandle",
+    "qvg_backend", "backend", "QVGBackend", "QVGBackendWarning", "ValidationError", "explain", "patch",
+    "PatchHandle",
 ]
 __version__ = "0.1.0"

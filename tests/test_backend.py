@@ -492,6 +492,26 @@ class _Corrupting(QVGBackend):
         return wrong
 
 
+class _InductorFails(QVGBackend):
+    """A backend whose Inductor fails on graphs over QVGCache inputs."""
+
+    def _inductor(self, gm, example_inputs, graph_report):
+        if any(isinstance(x, QVGCache) for x in example_inputs):
+            raise RuntimeError("simulated lowering failure\ndeep inside Inductor")
+        return super()._inductor(gm, example_inputs, graph_report)
+
+
+def test_inductor_failure_runs_the_graph_eagerly_with_a_note():
+    qvg = _InductorFails(CFG)
+    with pytest.warns(qvg_compile.QVGBackendWarning, match="Inductor could not compile"):
+        expected, got, state, refs, _ = compiled_run(CASE_A, qvg)
+    assert max_diff(got, expected) <= TOL and isinstance(state["k"], QVGCache)
+    notes = [e for g in qvg.report.graphs for e in g.eager]
+    assert notes == ["Inductor could not compile it over QVGCache inputs (RuntimeError: simulated lowering "
+                     "failure); it runs eagerly"]
+    assert "runs eagerly because" in qvg.report.summary()
+
+
 def test_validate_raises_on_mismatch():
     qvg = _Corrupting(CFG, validate=True)
     compiled = torch.compile(idiom_a, backend=qvg, fullgraph=True)
