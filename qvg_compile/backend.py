@@ -1,15 +1,20 @@
 """``qvg_backend``: the torch.compile backend that moves KV caches into 2-bit QVG storage.
 
 For every graph Dynamo captures:
-1. `passes.sites.find_sites` finds the cache inputs (idioms A-H of DESIGN.md §5) read by attention;
-2. on the first call that receives such a cache as a dense tensor, the backend quantizes it into a
-   `QVGCache` (`QVGCache.from_dense`) and puts that where the model keeps the tensor (its dict,
-   list, tuple or module attribute, found through Dynamo's source of the input), so the BF16
-   buffer is freed; that call runs eagerly on the `QVGCache`, whose ops quantize on write and read
-   through the fused ``qvg::`` attention;
-3. Dynamo's guards then see `QVGCache` inputs and recompile once; the backend hands that graph to
+1. `passes.sites.find_sites` finds the cache inputs (idioms A-H of DESIGN.md §5) read by attention,
+   helped by what other graphs and calls showed (a write and a read split by a graph break; a
+   tensor fed back from a graph output and appended to);
+2. hand-written attention over a cache becomes SDPA (`passes.rewrite`), the fused read's entry;
+3. whether every dense cache of the graph can become a `QVGCache` is decided at compile time
+   (config against shape, an assignable source): all of them or none;
+4. on the first call, the backend quantizes them (`QVGCache.from_dense`) and puts each where the
+   model keeps it (its dict, list, tuple or module attribute, found through Dynamo's source of
+   the input), so the BF16 buffer is freed; that call runs eagerly on the `QVGCache`, whose ops
+   quantize on write and read through the fused ``qvg::`` attention;
+5. Dynamo's guards then see `QVGCache` inputs and recompile once; the backend hands that graph to
    Inductor (`compile_fx`), where AOTAutograd flattens the subclass into its packed tensors and
-   the ``qvg::`` custom ops, and everything else keeps Inductor's fusions.
+   the ``qvg::`` custom ops, and everything else keeps Inductor's fusions. Should Inductor fail on
+   it, the graph runs eagerly on the caches (correct), with a warning and a report note.
 Graphs without caches go to Inductor unchanged. Nothing uncertain is rewritten: rejected
 candidates are reported with their reason (`qvg_compile.explain`).
 """

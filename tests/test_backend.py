@@ -146,6 +146,23 @@ def test_compile_count_bounded_over_a_long_loop():
     assert counters["stats"]["unique_graphs"] <= MAX_GRAPHS_PER_FRAME
 
 
+def idiom_a_bf16(state, x, s: int, e: int):
+    state["k"][:, s:e] = x.to(torch.bfloat16)
+    state["v"][:, s:e] = x.to(torch.bfloat16)
+    return sdpa_bshd(x, state["k"][:, :e].float(), state["v"][:, :e].to(torch.float32))
+
+
+def test_bf16_caches_cast_at_read_are_freed_and_read_fused():
+    def state():
+        return {name: torch.zeros(B, N, H, D, dtype=torch.bfloat16) for name in ("k", "v")}
+
+    case = Case(idiom_a_bf16, state, KV_BSHD, lambda st, i: (st, chunk(i), i * C, (i + 1) * C), steps=4, idioms={"A"})
+    report = assert_rewritten(case, compiled_run(case))
+    assert {s.dtype for s in report.sites} == {"bfloat16"}
+    stats = qvg_compile.stats()
+    assert stats["decoded_tokens"] == 0 and stats["attention_calls"] > 0
+
+
 # --- B: rolling window with sink tokens -------------------------------------------------------
 SINK, WINDOW = 2, 14
 
