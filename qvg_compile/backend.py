@@ -82,9 +82,14 @@ class QVGBackend:
         # What each graph showed about its inputs, by Dynamo source: later graphs (write and read
         # split by a graph break, idiom G) and later calls build on it.
         self._known: dict[str, Known] = {}
-        # Dense tensors returned by graphs this backend compiled, by id (weakly): one fed back as
-        # an input is state the caller keeps across calls (a functional cache, idiom D).
-        self._outputs: dict[int, weakref.ref] = {}
+        # Dense tensors returned by graphs this backend compiled, by id: (weak reference, the
+        # graph's `_Recording`, output index). One fed back as a cache input is state the caller
+        # keeps across calls (a functional cache, idiom D): that output is then returned as a
+        # QVGCache on the producer's later calls, so the next graph never sees it dense.
+        self._outputs: dict[int, tuple[weakref.ref, "_Recording", int]] = {}
+        # Per Dynamo frame: output index -> the cache it feeds (`_Feed`), shared by the frame's
+        # recompiles (a dynamic-shape recompile of the producer keeps returning QVGCache).
+        self._convert: dict[str, dict[int, _Feed]] = {}
 
     def _known_of(self, node: fx.Node, fed_back: set[str] = frozenset()) -> Optional[Known]:
         value = node.meta.get("example_value")
@@ -96,16 +101,19 @@ class QVGBackend:
             return Known("fed_back")
         return known
 
-    def _is_output(self, value: Any) -> bool:
-        ref = self._outputs.get(id(value))
-        return ref is not None and ref() is value
+    def _producer(self, value: Any) -> Optional[tuple["_Recording", int]]:
+        """The graph (and output index) that returned ``value``, if one of ours did."""
+        entry = self._outputs.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        return entry[1], entry[2]
 
-    def record_outputs(self, outputs: Any) -> None:
+    def record_outputs(self, producer: "_Recording", outputs: Any) -> None:
         """Remember the dense tensors a compiled graph returned (see ``_outputs``)."""
-        for t in torch.utils._pytree.tree_leaves(outputs):
-            if type(t) is torch.Tensor and t.dim() >= 3 and id(t) not in self._outputs:
+        for i, t in enumerate(outputs if isinstance(outputs, (list, tuple)) else (outputs,)):
+            if type(t) is torch.Tensor and t.dim() >= 3:
                 key = id(t)
-                self._outputs[key] = weakref.ref(t, lambda _, key=key: self._outputs.pop(key, None))
+                self._outputs[key] = (weakref.ref(t, lambda _, key=key: self._outputs.pop(key, None)), producer, i)
 
     def _learn(self, graph: fx.Graph, sites: list[Site], rejected: list[Rejected]) -> None:
         for s in sites:
@@ -130,7 +138,8 @@ class QVGBackend:
                                        compile_id=str(compile_id) if compile_id is not None else "")
             self.report.graphs.append(graph_report)
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            fed_back = {n.name for n, x in zip(placeholders, example_inputs) if self._is_output(x)}
+            producers = {n.name: self._producer(x) for n, x in zip(placeholders, example_inputs)}
+            fed_back = {name for name, p in producers.items() if p is not None}
             sites, rejected, readers = find_sites(gm.graph, known_cache=lambda n: self._known_of(n, fed_back))
             self._learn(gm.graph, sites, rejected)
         graph_report.sites, graph_report.rejected = sites, rejected
@@ -153,19 +162,25 @@ class QVGBackend:
             errors += [f"{s.source}: not replaced (kept dense with the other caches of this graph)"
                        for _, s, _ in dense_sites]
             dense_sites = []
+        for index, s, _ in dense_sites:
+            producer = producers.get(s.placeholder)
+            if producer is not None:
+                producer[0].convert[producer[1]] = _Feed(s, example_inputs[index].shape[s.seq_dim])
         graph_report.swap_errors.extend(errors)
         graph_report.inputs_are_caches = any(isinstance(n.meta.get("example_value"), QVGCache)
                                              for n in placeholders)
         if dense_sites or graph_report.inputs_are_caches:
             self._fuse_attention(gm, sites, readers, graph_report)
+        frame = graph_report.compile_id.split("/")[0] or graph_report.name
+        convert = self._convert.setdefault(frame, {})
         if not dense_sites:
             if not graph_report.inputs_are_caches:
-                return _Recording(self, self._inductor(gm, example_inputs, graph_report))
+                return _Recording(self, self._inductor(gm, example_inputs, graph_report), convert)
             compiled = self._inductor_or_eager(gm, example_inputs, graph_report)
             if self.validate:
                 compiled = _Validated(gm, compiled, self.rtol, self.atol)
-            return _Recording(self, compiled)
-        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report))
+            return _Recording(self, compiled, convert)
+        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report), convert)
 
     @staticmethod
     def _fuse_attention(gm: fx.GraphModule, sites: list[Site], readers: list, graph_report: GraphReport) -> None:
@@ -245,16 +260,47 @@ class QVGBackendWarning(UserWarning):
     """A graph over QVG caches runs eagerly (correct, slower); `Report.summary()` says why."""
 
 
-class _Recording:
-    """Calls a compiled graph and records its dense outputs (`QVGBackend.record_outputs`)."""
+@dataclasses.dataclass
+class _Feed:
+    """An output of a graph that a later graph read as a cache: ``site``, the output's length
+    along the sequence then, and whether it has grown since. An output that grows is the whole
+    history, recomputed by every cache pass (LongCat): returned as a QVGCache from then on. One
+    of constant length is a piece the caller appends to a cache that is already QVG (WorldPlay):
+    left dense."""
 
-    def __init__(self, backend: QVGBackend, fn: Callable) -> None:
+    site: Site
+    length: int
+    grows: bool = False
+
+
+class _Recording:
+    """Calls a compiled graph, returns the outputs that feed caches as `QVGCache` (``convert``:
+    output index -> `_Feed`), and records its dense outputs (`QVGBackend.record_outputs`)."""
+
+    def __init__(self, backend: QVGBackend, fn: Callable, convert: dict[int, _Feed]) -> None:
         self.backend, self.fn = backend, fn
+        self.convert = convert  # shared by the recompiles of one frame
 
     def __call__(self, *args: Any) -> Any:
         out = self.fn(*args)
-        self.backend.record_outputs(out)
+        if self.convert and isinstance(out, (list, tuple)):
+            items = list(out)
+            for i, feed in self.convert.items():
+                if i >= len(items) or not _fits(items[i], feed.site):
+                    continue
+                feed.grows = feed.grows or items[i].shape[feed.site.seq_dim] != feed.length
+                if feed.grows:
+                    items[i] = self.backend.to_cache(items[i], feed.site)
+            out = type(out)(items) if isinstance(out, list) else tuple(items)
+        self.backend.record_outputs(self, out)
         return out
+
+
+def _fits(t: Any, site: Site) -> bool:
+    """``t`` is a dense tensor shaped like ``site``'s cache (any length along the sequence)."""
+    if type(t) is not torch.Tensor or t.dim() != len(site.shape) or str(t.dtype).removeprefix("torch.") != site.dtype:
+        return False
+    return all(t.shape[d] == n for d, n in enumerate(site.shape) if d != site.seq_dim)
 
 
 class _SwapOnFirstUse:

@@ -243,6 +243,72 @@ def test_idiom_d_stays_compiled_with_bounded_recompiles():
     assert len(qvg.report.graphs) <= MAX_GRAPHS_PER_FRAME
 
 
+def cache_pass(frames):
+    """LongCat-style: recompute the whole history's K/V (activations) and return them."""
+    k = frames.transpose(1, 2) * 1.5
+    return k.clone(), (k * -0.5).clone()
+
+
+def denoise(state, x):
+    q = x.transpose(1, 2)
+    k = torch.cat([state["k"], q], dim=2)  # read only: the cache itself comes from cache_pass
+    v = torch.cat([state["v"], q], dim=2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_idiom_d_history_recomputed_each_chunk_returns_qvgcache_and_compiles_boundedly():
+    frames = [chunk(i) for i in range(8)]
+
+    def video(run_pass, run_denoise, convert):
+        state, outs = {}, []
+        for i in range(1, len(frames)):
+            state["k"], state["v"] = convert(*run_pass(torch.cat(frames[:i], dim=1)))
+            outs += [run_denoise(state, frames[i]) for _ in range(2)]  # two denoising steps
+        return outs, state
+
+    def quantize(k, v):
+        return QVGCache.from_dense(k, 2, CFG, role="key"), QVGCache.from_dense(v, 2, CFG, role="value")
+
+    expected, _ = video(cache_pass, denoise, quantize)
+    qvg = qvg_compile.backend(CFG)
+    got, state = video(torch.compile(cache_pass, backend=qvg, fullgraph=True),
+                       torch.compile(denoise, backend=qvg, fullgraph=True), lambda k, v: (k, v))
+    assert max_diff(got, expected) <= TOL
+    assert isinstance(state["k"], QVGCache) and isinstance(state["v"], QVGCache)
+    report = qvg.report
+    assert sum(len(g.swapped) for g in report.graphs) == 2  # once; later passes return QVGCache
+    assert {i for s in report.sites for i in s.idioms} == {"D"}
+    assert all(n <= MAX_GRAPHS_PER_FRAME for n in report.compiles_per_frame().values())
+
+
+def test_idiom_d_pieces_appended_by_the_caller_stay_dense_and_join_the_qvg_cache():
+    """WorldPlay-style: the cache pass returns only the new chunk's K/V; the caller appends it
+    with ``cat`` to the history, which is a QVGCache after the first swap."""
+    frames = [chunk(i) for i in range(6)]
+
+    def video(run_pass, run_denoise, first):
+        state, outs = {}, []
+        for i in range(len(frames) - 1):
+            k, v = run_pass(frames[i])
+            if state:
+                state["k"], state["v"] = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+            else:
+                state["k"], state["v"] = first(k, v)
+            outs += [run_denoise(state, frames[i + 1]) for _ in range(2)]
+        return outs, state
+
+    def quantize(k, v):
+        return QVGCache.from_dense(k, 2, CFG, role="key"), QVGCache.from_dense(v, 2, CFG, role="value")
+
+    expected, _ = video(cache_pass, denoise, quantize)
+    qvg = qvg_compile.backend(CFG)
+    got, state = video(torch.compile(cache_pass, backend=qvg, fullgraph=True),
+                       torch.compile(denoise, backend=qvg, fullgraph=True), lambda k, v: (k, v))
+    assert max_diff(got, expected) <= TOL
+    assert isinstance(state["k"], QVGCache) and state["k"].shape[2] == C * (len(frames) - 1)
+    assert sum(len(g.swapped) for g in qvg.report.graphs) == 2
+
+
 # --- E: RoPE applied to the whole cached history at read time ---------------------------------
 COS = torch.randn(N, D // 2, generator=torch.Generator().manual_seed(7))
 SIN = torch.randn(N, D // 2, generator=torch.Generator().manual_seed(8))

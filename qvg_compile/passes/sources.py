@@ -100,12 +100,6 @@ def find_frame(source: dsrc.Source, expected: Any, start: Optional[FrameType] = 
     raise SourceError(f"no caller frame holds {source.name}")
 
 
-def replace_at_source(source: dsrc.Source, old: Any, new: Any) -> None:
-    """Put ``new`` where the caller keeps ``old`` (found through ``source``)."""
-    frame = find_frame(source, old, sys._getframe(1))
-    _assign(source, frame, new)
-
-
 def check_source_kind(source: dsrc.Source) -> None:
     """Raise `SourceError` when no frame could make ``source`` assignable: a bare local (the
     caller's own variable), or a kind of source this module does not follow."""
