@@ -171,3 +171,16 @@ def test_cli_inspect_errors_are_clear(model_file, tmp_path, capsys):
     assert "the factory must return" in capsys.readouterr().err
     assert cli.main(["inspect", f"{model_file}:make", "--option", "bits=5"]) == 2
     assert "key_bits" in capsys.readouterr().err
+
+
+def test_report_flags_frames_over_the_compile_budget():
+    from qvg_compile.passes.report import GraphReport, Report
+
+    graphs = [GraphReport(i, f"graph_{i}", False, compile_id=f"0/{i}") for i in range(8)]
+    graphs += [GraphReport(8 + i, f"graph_{8 + i}", False, compile_id=f"1/{i}") for i in range(4)]
+    graphs.append(GraphReport(12, "graph_12", False, compile_id="2/0"))
+    report = Report(graphs)
+    assert report.compiles_per_frame() == {"0": 8, "1": 4, "2": 1} and report.recompiles == 10
+    notes = report.budget_notes()
+    assert len(notes) == 2 and "recompile_limit" in notes[0] and "frame 1: 4 compiles, over the budget" in notes[1]
+    assert notes[1] in report.summary() and notes[0] in report.to_dict()["notes"]

@@ -68,12 +68,28 @@ class Report:
         """Compiles beyond the first of each frame (the budget is 2 per frame for a whole video)."""
         return sum(n - 1 for n in self.compiles_per_frame().values())
 
+    def budget_notes(self) -> list[str]:
+        """Frames over the compile budget (1 compile + 2 recompiles per video), and frames that
+        reached Dynamo's recompile limit, after which their calls run eagerly."""
+        import torch
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
+            getattr(torch._dynamo.config, "cache_size_limit", 8)
+        out = []
+        for frame, n in self.compiles_per_frame().items():
+            if n >= limit:
+                out.append(f"frame {frame}: {n} compiles reached torch._dynamo.config.recompile_limit={limit}: "
+                           "its later calls run eagerly (QVGCache eager is correct but slower)")
+            elif n > 3:
+                out.append(f"frame {frame}: {n} compiles, over the budget of 1 compile + 2 recompiles")
+        return out
+
     def to_dict(self) -> dict:
         return {
             "graphs": [dataclasses.asdict(g) | {"diff": g.diff()} for g in self.graphs],
             "graph_breaks": self.graph_breaks,
             "recompiles": self.recompiles,
-            "notes": self.notes,
+            "notes": self.notes + self.budget_notes(),
         }
 
     def to_json(self) -> str:
@@ -114,6 +130,7 @@ class Report:
             lines.append(tabulate([[b] for b in self.graph_breaks], headers=["graph break"],
                                   tablefmt="github"))
         lines.extend(self.notes)
+        lines.extend(self.budget_notes())
         if diff:
             lines.extend(d for d in (g.diff() for g in self.graphs) if d)
         return "\n\n".join(lines)
