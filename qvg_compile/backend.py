@@ -331,13 +331,20 @@ class _SwapOnFirstUse:
             _eager_note(self.report, f"the caches could not be replaced at their source ({exc}); "
                                      "this call ran eagerly on the dense tensors")
             return self.gm(*args)
-        for index, site, source, frame in planned:
-            cache = self.backend.to_cache(args[index], site)
+        try:
+            # Every cache is built before any is assigned: a data error (NaN under
+            # check_finite) leaves all of them dense.
+            caches = [self.backend.to_cache(args[index], site) for index, site, _, _ in planned]
+        except (ValueError, TypeError) as exc:
+            _eager_note(self.report, f"the caches could not be quantized ({_first_line(exc)}); "
+                                     "this call ran eagerly on the dense tensors")
+            return self.gm(*args)
+        for (index, site, source, frame), cache in zip(planned, caches):
             assign_at_source(source, frame, cache)
             args[index] = cache
             if site.source not in self.report.swapped:
                 self.report.swapped.append(site.source)
-        del planned
+        del planned, caches
         return self.gm(*args)
 
 
@@ -352,7 +359,7 @@ class _EagerOnLayoutMismatch:
         try:
             return self.compiled(*args)
         except AssertionError as exc:
-            if "expected size" not in str(exc) and "stride" not in str(exc):
+            if "expected size" not in str(exc) or "stride" not in str(exc):
                 raise
             _eager_note(self.report, f"a QVGCache input's inner arrays changed layout without a "
                                      f"recompile ({_first_line(exc)}); that call ran eagerly")

@@ -545,6 +545,18 @@ def test_unsupported_config_keeps_the_model_dense_with_a_clear_message():
     assert len(qvg.report.graphs) <= 2  # as Inductor alone: static ints, then dynamic ones
 
 
+def test_a_cache_that_cannot_be_quantized_leaves_every_cache_dense():
+    state, ref = dict_state()(), dict_state()()
+    for st in (state, ref):
+        st["v"][0, 0, 0, 0] = float("nan")  # check_finite refuses to quantize it
+    qvg = qvg_compile.backend(CFG)
+    with pytest.warns(qvg_compile.QVGBackendWarning, match="could not be quantized"):
+        got = torch.compile(idiom_a, backend=qvg, fullgraph=True)(state, chunk(0), C, 2 * C)
+    expected = idiom_a(ref, chunk(0), C, 2 * C)
+    assert all(type(t) is torch.Tensor for t in state.values())  # K too: all or none
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL, equal_nan=True)
+
+
 def test_written_but_never_read_by_attention_is_not_a_cache():
     def fn(state, x, s: int, e: int):
         state["k"][:, s:e] = x
