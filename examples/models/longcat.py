@@ -209,11 +209,13 @@ class LongCatBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
-        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+        # Per-block offsets on the shared time projection (Wan-style): a 6 x dim x dim Linear per
+        # block would add ~100M parameters per layer at the real width.
+        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e, context, cos, sin, kv_cache, return_kv, offload_kv, skip_cross_attn):
-        """``x [B, n, dim]``, ``e [B, F, dim]`` per-frame conditioning -> (``[B, n, dim]``, new K/V)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(e)).chunk(6, dim=-1)
+        """``x [B, n, dim]``, ``e [B, F, 6, dim]`` per-frame modulation -> (``[B, n, dim]``, new K/V)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
         y, new_kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, kv_cache, return_kv, offload_kv)
         x = x + gate(y, gate1)
         if not skip_cross_attn:
@@ -234,6 +236,7 @@ class LongCatModel(nn.Module):
         self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
         self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(LongCatBlock(config) for _ in range(config.num_layers))
         self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
         self.head_ada = nn.Linear(dim, 2 * dim)
@@ -272,11 +275,12 @@ class LongCatModel(nn.Module):
         frame_pos = torch.arange(hist_frames + f, device=x.device)
         cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, wan_rope_axes(cfg.head_dim), cfg.rope_theta))
         e = self.time_embedding(t)
+        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
         ctx = None if context is None else self.text_embedding(context)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if kv_cache is None else kv_cache[i]
-            tokens, new_kv = block(tokens, e, ctx, cos, sin, layer_cache, return_kv, offload_kv, ctx is None)
+            tokens, new_kv = block(tokens, e0, ctx, cos, sin, layer_cache, return_kv, offload_kv, ctx is None)
             if return_kv:
                 new_cache.append(new_kv)
         shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)

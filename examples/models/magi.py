@@ -217,10 +217,12 @@ class MagiBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
-        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+        # Per-block offsets on the shared time projection (Wan-style): a 6 x dim x dim Linear per
+        # block would add ~100M parameters per layer at the real width.
+        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e, context, cos, sin, mask, params, start):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(e)).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
         x = x + gate(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, params, start), gate1)
         x = x + self.cross_attn(self.norm_cross(x), context)
         return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
@@ -238,6 +240,7 @@ class MagiModel(nn.Module):
         self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
         self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(MagiBlock(config, i) for i in range(config.num_layers))
         self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
         self.head_ada = nn.Linear(dim, 2 * dim)
@@ -284,9 +287,10 @@ class MagiModel(nn.Module):
         k_chunk = torch.arange(start + n, device=x.device) // chunk_tokens
         mask = k_chunk[None, :] <= q_chunk[:, None]
         e = self.time_embedding(t)
+        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
         ctx = self.text_embedding(context)
         for block in self.blocks:
-            tokens = block(tokens, e, ctx, cos, sin, mask, inference_params, start)
+            tokens = block(tokens, e0, ctx, cos, sin, mask, inference_params, start)
         shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
         return unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
                           cfg.patch_size, cfg.in_channels)
