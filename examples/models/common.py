@@ -265,3 +265,29 @@ def sigma_schedule(num_steps: int, shift: float) -> list[float]:
 def timesteps_for(sigma: float, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """A ``[B, F]`` fp32 tensor of the model timestep (``1000 * sigma``) for every frame."""
     return torch.full(tuple(shape), 1000.0 * sigma, device=device, dtype=torch.float32)
+
+
+class LatentGeometry:
+    """Shared by the model configs: heads and the per-frame token grid, and their checks. Needs the
+    fields ``dim``, ``num_heads``, ``patch_size`` (t, h, w), ``latent_height``, ``latent_width``."""
+
+    def check_geometry(self, cache: str = "the cache") -> None:
+        """Heads divide ``dim``, the head dim fits Wan's 3D RoPE, one latent frame per patch in
+        time (the cache is per latent frame) and the patch tiles the latent frame."""
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
+        if self.patch_size[0] != 1:
+            raise ValueError(f"{cache} is per latent frame: patch_size[0] must be 1")
+        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
+            raise ValueError("latent height/width must be multiples of the patch size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per latent frame after patchify (1,560 for the real configs)."""
+        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    LatentGeometry,
     PatchEmbed3d,
     RMSNorm,
     SwiGLUFFN,
     TimestepEmbedding,
     apply_rope_real,
     check_int,
-    check_rope_axes,
     check_tensor,
     gate,
     model_device_dtype,
@@ -64,7 +64,7 @@ in the model dtype (on the host when offloaded)."""
 
 
 @dataclass(frozen=True)
-class LongCatConfig:
+class LongCatConfig(LatentGeometry):
     """Architecture, sample geometry and sampler. ``cond_frames=None`` conditions every chunk on
     the whole history; an int keeps only the last ``cond_frames`` latent frames."""
 
@@ -94,22 +94,7 @@ class LongCatConfig:
             check_int(name, getattr(self, name))
         if self.cond_frames is not None:
             check_int("cond_frames", self.cond_frames)
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
-        if self.patch_size[0] != 1:
-            raise ValueError("the cache is per latent frame: patch_size[0] must be 1")
-        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
-            raise ValueError("latent height/width must be multiples of the patch size")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per latent frame after patchify (1,560 for the real config)."""
-        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+        self.check_geometry()
 
 
 def tiny_config(**overrides: object) -> LongCatConfig:

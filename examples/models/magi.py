@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    LatentGeometry,
     PatchEmbed3d,
     RMSNorm,
     SwiGLUFFN,
     TimestepEmbedding,
     apply_rope_real,
     check_int,
-    check_rope_axes,
     check_tensor,
     gate,
     model_device_dtype,
@@ -55,7 +55,7 @@ from .common import (
 
 
 @dataclass(frozen=True)
-class MagiConfig:
+class MagiConfig(LatentGeometry):
     """Architecture, sample geometry and the staggered sampler (``steps`` per chunk, ``window``
     chunks in flight; ``window`` must divide ``steps``)."""
 
@@ -83,26 +83,11 @@ class MagiConfig:
                      "text_len", "latent_height", "latent_width", "in_channels", "freq_dim",
                      "chunk_frames", "window", "steps"):
             check_int(name, getattr(self, name))
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.steps % self.window:
             raise ValueError(f"window={self.window} must divide steps={self.steps}")
-        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
-        if self.patch_size[0] != 1:
-            raise ValueError("the cache is per latent frame: patch_size[0] must be 1")
-        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
-            raise ValueError("latent height/width must be multiples of the patch size")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per latent frame after patchify (1,560 for the real config)."""
-        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+        self.check_geometry()
 
     @property
     def chunk_tokens(self) -> int:

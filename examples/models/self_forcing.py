@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    LatentGeometry,
     GeluFFN,
     PatchEmbed3d,
     RMSNorm,
     TimestepEmbedding,
     apply_rope_complex,
     check_int,
-    check_rope_axes,
     check_tensor,
     gate,
     modulate,
@@ -70,7 +70,7 @@ CrossAttnCache = list[dict[str, torch.Tensor | bool]]
 
 
 @dataclass(frozen=True)
-class SelfForcingConfig:
+class SelfForcingConfig(LatentGeometry):
     """Architecture and sample geometry. ``local_attn_size``/``sink_size`` are in latent frames;
     ``local_attn_size=-1`` means global attention over a cache sized by ``generate(max_frames=)``."""
 
@@ -96,13 +96,7 @@ class SelfForcingConfig:
                      "latent_height", "latent_width", "in_channels", "freq_dim", "chunk_frames"):
             check_int(name, getattr(self, name))
         check_int("sink_size", self.sink_size, minimum=0)
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
-        if self.patch_size[0] != 1:
-            raise ValueError("the causal cache is per latent frame: patch_size[0] must be 1")
-        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
-            raise ValueError("latent height/width must be multiples of the patch size")
+        self.check_geometry("the causal cache")
         if self.local_attn_size != -1:
             # The rolled part must stay non-negative after evicting to fit a whole new chunk.
             if self.local_attn_size < self.sink_size + self.chunk_frames:
@@ -112,15 +106,6 @@ class SelfForcingConfig:
                 )
         elif self.sink_size:
             raise ValueError("sink_size only applies to a rolling window (local_attn_size != -1)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per latent frame after patchify (1,560 for the real config)."""
-        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
 
 
 def tiny_config(**overrides: object) -> SelfForcingConfig:

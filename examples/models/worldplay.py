@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    LatentGeometry,
     GeluFFN,
     PatchEmbed3d,
     RMSNorm,
     TimestepEmbedding,
     apply_rope_real,
     check_int,
-    check_rope_axes,
     check_tensor,
     gate,
     model_device_dtype,
@@ -69,7 +69,7 @@ POS_LAYOUTS = ("batch", "head_dim")
 
 
 @dataclass(frozen=True)
-class WorldPlayConfig:
+class WorldPlayConfig(LatentGeometry):
     """Architecture, sample geometry and sampler. ``memory_frames=None`` keeps the whole history."""
 
     num_layers: int
@@ -100,22 +100,7 @@ class WorldPlayConfig:
             check_int("memory_frames", self.memory_frames)
         if self.pos_layout not in POS_LAYOUTS:
             raise ValueError(f"pos_layout must be one of {POS_LAYOUTS}, got {self.pos_layout!r}")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        check_rope_axes(wan_rope_axes(self.head_dim), self.head_dim)
-        if self.patch_size[0] != 1:
-            raise ValueError("the cache is per latent frame: patch_size[0] must be 1")
-        if self.latent_height % self.patch_size[1] or self.latent_width % self.patch_size[2]:
-            raise ValueError("latent height/width must be multiples of the patch size")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per latent frame after patchify (1,560 for the real config)."""
-        return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
+        self.check_geometry()
 
 
 def tiny_config(**overrides: object) -> WorldPlayConfig:
