@@ -4,7 +4,9 @@ K/V caches ``[1, N, 12, 128]`` bf16 with chunks of 4,680 tokens (3 latent frames
 each chunk is written 5 times (4 denoising steps + 1 clean pass) and every write is followed by
 SDPA of the chunk's 4,680 queries over the prefix. Prints per-step medians at the last chunk for
 eager and compiled (`torch.compile(fullgraph=True)`) code, next to the same step on dense
-tensors, and, with ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile).
+tensors; with ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile);
+with ``--trace DIR``, a torch.profiler table of 5 compiled QVG steps (host ops, device kernels,
+synchronisations) and its Chrome trace in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
 """
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=21)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
     args = parser.parse_args(argv)
     device = "cuda"
     n = args.frames * 1560
@@ -88,7 +91,32 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    if args.trace:
+        trace(compiled, qvg, chunks, device, args.trace)
     return 0
+
+
+def trace(compiled, make, chunks: int, device: str, out_dir: str) -> None:
+    """Profile 5 compiled steps of the last chunk: where the host waits for the device shows up as
+    cudaStreamSynchronize / cudaMemcpy rows, host-only bookkeeping as CPU time with no kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kb, vb = make("key"), make("value")
+    run(compiled, lambda r: kb if r == "key" else vb, chunks, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+    s = (chunks - 1) * CHUNK
+    compiled(kb, vb, q, k, k, s, s + CHUNK)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            compiled(kb, vb, q, k, k, s, s + CHUNK)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30))
+    print(averages.table(sort_by="self_device_time_total", row_limit=15))
+    prof.export_chrome_trace(f"{out_dir}/cache_step_trace.json")
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces:
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
     """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
     def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
-        return ReadSide(store_of(arrays, spec), positions(pieces), dense[0] if dense else None,
+        return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
                         leads(lead), part)  # type: ignore[arg-type]
     return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
                   side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale).contiguous()

@@ -11,24 +11,24 @@ once, with the queries of every copy folded into one call; heads repeated by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import stats
 from ..kernels.attention import qvg_attention as attention_impl
-from .store import Store, masked_runs
+from .store import Store
 from .view import Lead
 
 
 @dataclass
 class ReadSide:
-    """One of K or V: its store, the view's store positions (-1 where a dense piece is), the
-    dense pieces concatenated ``[B*tile, H*interleave, m, D]`` (or None), the two leading dims
-    and the part read."""
+    """One of K or V: its store, the view's pieces ``[kind, a, n] * pieces`` (kind 0: the store
+    positions ``[a, a + n)``; 1: ``n`` tokens of a dense piece), the dense pieces concatenated
+    ``[B*tile, H*interleave, m, D]`` (or None), the two leading dims and the part read."""
 
     store: Store
-    positions: torch.Tensor
+    pieces: Sequence[int]
     dense: Optional[torch.Tensor]
     lead: tuple[Lead, Lead]
     part: int
@@ -37,23 +37,57 @@ class ReadSide:
         return tuple((ax.offset, ax.length) for ax in self.lead)  # type: ignore[return-value]
 
 
+def plan(k: ReadSide, v: ReadSide) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split the views (pieces of equal kinds and lengths, as ``_fusable`` checks) into the
+    store ranges both sides read from packed storage, and the runs of K and V positions read
+    through the tail (the same lengths, in the same order), as ``(start, end)`` lists.
+
+    Works on slices of the token state, one piece at a time: a read over a long history costs a
+    few tensor operations per piece, never an index array over every token (the host time of
+    this planning is paid on every attention call)."""
+    ranges: list[tuple[int, int]] = []
+    rest_k: list[tuple[int, int]] = []
+    rest_v: list[tuple[int, int]] = []
+    kp, vp = k.pieces, v.pieces
+    for i in range(0, len(kp), 3):
+        kind, ak, n = int(kp[i]), int(kp[i + 1]), int(kp[i + 2])
+        av = int(vp[i + 1])
+        if kind != 0 or n == 0:
+            continue
+        if ak != av:
+            rest_k.append((ak, ak + n))
+            rest_v.append((av, av + n))
+            continue
+        both = (k.store.pos_map[ak:ak + n] <= -2) & (v.store.pos_map[ak:ak + n] <= -2)
+        edges = (both[1:] != both[:-1]).nonzero().flatten().add(1).tolist()
+        bounds = [0, *edges, n]
+        for lo, hi, fused in zip(bounds, bounds[1:], both[bounds[:-1]].tolist()):
+            if fused:
+                ranges.append((ak + lo, ak + hi))
+            else:
+                rest_k.append((ak + lo, ak + hi))
+                rest_v.append((ak + lo, ak + hi))
+    return ranges, rest_k, rest_v
+
+
+def _positions(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    if not runs:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(a, b) for a, b in runs])
+
+
 def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views."""
-    pk, pv = k.positions, v.positions
-    sk = torch.where(pk >= 0, k.store.pos_map[pk.clamp(min=0)].long(), 0)
-    sv = torch.where(pv >= 0, v.store.pos_map[pv.clamp(min=0)].long(), 0)
-    fused = (pk >= 0) & (pk == pv) & (sk <= -2) & (sv <= -2)
-    ranges = [(first, first + n) for _, first, n in masked_runs(pk, fused)]
-    rest = ((~fused) & (pk >= 0)).nonzero().flatten()
-    tails = []
-    for side, pos in ((k, pk), (v, pv)):
-        tails.append(side.store.decode(pos[rest], [side.part], side.sel())[0])
+    ranges, rest_k, rest_v = plan(k, v)
+    tails = [side.store.decode(_positions(runs), [side.part], side.sel())[0]
+             for side, runs in ((k, rest_k), (v, rest_v))]
     ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
     tile = k.lead[0].tile
     b = q.shape[0] // tile
     fused_tokens = sum(e - s for s, e in ranges)
     dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
-    stats.add(attention_calls=1, fused_tokens=fused_tokens, tail_tokens=int(rest.numel()) + dense_tokens)
+    stats.add(attention_calls=1, fused_tokens=fused_tokens,
+              tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
     if k.dense is None:
         if tile == 1:
             return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
