@@ -234,9 +234,6 @@ def test_idiom_d_functional_append_equals_eager_and_frees_dense():
     assert {i for s in qvg.report.sites for i in s.idioms} == {"D"}
 
 
-@pytest.mark.xfail(strict=True, reason="qvg_compile/cache: a QVGCache grown by cat changes the shapes of its "
-                   "inner arrays without a Dynamo guard; Inductor's input assert_size_stride fails on the 4th "
-                   "call and the backend runs that graph eagerly (repro in the issue 5 report)")
 def test_idiom_d_stays_compiled_with_bounded_recompiles():
     _, _, _, _, qvg = compiled_run(CASE_D)
     assert not any(g.eager for g in qvg.report.graphs), [g.eager for g in qvg.report.graphs]

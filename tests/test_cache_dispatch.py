@@ -212,11 +212,18 @@ def test_d_cache_grown_by_repeated_cat_stays_compressed_with_the_newest_chunk_de
     gen = torch.Generator().manual_seed(10)
     chunks = [torch.randn(1, H, L, D, generator=gen) for _ in range(9)]
     k = QVGCache.from_dense(chunks[0], 2, CFG, chunk_tokens=L)
-    for new in chunks[1:]:
+    for i, new in enumerate(chunks[1:]):
         k = torch.cat([k, new], 2)
-        assert isinstance(k, QVGCache) and k._view.dense_count() <= 1
+        # Every append has the same structure (stored history, then the appended piece), so a
+        # cache fed back through a compiled step flattens to the same metadata each call.
+        assert isinstance(k, QVGCache) and [kind for kind, _, _ in k._view.pieces] == ["run", "dense"]
+        assert k._view.pieces[0][2] == (i + 1) * L and k._dense[0].data_ptr() == new.data_ptr()
     full = torch.cat(chunks, 2)
-    assert torch.equal(dq(k)[:, :, -L:], chunks[-1])
-    assert k.token_counts()["dense"] == L and k.token_counts()["sealed"] == 8 * L
+    assert torch.equal(dq(k)[:, :, -2 * L:], full[:, :, -2 * L:])
+    # The store holds the older chunks under the policy (one dense slot: the previous chunk).
+    assert k.token_counts()["dense"] == L and k.token_counts()["sealed"] == 7 * L
     assert (dq(k) - full).norm() / full.norm() < 0.6
-    assert k.compression_ratio() > 4
+    # Two of nine fp32 chunks are dense (bound: 4.5x); the seven sealed ones are >= 6x smaller.
+    dense_bytes = 2 * chunks[0].numel() * chunks[0].element_size()
+    assert k.compression_ratio() > 3
+    assert (full.numel() * full.element_size() - dense_bytes) / (k.nbytes() - dense_bytes) > 6

@@ -116,6 +116,47 @@ def test_compiled_functional_cat_over_growing_caches():
     assert backend.graphs <= 2
 
 
+def _append_and_read(k_cache, q, k):
+    """Idiom D fed back: the caller stores the returned, grown cache for the next call."""
+    kk = torch.cat([k_cache, k], 2)
+    return F.scaled_dot_product_attention(q, kk, kk), kk
+
+
+def test_compiled_cache_grown_by_cat_and_fed_back_compiles_at_most_three_times():
+    torch.manual_seed(5)
+    backend = Counting()
+    fn = torch.compile(_append_and_read, backend=backend, fullgraph=True)
+    first = torch.randn(1, H, L, D)
+    eager = QVGCache.from_dense(first, 2, CFG, chunk_tokens=L)
+    compiled = QVGCache.from_dense(first, 2, CFG, chunk_tokens=L)
+    for _ in range(8):
+        q, k = torch.randn(1, H, 4, D), torch.randn(1, H, L, D)
+        out, compiled = fn(compiled, q, k)
+        ref, eager = _append_and_read(eager, q, k)
+        assert (out - ref).abs().max() <= 1e-5
+    # The first store, then (store, appended chunk) static and with symbolic lengths.
+    assert backend.graphs <= 3
+    assert torch.equal(compiled.dequantize(), eager.dequantize()) and compiled.shape[2] == 9 * L
+
+
+def test_recompile_for_a_larger_store_does_not_reuse_the_smaller_stores_code():
+    """Same flatten metadata and a symbolic outer length, but larger inner arrays: AOTAutograd's
+    cache must key them apart (else Inductor's input size asserts fail on the second call)."""
+    gen = torch.Generator().manual_seed(6)
+    p = QVGCache.from_dense(torch.randn(1, H, L, D, generator=gen), 2, CFG, chunk_tokens=L)
+    small = torch.cat([p, torch.randn(1, H, L, D, generator=gen)], 2)
+    large = torch.cat([small, torch.randn(1, H, L, D, generator=gen)], 2)
+    assert small.__tensor_flatten__() == large.__tensor_flatten__()
+    assert small._stable_hash_for_caching() != large._stable_hash_for_caching()
+    backend = Counting()
+    fn = torch.compile(lambda k, q: F.scaled_dot_product_attention(q, k, k), backend=backend, fullgraph=True)
+    torch._dynamo.mark_dynamic(small, 2)
+    for k in (small, large):
+        q = torch.randn(1, H, 4, D, generator=gen)
+        assert (fn(k, q) - F.scaled_dot_product_attention(q, k.dequantize(), k.dequantize())).abs().max() <= 1e-5
+    assert backend.graphs == 2
+
+
 @pytest.mark.parametrize("frames", [21, 120])
 def test_wan_sized_layer_cache_memory(frames: int):
     """12 heads x 128, 1,560 tokens per frame, chunks of 3 frames, 5 writes per chunk.

@@ -484,10 +484,18 @@ def _cat(func, args, kwargs):
     out = _make(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
     if _grown_by_appends(merged) and v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast):
         # A cache grown by repeated functional appends (``k = cat([k, k_new])``) would keep every
-        # appended chunk dense: from the second appended piece on, the result gets a store of its
-        # own, where older appended chunks are sealed by the policy. Decided on the structure of
-        # the pieces alone (never their lengths) so compiled code takes the same branch as eager.
-        return _clone_cache(out)
+        # appended chunk dense: from the second appended piece on, everything but the last piece
+        # goes into a store of its own (older appended chunks are sealed there by the policy) and
+        # the last piece stays dense after it. The result then has the structure of a first
+        # append (one run, one dense piece), so a cache fed back call after call always flattens
+        # to the same metadata and compiles once per structure, not once per parity of the call.
+        # Decided on the structure of the pieces alone (never their lengths) so compiled code
+        # takes the same branch as eager.
+        last = len(dense) - 1
+        history = _clone_cache(_make(out, View(v.dims, v.lead, merged[:-1], v.parts, v.bcast, COW), dense[:last]))
+        n = history._view.length()
+        return QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
+                                              history._view.parts, v.bcast, COW), [dense[last]])
     return out
 
 

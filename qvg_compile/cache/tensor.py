@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -30,6 +31,12 @@ from .store import Store, regrow
 from .view import CHAN, DENSE, RUN, SEQ, Lead, View
 
 Handler = Callable[[Any, tuple, dict], Any]
+
+# The dispatch rules of this package are traced into compiled graphs, which AOTAutograd caches on
+# disk across processes; keying its entries on these sources keeps a changed rule from being
+# served code traced by the old one.
+_SOURCE_FINGERPRINT = hashlib.sha256(
+    b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
 
 
 class StoreHandle:
@@ -238,9 +245,17 @@ class QVGCache(torch.Tensor):
         raise AttributeError(name)
 
     def _stable_hash_for_caching(self) -> str:
-        """Key of this subclass input for AOTAutograd's cache: the layout, not the data."""
-        spec, view = self.__tensor_flatten__()[1]
-        return hashlib.sha256(f"{spec.json}|{view!r}".encode()).hexdigest()
+        """Key of this subclass input for AOTAutograd's cache: the layout, not the data.
+
+        The inner arrays' sizes and strides are part of it: the metadata leaves out lengths the
+        arrays determine, so a store regrown by ``cat`` can flatten to the same metadata and the
+        same outer (symbolic) size with larger arrays. Without them a recompile for the larger
+        store would reuse the compiled code of the smaller one, whose Inductor input asserts
+        then fail at run time. The package's source fingerprint is part of it too."""
+        names, (spec, view) = self.__tensor_flatten__()
+        inner = [f"{n}:{t.dtype}:{tuple(t.shape)}:{t.stride()}" for n in names for t in (getattr(self, n),)]
+        key = "|".join([_SOURCE_FINGERPRINT, spec.json, repr(view), str(tuple(self.shape)), *inner])
+        return hashlib.sha256(key.encode()).hexdigest()
 
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View],
