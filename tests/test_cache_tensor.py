@@ -5,6 +5,7 @@ memory of a Wan-1.3B-sized layer cache filled the way Self-Forcing fills it."""
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 
 import pytest
 import torch
@@ -240,3 +241,133 @@ def test_compiled_idioms_equal_eager(idiom: str):
             assert (out - _index_write(*eager, q, k, v, idx)).abs().max() <= 1e-5
     assert torch.equal(eager[0].dequantize(), compiled[0].dequantize())
     assert backend.graphs <= 2
+
+
+def _video(steps_per_chunk: int = 2):
+    """(chunk index, start, end) of every call over a video of S // L chunks, each chunk written
+    ``steps_per_chunk`` times (denoising steps rewrite the open slot)."""
+    return [(c, c * L, (c + 1) * L) for c in range(S // L) for _ in range(steps_per_chunk)]
+
+
+def _rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _rope_at_read(kb, vb, q, k, v, cos, sin, s: int, e: int):
+    """Idiom E: the cache holds pre-RoPE keys; RoPE is applied to the whole history at read."""
+    kb[:, s:e] = k
+    vb[:, s:e] = v
+    kr = _rope(kb[:, :e], cos[:e, None], sin[:e, None])
+    return F.scaled_dot_product_attention(q, kr.transpose(1, 2), vb[:, :e].transpose(1, 2))
+
+
+def test_compiled_idiom_e_rope_at_read_equals_eager_and_dense():
+    gen = torch.Generator().manual_seed(7)
+    cos, sin = torch.randn(S, D // 2, generator=gen), torch.randn(S, D // 2, generator=gen)
+    eager, compiled = pair(), pair()
+    backend = Counting()
+    fn = torch.compile(_rope_at_read, backend=backend, fullgraph=True)
+    fallbacks = {"eager": Counter(), "compiled": Counter()}
+    for _, s, e in _video():
+        q, k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, L, H, D, generator=gen), \
+            torch.randn(B, L, H, D, generator=gen)
+        reset_stats()
+        ref = _rope_at_read(*eager, q, k, v, cos, sin, s, e)
+        fallbacks["eager"].update(stats()["fallbacks"])
+        reset_stats()
+        out = fn(*compiled, q, k, v, cos, sin, s, e)
+        fallbacks["compiled"].update(stats()["fallbacks"])
+        assert (out - ref).abs().max() <= 1e-5
+        # A dense tensor holding the same quantized values (the rewrite of the open slot is exact).
+        dense = [c.dequantize() for c in eager]
+        assert (_rope_at_read(*dense, q, k, v, cos, sin, s, e) - ref).abs().max() <= 1e-5
+    assert torch.equal(eager[0].dequantize(), compiled[0].dequantize())
+    assert backend.graphs <= 3
+    # RoPE needs the keys dense: the half split of the head dim falls back, and attention over
+    # dense keys with cached values decodes the values. Counted once per eager call, and once
+    # per compiled graph (at trace time), never more.
+    ops = ("aten.split.Tensor", "qvg.sdpa.default")
+    assert fallbacks["eager"] == {op: len(_video()) for op in ops}
+    assert fallbacks["compiled"] == {op: backend.graphs for op in ops}
+
+
+def _packed_kv(kv, q, k, v, s: int, e: int):
+    """Idiom F: K and V packed along the last dim, read by split, chunk and slices; GQA."""
+    kv[:, s:e] = torch.cat([k, v], dim=-1)
+    kk, vv = kv[:, :e].split(D, dim=-1)
+    k2, _ = kv[:, :e].chunk(2, dim=-1)
+    v2 = kv[:, :e, :, D:]
+    gqa = F.scaled_dot_product_attention(q, kk.repeat_interleave(2, dim=2).transpose(1, 2),
+                                         vv.repeat_interleave(2, dim=2).transpose(1, 2))
+    return gqa[:, ::2] + F.scaled_dot_product_attention(q[:, ::2], k2.transpose(1, 2), v2.transpose(1, 2))
+
+
+def test_compiled_idiom_f_packed_kv_equals_eager_and_dense_without_fallback():
+    gen = torch.Generator().manual_seed(8)
+
+    def packed():
+        return QVGCache.empty((B, S, H, 2 * D), 1, CFG, roles=("key", "value"), dtype=torch.float32,
+                              chunk_tokens=L)
+
+    eager, compiled = packed(), packed()
+    backend = Counting()
+    fn = torch.compile(_packed_kv, backend=backend, fullgraph=True)
+    reset_stats()
+    for _, s, e in _video():
+        q, k, v = torch.randn(B, 2 * H, L, D, generator=gen), torch.randn(B, L, H, D, generator=gen), \
+            torch.randn(B, L, H, D, generator=gen)
+        ref = _packed_kv(eager, q, k, v, s, e)
+        assert (fn(compiled, q, k, v, s, e) - ref).abs().max() <= 1e-5
+        assert (_packed_kv(eager.dequantize(), q, k, v, s, e) - ref).abs().max() <= 1e-5
+    assert torch.equal(eager.dequantize(), compiled.dequantize())
+    assert eager.token_counts()["sealed"] == S - L
+    assert backend.graphs <= 3
+    assert stats()["fallback_total"] == 0
+
+
+class _Layer(torch.nn.Module):
+    """Idiom G: the caches live in a dict held by a module attribute across calls; one compiled
+    call writes them, another reads them, a third resets them for the next video."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = dict(zip("kv", pair()))
+
+    def write(self, k, v, s: int, e: int) -> None:
+        self.cache["k"][:, s:e] = k
+        self.cache["v"][:, s:e] = v
+
+    def read(self, q, e: int):
+        return F.scaled_dot_product_attention(q, self.cache["k"][:, :e].transpose(1, 2),
+                                              self.cache["v"][:, :e].transpose(1, 2))
+
+    def reset(self) -> None:
+        self.cache["k"].zero_()
+        self.cache["v"].fill_(0)
+
+
+def test_compiled_idiom_g_module_state_written_and_read_in_separate_graphs():
+    gen = torch.Generator().manual_seed(9)
+    eager, compiled = _Layer(), _Layer()
+    backends = {name: Counting() for name in ("write", "read", "reset")}
+    fns = {name: torch.compile(getattr(compiled, name), backend=b, fullgraph=True) for name, b in backends.items()}
+    reset_stats()
+    for video in range(2):
+        for _, s, e in _video():
+            q, k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, L, H, D, generator=gen), \
+                torch.randn(B, L, H, D, generator=gen)
+            eager.write(k, v, s, e)
+            fns["write"](k, v, s, e)
+            ref = eager.read(q, e)
+            assert (fns["read"](q, e) - ref).abs().max() <= 1e-5
+            dense = {name: c.dequantize() for name, c in eager.cache.items()}
+            assert (F.scaled_dot_product_attention(q, dense["k"][:, :e].transpose(1, 2),
+                                                   dense["v"][:, :e].transpose(1, 2)) - ref).abs().max() <= 1e-5
+        assert all(torch.equal(eager.cache[n].dequantize(), compiled.cache[n].dequantize()) for n in "kv")
+        eager.reset()
+        fns["reset"]()
+        assert all(compiled.cache[n].token_counts()["holes"] == S for n in "kv")
+    assert all(isinstance(compiled.cache[n], QVGCache) for n in "kv")
+    assert {name: b.graphs <= 3 for name, b in backends.items()} == {name: True for name in backends}
+    assert stats()["fallback_total"] == 0
