@@ -161,6 +161,7 @@ def bench_decode(out_dir: str, shape: tuple, bw: float) -> None:
 
 def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int = 2) -> None:
     from qvg_compile.kernels.encode import encode_qvg as encode_fast
+    from qvg_compile.kernels.encode import encode_qvg_pair, triton_encode_many
     from qvg_compile.quant.qvg import encode_qvg as encode_ref
 
     b, h, n, d = shape
@@ -172,7 +173,7 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     picks = torch.randperm(n, generator=gen)[:256].cuda()
     init_x = x[:, :, picks].unsqueeze(0).float()
     init_y = y[:, :, picks].unsqueeze(0).float()
-    seg = encode_fast(x, cfg, -2, "key", init_x)
+    seg, _ = encode_qvg_pair(x, y, cfg, -2, init_x, init_y)
     ref = encode_ref(x, cfg, -2, "key", init_x)
     xf = x.float()
     err_fast = rel(seg.dequantize(), xf)
@@ -191,40 +192,62 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     exact = float((codes == gq.codes).float().mean()) * float(
         (scales.view(torch.uint8) == gq.scales.view(torch.uint8)).float().mean())
     del resid, gq, codes, scales
-    t = bench(lambda: (encode_fast(x, cfg, -2, "key", init_x), encode_fast(y, cfg, -2, "value", init_y)))
+    t = bench(lambda: encode_qvg_pair(x, y, cfg, -2, init_x, init_y))
+    t_sep = bench(lambda: triton_encode_many([x, y], cfg, -2, ["key", "value"], [init_x, init_y], fused=False))
+    t_two = bench(lambda: (encode_fast(x, cfg, -2, "key", init_x), encode_fast(y, cfg, -2, "value", init_y)))
+    tol_cfg = cfg.replace(kmeans_iters=4, kmeans_tol=1e-4)
+    t_tol = bench(lambda: encode_qvg_pair(x, y, tol_cfg, -2, init_x, init_y))
     tr = bench(lambda: (encode_ref(x, cfg, -2, "key", init_x), encode_ref(y, cfg, -2, "value", init_y)), reps=20)
     c = 256
     fl = 2 * (iters + 1) * 2 * b * h * n * c * d + 2 * iters * 2 * b * h * n * c * d
-    byts = 2 * (x.numel() * 2 * (2 * iters + 2) + seg.nbytes)
+    # Fused: each Lloyd step reads x once, the final assignment and the quantizer once each.
+    byts = 2 * (x.numel() * 2 * (iters + 2) + seg.nbytes)
     floor = max(fl / flops, byts / bw) * 1e3
-    log(out_dir, dict(kernel=f"encode K+V ({iters} it)", shape=str(list(shape)), ms=t, torch_ref_ms=tr,
+    log(out_dir, dict(kernel=f"encode K+V ({iters} it, pair)", shape=str(list(shape)), ms=t, torch_ref_ms=tr,
                       floor_ms=floor, pct_of_floor=100 * floor / t, rel_err=err_fast, ref_rel_err=err_ref,
                       assign_agree=agree, quantize_bit_exact=exact))
+    log(out_dir, dict(kernel=f"encode K+V ({iters} it, pair, unfused step)", shape=str(list(shape)), ms=t_sep))
+    log(out_dir, dict(kernel=f"encode K+V ({iters} it, two calls)", shape=str(list(shape)), ms=t_two))
+    log(out_dir, dict(kernel="encode K+V (4 it, tol 1e-4, pair)", shape=str(list(shape)), ms=t_tol))
 
 
 def bench_encode_parts(out_dir: str, shape: tuple) -> None:
-    """Where the encode time goes (one tensor, bf16): each kernel alone, and block-size variants."""
+    """Where the encode time goes (K+V in one grid, bf16): each kernel alone, and variants."""
     from qvg_compile.kernels import _triton_encode as tk
 
     b, h, n, d = shape
     x = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
-    g = b * h
-    c = x[:, :, :256].reshape(g, 256, d).float()
-    a = tk.assign(x, c)
-    cents = c.to(torch.bfloat16).unsqueeze(0)
+    y = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    g = 2 * b * h
+    c = torch.cat([x[:, :, :256].reshape(b * h, 256, d), y[:, :, :256].reshape(b * h, 256, d)]).float()
+    book, cnorm = tk.codebook_buffers(g, 256, d, x.dtype, x.device)
+    tk.finish(None, None, c, book, cnorm)
+    xs = [x, y]
+    a = tk.assign_book(xs, book, cnorm)
+    cents = c[: b * h].to(torch.bfloat16).unsqueeze(0)
+    ax = a[: b * h].unsqueeze(0)
+    sums, counts = tk._update_sums(xs, a, 256)
     parts = {
-        "assign[bn128,w8]": lambda: tk.assign(x, c),
-        "assign[bn64,w4]": lambda: tk.assign(x, c, 64, 4),
-        "assign[bn128,w4]": lambda: tk.assign(x, c, 128, 4),
-        "update": lambda: tk.update(x, a, c),
-        "quantize[bn32,w4]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full", torch.float8_e4m3fn),
-        "quantize[bn64,w4]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full",
-                                                 torch.float8_e4m3fn, 64, 4),
-        "quantize[bn16,w2]": lambda: tk.quantize(x, cents, a.unsqueeze(0), 2, 64, "symmetric_full",
-                                                 torch.float8_e4m3fn, 16, 2),
+        "finish (reduce + codebook)": lambda: tk.finish(sums, counts, c, book, cnorm),
+        "lloyd fused [bn64,w16]": lambda: tk.lloyd_step(xs, c, book, cnorm, fused=True),
+        "lloyd fused [bn64,w8]": lambda: tk.lloyd_step(xs, c, book, cnorm, fused=True, warps=8),
+        "lloyd unfused": lambda: tk.lloyd_step(xs, c, book, cnorm, fused=False),
+        "assign [bn64,w8]": lambda: tk.assign_book(xs, book, cnorm),
+        "assign [bn64,w4]": lambda: tk.assign_book(xs, book, cnorm, 64, 4),
+        "assign [bn128,w8]": lambda: tk.assign_book(xs, book, cnorm, 128, 8),
+        "update sums [bc128,w8]": lambda: tk._update_sums(xs, a, 256),
+        "quantize x1 [bn32,w4]": lambda: tk.quantize(x, cents, ax, 2, 64, "symmetric_full", torch.float8_e4m3fn),
+        "quantize x1 [bn64,w4]": lambda: tk.quantize(x, cents, ax, 2, 64, "symmetric_full", torch.float8_e4m3fn, 64, 4),
+        "quantize x1 [bn16,w2]": lambda: tk.quantize(x, cents, ax, 2, 64, "symmetric_full", torch.float8_e4m3fn, 16, 2),
+        "quantize x1 [bn64,w8]": lambda: tk.quantize(x, cents, ax, 2, 64, "symmetric_full", torch.float8_e4m3fn, 64, 8),
     }
     for name, fn in parts.items():
-        log(out_dir, dict(kernel=f"encode part {name}", shape=str(list(shape)), ms=bench(fn)))
+        try:
+            ms = bench(fn)
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        log(out_dir, dict(kernel=f"encode part {name}", shape=f"K+V {list(shape)}", ms=ms))
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import torch
 
 from qvg_compile import QVGConfig
 from qvg_compile.kernels import _triton_encode as tk
-from qvg_compile.kernels.encode import encode_qvg, kmeans_assign, kmeans_update, quantize_residual, triton_encode
+from qvg_compile.kernels.encode import (encode_qvg, kmeans_assign, kmeans_update, quantize_residual, triton_encode,
+                                       triton_encode_many)
 from qvg_compile.quant.kmeans import assign as ref_assign
 from qvg_compile.quant.kmeans import update as ref_update
 from qvg_compile.quant.group import group_quantize
@@ -149,3 +150,153 @@ def test_encode_dispatch_on_cpu_is_the_reference_and_validates():
         triton_encode(x, cfg.replace(init="given"))
     with pytest.raises(ValueError, match="Triton encoder"):
         triton_encode(x, cfg.replace(key_bits=3))
+
+
+class _PoisonedTorch:
+    """``torch`` for the kernel module, whose fresh buffers are full of NaN / all-ones bytes, so
+    an element a kernel forgets to write shows up as a mismatch."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, **kw):
+        t = torch.empty(*size, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    @staticmethod
+    def empty_like(t, **kw):
+        out = torch.empty_like(t, **kw)
+        return out.fill_(float("nan") if out.is_floating_point() else -1)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(tk, "torch", _PoisonedTorch())
+
+
+def clustered(sets, n, d, c, seed, dtype=torch.float32, spread=0.05):
+    """Tokens near ``c`` well separated centres per set, so every nearest centroid is unambiguous
+    even in 16 bits. Returns (x [sets, n, d], centres [sets, c, d] fp32)."""
+    centres = rand(sets, c, d, seed=seed) * 2
+    idx = torch.randint(0, c, (sets, n), generator=torch.Generator().manual_seed(seed + 1))
+    x = torch.gather(centres, 1, idx.unsqueeze(-1).expand(sets, n, d)) + spread * rand(sets, n, d, seed=seed + 2)
+    return x.to(dtype), centres
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_lloyd_step_on_two_strided_inputs_matches_reference(dtype, fused, poisoned):
+    # K and V as BSHD views ([1, 45, 2, 32] -> [1, 2, 45, 32]); 45 tokens in 3 ranges of 32-token
+    # tiles; 12 centroids padded to 16 (the padding must never win).
+    x, centres = clustered(4, 45, 32, 12, seed=20, dtype=dtype)
+    k = x[:2].permute(1, 0, 2).unsqueeze(0).contiguous().transpose(1, 2)
+    v = x[2:].permute(1, 0, 2).unsqueeze(0).contiguous().transpose(1, 2)
+    cent = centres + 0.1 * rand(4, 12, 32, seed=23)
+    book, cnorm = tk.codebook_buffers(4, 12, 32, dtype, torch.device("cpu"))
+    tk.finish(None, None, cent, book, cnorm)
+    new = tk.lloyd_step([k, v], cent, book, cnorm, fused=fused, splits=3)
+    a, _ = ref_assign(x.float(), cent.to(dtype).float())
+    ref = ref_update(x.float(), a, cent)
+    assert torch.allclose(new, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(book[:, :12], new.to(dtype)) and torch.isinf(cnorm[:, 12:]).all()
+    assert torch.allclose(cnorm[:, :12], new.to(dtype).float().pow(2).sum(-1), rtol=1e-6)
+    tk.finish(None, None, cent, book, cnorm)
+    assert torch.equal(new, tk.lloyd_step([k, v], cent, book, cnorm, fused=fused, splits=3))  # deterministic
+
+
+def test_fused_and_separate_lloyd_steps_agree_and_frozen_sets_keep_centroids():
+    x, centres = clustered(2, 70, 32, 20, seed=24)
+    x4 = x.unsqueeze(0)
+    cent = centres + 0.2 * rand(2, 20, 32, seed=25)
+    outs = []
+    for fused in (True, False):
+        book, cnorm = tk.codebook_buffers(2, 20, 32, torch.float32, torch.device("cpu"))
+        tk.finish(None, None, cent, book, cnorm)
+        outs.append(tk.lloyd_step([x4], cent, book, cnorm, torch.tensor([0, 1], dtype=torch.int8), fused))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(outs[0][1], cent[1]) and not torch.equal(outs[0][0], cent[0])
+
+
+def test_assign_with_a_streamed_codebook_and_update_with_cluster_blocks(monkeypatch):
+    # Force the paths of large codebooks: codebook blocks per tile, sums per block of clusters.
+    monkeypatch.setattr(tk, "RESIDENT_BOOK_BYTES", 0)
+    monkeypatch.setattr(tk, "MAX_SUM_ELEMENTS", 16 * 32)
+    x = rand(1, 2, 37, 32, seed=26)
+    c = rand(2, 100, 32, seed=27)  # 100 centroids: 2 blocks of 64 with padding
+    a = tk.assign(x, c)
+    assert torch.equal(a.long(), ref_assign(x.reshape(2, 37, 32), c)[0])
+    assert not tk.fused_step_supported([x], 100)
+    new = tk.update(x, a, c, splits=2)
+    assert torch.allclose(new, ref_update(x.reshape(2, 37, 32), a.long(), c), rtol=1e-5, atol=1e-6)
+
+
+def test_check_sets_and_splits():
+    x = rand(1, 2, 40, 32)
+    with pytest.raises(ValueError, match="strides"):
+        tk.check_sets([x, x.transpose(1, 2).contiguous().transpose(1, 2)])
+    with pytest.raises(ValueError, match="one or two"):
+        tk.check_sets([x, x, x])
+    assert tk.check_sets([x, x]) == (4, 40, 32)
+    assert tk.choose_splits(100, 32, 4, torch.device("cpu")) == 2
+
+
+SEG_FIELDS = ("codes", "scales", "zeros", "assignments", "centroids")
+
+
+def assert_same_segment(a, b):
+    for f in SEG_FIELDS:
+        ta, tb = getattr(a, f), getattr(b, f)
+        if ta is None:
+            assert tb is None
+            continue
+        if ta.dtype == torch.float8_e4m3fn:
+            ta, tb = ta.view(torch.uint8), tb.view(torch.uint8)
+        assert torch.equal(ta, tb), f
+    assert a.shape == b.shape and a.bits == b.bits and a.seq_dim == b.seq_dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pair_encode_equals_two_encodes(dtype, poisoned):
+    # Two stages (the second on the fp32 residual of both), early stopping on, different bits
+    # for keys and values, BSHD inputs: one launch per kernel for both, same bits as one each.
+    cfg = QVGConfig(centroids=8, group_size=16, stages=2, kmeans_iters=3, kmeans_tol=1e-3, key_bits=2,
+                    value_bits=4, code_mode="asymmetric", scale_dtype="fp16")
+    k = rand(1, 41, 2, 32, seed=28).to(dtype)
+    v = rand(1, 41, 2, 32, seed=29).to(dtype) * 2
+    ks, vs = triton_encode_many([k, v], cfg, 1, ["key", "value"])
+    assert_same_segment(ks, triton_encode(k, cfg, 1, "key"))
+    assert_same_segment(vs, triton_encode(v, cfg, 1, "value"))
+    assert ks.codes.untyped_storage().data_ptr() != vs.codes.untyped_storage().data_ptr()
+    assert ks.centroids.untyped_storage().data_ptr() != vs.centroids.untyped_storage().data_ptr()
+    err = (vs.dequantize().float() - v.float()).norm() / v.float().norm()
+    assert err < 0.1
+
+
+def test_early_stop_without_sync_equals_reference():
+    # Clustered data converges in a few iterations: the reference stops, the kernels freeze.
+    cfg = QVGConfig(centroids=6, group_size=32, kmeans_iters=8, kmeans_tol=1e-3, centroid_dtype="fp32")
+    x, _ = clustered(2, 60, 32, 6, seed=30, spread=0.02)
+    x = x.unsqueeze(0)
+    from qvg_compile.quant.kmeans import init_centroids, kmeans
+
+    km = kmeans(x[0], 6, 8, 1e-3, centroids=init_centroids(x[0], 6, "random", 0))
+    assert km.iterations < 8  # the test is about stopping early
+    seg = triton_encode(x, cfg)
+    ref = reference_encode(x, cfg)
+    assert torch.equal(seg.assignments, ref.assignments)
+    assert torch.allclose(seg.centroids, ref.centroids, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_input_is_caught_by_the_quantizer_flags():
+    # No k-means stage: the interpreter's arg-min refuses all-NaN columns (the GPU does not).
+    cfg = QVGConfig(stages=0, group_size=32)
+    x = rand(1, 2, 20, 32, seed=31)
+    x[0, 1, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        triton_encode(x, cfg)
+    x[0, 1, 7, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        triton_encode(x, cfg)
+    seg = triton_encode(x, cfg.replace(check_finite=False))  # the policy is off: no range error either
+    assert seg.codes.shape == (1, 2, 20, 8)

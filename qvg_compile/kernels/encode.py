@@ -17,7 +17,8 @@ Every random choice uses the math layer's seeded CPU generator, so a seed picks 
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,6 +43,19 @@ def encode_qvg(x: torch.Tensor, config: QVGConfig, seq_dim: int = -2, role: str 
     return reference_encode(x, config, seq_dim, role, init_centroids)
 
 
+def encode_qvg_pair(k: torch.Tensor, v: torch.Tensor, config: QVGConfig, seq_dim: int = -2,
+                    init_k: Optional[torch.Tensor] = None, init_v: Optional[torch.Tensor] = None
+                    ) -> tuple[QVGSegment, QVGSegment]:
+    """`encode_qvg` of one layer's keys and values: ``(encode_qvg(k, ..., "key", init_k),
+    encode_qvg(v, ..., "value", init_v))``, with the k-means kernels of both launched together on
+    CUDA when k and v have the same shape, strides and dtype (same results as two calls)."""
+    if all(isinstance(t, torch.Tensor) and t.is_cuda for t in (k, v)) and \
+            triton_supports(k, config, "key") and triton_supports(v, config, "value"):
+        ks, vs = triton_encode_many([k, v], config, seq_dim, ["key", "value"], [init_k, init_v])
+        return ks, vs
+    return (encode_qvg(k, config, seq_dim, "key", init_k), encode_qvg(v, config, seq_dim, "value", init_v))
+
+
 def triton_supports(x: torch.Tensor, config: QVGConfig, role: str) -> bool:
     d = x.shape[-1]
     return (config.bits_for(role) in TRITON_BITS and d >= 16 and d & (d - 1) == 0
@@ -52,71 +66,170 @@ def triton_encode(x: torch.Tensor, config: QVGConfig, seq_dim: int = -2, role: s
                   init_centroids: Optional[torch.Tensor] = None) -> QVGSegment:
     """The Triton path of `encode_qvg` on any device Triton runs on (CPU tensors under
     ``TRITON_INTERPRET=1``)."""
-    from . import _triton_encode as tk
+    return triton_encode_many([x], config, seq_dim, [role], [init_centroids])[0]
 
-    seq_dim = check_input(x, config, seq_dim)
+
+def triton_encode_many(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: int = -2,
+                       roles: Optional[Sequence[str]] = None,
+                       inits: Optional[Sequence[Optional[torch.Tensor]]] = None, fused: Optional[bool] = None
+                       ) -> list[QVGSegment]:
+    """`triton_encode` of each of ``xs`` (roles default to "key"); tensors with the same shape,
+    strides and dtype are encoded two at a time, one kernel launch for both. ``fused`` picks the
+    Lloyd step (see `_triton_encode.lloyd_step`). One host sync in all: the final range and
+    finiteness check."""
+    roles = list(roles) if roles is not None else ["key"] * len(xs)
+    inits = list(inits) if inits is not None else [None] * len(xs)
+    if not len(roles) == len(inits) == len(xs):
+        raise ValueError(f"roles, inits: expected {len(xs)} of each, got {len(roles)} and {len(inits)}")
+    prepared = [_prepare(x, config, seq_dim, role, init) for x, role, init in zip(xs, roles, inits)]
+    out: list[Optional[QVGSegment]] = [None] * len(xs)
+    checks = []
+    i = 0
+    while i < len(xs):
+        group = [i]
+        a = prepared[i][0]
+        if i + 1 < len(xs):
+            b = prepared[i + 1][0]
+            if b.shape == a.shape and b.stride() == a.stride() and b.dtype == a.dtype and b.device == a.device:
+                group.append(i + 1)
+        segs, flags = _encode_group([xs[j] for j in group], [prepared[j] for j in group], config,
+                                    [roles[j] for j in group], [inits[j] for j in group], fused)
+        for j, seg in zip(group, segs):
+            out[j] = seg
+        checks.append(flags)
+        i += len(group)
+    _raise_on_flags(checks, config)
+    return out  # type: ignore[return-value]
+
+
+def _prepare(x: torch.Tensor, config: QVGConfig, seq_dim: int, role: str, init: Optional[torch.Tensor]
+             ) -> tuple[torch.Tensor, int]:
+    """Validate one input; returns its ``[B1, B2, N, D]`` view and the normalised ``seq_dim``."""
+    # Non-finite inputs are caught by the quantize kernel's flags (no extra pass over x).
+    seq_dim = check_input(x, config.replace(check_finite=False), seq_dim)
     if not triton_supports(x, config, role):
         raise ValueError(f"config: bits {config.bits_for(role)}, method {config.method!r} or head_dim "
                          f"{x.shape[-1]} is not handled by the Triton encoder; use encode_qvg")
-    bits = config.bits_for(role)
     xs = to_normalised(x, seq_dim)
     lead, (n, d) = xs.shape[:-2], xs.shape[-2:]
     x4 = xs if len(lead) == 2 else xs.reshape(-1 if lead else 1, lead[-1] if lead else 1, n, d)
-    g = x4.shape[0] * x4.shape[1]
-    stages = config.stages
-    c = config.centroids
+    stages, c = config.stages, config.centroids
     if stages and c > n:
         raise ValueError(f"config.centroids: {c} centroids for a segment of {n} tokens; use at most as many "
                          "centroids as tokens (pick a smaller codebook for short segments)")
-    if config.init == "given" and stages and init_centroids is None:
+    if config.init == "given" and stages and init is None:
         raise ValueError("init_centroids: config.init is 'given' but no centroids were passed")
-    if init_centroids is not None and tuple(init_centroids.shape) != (stages, *lead, c, d):
-        raise ValueError(f"init_centroids: expected shape {[stages, *lead, c, d]}, got {list(init_centroids.shape)}")
+    if init is not None and tuple(init.shape) != (stages, *lead, c, d):
+        raise ValueError(f"init_centroids: expected shape {[stages, *lead, c, d]}, got {list(init.shape)}")
+    return x4, seq_dim
+
+
+def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int]], config: QVGConfig,
+                  roles: list[str], inits: list[Optional[torch.Tensor]], fused: Optional[bool]
+                  ) -> tuple[list[QVGSegment], torch.Tensor]:
+    """Encode one or two inputs whose ``[B1, B2, N, D]`` views share a grid; returns the segments
+    and the per-token flags of all of them (not yet checked)."""
+    from . import _triton_encode as tk
+
+    x4s = [p[0] for p in prepared]
+    parts = len(x4s)
+    b1, b2, n, d = x4s[0].shape
+    g0 = b1 * b2
+    gt = parts * g0
+    dev = x4s[0].device
+    stages, c = config.stages, config.centroids
     cdtype = config.torch_centroid_dtype
-    centroids = torch.empty(stages, g, c, d, dtype=cdtype, device=x.device)
-    assignments = torch.empty(stages, g, n, dtype=torch.uint8, device=x.device)
-    src = x4
+    centroids = torch.empty(stages, gt, c, d, dtype=cdtype, device=dev)
+    assignments = torch.empty(stages, gt, n, dtype=torch.uint8, device=dev)
+    srcs = x4s
     for s in range(stages):
-        if init_centroids is not None:
-            cent = init_centroids[s].reshape(g, c, d).to(x.device, torch.float32)
-        else:
-            init = "random" if config.init == "given" else config.init
-            cent = _initial(src, c, init, config.seed + s)
-        threshold = -1.0
-        if config.kmeans_tol > 0 and config.kmeans_iters:
-            threshold = config.kmeans_tol * float(src.float().pow(2).mean().sqrt())
+        cent = torch.cat([_initial(piece, c, config, s, None if init is None else init[s])
+                          for piece, init in zip(_split_sets(srcs, parts), inits)])
+        book, cnorm = tk.codebook_buffers(gt, c, d, srcs[0].dtype, dev)
+        cent = tk.finish(None, None, cent, book, cnorm)
+        threshold = _threshold(srcs, parts, config)
+        frozen = done = None
         for _ in range(config.kmeans_iters):
-            a = tk.assign(src, cent)
-            new = tk.update(src, a, cent)
-            shift = float((new - cent).norm(dim=-1).max()) if threshold >= 0 else 0.0
+            new = tk.lloyd_step(srcs, cent, book, cnorm, frozen, fused)
+            if threshold is not None:
+                # Early stop without a host sync: a converged input keeps its centroids (frozen)
+                # for the remaining iterations, which is what stopping would have returned.
+                shift = (new - cent).norm(dim=-1).view(parts, -1).amax(-1)
+                done = shift <= threshold if done is None else done | (shift <= threshold)
+                frozen = done.to(torch.int8).repeat_interleave(g0)
             cent = new
-            if threshold >= 0 and shift <= threshold:
-                break
-        assignments[s] = tk.assign(src, cent)
+        assignments[s] = tk.assign_book(srcs, book, cnorm)
         centroids[s] = cent.to(cdtype)
         if s + 1 < stages:
-            res = src.reshape(g, n, d).float() - gather_centroids(centroids[s], assignments[s])
-            src = res.view(1, g, n, d)
-    codes, scales, zeros, flags = tk.quantize(x4, centroids, assignments, bits, config.group_size,
-                                              config.code_mode, config.torch_scale_dtype)
-    if bool(flags.any()):
+            res = torch.empty(gt, n, d, dtype=torch.float32, device=dev)
+            for i, src in enumerate(_split_sets(srcs, parts)):
+                res[i * g0:(i + 1) * g0] = src.reshape(g0, n, d)
+            res -= gather_centroids(centroids[s], assignments[s])
+            srcs = [res.view(1, gt, n, d)]
+    flags = torch.empty(gt, n, dtype=torch.int8, device=dev)
+    segs = []
+    for i, (x, x4, role) in enumerate(zip(xs, x4s, roles)):
+        sl = slice(i * g0, (i + 1) * g0)
+        cents_i = centroids[:, sl] if parts == 1 else centroids[:, sl].clone()
+        assign_i = assignments[:, sl] if parts == 1 else assignments[:, sl].clone()
+        bits = config.bits_for(role)
+        codes, scales, zeros, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, config.code_mode,
+                                              config.torch_scale_dtype, flags=flags[sl])
+        xs_view = to_normalised(x, prepared[i][1])
+        lead = xs_view.shape[:-2]
+        segs.append(QVGSegment(
+            codes=codes.view(*lead, n, -1),
+            scales=scales.view(*lead, n, -1),
+            zeros=zeros.view(*lead, n, -1) if config.code_mode == "asymmetric" else None,
+            assignments=assign_i.view(stages, *lead, n),
+            centroids=cents_i.view(stages, *lead, c, d),
+            bits=bits, group_size=config.group_size, code_mode=config.code_mode,
+            shape=x.shape, dtype=x.dtype, seq_dim=prepared[i][1],
+        ))
+    return segs, flags
+
+
+def _split_sets(srcs: list[torch.Tensor], parts: int) -> list[torch.Tensor]:
+    """The per-input ``[B1', B2', N, D]`` pieces of ``srcs`` (the inputs, or the one residual of all)."""
+    if len(srcs) == parts:
+        return srcs
+    res = srcs[0]
+    g = res.shape[1] // parts
+    return [res[:, i * g:(i + 1) * g] for i in range(parts)]
+
+
+def _threshold(srcs: list[torch.Tensor], parts: int, config: QVGConfig) -> Optional[torch.Tensor]:
+    """``kmeans_tol`` x RMS of each input, on the device (None without early stopping)."""
+    if not (config.kmeans_tol > 0 and config.kmeans_iters):
+        return None
+    rms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(p.numel())
+                       for p in _split_sets(srcs, parts)])
+    return config.kmeans_tol * rms
+
+
+def _raise_on_flags(flags: list[torch.Tensor], config: QVGConfig) -> None:
+    from ._triton_encode import FLAG_NONFINITE, FLAG_RANGE
+
+    bits = torch.stack([torch.stack([(f & FLAG_RANGE.value).amax(), (f & FLAG_NONFINITE.value).amax()])
+                        for f in flags]).amax(0).tolist()  # the one host sync of an encode
+    if bits[1] and config.check_finite:
+        raise ValueError(
+            "x: contains NaN or Inf; quantization would spread it over a whole group and codebook "
+            "(set check_finite=False to skip this check at your own risk)")
+    if bits[0]:
         raise ValueError("x: a scale or zero point exceeds the range of the scale dtype "
                          f"({config.scale_dtype}); use scale_dtype='fp16' or normalise the input")
-    return QVGSegment(
-        codes=codes.view(*lead, n, -1),
-        scales=scales.view(*lead, n, -1),
-        zeros=zeros.view(*lead, n, -1) if config.code_mode == "asymmetric" else None,
-        assignments=assignments.view(stages, *lead, n),
-        centroids=centroids.view(stages, *lead, c, d),
-        bits=bits, group_size=config.group_size, code_mode=config.code_mode,
-        shape=x.shape, dtype=x.dtype, seq_dim=seq_dim,
-    )
 
 
-def _initial(src: torch.Tensor, c: int, init: str, seed: int) -> torch.Tensor:
-    """The math layer's seeded initial centroids ``[G, C, D]`` fp32, gathering only the picked rows."""
+def _initial(src: torch.Tensor, c: int, config: QVGConfig, stage: int, given: Optional[torch.Tensor]) -> torch.Tensor:
+    """Initial centroids ``[G, C, D]`` fp32 of one input's sets: the given warm start, or the math
+    layer's seeded choice, gathering only the picked rows."""
     b1, b2, n, d = src.shape
     g = b1 * b2
+    if given is not None:
+        return given.reshape(g, c, d).to(src.device, torch.float32)
+    init = "random" if config.init == "given" else config.init
+    seed = config.seed + stage
     if init == "random":
         gen = torch.Generator(device="cpu").manual_seed(seed)
         picks = torch.rand(g, n, generator=gen).topk(c, dim=1).indices.to(src.device)
