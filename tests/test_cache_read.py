@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
+from qvg_compile.cache.read import _runs
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 ATOL = 1e-5
@@ -64,3 +67,14 @@ def test_masked_and_causal_reads_fall_back_correctly():
     mask[..., 0] = True
     out = F.scaled_dot_product_attention(q, k[:, :, :80], v[:, :, :80], attn_mask=mask)
     assert (out - sdpa_ref(q, k[:, :, :80], v[:, :, :80], attn_mask=mask)).abs().max() <= ATOL
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=64))
+def test_runs_of_a_flag_vector_cover_it_in_order(flags):
+    runs = _runs(torch.tensor(flags))
+    assert runs[0][0] == 0 and runs[-1][1] == len(flags)
+    for (lo, hi, value), nxt in zip(runs, runs[1:] + [None]):
+        assert lo < hi and all(f == value for f in flags[lo:hi])
+        if nxt is not None:
+            assert nxt[0] == hi and nxt[2] != value

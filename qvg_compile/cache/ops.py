@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .clone import clone_store
+from .host import host_thread
 from .read import ReadSide, attend
 from .spec import StoreSpec
 from .store import Store, runs_of
@@ -54,21 +55,22 @@ def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], st
                 index: Optional[Tensor], lead: list[int], spec: str, relocate: bool) -> None:
     """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
     ``[start, start + n)``, or at ``index[i]`` for the i-th token when ``index`` is given."""
-    store = store_of(arrays, spec)
-    full = [None] * store.parts
-    for p, v in zip(parts, values):
-        full[p] = v
-    sel = lead_sel(lead)
-    if index is None:
-        store.write(int(start), full, sel, relocate)
-        return
-    idx = index.reshape(-1).cpu().long()
-    idx = torch.where(idx < 0, idx + store.capacity, idx)
-    if bool(((idx < 0) | (idx >= store.capacity)).any()):
-        raise IndexError(f"index out of range in self: positions {idx.tolist()} for a cache of "
-                         f"{store.capacity} tokens")
-    for i, first, n in runs_of(idx):
-        store.write(first, [None if v is None else v[..., i:i + n, :] for v in full], sel, relocate)
+    with host_thread(arrays[0].device):
+        store = store_of(arrays, spec)
+        full = [None] * store.parts
+        for p, v in zip(parts, values):
+            full[p] = v
+        sel = lead_sel(lead)
+        if index is None:
+            store.write(int(start), full, sel, relocate)
+            return
+        idx = index.reshape(-1).cpu().long()
+        idx = torch.where(idx < 0, idx + store.capacity, idx)
+        if bool(((idx < 0) | (idx >= store.capacity)).any()):
+            raise IndexError(f"index out of range in self: positions {idx.tolist()} for a cache of "
+                             f"{store.capacity} tokens")
+        for i, first, n in runs_of(idx):
+            store.write(first, [None if v is None else v[..., i:i + n, :] for v in full], sel, relocate)
 
 
 @cache_write.register_fake
@@ -81,9 +83,10 @@ def cache_copy(dst: list[Tensor], src: list[Tensor], pieces: list[int], start: i
                src_spec: str) -> None:
     """Copy the store positions ``pieces`` (runs only) of ``src`` (empty list: ``dst`` itself) to
     ``[start, start + n)`` of ``dst``."""
-    target = store_of(dst, dst_spec)
-    source = target if not src else store_of(src, src_spec)
-    target.copy_from(int(start), source, positions(pieces))
+    with host_thread(dst[0].device):
+        target = store_of(dst, dst_spec)
+        source = target if not src else store_of(src, src_spec)
+        target.copy_from(int(start), source, positions(pieces))
 
 
 @cache_copy.register_fake
@@ -94,12 +97,13 @@ def _(dst, src, pieces, start, dst_spec, src_spec) -> None:
 @torch.library.custom_op("qvg::cache_release", mutates_args=("arrays",))
 def cache_release(arrays: list[Tensor], pieces: list[int], spec: str) -> None:
     """Make the store positions of ``pieces`` holes (``zero_`` / ``fill_(0)``)."""
-    store = store_of(arrays, spec)
-    pos = positions(pieces)
-    if pos.numel() == store.capacity and torch.equal(pos, torch.arange(store.capacity)):
-        store.reset()
-    else:
-        store.release(pos)
+    with host_thread(arrays[0].device):
+        store = store_of(arrays, spec)
+        pos = positions(pieces)
+        if pos.numel() == store.capacity and torch.equal(pos, torch.arange(store.capacity)):
+            store.reset()
+        else:
+            store.release(pos)
 
 
 @cache_release.register_fake
@@ -110,7 +114,8 @@ def _(arrays, pieces, spec) -> None:
 @torch.library.custom_op("qvg::cache_seal", mutates_args=("arrays",))
 def cache_seal(arrays: list[Tensor], spec: str) -> None:
     """Seal every dense slot."""
-    store_of(arrays, spec).seal_all()
+    with host_thread(arrays[0].device):
+        store_of(arrays, spec).seal_all()
 
 
 @cache_seal.register_fake
@@ -121,7 +126,8 @@ def _(arrays, spec) -> None:
 @torch.library.custom_op("qvg::cache_load", mutates_args=("arrays",))
 def cache_load(arrays: list[Tensor], values: list[Tensor], spec: str) -> None:
     """Replace the whole content by dense ``values[p]`` ``[*lead, capacity, D_p]``."""
-    store_of(arrays, spec).load_dense(values)
+    with host_thread(arrays[0].device):
+        store_of(arrays, spec).load_dense(values)
 
 
 @cache_load.register_fake
@@ -135,11 +141,12 @@ def cache_decode(arrays: list[Tensor], pieces: list[int], lead: list[int], parts
                  spec: str) -> list[Tensor]:
     """Dense ``[*lead sizes, n, D_p]`` of the runs in ``pieces`` (in order), for each part in
     ``parts`` (first, count), leading dims mapped by ``lead`` (4 ints per dim)."""
-    store = store_of(arrays, spec)
-    axes = leads(lead)
-    sel = tuple((ax.offset, ax.length) for ax in axes)
-    outs = store.decode(positions(pieces), range(int(parts[0]), int(parts[0]) + int(parts[1])), sel)
-    return [_repeat_lead(x, axes).contiguous() for x in outs]
+    with host_thread(arrays[0].device):
+        store = store_of(arrays, spec)
+        axes = leads(lead)
+        sel = tuple((ax.offset, ax.length) for ax in axes)
+        outs = store.decode(positions(pieces), range(int(parts[0]), int(parts[0]) + int(parts[1])), sel)
+        return [_repeat_lead(x, axes).contiguous() for x in outs]
 
 
 @cache_decode.register_fake
@@ -157,8 +164,9 @@ def cache_clone(arrays: list[Tensor], dense: list[Tensor], pieces: list[int], le
                 parts: list[int], spec: str) -> list[Tensor]:
     """The arrays of a new store holding exactly the view (``pieces``, ``lead``, ``parts``);
     ``dense[p]`` ``[*lead sizes, m, D_p]`` are the view's dense pieces, concatenated."""
-    store = store_of(arrays, spec)
-    return clone_store(store, positions(pieces), leads(lead), (int(parts[0]), int(parts[1])), list(dense))
+    with host_thread(arrays[0].device):
+        store = store_of(arrays, spec)
+        return clone_store(store, positions(pieces), leads(lead), (int(parts[0]), int(parts[1])), list(dense))
 
 
 @cache_clone.register_fake
@@ -175,11 +183,12 @@ def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces:
                     k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
     """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
-    def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
-        return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
-                        leads(lead), part)  # type: ignore[arg-type]
-    return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
-                  side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale).contiguous()
+    with host_thread(q.device):
+        def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
+            return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
+                            leads(lead), part)  # type: ignore[arg-type]
+        return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
+                      side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale).contiguous()
 
 
 @cache_attention.register_fake
