@@ -192,10 +192,10 @@ class Store:
         moving = cur != rows
         if bool(moving.any()):
             positions = torch.arange(start, end)[moving]
-            target = rows[moving].long().to(self.device)
             if not full:
                 # Rows are shared by every leading index and part: fill the ones this write does
                 # not cover with what those positions hold now.
+                target = rows[moving].long().to(self.device)
                 for p, old in enumerate(self.decode(positions)):
                     self.a("tail", p).index_copy_(-2, target, old)
             self.release(positions)
@@ -204,6 +204,15 @@ class Store:
         for p, v in enumerate(values):
             if v is not None:
                 self._rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
+
+    def _rows(self, part: int, rows: torch.Tensor) -> torch.Tensor:
+        """Tail rows ``rows`` (host int64) of ``part``, copied by runs: a host index moved to the
+        device would wait for the device to drain (pageable copy)."""
+        tail = self.a("tail", part)
+        runs = runs_of(rows)
+        if len(runs) == 1:
+            return tail[..., runs[0][1]:runs[0][1] + runs[0][2], :].clone()
+        return torch.cat([tail[..., r:r + n, :] for _, r, n in runs], dim=-2)
 
     def _take_slot(self) -> int:
         free = (self.slots[:, 0] < 0).nonzero().flatten()
@@ -232,8 +241,7 @@ class Store:
         positions = torch.cat([self._slot_positions(j) for j in slots]).sort().values
         values = []
         if positions.numel():
-            rows = self.pos_map[positions].long().to(self.device)
-            values = [self.a("tail", p).index_select(-2, rows) for p in range(self.parts)]
+            values = [self._rows(p, self.pos_map[positions].long()) for p in range(self.parts)]
             self._check_finite(values)
         for j in slots:
             self.slots[j, 0] = -1
@@ -319,8 +327,8 @@ class Store:
         self.segs[slot, USES] += 1
         self.segs[slot, LIVE] += n
         self.pos_map[positions] = sealed_code(slot)
-        dev = positions.to(self.device)
-        self.seg_ids.index_fill_(0, dev, slot)
+        for _, first, length in runs_of(positions):
+            self.seg_ids[first:first + length] = slot
         stats.add(seals=1, sealed_tokens=n)
 
     # --- reads ---------------------------------------------------------------------------------
