@@ -198,6 +198,17 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     tol_cfg = cfg.replace(kmeans_iters=4, kmeans_tol=1e-4)
     t_tol = bench(lambda: encode_qvg_pair(x, y, tol_cfg, -2, init_x, init_y))
     tr = bench(lambda: (encode_ref(x, cfg, -2, "key", init_x), encode_ref(y, cfg, -2, "value", init_y)), reps=20)
+    # GPU busy time of one pair encode (kernels only) vs its wall time: the rest is host work
+    # (Python, launches) that the final flag check's sync exposes.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        encode_qvg_pair(x, y, cfg, -2, init_x, init_y)
+        torch.cuda.synchronize()
+    busy = sum(e.device_time_total for e in prof.key_averages()) / 1e3
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        encode_qvg_pair(x, y, cfg, -2, init_x, init_y)
+    wall = (time.perf_counter() - t0) / 20 * 1e3
     c = 256
     fl = 2 * (iters + 1) * 2 * b * h * n * c * d + 2 * iters * 2 * b * h * n * c * d
     # Fused: each Lloyd step reads x once, the final assignment and the quantizer once each.
@@ -205,7 +216,7 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     floor = max(fl / flops, byts / bw) * 1e3
     log(out_dir, dict(kernel=f"encode K+V ({iters} it, pair)", shape=str(list(shape)), ms=t, torch_ref_ms=tr,
                       floor_ms=floor, pct_of_floor=100 * floor / t, rel_err=err_fast, ref_rel_err=err_ref,
-                      assign_agree=agree, quantize_bit_exact=exact))
+                      assign_agree=agree, quantize_bit_exact=exact, gpu_busy_ms=busy, host_wall_ms=wall))
     log(out_dir, dict(kernel=f"encode K+V ({iters} it, pair, unfused step)", shape=str(list(shape)), ms=t_sep))
     log(out_dir, dict(kernel=f"encode K+V ({iters} it, two calls)", shape=str(list(shape)), ms=t_two))
     log(out_dir, dict(kernel="encode K+V (4 it, tol 1e-4, pair)", shape=str(list(shape)), ms=t_tol))
@@ -285,7 +296,7 @@ def main() -> None:
                 bench_attention(a.out, keys, bw, flops, impls,
                                 fused_cfgs=[None, (128, 64, 8, 2, False), (128, 32, 4, 1), (64, 32, 4, 1)])
     cols = ["kernel", "shape", "ms", "vs_sdpa", "torch_ref_ms", "floor_ms", "pct_of_floor", "tflops", "rel_err",
-            "extra_mem_pct", "assign_agree", "quantize_bit_exact"]
+            "extra_mem_pct", "assign_agree", "quantize_bit_exact", "gpu_busy_ms", "host_wall_ms"]
     table = [[r.get(c, "") for c in cols] for r in ROWS if r["kernel"] != "ceilings"]
     print(f"\nceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     print(tabulate(table, headers=cols, floatfmt=".4g"))

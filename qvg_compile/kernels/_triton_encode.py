@@ -217,7 +217,7 @@ def _finish_kernel(sums, counts, prev, frozen, cents, book, cnorm, splits, rows,
 def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales, zeros, flags, N, C, G, limit,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                      MODE: tl.constexpr, STAGES: tl.constexpr, EXP: tl.constexpr, MAN: tl.constexpr,
-                     BIAS: tl.constexpr):
+                     BIAS: tl.constexpr, CHECK_FINITE: tl.constexpr):
     pid_n = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,8 +225,11 @@ def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales
     d = tl.arange(0, D)
     r = tl.load(x + (g // B2) * s_x0 + (g % B2) * s_x1 + offs_n.to(tl.int64)[:, None] * s_xn + d[None, :] * s_xd,
                 mask=nm[:, None], other=0.0).to(tl.float32)
-    # The check_finite policy, answered in the same read of x (no separate pass, no extra sync).
-    nonfinite = tl.max(((r != r) | (tl.abs(r) == float("inf"))).to(tl.int32), 1)
+    if CHECK_FINITE:
+        # The check_finite policy, answered in the same read of x (no separate pass, no extra sync).
+        nonfinite = tl.max(((r != r) | (tl.abs(r) == float("inf"))).to(tl.int32), 1)
+    else:
+        nonfinite = tl.zeros([BLOCK_N], tl.int32)
     for s in tl.static_range(STAGES):
         a = tl.load(assign + (s * G + g) * N + offs_n, mask=nm, other=0).to(tl.int64)
         r -= tl.load(cents + ((s * G + g) * C + a[:, None]) * D + d[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
@@ -419,7 +422,7 @@ def lloyd_step(xs: Sequence[torch.Tensor], centroids: torch.Tensor, book: torch.
         _lloyd_kernel[(splits, sets)](*_grid_args(xs), book, cnorm, sums, counts, n,
                                       triton.cdiv(triton.cdiv(n, splits), block_n) * block_n,
                                       D=d, C_PAD=c_pad, BLOCK_N=block_n, PREC=_precision(x),
-                                      num_warps=(warps or 16) if x.is_cuda else 4)
+                                      num_warps=(warps or 8) if x.is_cuda else 4)
     else:
         sums, counts = _update_sums(xs, assign_book(xs, book, cnorm), c_pad, splits)
     return finish(sums, counts, centroids, book, cnorm, frozen)
@@ -461,12 +464,12 @@ def update(x: torch.Tensor, assignments: torch.Tensor, previous: torch.Tensor, s
 
 def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor, bits: int, group_size: int,
              code_mode: str, scale_dtype: torch.dtype, block_n: int = 32, warps: int = 4,
-             flags: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             flags: Optional[torch.Tensor] = None, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual group quantization of x ``[B1, B2, N, D]`` after subtracting ``centroids`` ``[S, G, C, D]``
     picked by ``assignments`` ``[S, G, N]``. Returns codes uint8 ``[G, N, D*bits/8]``, scales
     ``[G, N, D/G]``, zeros (same, or ``[G, N, 0]``) and per-token flags int8 ``[G, N]``
     (`FLAG_RANGE`: a scale or zero point exceeds the scale dtype; `FLAG_NONFINITE`: a NaN/Inf
-    input), written into ``flags`` when given."""
+    input, looked for only with ``check_finite``), written into ``flags`` when given."""
     b1, b2, n, d = x.shape
     s = assignments.shape[0]
     g = b1 * b2
@@ -485,5 +488,5 @@ def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor
         *_x_args(x), cents, assign_, codes, scales, zeros if asym else scales, flags, n, c, g,
         torch.finfo(scale_dtype).max / 1.25,
         D=d, BLOCK_N=block_n, BITS=bits, GROUP=group_size, MODE=MODE_IDS[code_mode], STAGES=s,
-        EXP=exp, MAN=man, BIAS=bias, num_warps=warps)
+        EXP=exp, MAN=man, BIAS=bias, CHECK_FINITE=check_finite, num_warps=warps)
     return codes, scales.view(scale_dtype), zeros.view(scale_dtype), flags

@@ -174,7 +174,8 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
         assign_i = assignments[:, sl] if parts == 1 else assignments[:, sl].clone()
         bits = config.bits_for(role)
         codes, scales, zeros, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, config.code_mode,
-                                              config.torch_scale_dtype, flags=flags[sl])
+                                              config.torch_scale_dtype, flags=flags[sl],
+                                              check_finite=config.check_finite)
         xs_view = to_normalised(x, prepared[i][1])
         lead = xs_view.shape[:-2]
         segs.append(QVGSegment(
