@@ -57,10 +57,16 @@ def _kv_bytes(caches: Any) -> tuple[int, int]:
     return sum(r["held_bytes"] for r in rows), sum(r["dense_bytes"] for r in rows)
 
 
+def _progress(msg: str) -> None:
+    """One line from rank 0, flushed: a long run on real configs shows where it is."""
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
 def run_tp(cache: str, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, Any]:
     """Tensor-parallel Self-Forcing: time ``--timed-chunks`` chunks after ``--history`` frames."""
     group = dist.group.WORLD
-    model = tp.build(args.config, device, group, seed=args.seed)
+    model = tp.build(args.config, device, group, seed=args.seed, layers=args.layers)
     cfg = model.config
     history = args.history // cfg.chunk_frames * cfg.chunk_frames
     capacity = max(history, 3 * cfg.chunk_frames) + args.timed_chunks * cfg.chunk_frames
@@ -72,21 +78,23 @@ def run_tp(cache: str, args: argparse.Namespace, device: torch.device, clock: Cl
     video.chunk()
     clock.sync()
     warmup = time.perf_counter() - t0
+    _progress(f"tp {cache}: compiled and warm after {warmup:.1f} s")
     while video.frames < history:
         video.clean_pass()
+    _progress(f"tp {cache}: history of {video.frames} frames written at {time.perf_counter() - t0:.1f} s")
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     start_frames = video.frames
     times = [clock.time(video.chunk) for _ in range(args.timed_chunks)]
     held, dense = _kv_bytes(video.kv)
     return {"model": "tp self-forcing", "history": start_frames, "times": times, "warmup_s": warmup,
-            "kv_bytes": held, "kv_dense_bytes": dense, "heads": tp.local_heads(model)}
+            "kv_bytes": held, "kv_dense_bytes": dense, "heads": tp.local_heads(model), "layers": cfg.num_layers}
 
 
 def run_ulysses(cache: str, args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, Any]:
     """Ulysses WorldPlay: its pipeline until ``--history`` frames, the last chunks timed."""
     group = dist.group.WORLD
-    model = uw.build(args.config, device, group, seed=args.seed)
+    model = uw.build(args.config, device, group, seed=args.seed, layers=args.layers)
     cfg = model.config
     chunks = max(args.history // cfg.chunk_frames, 2) + args.timed_chunks
     fn = _compile(model, cache)
@@ -96,6 +104,7 @@ def run_ulysses(cache: str, args: argparse.Namespace, device: torch.device, cloc
     def on_chunk(index: int, kv: Any) -> None:
         clock.sync()
         marks.append(time.perf_counter())
+        _progress(f"ulysses {cache}: chunk {index + 1}/{chunks} done at {marks[-1] - t0:.1f} s")
         last[:] = [kv]
         if index == chunks - args.timed_chunks - 1 and clock.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -106,7 +115,7 @@ def run_ulysses(cache: str, args: argparse.Namespace, device: torch.device, cloc
     held, dense = _kv_bytes(last[0])
     return {"model": "ulysses worldplay", "history": (chunks - args.timed_chunks) * cfg.chunk_frames,
             "times": times, "warmup_s": marks[0] - t0, "kv_bytes": held, "kv_dense_bytes": dense,
-            "heads": cfg.num_heads // dist.get_world_size()}
+            "heads": cfg.num_heads // dist.get_world_size(), "layers": cfg.num_layers}
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
@@ -147,11 +156,11 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         for cache, ranks in by_cache.items():
             slowest = max(r["s_per_chunk"] for r in ranks)
             kv = max(r["kv_bytes"] for r in ranks)
-            table.append([model, cache, ranks[0]["world"], ranks[0]["heads"], ranks[0]["history"], f"{slowest:.3f}",
+            table.append([model, cache, ranks[0]["world"], ranks[0]["layers"], ranks[0]["heads"], ranks[0]["history"], f"{slowest:.3f}",
                           f"{100 * (slowest / base - 1):+.1f}", f"{kv / GB:.3g}",
                           f"{ranks[0]['kv_dense_bytes'] / max(1, kv):.2f}",
                           f"{max(r['peak_bytes'] for r in ranks) / GB:.2f}", sum(r["fallbacks"] for r in ranks)])
-    text = tabulate(table, headers=["model", "cache", "ranks", "heads/rank", "history frames", "s/chunk (slowest)",
+    text = tabulate(table, headers=["model", "cache", "ranks", "layers", "heads/rank", "history frames", "s/chunk (slowest)",
                                     "vs bf16 %", "KV GB/rank", "KV x", "peak GB/rank", "fallbacks"],
                     tablefmt="github", disable_numparse=True)
     (out / "multi_gpu_table.md").write_text(text + "\n")
@@ -164,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=("real", "tiny"), default="real")
     parser.add_argument("--models", default="tp,ulysses")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the number of layers (real widths; WorldPlay's pipeline compiles ~6 graphs "
+                             "per cache kind before its shapes settle, each of the whole model)")
     parser.add_argument("--history", type=int, default=60, help="latent frames of history before the timed chunks")
     parser.add_argument("--timed-chunks", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

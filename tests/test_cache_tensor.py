@@ -155,7 +155,9 @@ def test_recompile_for_a_larger_store_does_not_reuse_the_smaller_stores_code():
     for k in (small, large):
         q = torch.randn(1, H, 4, D, generator=gen)
         assert (fn(k, q) - F.scaled_dot_product_attention(q, k.dequantize(), k.dequantize())).abs().max() <= 1e-5
-    assert backend.graphs == 2
+    # Caches grown by cat are marked dynamic in their store's capacity dims, so one symbolic graph
+    # may serve both; a second graph for the larger store must not reuse the first one's code.
+    assert backend.graphs <= 2
 
 
 @pytest.mark.parametrize("frames", [21, 120])

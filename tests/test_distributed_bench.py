@@ -23,7 +23,7 @@ mg = load_benchmark()
 
 
 def row(cache, rank, s, kv, peak=0, fallbacks=0):
-    return {"model": "tp self-forcing", "cache": cache, "rank": rank, "world": 2, "heads": 6, "history": 60,
+    return {"model": "tp self-forcing", "cache": cache, "rank": rank, "world": 2, "heads": 6, "layers": 30, "history": 60,
             "s_per_chunk": s, "kv_bytes": kv, "kv_dense_bytes": 8_000, "peak_bytes": peak, "fallbacks": fallbacks}
 
 
@@ -35,8 +35,8 @@ def test_report_takes_the_slowest_rank_and_the_largest_cache(tmp_path, capsys):
     table = (tmp_path / "multi_gpu_table.md").read_text().splitlines()
     qvg = [c.strip() for c in table[3].split("|")[1:-1]]
     # slowest qvg rank 1.5 s against slowest bf16 rank 1.2 s; largest per-rank cache 1,250 bytes
-    assert qvg[:5] == ["tp self-forcing", "qvg", "2", "6", "60"]
-    assert qvg[5:] == ["1.500", "+25.0", "1.25e-06", "6.40", "2.50", "1"]
+    assert qvg[:6] == ["tp self-forcing", "qvg", "2", "30", "6", "60"]
+    assert qvg[6:] == ["1.500", "+25.0", "1.25e-06", "6.40", "2.50", "1"]
     saved = json.loads((tmp_path / "multi_gpu.json").read_text())
     assert saved["command"] == "python benchmarks/multi_gpu.py --nproc 2" and len(saved["rows"]) == 4
     assert "s/chunk (slowest)" in capsys.readouterr().out

@@ -106,3 +106,25 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
         held.append(sum(c.nbytes() for c in caches))
         bf16.append(sum(c.numel() * 2 for c in caches))
     assert (bf16[1] - bf16[0]) / (held[1] - held[0]) >= 6.5
+
+
+def test_pipeline_graphs_settle_like_bf16_and_stay_under_the_recompile_limit():
+    """5 chunks: no cache, the dense cache the backend swaps, then caches grown by cat and fed
+    back (denoising reads, cache pass returns). BF16 Inductor settles at 6 graphs; QVG may add one
+    (the swapped-in cache has no appended piece yet), and its grown caches are symbolic in their
+    length from the first graph that reads them (no static-then-dynamic pair)."""
+    def graphs(backend) -> int:
+        torch._dynamo.reset()
+        count = 0
+
+        def counting(gm, inputs):
+            nonlocal count
+            count += 1
+            return backend(gm, inputs)
+        wp.generate(torch.compile(make(num_layers=1), backend=counting), 5, seed=2, progress=False)
+        torch._dynamo.reset()
+        return count
+
+    from torch._inductor.compile_fx import compile_fx
+    dense, qvg = graphs(compile_fx), graphs(qvg_compile.backend(CFG))
+    assert dense <= 6 and qvg <= dense + 1 < torch._dynamo.config.recompile_limit

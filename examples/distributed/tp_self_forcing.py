@@ -19,6 +19,7 @@ a cache saved per rank (`parallel.save_caches` / `parallel.load_caches`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
@@ -171,9 +172,12 @@ def generate(
 
 
 def build(config: str, device: torch.device, group: Group, seed: int = 0,
-          dtype: torch.dtype = torch.bfloat16) -> sf.SelfForcingModel:
-    """The same full model on every rank (seeded), then this rank's shard of it."""
+          dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> sf.SelfForcingModel:
+    """The same full model on every rank (seeded), then this rank's shard of it. ``layers``
+    overrides the config's number of layers (real widths, shorter compiles)."""
     cfg = sf.real_config() if config == "real" else sf.tiny_config(dim=128, num_heads=2, ffn_dim=128)
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = sf.SelfForcingModel(cfg)

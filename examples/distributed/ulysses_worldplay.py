@@ -22,6 +22,7 @@ same seed and gets the whole video back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -190,9 +191,12 @@ class UlyssesWorldPlay(wp.WorldPlayModel):
 
 
 def build(config: str, device: torch.device, group: Group, seed: int = 0,
-          dtype: torch.dtype = torch.bfloat16) -> UlyssesWorldPlay:
-    """The same full model on every rank (seeded), as this rank's Ulysses view."""
+          dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> UlyssesWorldPlay:
+    """The same full model on every rank (seeded), as this rank's Ulysses view. ``layers``
+    overrides the config's number of layers (real widths, shorter compiles)."""
     cfg = wp.real_config() if config == "real" else wp.tiny_config()
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = wp.WorldPlayModel(cfg)

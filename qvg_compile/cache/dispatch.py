@@ -482,7 +482,10 @@ def _cat(func, args, kwargs):
     v = head._view
     merged = merge_pieces(tuple(pieces))
     out = _make(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
-    if _grown_by_appends(merged) and v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast):
+    grows = v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast)
+    if grows and [kind for kind, _, _ in merged] == [RUN, DENSE]:
+        _mark_growing(out)
+    if _grown_by_appends(merged) and grows:
         # A cache grown by repeated functional appends (``k = cat([k, k_new])``) would keep every
         # appended chunk dense: from the second appended piece on, everything but the last piece
         # goes into a store of its own (older appended chunks are sealed there by the policy) and
@@ -494,9 +497,28 @@ def _cat(func, args, kwargs):
         last = len(dense) - 1
         history = _clone_cache(_make(out, View(v.dims, v.lead, merged[:-1], v.parts, v.bcast, COW), dense[:last]))
         n = history._view.length()
-        return QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
-                                              history._view.parts, v.bcast, COW), [dense[last]])
+        grown = QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
+                                               history._view.parts, v.bcast, COW), [dense[last]])
+        _mark_growing(grown)
+        return grown
     return out
+
+
+def _mark_growing(t: QVGCache) -> None:
+    """Eager only: a cache grown by ``cat`` (stored history, then one appended piece) comes back
+    longer on the next call. Its sequence length and the store dims that grow with capacity are
+    marked ``maybe_mark_dynamic``, so the first graph that reads it is already symbolic in them
+    instead of compiling once static and again dynamic when the next chunk arrives."""
+    handle = t._handle
+    if not handle.concrete:
+        return
+    torch._dynamo.maybe_mark_dynamic(t, t._view.seq_dim())
+    store = handle.store
+    now, more = handle.spec.shapes(store.lead, store.capacity), handle.spec.shapes(store.lead, store.capacity + 1)
+    for name, array in zip(handle.spec.names(), handle.arrays):
+        dims = [d for d, (a, b) in enumerate(zip(now[name], more[name])) if a != b]
+        if dims:
+            torch._dynamo.maybe_mark_dynamic(array, dims)
 
 
 def _grown_by_appends(pieces: Sequence[tuple[str, Any, Any]]) -> bool:
