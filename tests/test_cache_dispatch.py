@@ -107,6 +107,25 @@ def test_d_functional_cat_repeat_for_cfg_and_device_copy():
     assert isinstance(moved, QVGCache) and torch.equal(dq(moved), dq(kc))
 
 
+def test_d_repeat_after_cat_tiles_the_store_and_repeats_the_appended_tokens():
+    """HY-WorldPlay's CFG read: ``cat([text, cache, new]).repeat(2, 1, 1, 1)`` for K and V."""
+    torch.manual_seed(13)
+    kc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG)
+    vc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG, role="value")
+    text, new = torch.randn(1, H, 4, D), torch.randn(1, H, 8, D)
+    reset_stats()
+    k = torch.cat([text, kc, new], 2).repeat(2, 1, 1, 1)
+    v = torch.cat([text, vc, new], 2).repeat(2, 1, 1, 1)
+    assert isinstance(k, QVGCache) and k.shape == (2, H, 44, D)
+    assert torch.equal(dq(k), torch.cat([text, dq(kc), new], 2).repeat(2, 1, 1, 1))
+    q = torch.randn(2, H, 8, D)
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert (out - F.scaled_dot_product_attention(q, dq(k), dq(v))).abs().max() <= ATOL
+    assert stats()["fallback_total"] == 0 and stats()["fused_tokens"] == 32
+    with pytest.raises(RuntimeError):
+        torch.cat([kc, new], 2).repeat(2, 1, 1)  # fewer repeats than dims: the dense error
+
+
 def test_e_pre_rope_history_rotated_at_read_time_falls_back_correctly():
     torch.manual_seed(4)
     kc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG)

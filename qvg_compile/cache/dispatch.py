@@ -341,9 +341,19 @@ def _alias(func, args, kwargs):
 
 @implements(aten.repeat.default)
 def _repeat(func, args, kwargs):
+    """Repeats along leading dims (CFG batch doubling) tile the view; tokens appended by cat are
+    small and dense, so they are repeated for real, in the view's lead order."""
     t, reps = args
-    _no_dense(t, "repeat")
-    return _make(t, t._view.repeat(reps, _spec_dims(t)))
+    view = t._view.repeat(reps, _spec_dims(t))
+    if not t._dense:
+        return _make(t, view)
+    if len(reps) != len(t._view.dims) or t._view.bcast:
+        raise Unsupported("repeat that adds dims to, or tiles a broadcast dim of, a cache with tokens appended by cat")
+    lead_reps = [1] * len(t._view.lead)
+    for d, r in zip(t._view.dims, reps):
+        if d >= 0:
+            lead_reps[d] = r
+    return _make(t, view, [x.repeat(*lead_reps, 1, 1) for x in t._dense])
 
 
 # --- data ops ----------------------------------------------------------------------------------
