@@ -126,6 +126,21 @@ def test_d_repeat_after_cat_tiles_the_store_and_repeats_the_appended_tokens():
         torch.cat([kc, new], 2).repeat(2, 1, 1)  # fewer repeats than dims: the dense error
 
 
+def test_d_keys_stored_per_cfg_copy_values_repeated_read_without_fallback():
+    """HY-WorldPlay's batch layout: keys cached at batch 2 (two RoPE layouts), values at batch 1
+    and repeated at read; both with a text prefix and the new chunk appended by cat."""
+    torch.manual_seed(14)
+    kc = QVGCache.from_dense(torch.randn(2, H, 32, D), 2, CFG)
+    vc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG, role="value")
+    k = torch.cat([torch.randn(2, H, 4, D), kc, torch.randn(2, H, 8, D)], 2)
+    v = torch.cat([torch.randn(1, H, 4, D), vc, torch.randn(1, H, 8, D)], 2).repeat(2, 1, 1, 1)
+    q = torch.randn(2, H, 8, D)
+    reset_stats()
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert (out - F.scaled_dot_product_attention(q, dq(k), dq(v))).abs().max() <= ATOL
+    assert stats()["fallback_total"] == 0 and stats()["fused_tokens"] == 32
+
+
 def test_e_pre_rope_history_rotated_at_read_time_falls_back_correctly():
     torch.manual_seed(4)
     kc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG)

@@ -25,7 +25,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
@@ -591,11 +591,16 @@ def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> Non
             raise Unsupported("batch repeated by repeat_interleave or heads by repeat")
         if t._dense and view.lead[1].interleave != 1:
             raise Unsupported("tokens appended by cat to heads repeated for GQA")
-    if k._view.lead[0].tile != v._view.lead[0].tile or k.shape[:3] != v.shape[:3]:
+    if k.shape[:3] != v.shape[:3]:
         raise Unsupported("keys and values of different batch or length")
+    stored = sorted((k._view.lead[0].length, v._view.lead[0].length))
+    if not statically_known_true(stored[1] % stored[0] == 0):
+        raise Unsupported("keys and values repeated along the batch by factors that do not divide")
+    # K and V pieces may carry different symbols of equal value (each cache's appended piece is
+    # sized on its own): the compiled graph guards on their equality.
     kinds = [(kind, n) for kind, _, n in k._view.pieces]
     if [kind for kind, _ in kinds] != [kind for kind, _, _ in v._view.pieces] or not all(
-            statically_known_true(n == m) for (_, n), (_, _, m) in zip(kinds, v._view.pieces)):
+            guard_or_false(n == m) for (_, n), (_, _, m) in zip(kinds, v._view.pieces)):
         raise Unsupported("keys and values made of different pieces")
     if not statically_known_true(k.shape[2] > 0):
         if k.shape[2] == 0:

@@ -92,15 +92,17 @@ def _positions(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views."""
     ranges, rest_k, rest_v = plan(k, v)
-    tails = [side.store.decode(_positions(runs), [side.part], side.sel())[0]
-             for side, runs in ((k, rest_k), (v, rest_v))]
-    ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
     tile = k.lead[0].tile
     b = q.shape[0] // tile
     fused_tokens = sum(e - s for s, e in ranges)
     dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
     stats.add(attention_calls=1, fused_tokens=fused_tokens,
               tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
+    if tile != v.lead[0].tile:
+        return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale)
+    tails = [side.store.decode(_positions(runs), [side.part], side.sel())[0]
+             for side, runs in ((k, rest_k), (v, rest_v))]
+    ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
     if k.dense is None:
         if tile == 1:
             return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
@@ -116,3 +118,25 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) ->
         tv = torch.cat([tails[1], v.dense[rows].to(tails[1].dtype)], dim=-2)
         outs.append(attention_impl(q[rows], ks, vs, ranges, tk, tv, scale=scale))
     return torch.cat(outs) if tile > 1 else outs[0]
+
+
+def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tuple[int, int]],
+                    tail_positions: tuple[torch.Tensor, torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+    """Keys and values repeated differently along the batch (HY-WorldPlay: keys stored for both
+    CFG copies, values stored once and repeated). The query rows are cut into blocks of the
+    smaller store batch; each block reads one contiguous batch slice of each store (``_fusable``
+    checks that the larger store batch is a multiple of the smaller)."""
+    g = min(k.lead[0].length, v.lead[0].length)
+    outs = []
+    for r0 in range(0, q.shape[0], g):
+        packed, tails = [], []
+        for side, positions in zip((k, v), tail_positions):
+            batch, heads = side.lead
+            sel = ((batch.offset + r0 % batch.length, g), (heads.offset, heads.length))
+            tail = side.store.decode(positions, [side.part], sel)[0]
+            if side.dense is not None:
+                tail = torch.cat([tail, side.dense[r0:r0 + g].to(tail.dtype)], dim=-2)
+            packed.append(side.store.packed(side.part, sel))
+            tails.append(tail)
+        outs.append(attention_impl(q[r0:r0 + g], packed[0], packed[1], ranges, tails[0], tails[1], scale=scale))
+    return torch.cat(outs)
