@@ -85,23 +85,7 @@ class UlyssesSelfAttention(wp.SelfAttention):
         q = self.positions(self.norm_q(q), rope)
         k = self.positions(self.norm_k(k), rope)
         q, k, v = (_frame_order(seq_to_heads(t, self.group), frames, size) for t in (q, k, v))
-        new_kv = {"k": k.clone(), "v": v.clone()} if return_kv else None
-        text_k, text_v = text_kv
-        if self.pos_layout == "batch":
-            text_k = text_k.repeat(2, 1, 1, 1)
-        else:
-            text_k = torch.cat([text_k, text_k], dim=-1)
-        if kv_cache is not None:
-            k = torch.cat([text_k, kv_cache["k"], k], dim=2)
-            v = torch.cat([text_v, kv_cache["v"], v], dim=2)
-        else:
-            k = torch.cat([text_k, k], dim=2)
-            v = torch.cat([text_v, v], dim=2)
-        if self.pos_layout == "batch":
-            out = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1))
-            out = out.unflatten(0, (2, b)).mean(0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out, new_kv = self.attend(q, k, v, text_kv, kv_cache, return_kv)
         out = heads_to_seq(_rank_order(out, frames, size), self.group)
         return self.o(out.transpose(1, 2).flatten(2)), new_kv
 

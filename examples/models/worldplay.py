@@ -181,6 +181,21 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = self.positions(self.norm_q(q), rope)
         k = self.positions(self.norm_k(k), rope)
+        out, new_kv = self.attend(q, k, v, text_kv, kv_cache, return_kv)
+        return self.o(out.transpose(1, 2).flatten(2)), new_kv
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: dict[str, torch.Tensor] | None,
+        return_kv: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The new tokens' ``q``, ``k`` (both positional variants) and ``v`` ``[B, H, n, D]``
+        attend over ``[text ; cached history ; new]``. Returns ``[B, H, n, D]`` and, with
+        ``return_kv``, this chunk's cache entries."""
         new_kv = {"k": k.clone(), "v": v.clone()} if return_kv else None
         text_k, text_v = text_kv
         if self.pos_layout == "batch":
@@ -195,10 +210,8 @@ class SelfAttention(nn.Module):
             v = torch.cat([text_v, v], dim=2)
         if self.pos_layout == "batch":
             out = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1))
-            out = out.unflatten(0, (2, b)).mean(0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.o(out.transpose(1, 2).flatten(2)), new_kv
+            return out.unflatten(0, (2, v.shape[0])).mean(0), new_kv
+        return F.scaled_dot_product_attention(q, k, v), new_kv
 
 
 class WorldPlayBlock(nn.Module):
