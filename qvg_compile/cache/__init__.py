@@ -3,7 +3,7 @@
 from . import dispatch as _dispatch  # noqa: F401  (fills QVGCache's op table)
 from .api import compress, memory_report
 from .policy import CachePolicy
-from .stats import QVGFallbackWarning, reset_stats, stats
+from .tally import QVGFallbackWarning, reset_stats, stats
 from .tensor import QVGCache
 
 __all__ = ["QVGCache", "CachePolicy", "compress", "memory_report", "stats", "reset_stats",

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
-from . import stats
+from . import tally
 from .spec import StoreSpec
 from .store import regrow
 from .tensor import QVGCache, StoreHandle
@@ -211,7 +211,7 @@ def copy_cache(dst: QVGCache, src: QVGCache) -> None:
                   and src._view.lead_sel(src._handle.arrays[0].shape[:-2]) is None
                   and len(dst._view.pieces) == 1)
     if not compatible:
-        stats.fallback("copy_ (cache to cache)", "layouts or configs differ")
+        tally.fallback("copy_ (cache to cache)", "layouts or configs differ")
         write_dense(dst, src.dequantize())
         return
     (_, start, _), = dst._view.pieces
@@ -361,7 +361,7 @@ def _repeat(func, args, kwargs):
 def _copy(func, args, kwargs):
     dst, src = args[0], args[1]
     if not isinstance(dst, QVGCache):
-        stats.fallback("copy_ (cache into a dense tensor)", "the destination is dense")
+        tally.fallback("copy_ (cache into a dense tensor)", "the destination is dense")
         return dst.copy_(src.dequantize())
     if isinstance(src, QVGCache):
         copy_cache(dst, src)
@@ -613,7 +613,7 @@ def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> Non
 # --- fallback ----------------------------------------------------------------------------------
 def fallback(func: Any, args: tuple, kwargs: dict, why: str) -> Any:
     """Decode the caches, run the dense op, write in-place results back into the caches."""
-    stats.fallback(str(func), why)
+    tally.fallback(str(func), why)
     dense_args, dense_kwargs = tree_map(lambda t: t.dequantize() if isinstance(t, QVGCache) else t, (args, kwargs))
     out = func(*dense_args, **dense_kwargs)
     schema = func._schema

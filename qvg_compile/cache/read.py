@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import stats
+from . import tally
 from ..kernels.attention import qvg_attention as attention_impl
 from .store import Store
 from .view import Lead
@@ -96,7 +96,7 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) ->
     b = q.shape[0] // tile
     fused_tokens = sum(e - s for s, e in ranges)
     dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
-    stats.add(attention_calls=1, fused_tokens=fused_tokens,
+    tally.add(attention_calls=1, fused_tokens=fused_tokens,
               tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
     if tile != v.lead[0].tile:
         return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale)

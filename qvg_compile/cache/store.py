@@ -31,7 +31,7 @@ from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
 from ..kernels.decode import dequantize_store
 from ..quant.segment import QVGSegment
 from ..quant.store import PackedStore
-from . import stats
+from . import tally
 from .encode import encode_segment
 from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, UID, USES, StoreSpec, sealed_code
 
@@ -329,7 +329,7 @@ class Store:
         self.pos_map[positions] = sealed_code(slot)
         for _, first, length in runs_of(positions):
             self.seg_ids[first:first + length] = slot
-        stats.add(seals=1, sealed_tokens=n)
+        tally.add(seals=1, sealed_tokens=n)
 
     # --- reads ---------------------------------------------------------------------------------
     def packed(self, part: int, sel: LeadSel = None) -> PackedStore:
@@ -376,7 +376,7 @@ class Store:
                 x[..., i:i + length, :] = block.reshape(*x.shape[:-2], length, x.shape[-1])
             out.append(x)
         decoded = int(sealed.sum())
-        stats.add(decoded_tokens=decoded, decoded_bytes=sum(t.numel() * t.element_size() for t in out))
+        tally.add(decoded_tokens=decoded, decoded_bytes=sum(t.numel() * t.element_size() for t in out))
         return out
 
     # --- copies between caches -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Process-wide counters of what the compressed caches did: seals, decodes, fallbacks.
+"""Process-wide tallies of what the compressed caches did: seals, decodes, fallbacks.
 
 Counts are taken where the work happens: seals and decodes inside the ``qvg::cache_*`` op bodies
 (so they count at run time, compiled or not), fallbacks when an op without a compressed
