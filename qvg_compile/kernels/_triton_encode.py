@@ -123,6 +123,27 @@ def _assign_kernel(x0, x1, s0, s1, sn, sd, g0, b2, book, cnorm, out, N, per_spli
 
 
 @triton.jit
+def _load_tokens(base, offs_n, nm, sn, sd, D: tl.constexpr):
+    """Rows ``offs_n`` of one set, ``[BLOCK_N, D]`` (zeros past ``nm``)."""
+    d = tl.arange(0, D)
+    return tl.load(base + offs_n.to(tl.int64)[:, None] * sn + d[None, :] * sd, mask=nm[:, None], other=0.0)
+
+
+@triton.jit
+def _add_onehot(acc, cnt, onehot, xt, PREC: tl.constexpr):
+    """Add the tokens ``xt [N, D]`` picked by ``onehot [C, N]`` to the per-centroid sums and counts."""
+    return acc + _mm(onehot.to(xt.dtype), xt, PREC), cnt + tl.sum(onehot.to(tl.float32), 1)
+
+
+@triton.jit
+def _store_partial(sums, counts, row, acc, cnt, D: tl.constexpr):
+    """One program's partial sums ``[C, D]`` and counts ``[C]`` at rows ``row`` of the split buffers."""
+    d = tl.arange(0, D)
+    tl.store(sums + row[:, None] * D + d[None, :], acc)
+    tl.store(counts + row, cnt)
+
+
+@triton.jit
 def _lloyd_kernel(x0, x1, s0, s1, sn, sd, g0, b2, book, cnorm, sums, counts, N, per_split,
                   D: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
@@ -140,17 +161,13 @@ def _lloyd_kernel(x0, x1, s0, s1, sn, sd, g0, b2, book, cnorm, sums, counts, N, 
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nm = offs_n < hi
-        xt = tl.load(base + offs_n.to(tl.int64)[:, None] * sn + d[None, :] * sd, mask=nm[:, None], other=0.0)
+        xt = _load_tokens(base, offs_n, nm, sn, sd, D)
         # Centroids as rows: the arg-min runs down the columns and the one-hot matrix is already
         # in the accumulator layout that the second product takes from registers.
         dist = cn[:, None] - 2.0 * _mm(ct, tl.trans(xt), PREC)
         arg = tl.where(nm, _nearest(dist, oc[:, None], 0, xt.dtype == tl.float32), -1)
-        onehot = oc[:, None] == arg[None, :]
-        acc += _mm(onehot.to(xt.dtype), xt, PREC)
-        cnt += tl.sum(onehot.to(tl.float32), 1)
-    row = (split.to(tl.int64) * tl.num_programs(1) + g64) * C_PAD + oc
-    tl.store(sums + row[:, None] * D + d[None, :], acc)
-    tl.store(counts + row, cnt)
+        acc, cnt = _add_onehot(acc, cnt, oc[:, None] == arg[None, :], xt, PREC)
+    _store_partial(sums, counts, (split.to(tl.int64) * tl.num_programs(1) + g64) * C_PAD + oc, acc, cnt, D)
 
 
 @triton.jit
@@ -163,7 +180,6 @@ def _update_kernel(x0, x1, s0, s1, sn, sd, g0, b2, assign, sums, counts, N, per_
     base = _set_base(g, x0, x1, s0, s1, g0, b2)
     g64 = g.to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    d = tl.arange(0, D)
     acc = tl.zeros([BLOCK_C, D], tl.float32)
     cnt = tl.zeros([BLOCK_C], tl.float32)
     lo = split * per_split
@@ -173,13 +189,9 @@ def _update_kernel(x0, x1, s0, s1, sn, sd, g0, b2, assign, sums, counts, N, per_
         nm = offs_n < hi
         a = tl.load(assign + g64 * N + offs_n, mask=nm, other=0).to(tl.int32)
         a = tl.where(nm, a, -1)
-        onehot = offs_c[:, None] == a[None, :]
-        xt = tl.load(base + offs_n.to(tl.int64)[:, None] * sn + d[None, :] * sd, mask=nm[:, None], other=0.0)
-        acc += _mm(onehot.to(xt.dtype), xt, PREC)
-        cnt += tl.sum(onehot.to(tl.float32), 1)
-    row = (split.to(tl.int64) * tl.num_programs(2) + g64) * C_PAD + offs_c
-    tl.store(sums + row[:, None] * D + d[None, :], acc)
-    tl.store(counts + row, cnt)
+        xt = _load_tokens(base, offs_n, nm, sn, sd, D)
+        acc, cnt = _add_onehot(acc, cnt, offs_c[:, None] == a[None, :], xt, PREC)
+    _store_partial(sums, counts, (split.to(tl.int64) * tl.num_programs(2) + g64) * C_PAD + offs_c, acc, cnt, D)
 
 
 @triton.jit
