@@ -11,8 +11,8 @@ from qvg_compile import QVGConfig
 from qvg_compile.kernels import _triton_encode as tk
 from qvg_compile.kernels.encode import (encode_qvg, kmeans_assign, kmeans_update, quantize_residual, triton_encode,
                                        triton_encode_many)
-from qvg_compile.quant.kmeans import assign as ref_assign
-from qvg_compile.quant.kmeans import update as ref_update
+from qvg_compile.quant.lloyd import assign as ref_assign
+from qvg_compile.quant.lloyd import update as ref_update
 from qvg_compile.quant.group import group_quantize
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
 from qvg_compile.quant.segment import gather_centroids
@@ -278,7 +278,7 @@ def test_early_stop_without_sync_equals_reference():
     cfg = QVGConfig(centroids=6, group_size=32, kmeans_iters=8, kmeans_tol=1e-3, centroid_dtype="fp32")
     x, _ = clustered(2, 60, 32, 6, seed=30, spread=0.02)
     x = x.unsqueeze(0)
-    from qvg_compile.quant.kmeans import init_centroids, kmeans
+    from qvg_compile.quant.lloyd import init_centroids, kmeans
 
     km = kmeans(x[0], 6, 8, 1e-3, centroids=init_centroids(x[0], 6, "random", 0))
     assert km.iterations < 8  # the test is about stopping early

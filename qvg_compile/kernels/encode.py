@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..quant.kmeans import assign as ref_assign
-from ..quant.kmeans import init_centroids as ref_init
-from ..quant.kmeans import update as ref_update
+from ..quant.lloyd import assign as ref_assign
+from ..quant.lloyd import init_centroids as ref_init
+from ..quant.lloyd import update as ref_update
 from ..quant.config import QVGConfig
 from ..quant.group import group_quantize
 from ..quant.qvg import check_input

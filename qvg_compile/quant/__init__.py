@@ -6,7 +6,7 @@ Pure PyTorch on any device; every kernel is tested against it.
 from .api import analytic_bits_per_element, quantize
 from .baselines import KIVISegment, QuaRotSegment
 from .config import PRESETS, QVGConfig
-from .kmeans import KMeansResult, kmeans
+from .lloyd import KMeansResult, kmeans
 from .metrics import attention_rel_err, cosine_similarity, rel_mse, snr_db
 from .segment import QVGSegment, Segment
 

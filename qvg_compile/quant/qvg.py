@@ -15,7 +15,7 @@ import torch
 
 from .config import QVGConfig
 from .group import group_quantize
-from .kmeans import kmeans
+from .lloyd import kmeans
 from .segment import QVGSegment, gather_centroids, normalise_seq_dim, to_normalised
 
 

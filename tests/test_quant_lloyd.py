@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qvg_compile.quant.kmeans import assign, kmeans
+from qvg_compile.quant.lloyd import assign, kmeans
 
 
 def blobs(seed, sets=3, n=600, d=32, k=12, spread=0.3):
