@@ -493,8 +493,6 @@ def _cat(func, args, kwargs):
     merged = merge_pieces(tuple(pieces))
     out = _make(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
     grows = v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast)
-    if grows and [kind for kind, _, _ in merged] == [RUN, DENSE]:
-        _mark_growing(out)
     if _grown_by_appends(merged) and grows:
         # A cache grown by repeated functional appends (``k = cat([k, k_new])``) would keep every
         # appended chunk dense: from the second appended piece on, everything but the last piece
@@ -507,10 +505,10 @@ def _cat(func, args, kwargs):
         last = len(dense) - 1
         history = _clone_cache(_make(out, View(v.dims, v.lead, merged[:-1], v.parts, v.bcast, COW), dense[:last]))
         n = history._view.length()
-        grown = QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
-                                               history._view.parts, v.bcast, COW), [dense[last]])
-        _mark_growing(grown)
-        return grown
+        out = QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
+                                             history._view.parts, v.bcast, COW), [dense[last]])
+    if grows and [kind for kind, _, _ in out._view.pieces] == [RUN, DENSE]:
+        _mark_growing(out)
     return out
 
 

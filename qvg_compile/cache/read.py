@@ -17,6 +17,7 @@ import torch
 
 from . import tally
 from ..kernels.attention import qvg_attention as attention_impl
+from ..quant.store import PackedStore
 from .store import Store
 from .view import Lead
 
@@ -98,45 +99,43 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) ->
     dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
     tally.add(attention_calls=1, fused_tokens=fused_tokens,
               tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
-    if tile != v.lead[0].tile:
+    if k.dense is not None or tile != v.lead[0].tile:
         return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale)
     tails = [side.store.decode(_positions(runs), [side.part], side.sel())[0]
              for side, runs in ((k, rest_k), (v, rest_v))]
     ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
-    if k.dense is None:
-        if tile == 1:
-            return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
-        # [tile*B, H, M, D] -> [B, H, tile*M, D]: every copy of the batch reads the store once.
-        hq, m, d = q.shape[1:]
-        folded = q.reshape(tile, b, hq, m, d).permute(1, 2, 0, 3, 4).reshape(b, hq, tile * m, d)
-        out = attention_impl(folded, ks, vs, ranges, tails[0], tails[1], scale=scale)
-        return out.reshape(b, hq, tile, m, -1).permute(2, 0, 1, 3, 4).reshape(tile * b, hq, m, -1)
-    outs = []
-    for t in range(tile):
-        rows = slice(t * b, (t + 1) * b)
-        tk = torch.cat([tails[0], k.dense[rows].to(tails[0].dtype)], dim=-2)
-        tv = torch.cat([tails[1], v.dense[rows].to(tails[1].dtype)], dim=-2)
-        outs.append(attention_impl(q[rows], ks, vs, ranges, tk, tv, scale=scale))
-    return torch.cat(outs) if tile > 1 else outs[0]
+    if tile == 1:
+        return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
+    # [tile*B, H, M, D] -> [B, H, tile*M, D]: every copy of the batch reads the store once.
+    hq, m, d = q.shape[1:]
+    folded = q.reshape(tile, b, hq, m, d).permute(1, 2, 0, 3, 4).reshape(b, hq, tile * m, d)
+    out = attention_impl(folded, ks, vs, ranges, tails[0], tails[1], scale=scale)
+    return out.reshape(b, hq, tile, m, -1).permute(2, 0, 1, 3, 4).reshape(tile * b, hq, m, -1)
 
 
 def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tuple[int, int]],
                     tail_positions: tuple[torch.Tensor, torch.Tensor], scale: Optional[float]) -> torch.Tensor:
-    """Keys and values repeated differently along the batch (HY-WorldPlay: keys stored for both
-    CFG copies, values stored once and repeated). The query rows are cut into blocks of the
-    smaller store batch; each block reads one contiguous batch slice of each store (``_fusable``
-    checks that the larger store batch is a multiple of the smaller)."""
+    """Attention in blocks of query rows, for views whose batch copies cannot share one call:
+    dense pieces appended by ``cat`` (their rows differ per copy) and keys and values repeated
+    differently along the batch (HY-WorldPlay: keys stored for both CFG copies, values stored
+    once and repeated). Blocks are the smaller store batch; each reads one contiguous batch
+    slice of each store (``_fusable`` checks that the larger is a multiple of the smaller), and
+    a slice's packed view and decoded tail are built once, however many blocks read it."""
     g = min(k.lead[0].length, v.lead[0].length)
+    read: dict[tuple[int, int], tuple[PackedStore, torch.Tensor]] = {}
     outs = []
     for r0 in range(0, q.shape[0], g):
         packed, tails = [], []
-        for side, positions in zip((k, v), tail_positions):
+        for i, (side, positions) in enumerate(zip((k, v), tail_positions)):
             batch, heads = side.lead
-            sel = ((batch.offset + r0 % batch.length, g), (heads.offset, heads.length))
-            tail = side.store.decode(positions, [side.part], sel)[0]
+            offset = batch.offset + r0 % batch.length
+            if (i, offset) not in read:
+                sel = ((offset, g), (heads.offset, heads.length))
+                read[i, offset] = side.store.packed(side.part, sel), side.store.decode(positions, [side.part], sel)[0]
+            store_view, tail = read[i, offset]
             if side.dense is not None:
                 tail = torch.cat([tail, side.dense[r0:r0 + g].to(tail.dtype)], dim=-2)
-            packed.append(side.store.packed(side.part, sel))
+            packed.append(store_view)
             tails.append(tail)
         outs.append(attention_impl(q[r0:r0 + g], packed[0], packed[1], ranges, tails[0], tails[1], scale=scale))
     return torch.cat(outs)
