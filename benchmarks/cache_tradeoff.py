@@ -2,9 +2,9 @@
 
 Fills a cache chunk by chunk (the way an AR pipeline does) with video-like K and V
 (`qvg_compile.quant.synthetic.video_like_kv`: spatially and temporally redundant tokens), then
-reports, per `CachePolicy` variant, the bits per element of the sealed tokens (packed codes,
-scales, assignments, codebooks and token state, from the real allocated arrays; the one open BF16
-chunk is left out, it is the same for every variant) and the relative MSE of the sealed K and V.
+reports, per `CachePolicy` variant, the bits per element once the video ends and `QVGCache.seal`
+has quantized the last chunk and freed its rows (packed codes, scales, assignments, codebooks and
+token state, from the real allocated arrays) and the relative MSE of the sealed K and V.
 The `CachePolicy` defaults come from this table (see README, "Choosing the cache defaults").
 
     python benchmarks/cache_tradeoff.py            # CPU, about a minute
@@ -29,6 +29,8 @@ VARIANTS = [
     ("budget 0.5 bit", dict(codebook_bits=0.5, codebook_chunks=1)),
     ("budget 0.25 bit", dict(codebook_bits=0.25, codebook_chunks=1)),
     ("budget 0.25, share x2 (default)", dict(codebook_bits=0.25, codebook_chunks=2)),
+    ("budget 0.25, share x2, 1 spare slot", dict(codebook_bits=0.25, codebook_chunks=2, spare_segments=1)),
+    ("budget 0.25, share x3", dict(codebook_bits=0.25, codebook_chunks=3)),
     ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),
     ("budget 0.125 bit", dict(codebook_bits=0.125, codebook_chunks=1)),
     ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, codebook_chunks=1, dense_chunks=2, seal_chunks=2)),
@@ -46,9 +48,8 @@ def measure(k: torch.Tensor, v: torch.Tensor, chunk: int, overrides: dict) -> di
         n = x.shape[2] // chunk * chunk
         for s in range(0, n, chunk):
             cache[:, :, s:s + chunk] = x[:, :, s:s + chunk]
-        cache.seal()
-        tail = cache._handle.store.a("tail", 0)
-        held = cache.nbytes() - tail.numel() * tail.element_size()
+        cache.seal()  # frees the open chunk's rows too: what is left is the sealed tokens' bytes
+        held = cache.nbytes()
         bits.append(held * 8 / x[:, :, :n].numel())
         out[f"{name}_rel_mse"] = rel_mse(x[:, :, :n], cache.dequantize()[:, :, :n])
         out["segments"] = cache.token_counts()["segments"]

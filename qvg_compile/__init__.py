@@ -5,7 +5,7 @@ graphs and moves them into `QVGCache` storage; see `explain` for what it found a
 """
 
 from .backend import QVGBackend, QVGBackendWarning, ValidationError, backend, qvg_backend, register
-from .cache import QVGCache, compress, memory_report, reset_stats, stats
+from .cache import QVGCache, compress, memory_report, reset_stats, seal, stats
 from .explain import explain
 from .patch import PatchHandle, patch
 from .quant import QVGConfig, quantize
@@ -13,7 +13,7 @@ from .quant import QVGConfig, quantize
 register()
 
 __all__ = [
-    "QVGConfig", "quantize", "QVGCache", "compress", "memory_report", "stats", "reset_stats",
+    "QVGConfig", "quantize", "QVGCache", "compress", "memory_report", "seal", "stats", "reset_stats",
     "qvg_backend", "backend", "QVGBackend", "QVGBackendWarning", "ValidationError", "explain", "patch",
     "PatchHandle",
 ]

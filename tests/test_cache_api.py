@@ -1,4 +1,4 @@
-"""`compress` (tensors, containers, modules; in place where mutable) and `memory_report`."""
+"""`compress` (tensors, containers, modules; in place where mutable), `seal` and `memory_report`."""
 
 from __future__ import annotations
 
@@ -64,3 +64,25 @@ def test_memory_report_counts_shared_stores_once():
     assert "total" in report["table"] and "QVG" in report["table"]
     views = {"a": caches["k"], "b": caches["k"][:, :8]}
     assert qvg_compile.memory_report(views)["held_bytes"] == caches["k"].nbytes()
+
+
+def test_seal_quantizes_every_store_once_and_frees_the_dense_chunks():
+    caches = [{"k": kv(0), "v": kv(1)}, {"k": kv(2), "v": kv(3)}]
+    qvg_compile.compress(caches, CFG, seq_dim=1, chunk_tokens=16)
+    before = qvg_compile.memory_report(caches)["held_bytes"]
+    views = [caches, caches[0]["k"][:, :8]]  # a view of a store already in caches
+    stores = [cache for layer in caches for cache in layer.values()]
+    dense = [kv(i) for i in range(4)]
+    older = [cache[:, :32].dequantize() for cache in stores]
+    assert qvg_compile.seal(views) == 4
+    after = qvg_compile.memory_report(caches)["held_bytes"]
+    assert after < before
+    for cache, x, old in zip(stores, dense, older):
+        assert cache.token_counts() == {"sealed": 48, "dense": 0, "holes": 16, "segments": 2}
+        out = cache.dequantize()
+        torch.testing.assert_close(out[:, :32], old, rtol=0, atol=0)  # sealed tokens untouched
+        # the chunk that was dense is now quantized: 2-bit error on Gaussian data (~0.1-0.3)
+        err = (out[:, 32:48] - x[:, 32:48]).pow(2).mean() / x[:, 32:48].pow(2).mean()
+        assert 0.01 < err < 0.4
+    with pytest.raises(TypeError, match="release"):
+        qvg_compile.seal(caches, release="yes")

@@ -1,10 +1,10 @@
 """The storage layer: `QVGCache`, a dense-looking KV cache holding 2-bit QVG segments."""
 
 from . import dispatch as _dispatch  # noqa: F401  (fills QVGCache's op table)
-from .api import compress, memory_report
+from .api import compress, memory_report, seal
 from .policy import CachePolicy
 from .tally import QVGFallbackWarning, reset_stats, stats
 from .tensor import QVGCache
 
-__all__ = ["QVGCache", "CachePolicy", "compress", "memory_report", "stats", "reset_stats",
+__all__ = ["QVGCache", "CachePolicy", "compress", "memory_report", "seal", "stats", "reset_stats",
            "QVGFallbackWarning"]

@@ -1,4 +1,5 @@
-"""Explicit API: `compress` the caches of an object in place, and `memory_report`."""
+"""Explicit API: `compress` the caches of an object in place, `seal` them when a video ends, and
+`memory_report`."""
 
 from __future__ import annotations
 
@@ -99,6 +100,24 @@ def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set
                 if not key.startswith("_") and isinstance(value, (torch.Tensor, dict, list, tuple)) \
                         and not isinstance(value, torch.nn.Parameter):
                     _tensors(value, f"{prefix}.{key}" if prefix else key, out, seen)
+
+
+def seal(obj: Any, release: bool = True) -> int:
+    """End of a video: `QVGCache.seal` every compressed cache in ``obj`` (a tensor, containers, a
+    module's buffers and tensor attributes), so that no chunk stays BF16; with ``release`` the
+    freed dense rows are given back (the next write allocates them again). Eager only.
+
+    Returns the number of stores sealed (views of one store count once)."""
+    if not isinstance(release, bool):
+        raise TypeError(f"release: expected a bool, got {type(release).__name__}")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    _tensors(obj, "", tensors, set())
+    stores: set[int] = set()
+    for _, t in tensors:
+        if isinstance(t, QVGCache) and id(t._handle) not in stores:
+            stores.add(id(t._handle))
+            t.seal(release=release)
+    return len(stores)
 
 
 def memory_report(obj: Any) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts
                 t = map_lead(take(t, -2), 0)
             out[f"{name}{new_p}"] = t.clone(memory_format=torch.contiguous_format)
     out["seg_ids"] = take(src.seg_ids, 0).clone()
-    pos_map = torch.full((n,), HOLE, dtype=torch.int32)
+    pos_map = torch.full((n,), HOLE, dtype=spec.index_dtype)
     pos_map[stored] = src.pos_map[src_pos]
     out["pos_map"] = pos_map
     for name in ("slots", "segs", "counters"):

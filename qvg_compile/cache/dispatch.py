@@ -124,16 +124,19 @@ def decode_view(t: QVGCache) -> torch.Tensor:
 
 
 def _ensure_slots(t: QVGCache, tokens: Any) -> None:
-    """Eager only: fix the slot length from the first write when the policy left it open."""
+    """Eager only: allocate the dense slots at the first write (of the policy's slot length, or
+    the write's when the policy leaves it open), or at the first write after `QVGCache.seal`
+    released them."""
     handle = t._handle
     if handle.spec.slot_tokens or not isinstance(tokens, int) or tokens <= 0:
         return
     if not handle.concrete:
         raise RuntimeError(
-            "QVGCache: the dense slot length is not known yet (no write has happened); pass "
-            "chunk_tokens= when creating the cache, or run one write eagerly before torch.compile")
+            "QVGCache: the cache has no dense slots to write into (no write has happened yet, or "
+            "seal(release=True) freed them); pass chunk_tokens= when creating the cache, or run "
+            "one write eagerly before the compiled function writes")
     store = handle.store
-    sized = handle.spec.sized_for(tokens, store.capacity)
+    sized = handle.spec.sized_for(handle.spec.policy.chunk_tokens or tokens, store.capacity)
     handle.arrays, handle.spec = regrow(store, sized), sized
 
 

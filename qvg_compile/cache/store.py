@@ -114,7 +114,7 @@ class Store:
 
     def _expected_row(self, j: int, start: int, end: int) -> torch.Tensor:
         first = int(self.slots[j, 0])
-        return torch.arange(start, end, dtype=torch.int32) - first + j * self.spec.slot_tokens
+        return torch.arange(start, end, dtype=self.pos_map.dtype) - first + j * self.spec.slot_tokens
 
     # --- release and state ---------------------------------------------------------------------
     def release(self, positions: torch.Tensor) -> None:
@@ -162,7 +162,7 @@ class Store:
         sinks = self.sinks
         if start < sinks:
             e = min(end, sinks)
-            rows = torch.arange(start, e, dtype=torch.int32) + self.spec.sink_row
+            rows = torch.arange(start, e, dtype=self.pos_map.dtype) + self.spec.sink_row
             self._write_rows(start, e, rows, [None if v is None else v[..., :e - start, :] for v in values],
                              sel, full)
             values = [None if v is None else v[..., e - start:, :] for v in values]
@@ -422,8 +422,8 @@ class Store:
                 idx = keep.to(src.device)
                 self._put_packed_rows(p, dp, [t.index_select(t.dim() - 2 if i < len(payload[p]) - 1 else -1, idx)
                                               for i, t in enumerate(payload[p])])
-            self.pos_map[dp] = (-slots - 2).to(torch.int32)
-            self.seg_ids.index_copy_(0, dp.to(self.device), slots.to(torch.int32).to(self.device))
+            self.pos_map[dp] = (-slots - 2).to(self.pos_map.dtype)
+            self.seg_ids.index_copy_(0, dp.to(self.device), slots.to(device=self.device, dtype=self.seg_ids.dtype))
             self.segs[:, LIVE] += torch.bincount(slots, minlength=self.spec.segments)
         moved = [(dst[dense], relocated)]
         if bool(lost.any()):
@@ -500,15 +500,19 @@ class Store:
 
 
 def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
-    """Arrays for ``spec`` (more slots, codebooks or centroid rows than ``store.spec``) holding the
-    same content: codebooks and sink rows are copied over, dense slots must be empty."""
+    """Arrays for ``spec`` (other slots, more codebooks or centroid rows than ``store.spec``)
+    holding the same content: arrays of unchanged shape and dtype are taken over, codebooks and
+    sink rows are copied; dense slots must be empty when the slot length changes."""
     old = store.spec
     if bool((store.slots[:, 0] >= 0).any()) and old.slot_tokens != spec.slot_tokens:
         raise RuntimeError("QVGCache: cannot change the slot length while slots hold dense tokens")
-    arrays = spec.allocate(store.lead, store.capacity, store.device)
+    kept = [n for n in old.names() if n.startswith(("codes", "scales", "zeros", "assign"))
+            or n in ("seg_ids", "pos_map", "counters")]
+    arrays = spec.allocate(store.lead, store.capacity, store.device,
+                           reuse={n: store.arrays[n] for n in kept})
     new = Store(spec, arrays)
     for name in spec.names():
-        if name.startswith(("codes", "scales", "zeros", "assign")) or name in ("seg_ids", "pos_map", "counters"):
+        if name in ("seg_ids", "pos_map", "counters") and new.arrays[name] is not store.arrays[name]:
             new.arrays[name].copy_(store.arrays[name])
     k, c = old.segments, old.codebook
     new.segs[:k] = store.segs

@@ -213,9 +213,26 @@ class QVGCache(torch.Tensor):
         from .dispatch import decode_view
         return decode_view(self)
 
-    def seal(self) -> "QVGCache":
-        """Quantize the dense slots now (at the end of a video; sinks stay dense). Returns self."""
-        torch.ops.qvg.cache_seal(self._handle.arrays, self._handle.spec.json)
+    def seal(self, release: bool = True) -> "QVGCache":
+        """End of a video: quantize the dense slots now (each chunk still once; sinks stay dense).
+
+        Args:
+            release: also free the dense slot rows (one BF16 chunk per store, by default), so the
+                store holds only packed tokens and sinks. Eager only. The next eager write
+                allocates the rows again; a compiled graph cannot grow its inputs, so a compiled
+                model writing into a released cache needs one eager write first.
+        Returns self.
+        """
+        if not isinstance(release, bool):
+            raise TypeError(f"release: expected a bool, got {type(release).__name__}")
+        handle = self._handle
+        torch.ops.qvg.cache_seal(handle.arrays, handle.spec.json)
+        if release and handle.spec.slot_tokens:
+            if not handle.concrete:
+                raise RuntimeError("QVGCache.seal(release=True) frees arrays and runs eagerly only; "
+                                   "use seal(release=False) inside a compiled function")
+            released = handle.spec.released()
+            handle.arrays, handle.spec = regrow(handle.store, released), released
         return self
 
     def save(self, path: str) -> None:

@@ -43,8 +43,8 @@ def check_store(store: PackedStore, name: str) -> tuple[int, int, int, int]:
     cents = store.centroids
     if cents.dim() != 6 or tuple(cents.shape[1:4]) != (s, b, h) or cents.shape[-1] != d:
         raise ValueError(f"{name}.centroids: expected [K, {s}, {b}, {h}, C, {d}], got {list(cents.shape)}")
-    if store.segment_ids.dtype != torch.int32 or tuple(store.segment_ids.shape) != (cap,):
-        raise ValueError(f"{name}.segment_ids: expected int32 [{cap}], got "
+    if store.segment_ids.dtype not in (torch.int16, torch.int32) or tuple(store.segment_ids.shape) != (cap,):
+        raise ValueError(f"{name}.segment_ids: expected int16 or int32 [{cap}], got "
                          f"{store.segment_ids.dtype} {list(store.segment_ids.shape)}")
     if store.codes.shape[-1] * 8 != d * store.bits:
         raise ValueError(f"{name}.codes: last dim {store.codes.shape[-1]} does not hold {d} codes of {store.bits} bits")

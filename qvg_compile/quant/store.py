@@ -13,7 +13,7 @@ Shapes (``H`` the cache's heads, ``Dp = D*bits/8``, ``K`` segment slots, ``C`` t
     zeros        same as scales or None
     assignments  uint8               [S, B, H, capacity]
     centroids    bf16/fp16/fp32      [K, S, B, H, C, D]
-    segment_ids  int32               [capacity]
+    segment_ids  int16 or int32      [capacity]
 """
 
 from __future__ import annotations
