@@ -223,6 +223,8 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
     Contexts not started by ``deadline`` (a `time.perf_counter` value) are skipped and listed."""
     torch._dynamo.reset()
     qvg_compile.reset_stats()
+    # Dynamo's counters outlive reset(): count this backend's graphs from here.
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     cfg: sf.SelfForcingConfig = model.config
     capacity = max(contexts) + timed_chunks * cfg.chunk_frames + (cfg.chunk_frames if profile_at else 0)
     cuda = clock.cuda
@@ -275,7 +277,7 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
         log(f"[{name}] context {context:4d}: {row.s_per_chunk:.3f} s/chunk (chunks {[round(t, 3) for t in times]}), "
             f"prefill {prefill_s:.1f} s, KV {row.kv_bytes / GB:.3f} GB, peak {peak / GB:.2f} GB, "
             f"shares {row.shares}, stats {row.stats}")
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     types = sorted({type(layer[k]).__name__ for layer in video.kv for k in ("k", "v")})
     result = {"backend": name, "warmup_s": warmup_s, "conversion_peak_bytes": conversion_peak,
               "cache_types": types, "dynamo_unique_graphs": graphs, "skipped_contexts": skipped,

@@ -97,6 +97,38 @@ def test_compiled_equals_eager_with_the_same_quantization(window):
     assert (got - dense).abs().max().item() > 1e-4  # the cache really was quantized
 
 
+@pytest.mark.parametrize("window", [None, (5, 1)], ids=["global", "rolling_sink"])
+def test_a_whole_video_compiles_the_graphs_bf16_compiles(window):
+    """8 chunks (4 denoising writes and a clean pass each). The model's own code already costs
+    Inductor 15 graphs on the BF16 cache (global window) (``.item()`` graph breaks, the first chunk's constants
+    made dynamic at the second). The QVG backend adds at most two: the frames that first saw the
+    dense cache the backend swapped out recompile once for `QVGCache` (measured: exactly two,
+    the attention block and the self-attention; everything after reuses the graphs). Every cache
+    read is served compressed."""
+    overrides = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
+    frames = None if window else 24
+
+    def graphs(backend) -> int:
+        torch._dynamo.reset()
+        count = 0
+
+        def counting(gm, inputs):
+            nonlocal count
+            count += 1
+            return backend(gm, inputs)
+        m = make(num_layers=1, **overrides)
+        sf.generate(torch.compile(m, backend=counting), 8, seed=1, progress=False, max_frames=frames)
+        torch._dynamo.reset()
+        return count
+
+    from torch._inductor.compile_fx import compile_fx
+    dense = graphs(compile_fx)
+    qvg_compile.reset_stats()
+    qvg = graphs(qvg_compile.backend(CFG))
+    assert dense < qvg <= dense + 2, (qvg, dense)
+    assert qvg_compile.stats()["fallback_total"] == 0 and qvg_compile.stats()["seals"] > 0
+
+
 def steady_state_ratio(chunks):
     """BF16 bytes over QVG bytes of the K/V caches at the end of videos of ``chunks`` chunks."""
     held, bf16 = [], []

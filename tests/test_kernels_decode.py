@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qvg_compile import QVGConfig
-from qvg_compile.kernels._triton_decode import decode_into
+from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into, pairable
 from qvg_compile.kernels.decode import dequantize_segment, dequantize_store, segment_as_store
 from qvg_compile.quant.qvg import encode_qvg
 from qvg_compile.quant.store import PackedStore
@@ -49,6 +49,24 @@ def test_triton_decode_matches_reference(changes, out_dtype, grouped):
     out = torch.full((1, 2, hi - lo, 32), float("nan"), dtype=out_dtype)
     decode_into(store, lo, hi, out, grouped)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(value_bits=4), dict(code_mode="asymmetric", scale_dtype="fp16"),
+                                     dict(stages=0)], ids=["default", "v4bit", "asym", "rtn"])
+def test_triton_decode_pair_equals_two_decodes(changes):
+    """One launch for a K and a V block (int16 segment ids, a strided V output) gives what two
+    `decode_into` calls give."""
+    cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16").replace(**changes)
+    k, v = make_store(3, cfg=cfg, role="key"), make_store(4, cfg=cfg, role="value")
+    v.segment_ids = v.segment_ids.to(torch.int16)
+    assert pairable(k, v)
+    lo, hi = 3, 61
+    k_out = torch.full((1, 2, hi - lo, 32), float("nan"))
+    v_out = torch.full((1, hi - lo, 2, 32), float("nan")).transpose(1, 2)
+    decode_pair_into(k, v, lo, hi, k_out, v_out)
+    assert torch.equal(k_out, k.dequantize(lo, hi, torch.float32))
+    assert torch.equal(v_out, v.dequantize(lo, hi, torch.float32))
+    assert not pairable(k, make_store(5, cfg=cfg.replace(group_size=32)))
 
 
 def test_triton_decode_strided_output_and_lead_views():

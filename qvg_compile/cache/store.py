@@ -291,7 +291,11 @@ class Store:
                               and int(self.segs[latest, CSIZE]) == c) else None
             return slot, c, False, warm
         if not has_latest:
-            raise RuntimeError("QVGCache: no free codebook slot and no codebook to share")
+            # Every slot holds a codebook imported by a copy: share one of them.
+            coded = (self.segs[:, CSIZE] > 0).nonzero().flatten()
+            if not coded.numel():
+                raise RuntimeError("QVGCache: no codebook slot (the store was sized with segments=0)")
+            latest = int(coded[-1])
         return latest, int(self.segs[latest, CSIZE]), True, None
 
     def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
@@ -470,6 +474,8 @@ class Store:
             self.a("cents", p)[slot, ..., :c, :] = src.a("cents", p)[k, ..., :c, :].to(self.device)
         self.segs[slot] = src.segs[k]
         self.segs[slot, LIVE] = 0
+        if int(self.counters[LATEST]) < 0:
+            self.counters[LATEST] = slot
         return slot
 
     # --- whole-store conversions ---------------------------------------------------------------

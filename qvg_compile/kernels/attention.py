@@ -143,7 +143,8 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
                        tail_mask: Optional[torch.Tensor], scale: float,
                        block_tokens: Optional[int] = None,
                        acc_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounded blocks: Triton decode -> SDPA with log-sum-exp -> in-place Triton merge.
+    """Bounded blocks: Triton decode (K and V in one launch) -> SDPA with log-sum-exp -> in-place
+    Triton merge.
 
     GQA folds the query heads of a group into the query rows, so no K/V head is repeated. The
     running output is kept in ``acc_dtype``: fp32 by default, because partial outputs of
@@ -152,7 +153,7 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
     that buffer.
     """
     from ._triton_attention import attend_fused, merge_into
-    from ._triton_decode import decode_into
+    from ._triton_decode import decode_into, decode_pair_into, pairable
 
     b, hq, m, d = q.shape
     hkv = k_store.codes.shape[1]
@@ -165,13 +166,18 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
     if total:
         kbuf = torch.empty(b, hkv, blk, d, dtype=q.dtype, device=q.device)
         vbuf = torch.empty_like(kbuf)
+        paired = pairable(k_store, v_store)
         fill = 0
         for start, end in ranges:
             lo = start
             while lo < end:
                 take = min(end - lo, blk - fill)
-                decode_into(k_store, lo, lo + take, kbuf[:, :, fill:fill + take])
-                decode_into(v_store, lo, lo + take, vbuf[:, :, fill:fill + take])
+                if paired:
+                    decode_pair_into(k_store, v_store, lo, lo + take, kbuf[:, :, fill:fill + take],
+                                     vbuf[:, :, fill:fill + take])
+                else:
+                    decode_into(k_store, lo, lo + take, kbuf[:, :, fill:fill + take])
+                    decode_into(v_store, lo, lo + take, vbuf[:, :, fill:fill + take])
                 fill += take
                 lo += take
                 if fill == blk:
