@@ -11,7 +11,8 @@ import torch
 
 from qvg_compile import QVGConfig
 from qvg_compile.kernels._triton_attention import attend_fused, merge_into
-from qvg_compile.kernels.attention import qvg_attention, reference_attention, streamed_attention
+from qvg_compile.kernels.attention import (qvg_attention, reference_attention, stream_block_tokens,
+                                           streamed_attention)
 from qvg_compile.quant.qvg import encode_qvg
 from qvg_compile.quant.store import PackedStore
 
@@ -132,3 +133,15 @@ def test_bad_inputs_raise_clear_errors():
         qvg_attention(q.to("meta"), ks, vs, RANGES, tk, tv)
     with pytest.raises(TypeError, match="PackedStore"):
         qvg_attention(q, tk, vs, RANGES, tk, tv)
+
+
+def test_stream_block_rule_and_its_override(monkeypatch):
+    monkeypatch.delenv("QVG_STREAM_BLOCK_TOKENS", raising=False)
+    # A quarter of the history rounded up to 1024, within [16384, 65536], never past the history.
+    assert [stream_block_tokens(n) for n in (100, 32760, 93600, 187200, 10**6)] == [100, 16384, 23552, 47104, 65536]
+    assert all(math.ceil(n / stream_block_tokens(n)) == 4 for n in (65536, 93600, 187200))
+    monkeypatch.setenv("QVG_STREAM_BLOCK_TOKENS", "8192")
+    assert stream_block_tokens(93600) == 8192 and stream_block_tokens(5000) == 5000
+    monkeypatch.setenv("QVG_STREAM_BLOCK_TOKENS", "lots")
+    with pytest.raises(ValueError, match="QVG_STREAM_BLOCK_TOKENS"):
+        stream_block_tokens(93600)

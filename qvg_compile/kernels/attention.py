@@ -38,11 +38,27 @@ DEFAULT_IMPL = "streamed"
 IMPLS = ("fused", "streamed", "reference")
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_HEAD_DIMS = (16, 32, 64, 128, 256)
-# Streamed blocks: this fraction of the history's tokens, rounded down to 1024, at least MIN
-# tokens. Measured on H100 (4,680 queries, 12 heads): blocks of 4,096 keys run cuDNN at 1.6-1.8x
-# the one-shot time, 8,192 and more at 1.04-1.14x; see benchmarks/RESULTS.md.
-STREAM_FRACTION = 0.08
-STREAM_MIN_TOKENS = 8192
+# Streamed blocks: the history in STREAM_BLOCKS blocks (rounded up to 1024 tokens), clamped to
+# [MIN, MAX] tokens; ``QVG_STREAM_BLOCK_TOKENS`` fixes the block length instead. Measured on H100
+# (4,680 queries, 12 heads): blocks of 4,096 keys run cuDNN at 1.6-1.8x the one-shot time, 8,192
+# and more at 1.04-1.14x. Each block costs four launches of host time (~0.2 ms, host-bound at
+# real sizes: benchmarks/RESULTS.md), so blocks are as large as memory allows: a quarter of one
+# layer's history, one layer at a time (K+V block buffers plus the fp32 accumulator ~30% of that
+# layer's BF16 history; ~1% of a 30-layer cache).
+STREAM_BLOCKS = 4
+STREAM_MIN_TOKENS = 16384
+STREAM_MAX_TOKENS = 65536
+
+
+def stream_block_tokens(total: int) -> int:
+    """Tokens per streamed block for a history of ``total`` sealed tokens."""
+    fixed = os.environ.get("QVG_STREAM_BLOCK_TOKENS")
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise ValueError(f"QVG_STREAM_BLOCK_TOKENS: expected a positive int, got {fixed!r}")
+        return min(total, int(fixed))
+    share = math.ceil(math.ceil(total / STREAM_BLOCKS) / 1024) * 1024
+    return min(total, max(STREAM_MIN_TOKENS, min(STREAM_MAX_TOKENS, share)))
 
 
 def reference_attention(
@@ -162,7 +178,7 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
     out = torch.zeros(b, hkv, g * m, d, dtype=acc_dtype, device=q.device)
     lse = torch.full((b, hkv, g * m), -math.inf, dtype=torch.float32, device=q.device)
     total = sum(e - s for s, e in ranges)
-    blk = min(total, block_tokens or max(STREAM_MIN_TOKENS, int(total * STREAM_FRACTION) // 1024 * 1024))
+    blk = min(total, block_tokens) if block_tokens else stream_block_tokens(total)
     if total:
         kbuf = torch.empty(b, hkv, blk, d, dtype=q.dtype, device=q.device)
         vbuf = torch.empty_like(kbuf)
