@@ -3,8 +3,8 @@
 The checkpoint (`qvg_compile.tiny`, trained by ``examples/train_tiny.py``) continues one of its
 held-out prompt clips twice with the same noise seed: eagerly with the pipeline's dense cache, and
 through ``torch.compile(model, backend=qvg_compile.backend(...))``, which finds the caches and
-swaps them for `QVGCache`. Reported: the backend's explain summary, KV memory with and without QVG,
-PSNR/SSIM of the QVG video against the dense-cache one, and a side-by-side GIF.
+swaps them for `QVGCache`. Reported: the backend's explain summary, KV memory with and without QVG
+(while generating, and once `seal` has quantized the last chunk at the end of the video), PSNR/SSIM of the QVG video against the dense-cache one, and a side-by-side GIF.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .backend import backend
-from .cache import memory_report
+from .cache import memory_report, seal
 from .quant.config import QVGConfig
 from .tiny.checkpoint import load_checkpoint
 from .tiny.data import from_uint8
@@ -57,6 +57,8 @@ def run_demo(chunks: int = 12, seed: int = 0, out: str = "qvg_demo.gif", progres
     video = generate(compiled, chunks, seed=seed, cache=cache, prompt=prompt, progress=progress)
     qvg_seconds = time.perf_counter() - start
     qvg_mem = memory_report(cache)
+    seal(cache)
+    sealed_mem = memory_report(cache)
 
     first = prompt.shape[1]
     path = _save(reference, video, Path(out))
@@ -67,6 +69,7 @@ def run_demo(chunks: int = 12, seed: int = 0, out: str = "qvg_demo.gif", progres
         "psnr_per_frame_db": [float(x) for x in psnr_per_frame(reference[:, first:], video[:, first:])],
         "dense_bytes": dense_mem["held_bytes"],
         "qvg_bytes": qvg_mem["held_bytes"],
+        "sealed_bytes": sealed_mem["held_bytes"],
         "memory_table": qvg_mem["table"],
         "dense_seconds": dense_seconds,
         "qvg_seconds": qvg_seconds,

@@ -12,7 +12,7 @@ from qvg_compile.demo_run import psnr, run_demo
 def test_demo_runs_and_reports(tmp_path):
     result = run_demo(chunks=3, seed=0, out=str(tmp_path / "demo.gif"), progress=False)
     assert (tmp_path / "demo.gif").stat().st_size > 0
-    assert result["qvg_bytes"] < result["dense_bytes"]
+    assert result["sealed_bytes"] < result["qvg_bytes"] < result["dense_bytes"]
     # The trained model continues the clip; the 2-bit cache moves it, but not into noise.
     assert 12 < result["psnr_db"] < math.inf and 0.3 < result["ssim"] <= 1
     assert {s.source for s in result["report"].sites} == {f"L['cache'][{i}]['{n}']" for i in range(4) for n in "kv"}
@@ -21,7 +21,7 @@ def test_demo_runs_and_reports(tmp_path):
 def test_cli_demo_and_eval_print_their_tables(tmp_path, capsys):
     assert main(["demo", "--chunks", "2", "--quiet", "--out", str(tmp_path / "d.gif")]) == 0
     out = capsys.readouterr().out
-    assert "KV cache:" in out and "PSNR" in out
+    assert "KV cache:" in out and "once the last chunk is sealed" in out and "PSNR" in out
     assert main(["eval", "--chunks", "3", "--prompts", "1", "--methods", "qvg,rtn", "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in records] == ["bf16", "qvg", "rtn"]
