@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from qvg_compile import QVGCache, QVGConfig
-from qvg_compile.cache import QVGFallbackWarning, reset_stats, stats
+from qvg_compile.cache import QVGFallbackWarning, read, reset_stats, stats
+from qvg_compile.kernels.attention import qvg_attention
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 B, S, H, D, L = 1, 64, 2, 64, 16
@@ -126,19 +127,26 @@ def test_d_repeat_after_cat_tiles_the_store_and_repeats_the_appended_tokens():
         torch.cat([kc, new], 2).repeat(2, 1, 1)  # fewer repeats than dims: the dense error
 
 
-def test_d_keys_stored_per_cfg_copy_values_repeated_read_without_fallback():
+@pytest.mark.parametrize("k_batch,v_batch,calls", [(2, 1, 1), (4, 2, 2)])
+def test_d_keys_stored_per_cfg_copy_values_repeated_read_without_fallback(monkeypatch, k_batch, v_batch, calls):
     """HY-WorldPlay's batch layout: keys cached at batch 2 (two RoPE layouts), values at batch 1
-    and repeated at read; both with a text prefix and the new chunk appended by cat."""
+    and repeated at read; both with a text prefix and the new chunk appended by cat. One kernel
+    call reads every row when the values are one stored row (a stride-0 batch); values stored
+    for 2 of 4 rows are read in blocks of 2 rows."""
+    seen = []
+    monkeypatch.setattr(read, "attention_impl", lambda *a, **kw: seen.append(a[0].shape[0]) or qvg_attention(*a, **kw))
     torch.manual_seed(14)
-    kc = QVGCache.from_dense(torch.randn(2, H, 32, D), 2, CFG)
-    vc = QVGCache.from_dense(torch.randn(1, H, 32, D), 2, CFG, role="value")
-    k = torch.cat([torch.randn(2, H, 4, D), kc, torch.randn(2, H, 8, D)], 2)
-    v = torch.cat([torch.randn(1, H, 4, D), vc, torch.randn(1, H, 8, D)], 2).repeat(2, 1, 1, 1)
-    q = torch.randn(2, H, 8, D)
+    kc = QVGCache.from_dense(torch.randn(k_batch, H, 32, D), 2, CFG)
+    vc = QVGCache.from_dense(torch.randn(v_batch, H, 32, D), 2, CFG, role="value")
+    k = torch.cat([torch.randn(k_batch, H, 4, D), kc, torch.randn(k_batch, H, 8, D)], 2)
+    v = torch.cat([torch.randn(v_batch, H, 4, D), vc, torch.randn(v_batch, H, 8, D)], 2)
+    v = v.repeat(k_batch // v_batch, 1, 1, 1)
+    q = torch.randn(k_batch, H, 8, D)
     reset_stats()
     out = F.scaled_dot_product_attention(q, k, v)
     assert (out - F.scaled_dot_product_attention(q, dq(k), dq(v))).abs().max() <= ATOL
     assert stats()["fallback_total"] == 0 and stats()["fused_tokens"] == 32
+    assert len(seen) == calls and sum(seen) == k_batch
 
 
 def test_e_pre_rope_history_rotated_at_read_time_falls_back_correctly():

@@ -10,6 +10,7 @@ once, with the queries of every copy folded into one call; heads repeated by
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -113,14 +114,39 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) ->
     return out.reshape(b, hq, tile, m, -1).permute(2, 0, 1, 3, 4).reshape(tile * b, hq, m, -1)
 
 
+def _expand_batch(store: PackedStore, rows: int) -> PackedStore:
+    """``store`` (batch 1) seen as ``rows`` copies along the batch: stride-0 views, no copy."""
+    return dataclasses.replace(
+        store, codes=store.codes.expand(rows, *store.codes.shape[1:]),
+        scales=store.scales.expand(rows, *store.scales.shape[1:]),
+        zeros=None if store.zeros is None else store.zeros.expand(rows, *store.zeros.shape[1:]),
+        assignments=store.assignments.expand(store.assignments.shape[0], rows, *store.assignments.shape[2:]),
+        centroids=store.centroids.expand(*store.centroids.shape[:2], rows, *store.centroids.shape[3:]))
+
+
 def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tuple[int, int]],
                     tail_positions: tuple[torch.Tensor, torch.Tensor], scale: Optional[float]) -> torch.Tensor:
-    """Attention in blocks of query rows, for views whose batch copies cannot share one call:
-    dense pieces appended by ``cat`` (their rows differ per copy) and keys and values repeated
-    differently along the batch (HY-WorldPlay: keys stored for both CFG copies, values stored
-    once and repeated). Blocks are the smaller store batch; each reads one contiguous batch
-    slice of each store (``_fusable`` checks that the larger is a multiple of the smaller), and
-    a slice's packed view and decoded tail are built once, however many blocks read it."""
+    """Attention for views whose batch copies cannot share one folded call: dense pieces
+    appended by ``cat`` (their rows differ per copy) and keys and values repeated differently
+    along the batch (HY-WorldPlay: keys stored for both CFG copies, values stored once and
+    repeated). When each side stores either every row or one row repeated, one call reads all
+    rows (the single stored row seen through a stride-0 batch). Otherwise the rows go in blocks
+    of the smaller store batch; each reads one contiguous batch slice of each store
+    (``_fusable`` checks that the larger is a multiple of the smaller), and a slice's packed
+    view and decoded tail are built once, however many blocks read it."""
+    rows = q.shape[0]
+    if all(side.lead[0].length in (1, rows) and side.lead[0].interleave == 1 for side in (k, v)):
+        packed, tails = [], []
+        for side, positions in zip((k, v), tail_positions):
+            store_view = side.store.packed(side.part, side.sel())
+            tail = side.store.decode(positions, [side.part], side.sel())[0]
+            if side.lead[0].length != rows:
+                store_view, tail = _expand_batch(store_view, rows), tail.expand(rows, *tail.shape[1:])
+            if side.dense is not None:
+                tail = torch.cat([tail, side.dense.to(tail.dtype)], dim=-2)
+            packed.append(store_view)
+            tails.append(tail)
+        return attention_impl(q, packed[0], packed[1], ranges, tails[0], tails[1], scale=scale)
     g = min(k.lead[0].length, v.lead[0].length)
     read: dict[tuple[int, int], tuple[PackedStore, torch.Tensor]] = {}
     outs = []
