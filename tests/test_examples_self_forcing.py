@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
+
+from graph_counting import graphs_compiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.models import self_forcing as sf  # noqa: E402
@@ -108,23 +111,13 @@ def test_a_whole_video_compiles_the_graphs_bf16_compiles(window):
     overrides = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
     frames = None if window else 24
 
-    def graphs(backend) -> int:
-        torch._dynamo.reset()
-        count = 0
-
-        def counting(gm, inputs):
-            nonlocal count
-            count += 1
-            return backend(gm, inputs)
+    def run(backend) -> None:
         m = make(num_layers=1, **overrides)
-        sf.generate(torch.compile(m, backend=counting), 8, seed=1, progress=False, max_frames=frames)
-        torch._dynamo.reset()
-        return count
+        sf.generate(torch.compile(m, backend=backend), 8, seed=1, progress=False, max_frames=frames)
 
-    from torch._inductor.compile_fx import compile_fx
-    dense = graphs(compile_fx)
+    dense = graphs_compiled(run, compile_fx)
     qvg_compile.reset_stats()
-    qvg = graphs(qvg_compile.backend(CFG))
+    qvg = graphs_compiled(run, qvg_compile.backend(CFG))
     assert dense < qvg <= dense + 2, (qvg, dense)
     assert qvg_compile.stats()["fallback_total"] == 0 and qvg_compile.stats()["seals"] > 0
 

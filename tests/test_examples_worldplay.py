@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
+
+from graph_counting import graphs_compiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.models import worldplay as wp  # noqa: E402
@@ -113,22 +116,12 @@ def test_pipeline_graphs_settle_like_bf16_and_stay_under_the_recompile_limit():
     back (denoising reads, cache pass returns). BF16 Inductor settles at 6 graphs; QVG may add one
     (the swapped-in cache has no appended piece yet), and its grown caches are symbolic in their
     length from the first graph that reads them (no static-then-dynamic pair)."""
-    def graphs(backend) -> int:
-        torch._dynamo.reset()
-        count = 0
+    def run(backend) -> None:
+        wp.generate(torch.compile(make(num_layers=1), backend=backend), 5, seed=2, progress=False)
 
-        def counting(gm, inputs):
-            nonlocal count
-            count += 1
-            return backend(gm, inputs)
-        wp.generate(torch.compile(make(num_layers=1), backend=counting), 5, seed=2, progress=False)
-        torch._dynamo.reset()
-        return count
-
-    from torch._inductor.compile_fx import compile_fx
-    dense = graphs(compile_fx)
+    dense = graphs_compiled(run, compile_fx)
     qvg_compile.reset_stats()
-    qvg = graphs(qvg_compile.backend(CFG))
+    qvg = graphs_compiled(run, qvg_compile.backend(CFG))
     assert dense <= 6 and qvg <= dense + 1 < torch._dynamo.config.recompile_limit
     # Every read of the grown caches went to the compressed attention (K and V appended pieces
     # are sized by symbols of their own; the graphs guard on their equality).
