@@ -25,7 +25,7 @@ from triton.testing import do_bench
 from qvg_compile import QVGConfig
 from qvg_compile.kernels import attention as attn_mod
 from qvg_compile.kernels._triton_attention import attend_fused
-from qvg_compile.kernels._triton_decode import decode_into
+from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into
 from qvg_compile.quant.store import PackedStore
 
 ROWS: list[dict] = []
@@ -157,6 +157,12 @@ def bench_decode(out_dir: str, shape: tuple, bw: float) -> None:
                       floor_ms=floor, pct_of_floor=100 * floor / t_gather))
     log(out_dir, dict(kernel="decode K+V", shape=str(list(shape)), ms=t, torch_ref_ms=ref, floor_ms=floor,
                       pct_of_floor=100 * floor / t, rel_err=err))
+    ov.zero_()
+    decode_pair_into(ks, vs, 0, n, ok, ov)
+    err_pair = max(rel(ok, ks.dequantize(0, n, torch.float32)), rel(ov, vs.dequantize(0, n, torch.float32)))
+    t_pair = bench(lambda: decode_pair_into(ks, vs, 0, n, ok, ov))
+    log(out_dir, dict(kernel="decode K+V, one launch", shape=str(list(shape)), ms=t_pair, floor_ms=floor,
+                      pct_of_floor=100 * floor / t_pair, rel_err=err_pair))
 
 
 def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int = 2) -> None:
