@@ -51,6 +51,25 @@ def _decode_block(
 
 
 @triton.jit
+def _decode_kernel(
+    codes, s_cb, s_ch, s_cn, s_cd,
+    scales, s_sb, s_sh, s_sn, s_sg,
+    zeros, s_zb, s_zh, s_zn, s_zg,
+    assign, s_as, s_ab, s_ah, s_an,
+    cents, s_xk, s_xs, s_xb, s_xh, s_xc, s_xd,
+    seg_ids,
+    out, s_ob, s_oh, s_on, s_od,
+    start, n, H,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
+):
+    _decode_block(codes, s_cb, s_ch, s_cn, s_cd, scales, s_sb, s_sh, s_sn, s_sg, zeros, s_zb, s_zh, s_zn, s_zg,
+                  assign, s_as, s_ab, s_ah, s_an, cents, s_xk, s_xs, s_xb, s_xh, s_xc, s_xd, seg_ids,
+                  out, s_ob, s_oh, s_on, s_od, start, n, H,
+                  D, BLOCK_N, BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED)
+
+
+@triton.jit
 def _decode_pair_kernel(
     k_codes, k_s_cb, k_s_ch, k_s_cn, k_s_cd,
     k_scales, k_s_sb, k_s_sh, k_s_sn, k_s_sg,
@@ -71,8 +90,7 @@ def _decode_pair_kernel(
     GROUP: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr,
     GROUPED: tl.constexpr,
 ):
-    # Grid axis 2 picks the store: one launch decodes a K block and its V block (a single
-    # store's decode launches axis 2 with one program).
+    # Grid axis 2 picks the store: one launch decodes a K block and its V block.
     if tl.program_id(2) == 0:
         _decode_block(k_codes, k_s_cb, k_s_ch, k_s_cn, k_s_cd, k_scales, k_s_sb, k_s_sh, k_s_sn, k_s_sg,
                       k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
@@ -89,7 +107,18 @@ def _decode_pair_kernel(
 
 def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor, grouped: bool = GROUPED) -> torch.Tensor:
     """Decode tokens ``[start, end)`` of ``store`` into ``out`` ``[B, H, end - start, D]`` (any strides)."""
-    _launch(store, store, start, end, out, out, 1, grouped)
+    b, h, _, d = store.codes.shape[0], store.codes.shape[1], store.capacity, store.head_dim
+    n = end - start
+    if n == 0 or out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n, BLOCK_TOKENS), b * h)
+    _decode_kernel[grid](
+        *kernel_store_args(store), out, *out.stride(), start, n, h,
+        D=d, BLOCK_N=BLOCK_TOKENS, BITS=store.bits, GROUP=store.group_size,
+        MODE=MODE_IDS[store.code_mode], STAGES=store.stages,
+        SCALE_FP8=store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped,
+        num_warps=4,
+    )
     return out
 
 
@@ -105,22 +134,16 @@ def decode_pair_into(k_store: PackedStore, v_store: PackedStore, start: int, end
     """`decode_into` of tokens ``[start, end)`` of both stores in one launch (`pairable` stores;
     outputs ``[B, H, end - start, D]``, any strides). Half the launches of two calls: the
     streamed attention decodes a K and a V block per step, and its launches are host-bound."""
-    _launch(k_store, v_store, start, end, k_out, v_out, 2, GROUPED)
-
-
-def _launch(k_store: PackedStore, v_store: PackedStore, start: int, end: int, k_out: torch.Tensor,
-            v_out: torch.Tensor, stores: int, grouped: bool) -> None:
-    """The decode kernel over the first ``stores`` (1 or 2) of the pair."""
     b, h, d = k_store.codes.shape[0], k_store.codes.shape[1], k_store.head_dim
     n = end - start
     if n == 0 or k_out.numel() == 0:
         return
-    grid = (triton.cdiv(n, BLOCK_TOKENS), b * h, stores)
+    grid = (triton.cdiv(n, BLOCK_TOKENS), b * h, 2)
     _decode_pair_kernel[grid](
         *kernel_store_args(k_store), k_out, *k_out.stride(),
         *kernel_store_args(v_store), v_out, *v_out.stride(), start, n, h,
         D=d, BLOCK_N=BLOCK_TOKENS, K_BITS=k_store.bits, V_BITS=v_store.bits, GROUP=k_store.group_size,
         MODE=MODE_IDS[k_store.code_mode], STAGES=k_store.stages,
-        SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped,
+        SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=GROUPED,
         num_warps=4,
     )
