@@ -63,6 +63,8 @@ def _decode_kernel(
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
 ):
+    # Not the pair kernel with one program on axis 2: its doubled argument list makes each
+    # launch slower, which shows at ~0.07 ms of work (benchmarks/RESULTS.md).
     _decode_block(codes, s_cb, s_ch, s_cn, s_cd, scales, s_sb, s_sh, s_sn, s_sg, zeros, s_zb, s_zh, s_zn, s_zg,
                   assign, s_as, s_ab, s_ah, s_an, cents, s_xk, s_xs, s_xb, s_xh, s_xc, s_xd, seg_ids,
                   out, s_ob, s_oh, s_on, s_od, start, n, H,
