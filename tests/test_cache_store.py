@@ -104,3 +104,21 @@ def test_slot_length_is_taken_from_the_first_write_when_not_given():
     assert c.spec.slot_tokens == 8
     c[:, 8:16] = torch.randn(1, 8, 2, 64)
     assert c.token_counts() == {"sealed": 8, "dense": 8, "holes": 48, "segments": 1}
+
+
+def test_token_state_is_int16_unless_the_dense_rows_need_int32():
+    """``pos_map``/``seg_ids`` hold dense rows and codebook slots: int16 while they fit. Dense
+    slots of 2 x 20,000 tokens do not, and the store works the same with int32."""
+    cfg = CFG.replace(group_size=16)
+    small = QVGCache.empty((1, 64, 1, 16), 1, cfg, dtype=torch.float32, chunk_tokens=16)
+    big = QVGCache.empty((1, 60000, 1, 16), 1, cfg, dtype=torch.float32, chunk_tokens=20000, dense_chunks=2)
+    assert small.spec.index_dtype == torch.int16 and big.spec.index_dtype == torch.int32
+    store = big._handle.store
+    assert store.pos_map.dtype == store.seg_ids.dtype == torch.int32
+    x = torch.randn(1, 60000, 1, 16, generator=torch.Generator().manual_seed(5))
+    for s in range(0, 60000, 20000):
+        big[:, s:s + 20000] = x[:, s:s + 20000]
+    assert big.token_counts()["dense"] == 40000 and big.token_counts()["sealed"] == 20000
+    out = big.dequantize()
+    torch.testing.assert_close(out[:, 20000:], x[:, 20000:], rtol=0, atol=0)  # the two dense slots
+    assert (out[:, :20000] - x[:, :20000]).pow(2).mean() < 0.4 * x[:, :20000].pow(2).mean()
