@@ -100,6 +100,31 @@ def test_compiled_write_and_read_equal_eager_with_at_most_two_compiles():
     assert stats()["fallback_total"] == 0
 
 
+def test_a_compiled_model_writes_again_after_an_eager_reset_of_a_released_cache():
+    """Video 1 ends with `seal()` (dense rows freed); a compiled write cannot allocate them, so it
+    is a clear error; an eager ``zero_()`` (the next video's reset) re-opens the slots and the
+    compiled step runs again, as it does on a fresh cache."""
+    torch.manual_seed(3)
+    caches, fresh = pair(), pair()
+    step = torch.compile(_step, backend=Counting(), fullgraph=True)
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, L, H, D), torch.randn(B, L, H, D)
+    for c in range(2):
+        step(*caches, q, k, v, c * L, (c + 1) * L)
+    for cache in caches:
+        cache.seal()
+        assert cache.spec.slot_tokens == 0
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no dense slots"):
+        torch.compile(_step, backend=Counting(), fullgraph=True)(*caches, q, k, v, 2 * L, 3 * L)
+    for cache in caches:
+        cache.zero_()
+        assert cache.spec.slot_tokens == L and cache.token_counts()["sealed"] == 0
+    torch._dynamo.reset()
+    step = torch.compile(_step, backend=Counting(), fullgraph=True)
+    out = step(*caches, q, k, v, 0, L)
+    assert (out - _step(*fresh, q, k, v, 0, L)).abs().max() <= 1e-5
+
+
 def _functional(k_cache, v_cache, q, k, v):
     kk, vv = torch.cat([k_cache, k], 2), torch.cat([v_cache, v], 2)
     return F.scaled_dot_product_attention(q, kk, vv)

@@ -409,6 +409,9 @@ def _fill(func, args, kwargs):
     if isinstance(value, (int, float)) and value == 0 and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None \
             and view.parts == (0, len(t._handle.spec.part_dims)):
         torch.ops.qvg.cache_release(t._handle.arrays, _flat_pieces(view), t._handle.spec.json)
+        if t._handle.concrete and t._handle.spec.policy.chunk_tokens:
+            # An eager reset re-opens slots that seal() freed, so a compiled model can write next.
+            _ensure_slots(t, t._handle.spec.policy.chunk_tokens)
     else:
         write_dense(t, torch.full((), value, dtype=t.dtype, device=t.device))
     return t

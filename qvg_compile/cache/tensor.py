@@ -218,9 +218,9 @@ class QVGCache(torch.Tensor):
 
         Args:
             release: also free the dense slot rows (one BF16 chunk per store, by default), so the
-                store holds only packed tokens and sinks. Eager only. The next eager write
-                allocates the rows again; a compiled graph cannot grow its inputs, so a compiled
-                model writing into a released cache needs one eager write first.
+                store holds only packed tokens and sinks. Eager only. The next eager write, or
+                an eager ``zero_()`` (the reset before the next video), allocates the rows again;
+                a compiled graph cannot grow its inputs, so it cannot be the first to write.
         Returns self.
         """
         if not isinstance(release, bool):
