@@ -7,7 +7,8 @@ frames of history before the timed chunk):
 * seconds per chunk (4 denoising forwards + 1 clean forward, the sampler in between), the median
   of ``--timed-chunks`` chunks timed with CUDA events; overhead of QVG over BF16 in percent;
 * KV bytes held (`qvg_compile.memory_report` over the pipeline's cache: packed codes, scales,
-  codebooks, the open BF16 tail, token state) and peak allocated memory during those chunks;
+  codebooks, the open BF16 tail, token state) and peak allocated memory during those chunks, and
+  the KV bytes once the video ends and `qvg_compile.seal` has quantized each layer's last chunk;
 * at one context, where the time of a QVG chunk goes (`torch.profiler`): quantize
   (``qvg::cache_write``/``cache_seal``), explicit dequantize (``qvg::cache_decode``/``clone``),
   attention (``qvg::cache_attention``, whose read dequantizes on the fly, or the SDPA kernels);
@@ -279,9 +280,14 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
             f"shares {row.shares}, stats {row.stats}")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     types = sorted({type(layer[k]).__name__ for layer in video.kv for k in ("k", "v")})
+    # The video ends: the chunk each layer still holds in BF16 is quantized and its rows freed.
+    qvg_compile.seal(video.kv)
+    sealed = qvg_compile.memory_report(video.kv)
+    kv_sealed = sum(r["held_bytes"] for r in sealed["rows"] if r["tensor"].endswith(("['k']", "['v']")))
+    log(f"[{name}] KV after sealing the last chunk: {kv_sealed / GB:.3f} GB")
     result = {"backend": name, "warmup_s": warmup_s, "conversion_peak_bytes": conversion_peak,
               "cache_types": types, "dynamo_unique_graphs": graphs, "skipped_contexts": skipped,
-              "rows": [dataclasses.asdict(r) for r in rows]}
+              "kv_sealed_bytes": kv_sealed, "rows": [dataclasses.asdict(r) for r in rows]}
     del video, fn
     torch._dynamo.reset()
     if cuda:
@@ -485,7 +491,9 @@ def summary_tables(results: dict[str, Any]) -> str:
         lines.append(tabulate(table, headers=[
             "history frames", "bf16 s/chunk", "qvg s/chunk", "overhead %", "KV GB bf16", "KV GB qvg",
             "KV x", "peak GB bf16", "peak GB qvg", "bf16 attn %", "qvg quant/deq/attn %",
-            "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github", disable_numparse=True))
+            "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github", disable_numparse=True)
+            + f"\nKV once the video ends (qvg_compile.seal): {qvg['kv_sealed_bytes'] / GB:.3g} GB, "
+              f"{base['kv_sealed_bytes'] / max(1, qvg['kv_sealed_bytes']):.2f}x below BF16")
     fit = results.get("fit")
     if fit:
         rows = [[f["kind"], f["frames"], f"{f['reserve_bytes'] / GB:.2f}", "yes" if f["hit_limit"] else "no"]

@@ -79,6 +79,7 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     bf16, qvg = runs["bf16"]["rows"][0], runs["qvg"]["rows"][0]
     assert bf16["kv_dense_bytes"] == bf16["kv_bytes"] == qvg["kv_dense_bytes"]
     assert bf16["kv_bytes"] / qvg["kv_bytes"] > 2.0
+    assert runs["bf16"]["kv_sealed_bytes"] == bf16["kv_bytes"] and runs["qvg"]["kv_sealed_bytes"] < qvg["kv_bytes"]
     assert qvg["stats"]["seals"] > 0 and qvg["stats"]["fused_tokens"] > 0
     assert qvg["shares"]["quantize"] > 0 and qvg["shares"]["attention"] > 0
     assert bf16["shares"]["quantize"] == 0 and bf16["shares"]["attention"] > 0
@@ -87,4 +88,5 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     assert fit["qvg"] > 2 * fit["bf16"] > 0
     saved = json.loads((tmp_path / "end_to_end.json").read_text())
     assert saved["runs"][1]["rows"][0]["kv_bytes"] == qvg["kv_bytes"]
-    assert "overhead %" in (tmp_path / "end_to_end_table.md").read_text()
+    table = (tmp_path / "end_to_end_table.md").read_text()
+    assert "overhead %" in table and "KV once the video ends" in table
