@@ -239,14 +239,13 @@ class Store:
 
     def _seal_slots(self, slots: list[int]) -> None:
         positions = torch.cat([self._slot_positions(j) for j in slots]).sort().values
-        values = []
         if positions.numel():
-            values = [self._rows(p, self.pos_map[positions].long()) for p in range(self.parts)]
-            self._check_finite(values)
+            # The encoder applies the NaN/Inf policy with the one host sync it needs anyway (its
+            # range flags), before anything is written: no separate check and sync here.
+            self._store_segment(positions, [self._rows(p, self.pos_map[positions].long())
+                                            for p in range(self.parts)])
         for j in slots:
             self.slots[j, 0] = -1
-        if positions.numel():
-            self._store_segment(positions, values)
 
     def seal_all(self) -> None:
         """Seal every dense slot now (end of a video; sinks stay dense)."""
@@ -299,10 +298,13 @@ class Store:
         return latest, int(self.segs[latest, CSIZE]), True, None
 
     def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
-        """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending)."""
+        """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending).
+        Every part is encoded before anything is written, so an input the encoder refuses
+        (NaN/Inf under ``check_finite``, scales out of range) leaves the store unchanged."""
         n = positions.numel()
         slot, c, shared, warm = self._choose_codebook(n)
         lead = len(self.lead)
+        segs = []
         for p, x in enumerate(xs):
             cents = self.a("cents", p)
             init = None
@@ -313,11 +315,15 @@ class Store:
             # A shared codebook may have more centroids than this segment has tokens: the encoder
             # needs C <= n, and assignment is per token, so repeat tokens and keep the first n.
             xp = x if not shared or n >= c else x.repeat_interleave(math.ceil(c / n), dim=-2)
-            seg = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared)
-            if xp is not x:
-                seg = _first_tokens(seg, n)
+            try:
+                seg = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared)
+            except ValueError as err:
+                raise ValueError(f"QVGCache: the tokens being sealed cannot be quantized; the cache is "
+                                 f"unchanged ({err})") from err
+            segs.append(_first_tokens(seg, n) if xp is not x else seg)
+        for p, seg in enumerate(segs):
             if not shared:
-                cents[slot, ..., :c, :] = seg.centroids
+                self.a("cents", p)[slot, ..., :c, :] = seg.centroids
             for i, first, length in runs_of(positions):
                 dst, src = slice(first, first + length), slice(i, i + length)
                 self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
