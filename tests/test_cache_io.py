@@ -50,3 +50,21 @@ def test_foreign_files_and_bad_arguments_are_clear_errors(tmp_path):
     from qvg_compile.cache.io import save
     with pytest.raises(TypeError, match="QVGCache"):
         save(torch.zeros(2), path)
+
+
+def test_a_sealed_session_saves_loads_and_resumes(tmp_path):
+    """Pause an interactive session: `seal` (dense rows freed), save, load, write the next chunk."""
+    cache = QVGCache.empty((1, 96, 2, 64), 1, CFG, dtype=torch.float32, chunk_tokens=16)
+    x = torch.randn(1, 96, 2, 64, generator=torch.Generator().manual_seed(21))
+    for s in range(0, 48, 16):
+        cache[:, s:s + 16] = x[:, s:s + 16]
+    cache.seal()
+    sealed = cache.dequantize()
+    cache.save(str(tmp_path / "session.safetensors"))
+    resumed = QVGCache.load(str(tmp_path / "session.safetensors"))
+    assert resumed.token_counts() == {"sealed": 48, "dense": 0, "holes": 48, "segments": 2}
+    assert torch.equal(resumed.dequantize(), sealed)
+    resumed[:, 48:64] = x[:, 48:64]
+    assert resumed.spec.slot_tokens == 16 and resumed.token_counts()["dense"] == 16
+    out = resumed.dequantize()
+    assert torch.equal(out[:, :48], sealed[:, :48]) and torch.equal(out[:, 48:64], x[:, 48:64])
