@@ -4,7 +4,8 @@ The checkpoint (`qvg_compile.tiny`, trained by ``examples/train_tiny.py``) conti
 held-out prompt clips twice with the same noise seed: eagerly with the pipeline's dense cache, and
 through ``torch.compile(model, backend=qvg_compile.backend(...))``, which finds the caches and
 swaps them for `QVGCache`. Reported: the backend's explain summary, KV memory with and without QVG
-(while generating, and once `seal` has quantized the last chunk at the end of the video), PSNR/SSIM of the QVG video against the dense-cache one, and a side-by-side GIF.
+(while generating, and once `seal` has quantized the last chunk at the end of the video), PSNR/SSIM
+of the QVG video against the dense-cache one, and a side-by-side GIF.
 """
 
 from __future__ import annotations

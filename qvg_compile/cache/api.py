@@ -102,6 +102,21 @@ def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set
                     _tensors(value, f"{prefix}.{key}" if prefix else key, out, seen)
 
 
+def _walk(obj: Any) -> list[tuple[str, torch.Tensor, bool]]:
+    """``(path, tensor, first)`` for every tensor in ``obj``; ``first`` is False for a `QVGCache`
+    view of a store already listed (views of one store hold its bytes once)."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    _tensors(obj, "", tensors, set())
+    stores: set[int] = set()
+    out = []
+    for path, t in tensors:
+        first = not isinstance(t, QVGCache) or id(t._handle) not in stores
+        if isinstance(t, QVGCache):
+            stores.add(id(t._handle))
+        out.append((path, t, first))
+    return out
+
+
 def seal(obj: Any, release: bool = True) -> int:
     """End of a video: `QVGCache.seal` every compressed cache in ``obj`` (a tensor, containers, a
     module's buffers and tensor attributes), so that no chunk stays BF16; with ``release`` the
@@ -110,14 +125,12 @@ def seal(obj: Any, release: bool = True) -> int:
     Returns the number of stores sealed (views of one store count once)."""
     if not isinstance(release, bool):
         raise TypeError(f"release: expected a bool, got {type(release).__name__}")
-    tensors: list[tuple[str, torch.Tensor]] = []
-    _tensors(obj, "", tensors, set())
-    stores: set[int] = set()
-    for _, t in tensors:
-        if isinstance(t, QVGCache) and id(t._handle) not in stores:
-            stores.add(id(t._handle))
+    sealed = 0
+    for _, t, first in _walk(obj):
+        if isinstance(t, QVGCache) and first:
             t.seal(release=release)
-    return len(stores)
+            sealed += 1
+    return sealed
 
 
 def memory_report(obj: Any) -> dict[str, Any]:
@@ -127,17 +140,12 @@ def memory_report(obj: Any) -> dict[str, Any]:
     Returns ``{"rows": [{"tensor", "shape", "dtype", "storage", "dense_bytes", "held_bytes",
     "ratio"}...], "dense_bytes", "held_bytes", "compression", "table"}`` (``table``: GitHub
     markdown via tabulate)."""
-    tensors: list[tuple[str, torch.Tensor]] = []
-    _tensors(obj, "", tensors, set())
     rows = []
-    stores: set[int] = set()
-    for path, t in tensors:
+    for path, t, first in _walk(obj):
         dense = math.prod(t.shape) * t.dtype.itemsize
         held = dense
         if isinstance(t, QVGCache):
-            # Views of one store hold its bytes once.
-            held = 0 if id(t._handle) in stores else t.nbytes()
-            stores.add(id(t._handle))
+            held = t.nbytes() if first else 0
         rows.append({"tensor": path, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                      "storage": "QVG" if isinstance(t, QVGCache) else "dense", "dense_bytes": dense,
                      "held_bytes": held, "ratio": dense / max(1, held)})

@@ -135,29 +135,22 @@ def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tupl
     (``_fusable`` checks that the larger is a multiple of the smaller), and a slice's packed
     view and decoded tail are built once, however many blocks read it."""
     rows = q.shape[0]
-    if all(side.lead[0].length in (1, rows) and side.lead[0].interleave == 1 for side in (k, v)):
-        packed, tails = [], []
-        for side, positions in zip((k, v), tail_positions):
-            store_view = side.store.packed(side.part, side.sel())
-            tail = side.store.decode(positions, [side.part], side.sel())[0]
-            if side.lead[0].length != rows:
-                store_view, tail = _expand_batch(store_view, rows), tail.expand(rows, *tail.shape[1:])
-            if side.dense is not None:
-                tail = torch.cat([tail, side.dense.to(tail.dtype)], dim=-2)
-            packed.append(store_view)
-            tails.append(tail)
-        return attention_impl(q, packed[0], packed[1], ranges, tails[0], tails[1], scale=scale)
-    g = min(k.lead[0].length, v.lead[0].length)
+    lengths = [side.lead[0].length for side in (k, v)]
+    g = rows if all(n in (1, rows) for n in lengths) else min(lengths)
     read: dict[tuple[int, int], tuple[PackedStore, torch.Tensor]] = {}
     outs = []
-    for r0 in range(0, q.shape[0], g):
+    for r0 in range(0, rows, g):
         packed, tails = [], []
         for i, (side, positions) in enumerate(zip((k, v), tail_positions)):
             batch, heads = side.lead
             offset = batch.offset + r0 % batch.length
             if (i, offset) not in read:
-                sel = ((offset, g), (heads.offset, heads.length))
-                read[i, offset] = side.store.packed(side.part, sel), side.store.decode(positions, [side.part], sel)[0]
+                n = min(g, batch.length)
+                sel = ((offset, n), (heads.offset, heads.length))
+                store_view, tail = side.store.packed(side.part, sel), side.store.decode(positions, [side.part], sel)[0]
+                if n < g:
+                    store_view, tail = _expand_batch(store_view, g), tail.expand(g, *tail.shape[1:])
+                read[i, offset] = store_view, tail
             store_view, tail = read[i, offset]
             if side.dense is not None:
                 tail = torch.cat([tail, side.dense[r0:r0 + g].to(tail.dtype)], dim=-2)
