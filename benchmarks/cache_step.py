@@ -2,11 +2,15 @@
 
 K/V caches ``[1, N, 12, 128]`` bf16 with chunks of 4,680 tokens (3 latent frames of Wan 1.3B);
 each chunk is written 5 times (4 denoising steps + 1 clean pass) and every write is followed by
-SDPA of the chunk's 4,680 queries over the prefix. Prints per-step medians at the last chunk for
-eager and compiled (`torch.compile(fullgraph=True)`) code, next to the same step on dense
-tensors; with ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile);
-with ``--trace DIR``, a torch.profiler table of 5 compiled QVG steps (host ops, device kernels,
-synchronisations) and its Chrome trace in DIR.
+SDPA of the chunk's 4,680 queries over the prefix. The first write of a chunk seals the chunk
+before it (K and V each), the four after it rewrite the open rows. Prints, at the last chunk, the
+median time of the four rewriting steps and the time of the sealing step for eager and compiled
+(`torch.compile(fullgraph=True)`) code next to the same step on dense tensors; then, from
+`torch.profiler` over the compiled steps of one whole chunk, the host time of each cache op kind
+(read, non-sealing write, sealing write: the op's CPU time) and the device launches each issues,
+and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("error")``. With
+``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile); with
+``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
 """
@@ -35,7 +39,8 @@ def step(kb, vb, q, k, v, s: int, e: int):
 
 
 def run(fn, make, chunks: int, device: str) -> list[float]:
-    """Seconds of each of the 5 steps of the last chunk (earlier chunks only fill the cache)."""
+    """Seconds of each of the 5 steps of the last chunk (earlier chunks only fill the cache); the
+    first of them seals the chunk before."""
     kb, vb = make("key"), make("value")
     gen = torch.Generator(device=device).manual_seed(0)
     times = []
@@ -73,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     compiled = torch.compile(step, fullgraph=True)
     for name, fn, make in (("dense eager", step, dense), ("QVG eager", step, qvg), ("QVG compiled", compiled, qvg)):
         t = run(fn, make, chunks, device)
-        rows.append([name, f"{statistics.median(t[:4]) * 1e3:.2f}", f"{t[4] * 1e3:.2f}"])
-    print(tabulate(rows, headers=["cache", "denoise step ms (median)", "step that seals ms"], tablefmt="github"))
+        rows.append([name, f"{statistics.median(t[1:]) * 1e3:.2f}", f"{t[0] * 1e3:.2f}"])
+    print(tabulate(rows, headers=["cache", "rewriting step ms (median of 4)", "sealing step ms"], tablefmt="github"))
+    print()
+    print(host_table(compiled, qvg, chunks, device))
+    print()
+    print(f"rewriting step under set_sync_debug_mode('error'): {sync_free(compiled, qvg, chunks, device)}")
     if args.profile:
         # Host time of the compiled QVG step by Python function: the cache's bookkeeping runs on
         # the host, so this is where the time over the dense step goes.
@@ -94,6 +103,68 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         trace(compiled, qvg, chunks, device, args.trace)
     return 0
+
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaMemcpyAsync",
+            "cudaMemsetAsync")
+
+
+def chunk_events(compiled, make, chunks: int, device: str):
+    """Profiler events of the 5 compiled steps of one chunk (after ``chunks - 1`` filled ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kb, vb = make("key"), make("value")
+    run(compiled, lambda r: kb if r == "key" else vb, chunks - 1, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    s = (chunks - 1) * CHUNK
+    inputs = [(torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen),
+               torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)) for _ in range(5)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for q, k in inputs:
+            compiled(kb, vb, q, k, k, s, s + CHUNK)
+        torch.cuda.synchronize()
+    return prof
+
+
+def host_table(compiled, make, chunks: int, device: str) -> str:
+    """Host microseconds and launches per cache op kind over one compiled chunk (profiler)."""
+    events = list(chunk_events(compiled, make, chunks, device).events())
+    launches = sorted(e.time_range.start for e in events if e.name in LAUNCHES)
+    ops = sorted((e for e in events if e.name in ("qvg::cache_attention", "qvg::cache_write")),
+                 key=lambda e: e.time_range.start)
+    kinds: dict[str, list[tuple[float, int]]] = {"read": [], "sealing write": [], "non-sealing write": []}
+    writes = 0
+    for e in ops:
+        inside = sum(1 for t in launches if e.time_range.start <= t <= e.time_range.end)
+        if e.name == "qvg::cache_attention":
+            kind = "read"
+        else:
+            kind = "sealing write" if writes < 2 else "non-sealing write"  # the chunk's first K and V writes
+            writes += 1
+        kinds[kind].append((e.cpu_time_total, inside))
+    rows = [[kind, len(v), f"{statistics.median(t for t, _ in v):.0f}", f"{min(t for t, _ in v):.0f}-{max(t for t, _ in v):.0f}",
+             f"{statistics.median(n for _, n in v):.0f}"] for kind, v in kinds.items() if v]
+    return tabulate(rows, headers=["cache op (compiled, one chunk)", "calls", "host us (median)", "host us (range)",
+                                   "launches (median)"], tablefmt="github")
+
+
+def sync_free(compiled, make, chunks: int, device: str) -> str:
+    """Whether a rewriting step (non-sealing write + read) runs without a host sync."""
+    kb, vb = make("key"), make("value")
+    run(compiled, lambda r: kb if r == "key" else vb, chunks, device)
+    q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
+    s = (chunks - 1) * CHUNK
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compiled(kb, vb, q, k, k, s, s + CHUNK)
+        return "no sync"
+    except RuntimeError as err:
+        return f"synchronizes ({str(err).splitlines()[0]})"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def trace(compiled, make, chunks: int, device: str, out_dir: str) -> None:

@@ -23,6 +23,14 @@ B, S, H, D, L = 1, 64, 2, 64, 16
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, params=["auto", "general"])
+def read_path(request, monkeypatch):
+    """Every idiom runs with the fast read (where its plan allows it) and with the general read
+    only: both must equal SDPA on the dequantized views."""
+    monkeypatch.setenv("QVG_READ_PATH", request.param)
+    return request.param
+
+
 def dq(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if isinstance(t, QVGCache) else t
 
@@ -38,7 +46,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     return F.scaled_dot_product_attention(q, kt, vt), F.scaled_dot_product_attention(q, dq(kt), dq(vt))
 
 
-def test_a_slice_write_prefix_read_keeps_the_open_chunk_dense_and_seals_each_chunk_once():
+def test_a_slice_write_prefix_read_keeps_the_open_chunk_dense_and_seals_each_chunk_once(read_path):
     torch.manual_seed(0)
     kb, vb = empty(), empty("value")
     reset_stats()
@@ -54,7 +62,11 @@ def test_a_slice_write_prefix_read_keeps_the_open_chunk_dense_and_seals_each_chu
     assert s["seals"] == 2 * 3 and s["sealed_tokens"] == 2 * 3 * L  # chunks 0-2 of K and V, once each
     # Three sealed chunks, two codebooks: by default two consecutive segments share one.
     assert kb.token_counts() == {"sealed": 3 * L, "dense": L, "holes": 0, "segments": 2}
-    assert s["fused_tokens"] > 0 and s["fallback_total"] == 0
+    assert s["fallback_total"] == 0
+    if read_path == "auto":
+        assert s["fast_tokens"] > 0 and s["general_reads"] == 0
+    else:
+        assert s["fused_tokens"] > 0 and s["fast_reads"] == 0
 
 
 def test_b_rolling_window_with_sinks_relabels_without_requantizing():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
-from qvg_compile.cache.read import _runs
+from qvg_compile.cache.read_plan import flag_runs as _runs
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 ATOL = 1e-5
@@ -29,7 +29,8 @@ def sdpa_ref(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k.dequantize(), v.dequantize(), **kw)
 
 
-def test_read_is_fused_and_builds_no_dense_copy_of_the_history():
+def test_general_read_is_fused_and_builds_no_dense_copy_of_the_history(monkeypatch):
+    monkeypatch.setenv("QVG_READ_PATH", "general")
     k, v = filled("key", 0), filled("value", 1)
     q = torch.randn(1, 2, 16, 64)
     reset_stats()
@@ -39,7 +40,8 @@ def test_read_is_fused_and_builds_no_dense_copy_of_the_history():
     assert (out - sdpa_ref(q, k[:, :, :80], v[:, :, :80], scale=0.3)).abs().max() <= ATOL
 
 
-def test_gqa_by_repeat_interleave_and_cfg_by_repeat_with_appended_tokens():
+def test_gqa_by_repeat_interleave_and_cfg_by_repeat_with_appended_tokens(monkeypatch):
+    monkeypatch.setenv("QVG_READ_PATH", "general")
     k, v = filled("key", 2), filled("value", 3)
     kn, vn = torch.randn(2, 2, 8, 64), torch.randn(2, 2, 8, 64)
     kk = torch.cat([k[:, :, :80].repeat(2, 1, 1, 1), kn], 2).repeat_interleave(3, 1)

@@ -80,7 +80,8 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     assert bf16["kv_dense_bytes"] == bf16["kv_bytes"] == qvg["kv_dense_bytes"]
     assert bf16["kv_bytes"] / qvg["kv_bytes"] > 2.0
     assert runs["bf16"]["kv_sealed_bytes"] == bf16["kv_bytes"] and runs["qvg"]["kv_sealed_bytes"] < qvg["kv_bytes"]
-    assert qvg["stats"]["seals"] > 0 and qvg["stats"]["fused_tokens"] > 0
+    assert qvg["stats"]["seals"] > 0 and qvg["stats"]["fast_tokens"] > 0 and qvg["stats"]["general_reads"] == 0
+    assert qvg["workspace_bytes"] > 0 and bf16["workspace_bytes"] == 0
     assert qvg["shares"]["quantize"] > 0 and qvg["shares"]["attention"] > 0
     assert bf16["shares"]["quantize"] == 0 and bf16["shares"]["attention"] > 0
     assert 0 < results["output_rel_diff"][9] < math.inf

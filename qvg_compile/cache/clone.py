@@ -69,6 +69,7 @@ def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts
     for name in ("slots", "segs", "counters"):
         out[name] = src.arrays[name].clone()
     new = Store(spec, [out[name] for name in spec.names()])
+    new.changed()
     _repair(new)
     # i counts dense tokens before the run: its offset in the concatenated dense pieces. Pieces
     # are written a slot at a time, in order, under the normal sealing policy, so the newest

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .dispatch import is_whole
-from .spec import StoreSpec
+from .spec import STAMP, StoreSpec, next_stamp
 from .tensor import QVGCache, StoreHandle
 from .view import Lead, View
 
@@ -60,4 +60,8 @@ def load(path: str, device: torch.device | str = "cpu") -> QVGCache:
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}")
         arrays = [f.get_tensor(n) if spec.is_host(n) else f.get_tensor(n).to(device) for n in spec.names()]
+    counters = spec.names().index("counters")
+    # Files written before the state stamp existed hold two counters; a loaded store is a new
+    # state either way.
+    arrays[counters] = torch.cat([arrays[counters][:STAMP], torch.tensor([next_stamp()], dtype=torch.int64)])
     return QVGCache(StoreHandle(spec, arrays), _view_from_json(meta["view"]))

@@ -1,6 +1,10 @@
 """Attention over `QVGCache` views: the body of ``qvg::cache_attention``.
 
-Tokens sealed in both the key and the value store at the same positions are read by the
+Most reads take the fast read (`read_plan` + `read_fast`): a plan built once per cache state,
+then one gather launch into a shared workspace and one fused SDPA. The rest take the general
+read below, and `tally.stats` counts both (``fast_reads``, ``general_reads`` and why).
+
+General read: tokens sealed in both the key and the value store at the same positions are read by the
 attention kernel straight from packed storage (``ranges``); every other token of the views (the
 dense slots, holes, tokens sealed on one side only, dense pieces appended by ``cat``) is
 gathered into the small dense tail. Keys repeated along the batch (``repeat`` for CFG) are read
@@ -11,32 +15,15 @@ once, with the queries of every copy folded into one call; heads repeated by
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from . import tally
 from ..kernels.attention import qvg_attention as attention_impl
 from ..quant.store import PackedStore
-from .store import Store
-from .view import Lead
-
-
-@dataclass
-class ReadSide:
-    """One of K or V: its store, the view's pieces ``[kind, a, n] * pieces`` (kind 0: the store
-    positions ``[a, a + n)``; 1: ``n`` tokens of a dense piece), the dense pieces concatenated
-    ``[B*tile, H*interleave, m, D]`` (or None), the two leading dims and the part read."""
-
-    store: Store
-    pieces: Sequence[int]
-    dense: Optional[torch.Tensor]
-    lead: tuple[Lead, Lead]
-    part: int
-
-    def sel(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        return tuple((ax.offset, ax.length) for ax in self.lead)  # type: ignore[return-value]
+from .read_fast import attend_planned
+from .read_plan import ReadSide, fast_reads_enabled, flag_runs, plan_for
 
 
 def plan(k: ReadSide, v: ReadSide) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
@@ -61,28 +48,13 @@ def plan(k: ReadSide, v: ReadSide) -> tuple[list[tuple[int, int]], list[tuple[in
             rest_v.append((av, av + n))
             continue
         both = (k.store.pos_map[ak:ak + n] <= -2) & (v.store.pos_map[ak:ak + n] <= -2)
-        for lo, hi, fused in _runs(both):
+        for lo, hi, fused in flag_runs(both):
             if fused:
                 ranges.append((ak + lo, ak + hi))
             else:
                 rest_k.append((ak + lo, ak + hi))
                 rest_v.append((ak + lo, ak + hi))
     return ranges, rest_k, rest_v
-
-
-def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """Maximal runs ``(lo, hi, value)`` of a host bool vector. The usual read (a sealed history,
-    then the open slot) is recognised from two reductions; other patterns pay a ``nonzero``,
-    which is slow on the host at these lengths (about 1 ms per 90k elements on one thread)."""
-    n = flags.numel()
-    count = int(flags.sum())
-    if count in (0, n):
-        return [(0, n, count == n)]
-    if bool(flags[:count].all()):
-        return [(0, count, True), (count, n, False)]
-    edges = (flags[1:] != flags[:-1]).nonzero().flatten().add(1).tolist()
-    bounds = [0, *edges, n]
-    return list(zip(bounds, bounds[1:], flags[bounds[:-1]].tolist()))
 
 
 def _positions(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -92,13 +64,26 @@ def _positions(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views."""
+    """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views: the fast read
+    when the views' plan allows it (`read_plan`), else the general read below."""
+    if fast_reads_enabled():
+        fast = plan_for(k, v, q)
+        if fast.reason is None:
+            tally.add(attention_calls=1, fast_reads=1, fast_tokens=fast.sealed, fast_rows=fast.tokens - fast.sealed)
+            return attend_planned(q, k, v, fast, scale)
+        tally.general_read(fast.reason)
+    return attend_general(q, k, v, scale)
+
+
+def attend_general(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
+    """The general read: sealed tokens both sides hold at the same positions are read by
+    ``qvg::attention`` from packed storage, everything else through a decoded dense tail."""
     ranges, rest_k, rest_v = plan(k, v)
     tile = k.lead[0].tile
     b = q.shape[0] // tile
     fused_tokens = sum(e - s for s, e in ranges)
     dense_tokens = 0 if k.dense is None else k.dense.shape[-2]
-    tally.add(attention_calls=1, fused_tokens=fused_tokens,
+    tally.add(attention_calls=1, general_reads=1, fused_tokens=fused_tokens,
               tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
     if k.dense is not None or tile != v.lead[0].tile:
         return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale)

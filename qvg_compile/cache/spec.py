@@ -23,7 +23,8 @@ name           device       dtype / shape               holds
                                                         or sealed in slot ``k`` as ``-(k + 2)``
 ``slots``      host         int64 ``[slots, 2]``        per dense slot: first position (-1 free), age
 ``segs``       host         int64 ``[K, 4]``            per codebook: live tokens, C, uid, uses
-``counters``   host         int64 ``[2]``               next age, latest codebook slot (-1 none)
+``counters``   host         int64 ``[3]``               next age, latest codebook slot (-1 none),
+                                                        state stamp (`next_stamp`)
 =============  ===========  ==========================  =========================================
 
 The two per-token arrays use the *index* dtype, int16 whenever every dense row and codebook slot
@@ -40,6 +41,7 @@ symbolic while a graph is traced.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -60,7 +62,15 @@ SHARED_ARRAYS = ("seg_ids", "pos_map", "slots", "segs", "counters")
 # segs columns
 LIVE, CSIZE, UID, USES = 0, 1, 2, 3
 # counters entries
-NEXT_AGE, LATEST = 0, 1
+NEXT_AGE, LATEST, STAMP = 0, 1, 2
+_stamps = itertools.count(1)
+
+
+def next_stamp() -> int:
+    """A process-wide unique stamp for the token state of a store. Every change of a store's
+    ``pos_map`` (and every new or loaded store) takes a fresh one, so a read plan keyed by the
+    stamp can never serve a changed store."""
+    return next(_stamps)
 
 
 def sealed_code(slot: int) -> int:
@@ -180,7 +190,7 @@ class StoreSpec:
         out["pos_map"] = (cap,)
         out["slots"] = (self.slots, 2)
         out["segs"] = (self.segments, 4)
-        out["counters"] = (2,)
+        out["counters"] = (3,)
         return out
 
     def dtypes(self) -> dict[str, torch.dtype]:
@@ -220,7 +230,8 @@ class StoreSpec:
             elif name == "slots":
                 t[:, 0] = -1
             elif name == "counters":
-                t[1] = -1
+                t[LATEST] = -1
+                t[STAMP] = next_stamp()
             arrays.append(t)
         return arrays
 

@@ -33,7 +33,7 @@ from ..quant.segment import QVGSegment
 from ..quant.store import PackedStore
 from . import tally
 from .encode import encode_segment
-from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, UID, USES, StoreSpec, sealed_code
+from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, STAMP, UID, USES, StoreSpec, next_stamp, sealed_code
 
 # (offset, length) of every leading dim; None selects all of them.
 LeadSel = Optional[tuple[tuple[int, int], ...]]
@@ -62,6 +62,13 @@ def masked_runs(positions: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, 
     bounds = [0, *breaks, idx.numel()]
     heads = torch.tensor(bounds[:-1])
     return [(i, f, b - a) for i, f, a, b in zip(idx[heads].tolist(), values[heads].tolist(), bounds, bounds[1:])]
+
+
+# Writes that landed inside an open slot without changing the token state, keyed by
+# ``(id(pos_map), stamp, start, n)`` -> first tail row: the same write again (the next denoising
+# step) is a plain copy of the rows, with no host tensor operation.
+_row_writes: dict[tuple[int, int, int, int], int] = {}
+ROW_WRITES_SIZE = 4096
 
 
 def new_uid() -> int:
@@ -104,13 +111,22 @@ class Store:
             return tuple(slice(None) for _ in self.lead)
         return tuple(slice(o, o + n) for o, n in sel)
 
-    def _rows_view(self, part: int, sel: LeadSel) -> torch.Tensor:
+    def rows_view(self, part: int, sel: LeadSel) -> torch.Tensor:
         return self.a("tail", part)[self._lead(sel)]
 
     def _age(self) -> int:
         age = int(self.counters[NEXT_AGE])
         self.counters[NEXT_AGE] = age + 1
         return age
+
+    @property
+    def stamp(self) -> int:
+        """The token state's stamp: equal stamps mean an unchanged ``pos_map``."""
+        return int(self.counters[STAMP])
+
+    def changed(self) -> None:
+        """Record that ``pos_map`` changed (every method that writes it calls this)."""
+        self.counters[STAMP] = next_stamp()
 
     def _expected_row(self, j: int, start: int, end: int) -> torch.Tensor:
         first = int(self.slots[j, 0])
@@ -127,11 +143,13 @@ class Store:
             slots = -v[sealed] - 2
             self.segs[:, LIVE] -= torch.bincount(slots, minlength=self.spec.segments)
         self.pos_map[positions] = HOLE
+        self.changed()
 
     def reset(self) -> None:
         """Every token a hole, every slot and codebook free (the codebook arrays are left as
         they are: they are only read through a live slot)."""
         self.pos_map.fill_(HOLE)
+        self.changed()
         self.slots[:, 0] = -1
         self.segs.zero_()
         self.counters[LATEST] = -1
@@ -156,6 +174,14 @@ class Store:
                              f"{self.capacity} tokens")
         if n == 0:
             return
+        key = (id(self.pos_map), self.stamp, start, n)
+        r0 = _row_writes.get(key)
+        if r0 is not None and not relocate:
+            for p, v in enumerate(values):
+                if v is not None:
+                    self.rows_view(p, sel)[..., r0:r0 + n, :].copy_(v)
+            tally.add(fast_writes=1)
+            return
         full = sel is None and len(present) == self.parts
         values = [None if v is None else v.to(device=self.device, dtype=self.spec.torch_dtype)
                   for v in values]
@@ -178,7 +204,12 @@ class Store:
             j = self._take_slot()
             self.slots[j, 0] = start
             self.slots[j, 1] = self._age()
-        self._write_rows(start, end, self._expected_row(j, start, end), values, sel, full)
+        rows = self._expected_row(j, start, end)
+        self._write_rows(start, end, rows, values, sel, full)
+        if start == key[2]:
+            if len(_row_writes) >= ROW_WRITES_SIZE:
+                _row_writes.clear()
+            _row_writes[(id(self.pos_map), self.stamp, start, n)] = int(rows[0])
 
     def _slot_covering(self, start: int, end: int) -> Optional[int]:
         first = self.slots[:, 0]
@@ -200,10 +231,11 @@ class Store:
                     self.a("tail", p).index_copy_(-2, target, old)
             self.release(positions)
             self.pos_map[positions] = rows[moving]
+            self.changed()
         r0 = int(rows[0])
         for p, v in enumerate(values):
             if v is not None:
-                self._rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
+                self.rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
 
     def _rows(self, part: int, rows: torch.Tensor) -> torch.Tensor:
         """Tail rows ``rows`` (host int64) of ``part``, copied by runs: a host index moved to the
@@ -337,6 +369,7 @@ class Store:
         self.segs[slot, USES] += 1
         self.segs[slot, LIVE] += n
         self.pos_map[positions] = sealed_code(slot)
+        self.changed()
         for _, first, length in runs_of(positions):
             self.seg_ids[first:first + length] = slot
         tally.add(seals=1, sealed_tokens=n)
@@ -374,7 +407,7 @@ class Store:
         dense_runs = masked_runs(v, v >= 0)
         out = []
         for p in parts:
-            tail = self._rows_view(p, sel)
+            tail = self.rows_view(p, sel)
             x = torch.zeros(*tail.shape[:-2], n, tail.shape[-1], dtype=tail.dtype, device=self.device)
             for i, row, length in dense_runs:
                 x[..., i:i + length, :] = tail[..., row:row + length, :]
@@ -433,6 +466,7 @@ class Store:
                 self._put_packed_rows(p, dp, [t.index_select(t.dim() - 2 if i < len(payload[p]) - 1 else -1, idx)
                                               for i, t in enumerate(payload[p])])
             self.pos_map[dp] = (-slots - 2).to(self.pos_map.dtype)
+            self.changed()
             self.seg_ids.index_copy_(0, dp.to(self.device), slots.to(device=self.device, dtype=self.seg_ids.dtype))
             self.segs[:, LIVE] += torch.bincount(slots, minlength=self.spec.segments)
         moved = [(dst[dense], relocated)]
@@ -534,6 +568,7 @@ def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
             store.a("tail", p)[..., old.sink_row:old.sink_row + store.sinks, :]
     sink = (store.pos_map >= old.sink_row) & (store.pos_map < old.sink_row + store.sinks)
     new.pos_map[sink] += spec.sink_row - old.sink_row
+    new.changed()
     if old.slot_tokens == spec.slot_tokens and old.slots:
         new.slots.copy_(store.slots)
         for p in range(store.parts):

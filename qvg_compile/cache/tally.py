@@ -17,6 +17,7 @@ _lock = threading.Lock()
 _counts: Counter = Counter()
 _fallbacks: Counter = Counter()
 _warned: set[str] = set()
+_general: Counter = Counter()
 
 
 class QVGFallbackWarning(UserWarning):
@@ -40,19 +41,30 @@ def fallback(op: str, why: str) -> None:
                       QVGFallbackWarning, stacklevel=3)
 
 
+def general_read(why: str) -> None:
+    """Count a read that the fast read could not take, by reason."""
+    with _lock:
+        _general[why] += 1
+
+
 def stats() -> dict[str, Any]:
     """Counters since the last `reset_stats`:
 
     ``seals`` (segments quantized), ``sealed_tokens``, ``decoded_tokens`` (sealed tokens decoded
     to dense outside the attention kernel), ``decoded_bytes`` (dense bytes those decodes and
     dense gathers produced), ``attention_calls``, ``fused_tokens`` (tokens the attention op read
-    straight from packed storage), ``tail_tokens`` (dense tokens it read), ``fallbacks`` (per op
+    straight from packed storage), ``tail_tokens`` (dense tokens it read), ``fast_reads``,
+    ``fast_tokens`` and ``fast_rows`` (reads planned once per cache state: one gather launch and
+    one SDPA; the sealed tokens they decoded and the dense rows they copied, per stored row), ``general_reads`` and ``general_why`` (the general path, and why per
+    reason), ``fast_writes`` (writes into an open chunk that only copied), ``fallbacks`` (per op
     name) and ``fallback_total``.
     """
     with _lock:
         out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "decoded_tokens", "decoded_bytes",
-                                               "attention_calls", "fused_tokens", "tail_tokens")}
+                                               "attention_calls", "fused_tokens", "tail_tokens", "fast_reads",
+                                               "fast_tokens", "fast_rows", "general_reads", "fast_writes")}
         out.update(_counts)
+        out["general_why"] = dict(_general)
         out["fallbacks"] = dict(_fallbacks)
         out["fallback_total"] = sum(_fallbacks.values())
     return out
@@ -62,4 +74,5 @@ def reset_stats() -> None:
     """Zero every counter (warnings already given are not repeated)."""
     with _lock:
         _counts.clear()
+        _general.clear()
         _fallbacks.clear()

@@ -212,6 +212,20 @@ def streamed_attention(q: torch.Tensor, k_store: PackedStore, v_store: PackedSto
     return out.view(b, hq, m, d).to(q.dtype), lse.view(b, hq, m)
 
 
+def merge_partial(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Merge a partial attention ``(o [B, H, M, D], l [B, H, M])`` into the contiguous fp32
+    ``(acc, lse)`` in place, by log-sum-exp (one Triton launch on CUDA, PyTorch elsewhere)."""
+    if acc.is_cuda:
+        from ._triton_attention import merge_into
+
+        merge_into(acc, lse, o, l)
+        return
+    new = torch.logaddexp(lse, l.float())
+    shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    acc.mul_(torch.exp(lse - shift).unsqueeze(-1)).add_(o.float() * torch.exp(l.float() - shift).unsqueeze(-1))
+    lse.copy_(new)
+
+
 _SDPA_BACKEND: dict[tuple, str] = {}
 
 

@@ -1,0 +1,215 @@
+"""Read plans: what one attention read of two `QVGCache` views fetches, built once per cache state.
+
+A read of a K and a V view is, for each side, a list of runs ``(kind, src, dst, n)`` (see
+`kernels.gather`): sealed store positions decoded, or dense tail rows copied, into rows of a
+dense workspace in the view's token order. The runs depend only on the stores' token state
+(``pos_map``) and on the views (pieces, leading selections, parts), so a `ReadPlan` is built once
+and kept, keyed by the stores' state stamps (`Store.stamp`, renewed by every change of a token
+state): every layer's later reads and every denoising pass reuse it until a chunk is sealed, the
+cache is reset or loaded, or the view changes. A plan can never serve a changed store.
+
+Views the fast read does not take get a plan with ``reason`` set instead of runs (dense pieces
+appended by ``cat``, keys and values repeated differently, holes in the view, a workspace cap
+too small for one block); the general read serves them, and `stats` counts both kinds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels.gather import ROWS, SEALED, Run, block_table, gather_supported
+from ..quant.store import PackedStore
+from .store import Store, runs_of
+from .view import Lead
+
+# The workspace (K and V of one read, in the queries' dtype) is shared by every read on a
+# device; reads of longer histories run in blocks of at most this many bytes. 1 GiB holds the
+# whole 93,600-token K+V history of a Wan-1.3B layer (575 MB) in one block.
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+PLAN_CACHE_SIZE = 4096
+
+
+READ_PATHS = ("auto", "general")
+
+
+def fast_reads_enabled() -> bool:
+    """False when ``QVG_READ_PATH=general`` sends every read down the general path (to compare
+    the two, or to rule the fast read out)."""
+    path = os.environ.get("QVG_READ_PATH", "auto")
+    if path not in READ_PATHS:
+        raise ValueError(f"QVG_READ_PATH: expected one of {READ_PATHS}, got {path!r}")
+    return path == "auto"
+
+
+def workspace_limit() -> int:
+    """The workspace cap in bytes (``QVG_READ_WORKSPACE_MB`` overrides the 1 GiB default)."""
+    text = os.environ.get("QVG_READ_WORKSPACE_MB")
+    if text is None:
+        return DEFAULT_WORKSPACE_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"QVG_READ_WORKSPACE_MB: expected a positive int, got {text!r}")
+    return int(text) << 20
+
+
+@dataclass
+class ReadSide:
+    """One of K or V: its store, the view's pieces ``[kind, a, n] * pieces`` (kind 0: the store
+    positions ``[a, a + n)``; 1: ``n`` tokens of a dense piece), the dense pieces concatenated
+    ``[B*tile, H*interleave, m, D]`` (or None), the two leading dims and the part read."""
+
+    store: Store
+    pieces: Sequence[int]
+    dense: Optional[torch.Tensor]
+    lead: tuple[Lead, Lead]
+    part: int
+
+    def sel(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple((ax.offset, ax.length) for ax in self.lead)  # type: ignore[return-value]
+
+    def packed(self) -> PackedStore:
+        return self.store.packed(self.part, self.sel())
+
+    def rows(self) -> torch.Tensor:
+        """The dense tail rows of the selection, ``[B, H, T, D]``."""
+        return self.store.rows_view(self.part, self.sel())
+
+
+@dataclass
+class Block:
+    """One workspace fill: the runs of each side (``dst`` relative to the block), their device
+    table and grid (`kernels.gather.block_table`), and the block's token count."""
+
+    k_runs: list[Run]
+    v_runs: list[Run]
+    table: tuple[torch.Tensor, int]
+    tokens: int
+
+
+@dataclass
+class ReadPlan:
+    """Either ``blocks`` (the fast read) or the ``reason`` the general read serves the views."""
+
+    blocks: list[Block]
+    tokens: int
+    sealed: int
+    use_triton: bool
+    reason: Optional[str] = None
+
+
+def flag_runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(lo, hi, value)`` of a host bool vector. The usual read (a sealed history,
+    then the open slot) is recognised from two reductions; other patterns pay a ``nonzero``,
+    which is slow on the host at these lengths (about 1 ms per 90k elements on one thread)."""
+    n = flags.numel()
+    count = int(flags.sum())
+    if count in (0, n):
+        return [(0, n, count == n)]
+    if bool(flags[:count].all()):
+        return [(0, count, True), (count, n, False)]
+    edges = (flags[1:] != flags[:-1]).nonzero().flatten().add(1).tolist()
+    bounds = [0, *edges, n]
+    return list(zip(bounds, bounds[1:], flags[bounds[:-1]].tolist()))
+
+
+_plans: "OrderedDict[tuple, tuple[weakref.ref, weakref.ref, ReadPlan]]" = OrderedDict()
+
+
+def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
+    """The plan of reading ``k`` and ``v`` (from the cache when their stores are unchanged)."""
+    kp, vp = k.store.pos_map, v.store.pos_map
+    key = (id(kp), k.store.stamp, id(vp), v.store.stamp, tuple(k.pieces), tuple(v.pieces), k.lead, v.lead,
+           k.part, v.part, q.dtype, q.shape[0])
+    hit = _plans.get(key)
+    if hit is not None and hit[0]() is kp and hit[1]() is vp:
+        return hit[2]
+    plan = build_plan(k, v, q)
+    _plans[key] = (weakref.ref(kp), weakref.ref(vp), plan)
+    if len(_plans) > PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (they are rebuilt on the next read)."""
+    _plans.clear()
+
+
+def build_plan(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
+    """Runs and device tables of a fast read of ``k`` and ``v``, or the reason there is none."""
+    reason = _not_fast(k, v, q)
+    if reason:
+        return ReadPlan([], 0, 0, False, reason)
+    sides = [_side_runs(side) for side in (k, v)]
+    if any(runs is None for runs in sides):
+        return ReadPlan([], 0, 0, False, "tokens never written (holes) in the view")
+    tokens = sum(int(n) for n in k.pieces[2::3])
+    ks, vs = k.packed(), v.packed()
+    b, h, d = ks.codes.shape[0], ks.codes.shape[1], ks.head_dim
+    per_token = 2 * b * h * d * q.element_size()
+    limit = workspace_limit() // per_token
+    if limit < 1:
+        return ReadPlan([], 0, 0, False, "the read workspace cap is below one token (QVG_READ_WORKSPACE_MB)")
+    span = tokens if tokens <= limit else math.ceil(tokens / math.ceil(tokens / limit))
+    blocks = []
+    for lo in range(0, tokens, span):
+        hi = min(tokens, lo + span)
+        parts = [_clip(runs, lo, hi) for runs in sides]  # type: ignore[arg-type]
+        blocks.append(Block(parts[0], parts[1], block_table(parts[0], parts[1], ks.codes.device), hi - lo))
+    use_triton = gather_supported(ks, vs, k.rows(), v.rows())
+    sealed = sum(n for kind, _, _, n in sides[0] if kind == SEALED)  # type: ignore[union-attr]
+    return ReadPlan(blocks, tokens, sealed, use_triton)
+
+
+def _not_fast(k: ReadSide, v: ReadSide, q: torch.Tensor) -> Optional[str]:
+    fused = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype not in fused:
+        return f"queries in {q.dtype} (the fused SDPA kernels take {', '.join(map(str, fused))})"
+    if k.dense is not None or v.dense is not None:
+        return "dense pieces appended by cat"
+    if len(k.store.lead) != 2 or len(v.store.lead) != 2:
+        return "a store whose leading dims are not [B, H]"
+    if (k.lead[0].length, k.lead[0].tile, k.lead[1]) != (v.lead[0].length, v.lead[0].tile, v.lead[1]):
+        return "keys and values repeated differently along the batch or heads"
+    if any(int(kind) != 0 for kind in list(k.pieces[0::3]) + list(v.pieces[0::3])):
+        return "dense pieces in the view"
+    return None
+
+
+def _side_runs(side: ReadSide) -> Optional[list[Run]]:
+    """Runs of one side in view order, or None when the view holds a hole."""
+    runs: list[Run] = []
+    dst = 0
+    p = side.pieces
+    for i in range(0, len(p), 3):
+        a, n = int(p[i + 1]), int(p[i + 2])
+        if n == 0:
+            continue
+        vals = side.store.pos_map[a:a + n].long()
+        sealed = vals <= -2
+        for lo, hi, is_sealed in flag_runs(sealed):
+            if is_sealed:
+                runs.append((SEALED, a + lo, dst + lo, hi - lo))
+                continue
+            rows = vals[lo:hi]
+            if bool((rows < 0).any()):
+                return None
+            runs += [(ROWS, first, dst + lo + j, length) for j, first, length in runs_of(rows)]
+        dst += n
+    return runs
+
+
+def _clip(runs: Sequence[Run], lo: int, hi: int) -> list[Run]:
+    """The parts of ``runs`` whose destination falls in ``[lo, hi)``, rebased to ``lo``."""
+    out = []
+    for kind, src, dst, n in runs:
+        a, b = max(dst, lo), min(dst + n, hi)
+        if a < b:
+            out.append((kind, src + a - dst, a - lo, b - a))
+    return out

@@ -1,0 +1,128 @@
+"""`cache.read_fast`: a planned read is one gather and one SDPA whatever the history's length,
+histories past the workspace cap run in merged blocks, and rewrites of an open chunk are plain
+copies (`Store.write`'s remembered rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache import read_fast, read_plan, reset_stats, stats
+from qvg_compile.cache.read_fast import fold_queries, unfold_output
+
+CFG = QVGConfig.preset("qvg").replace(centroids=8)
+B, H, D, L = 1, 2, 64, 8
+ATOL = 2e-5
+
+
+def filled(chunks: int, role: str, seed: int, cap: int = 96) -> QVGCache:
+    gen = torch.Generator().manual_seed(seed)
+    c = QVGCache.empty((B, cap, H, D), 1, CFG, role=role, dtype=torch.float32, chunk_tokens=L)
+    for i in range(chunks):
+        c[:, i * L:(i + 1) * L] = torch.randn(B, L, H, D, generator=gen)
+    return c
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the fast read's device work: gathers and SDPA calls."""
+    counts = {"gather": 0, "sdpa": 0}
+    gather, attend = read_fast.gather_pair, read_fast.sdpa_with_lse
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            counts[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(read_fast, "gather_pair", count("gather", gather))
+    monkeypatch.setattr(read_fast, "sdpa_with_lse", count("sdpa", attend))
+    return counts
+
+
+@pytest.mark.parametrize("chunks", [2, 5, 11])
+def test_a_fast_read_is_one_gather_and_one_sdpa_at_any_history_length(launches, chunks):
+    k, v = filled(chunks, "key", 0), filled(chunks, "value", 1)
+    q = torch.randn(B, H, L, D)
+    e = chunks * L
+    reset_stats()
+    out = sdpa(q, k[:, :e], v[:, :e])
+    s = stats()
+    ref = F.scaled_dot_product_attention(q, k[:, :e].dequantize().transpose(1, 2), v[:, :e].dequantize().transpose(1, 2))
+    assert (out - ref).abs().max() <= ATOL
+    assert launches == {"gather": 1, "sdpa": 1}
+    assert s["fast_reads"] == 1 and s["fast_tokens"] == (chunks - 1) * L and s["fast_rows"] == L
+    assert s["decoded_tokens"] == 0
+
+
+def test_a_history_past_the_workspace_cap_runs_in_merged_blocks(launches, monkeypatch):
+    k, v = filled(11, "key", 2), filled(11, "value", 3)
+    q = torch.randn(B, H, 5, D)
+    full = sdpa(q, k[:, :88], v[:, :88])
+    # 88 tokens x K+V x 2 heads x 64 ch x 4 bytes = 90,112 bytes: a 40,000-byte cap gives 3 blocks.
+    monkeypatch.setattr(read_plan, "DEFAULT_WORKSPACE_BYTES", 40_000)
+    read_plan.clear_plans()
+    launches.update(gather=0, sdpa=0)
+    blocked = sdpa(q, k[:, :88], v[:, :88])
+    read_plan.clear_plans()
+    assert launches == {"gather": 3, "sdpa": 3}
+    assert (blocked - full).abs().max() <= ATOL
+
+
+def test_cfg_copies_and_gqa_heads_read_one_stored_row(launches):
+    k, v = filled(4, "key", 4), filled(4, "value", 5)
+    kk = k[:, :32].transpose(1, 2).repeat(2, 1, 1, 1).repeat_interleave(3, 1)
+    vv = v[:, :32].transpose(1, 2).repeat(2, 1, 1, 1).repeat_interleave(3, 1)
+    q = torch.randn(2, 6, 4, D)
+    reset_stats()
+    out = F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+    assert launches == {"gather": 1, "sdpa": 1} and stats()["fast_tokens"] == 24
+    ref = F.scaled_dot_product_attention(q, kk.dequantize(), vv.dequantize(), enable_gqa=True)
+    assert (out - ref).abs().max() <= ATOL
+
+
+def test_fold_and_unfold_are_inverse_and_group_heads_by_repeat_interleave():
+    q = torch.randn(2 * 3, 4 * 2, 5, 8)
+    folded = fold_queries(q, 2, 2)
+    assert folded.shape == (3, 4, 2 * 2 * 5, 8)
+    # Row 0 of copy 1, query head 3 (kv head 1 under repeat_interleave by 2).
+    assert torch.equal(folded[0, 1, (1 * 2 + 1) * 5:(1 * 2 + 1) * 5 + 5], q[3, 3])
+    assert torch.equal(unfold_output(folded, 2, 2, 5), q)
+
+
+def test_rewrites_of_the_open_chunk_are_plain_copies():
+    c = QVGCache.empty((B, 64, H, D), 1, CFG, role="key", dtype=torch.float32, chunk_tokens=L)
+    reset_stats()
+    for chunk in range(3):
+        for step in range(5):
+            x = torch.randn(B, L, H, D)
+            c[:, chunk * L:(chunk + 1) * L] = x
+            assert torch.equal(c[:, chunk * L:(chunk + 1) * L].dequantize(), x)
+    # The first write of a chunk takes a slot (and seals the previous chunk); the four after it copy.
+    assert stats()["fast_writes"] == 3 * 4 and stats()["seals"] == 2
+
+
+def test_workspace_is_shared_and_released():
+    k, v = filled(3, "key", 6), filled(3, "value", 7)
+    read_fast.release_workspace()
+    sdpa(torch.randn(B, H, 2, D), k[:, :24], v[:, :24])
+    held = read_fast.workspace_bytes()
+    assert held == 2 * B * H * 24 * D * 4
+    sdpa(torch.randn(B, H, 2, D), k[:, :16], v[:, :16])
+    assert read_fast.workspace_bytes() == held  # a shorter read reuses it
+    read_fast.release_workspace()
+    assert read_fast.workspace_bytes() == 0
+
+
+def test_a_bad_workspace_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("QVG_READ_WORKSPACE_MB", "lots")
+    with pytest.raises(ValueError, match="QVG_READ_WORKSPACE_MB"):
+        read_plan.workspace_limit()
+    monkeypatch.setenv("QVG_READ_PATH", "fastest")
+    with pytest.raises(ValueError, match="QVG_READ_PATH"):
+        read_plan.fast_reads_enabled()

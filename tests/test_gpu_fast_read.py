@@ -1,0 +1,54 @@
+"""GPU checks of the fast read (``pytest -m gpu`` on a CUDA machine; skipped elsewhere): the
+Triton gather against its PyTorch reference, and the fast read against the general read at a
+Wan-like head shape, in BF16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache import reset_stats, stats
+from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+H, D, L = 12, 128, 1560
+
+
+def filled(role: str, chunks: int, seed: int) -> QVGCache:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    c = QVGCache.empty((1, (chunks + 1) * L, H, D), 1, QVGConfig.preset("qvg"), role=role, dtype=torch.bfloat16,
+                       device="cuda", chunk_tokens=L)
+    for i in range(chunks):
+        c[:, i * L:(i + 1) * L] = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return c
+
+
+def test_triton_gather_equals_reference_on_cuda():
+    k, v = filled("key", 4, 0), filled("value", 4, 1)
+    ks, vs = k._handle.store.packed(0), v._handle.store.packed(0)
+    kt, vt = k._handle.store.rows_view(0, None), v._handle.store.rows_view(0, None)
+    runs = [(SEALED, 0, 0, 3 * L), (ROWS, 0, 3 * L, L)]
+    table = block_table(runs, runs, torch.device("cuda"))
+    outs = [torch.empty(1, H, 4 * L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    gather_pair(ks, vs, kt, vt, runs, runs, table, outs[0], outs[1], use_triton=True)
+    gather_pair(ks, vs, kt, vt, runs, runs, table, outs[2], outs[3], use_triton=False)
+    for got, ref in ((outs[0], outs[2]), (outs[1], outs[3])):
+        # BF16 outputs of the same fp32 arithmetic: equal or one BF16 ulp apart (FMA contraction).
+        assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_fast_read_equals_general_read_on_cuda(monkeypatch):
+    k, v = filled("key", 6, 2), filled("value", 6, 3)
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
+    e = 6 * L
+    outs = []
+    for path in ("auto", "general"):
+        monkeypatch.setenv("QVG_READ_PATH", path)
+        reset_stats()
+        outs.append(F.scaled_dot_product_attention(q, k[:, :e].transpose(1, 2), v[:, :e].transpose(1, 2)))
+        assert stats()["fast_reads" if path == "auto" else "general_reads"] == 1
+    rel = (outs[0].float() - outs[1].float()).norm() / outs[1].float().norm()
+    assert rel <= 1e-2
