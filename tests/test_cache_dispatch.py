@@ -223,7 +223,7 @@ def test_unknown_op_falls_back_to_dense_counted_and_warned_once():
     torch.manual_seed(8)
     kb = empty()
     kb[:, :L] = torch.randn(B, L, H, D)
-    reset_stats()
+    reset_stats(forget_warnings=True)
     with pytest.warns(QVGFallbackWarning, match="cumsum"):
         a = kb.cumsum(1)
     with warnings.catch_warnings():

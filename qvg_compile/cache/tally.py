@@ -70,9 +70,11 @@ def stats() -> dict[str, Any]:
     return out
 
 
-def reset_stats() -> None:
-    """Zero every counter (warnings already given are not repeated)."""
+def reset_stats(forget_warnings: bool = False) -> None:
+    """Zero every counter; warnings already given are not repeated unless ``forget_warnings``."""
     with _lock:
+        if forget_warnings:
+            _warned.clear()
         _counts.clear()
         _general.clear()
         _fallbacks.clear()
