@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=21)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-seal", action="store_true",
+                        help="cProfile the sealing steps of 6 compiled chunks (where a seal's host time goes)")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
     args = parser.parse_args(argv)
     device = "cuda"
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     if args.trace:
         trace(compiled, qvg, chunks, device, args.trace)
+    if args.profile_seal:
+        profile_seals(compiled, qvg, chunks, device)
     return 0
 
 
@@ -147,6 +151,25 @@ def host_table(compiled, make, chunks: int, device: str) -> str:
              f"{statistics.median(n for _, n in v):.0f}"] for kind, v in kinds.items() if v]
     return tabulate(rows, headers=["cache op (compiled, one chunk)", "calls", "host us (median)", "host us (range)",
                                    "launches (median)"], tablefmt="github")
+
+
+def profile_seals(compiled, make, chunks: int, device: str) -> None:
+    """cProfile of the sealing step (first write of a chunk) of the last 6 chunks, compiled."""
+    kb, vb = make("key"), make("value")
+    gen = torch.Generator(device=device).manual_seed(2)
+    profiler = cProfile.Profile()
+    for c in range(chunks):
+        q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+        torch.cuda.synchronize()
+        if c >= chunks - 6:
+            profiler.enable()
+        compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
+        torch.cuda.synchronize()
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumtime").print_stats(45)
 
 
 def sync_free(compiled, make, chunks: int, device: str) -> str:
