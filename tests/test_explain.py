@@ -184,3 +184,22 @@ def test_report_flags_frames_over_the_compile_budget():
     notes = report.budget_notes()
     assert len(notes) == 2 and "recompile_limit" in notes[0] and "frame 1: 4 compiles, over the budget" in notes[1]
     assert notes[1] in report.summary() and notes[0] in report.to_dict()["notes"]
+
+
+def test_json_of_graphs_with_symbolic_shapes():
+    """A cache grown by ``cat`` makes the graph's sizes symbolic; the report still serialises."""
+    qvg = qvg_compile.backend(QVGConfig.preset("qvg").replace(centroids=4))
+
+    @torch.compile(backend=qvg, dynamic=True)
+    def step(cache, k, q):
+        cache["k"] = torch.cat([cache["k"], k], 2)
+        return F.scaled_dot_product_attention(q, cache["k"], cache["k"])
+
+    torch.manual_seed(3)
+    cache = {"k": torch.randn(1, 2, 64, 64)}
+    for _ in range(3):
+        step(cache, torch.randn(1, 2, 64, 64), torch.randn(1, 2, 8, 64))
+    data = json.loads(qvg.report.to_json())
+    sites = [s for g in data["graphs"] for s in g["sites"]]
+    assert sites and all(isinstance(x, (int, str)) for s in sites for x in s["shape"])
+    assert any(isinstance(x, str) for s in sites for x in s["shape"])  # a symbolic size, printed
