@@ -1,7 +1,7 @@
 """``qvg_backend``: the torch.compile backend that moves KV caches into 2-bit QVG storage.
 
 For every graph Dynamo captures:
-1. `passes.sites.find_sites` finds the cache inputs (idioms A-H of DESIGN.md §5) read by attention,
+1. `passes.sites.find_sites` finds the cache inputs (idioms A-H of docs/design.md §5) read by attention,
    helped by what other graphs and calls showed (a write and a read split by a graph break; a
    tensor fed back from a graph output and appended to);
 2. hand-written attention over a cache becomes SDPA (`passes.rewrite`), the fused read's entry;

@@ -1,4 +1,4 @@
-"""qvg_backend end to end on small hand-written graphs, one per cache idiom (DESIGN.md §5) and
+"""qvg_backend end to end on small hand-written graphs, one per cache idiom (docs/design.md §5) and
 per attention reader kind: the compiled function computes what the same function computes
 eagerly on caches quantized with `QVGCache.from_dense` and the same config (fp32, max abs diff
 <= 1e-5), the dense buffers are freed, compiles stay bounded; negatives stay dense and correct."""

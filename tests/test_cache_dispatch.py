@@ -1,4 +1,4 @@
-"""The ATen op table of `QVGCache`: each cache idiom (DESIGN.md §5, A-H) run on a `QVGCache`
+"""The ATen op table of `QVGCache`: each cache idiom (docs/design.md §5, A-H) run on a `QVGCache`
 equals the same code run on dense tensors holding the same (quantized) values.
 
 Reference: ``dq(t)`` is the dense tensor the cache view stands for at that moment. Reads compare

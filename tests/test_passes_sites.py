@@ -1,4 +1,4 @@
-"""Detection of KV-cache sites in Dynamo graphs: every idiom of DESIGN.md §5, every reader kind,
+"""Detection of KV-cache sites in Dynamo graphs: every idiom of docs/design.md §5, every reader kind,
 and negatives that must stay untouched."""
 
 import pytest

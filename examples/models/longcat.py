@@ -1,6 +1,6 @@
 """LongCat-Video style AR video model: a functional cache of pre-RoPE K/V, re-encoded each chunk.
 
-How the family keeps its cache, and what this file reproduces (DESIGN.md §5 ids):
+How the family keeps its cache, and what this file reproduces (docs/design.md §5 ids):
 
 * **D** - video continuation runs a *cache pass* first: one forward over the conditioning
   (already generated) latent frames at t=0, without cross-attention, that returns per layer the

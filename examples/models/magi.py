@@ -1,6 +1,6 @@
 """MAGI-1 style AR video model: packed K/V in a lazily allocated buffer, GQA, staggered chunks.
 
-How the family keeps its cache, and what this file reproduces (DESIGN.md §5 ids):
+How the family keeps its cache, and what this file reproduces (docs/design.md §5 ids):
 
 * **F** - per layer, K and V are packed along the last dim, ``torch.cat([k, v], dim=-1)``, into
   one buffer ``[B, S, H_kv, 2D]`` that the attention allocates lazily the first time it runs, in

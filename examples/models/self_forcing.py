@@ -1,6 +1,6 @@
 """Self-Forcing / CausVid style AR video model: a causal Wan 2.1 DiT with a pipeline-owned KV cache.
 
-How the family keeps its cache, and what this file reproduces (DESIGN.md §5 ids):
+How the family keeps its cache, and what this file reproduces (docs/design.md §5 ids):
 
 * **A** - the pipeline allocates, per layer, ``{"k": [B, S, H, D], "v": [B, S, H, D],
   "global_end_index": tensor([0]), "local_end_index": tensor([0])}`` and passes the list into

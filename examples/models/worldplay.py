@@ -1,6 +1,6 @@
 """HY-WorldPlay style AR world model: two positional variants per key, a growing functional cache.
 
-How the family keeps its cache, and what this file reproduces (DESIGN.md §5 ids):
+How the family keeps its cache, and what this file reproduces (docs/design.md §5 ids):
 
 * **D** - after a chunk is denoised, a *cache pass* runs it once more at t=0 (attending to the
   history) and returns per layer its K/V ``[B, H, n, D]``; the pipeline appends them to the

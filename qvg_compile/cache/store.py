@@ -40,11 +40,15 @@ LeadSel = Optional[tuple[tuple[int, int], ...]]
 
 
 def runs_of(positions: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive values in a host int tensor: ``(index, first value, length)``."""
+    """Maximal runs of consecutive values in a host int tensor: ``(index, first value, length)``.
+    One run (the usual case: a slot's or a segment's positions) costs three host ops."""
     n = positions.numel()
     if n == 0:
         return []
-    breaks = ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    steps = positions.diff() != 1
+    if not bool(steps.any()):
+        return [(0, int(positions[0]), n)]
+    breaks = steps.nonzero().flatten().add(1).tolist()
     bounds = [0, *breaks, n]
     first = positions[bounds[:-1]].tolist()
     return [(a, f, b - a) for a, b, f in zip(bounds, bounds[1:], first)]
@@ -353,10 +357,11 @@ class Store:
                 raise ValueError(f"QVGCache: the tokens being sealed cannot be quantized; the cache is "
                                  f"unchanged ({err})") from err
             segs.append(_first_tokens(seg, n) if xp is not x else seg)
+        runs = runs_of(positions)
         for p, seg in enumerate(segs):
             if not shared:
                 self.a("cents", p)[slot, ..., :c, :] = seg.centroids
-            for i, first, length in runs_of(positions):
+            for i, first, length in runs:
                 dst, src = slice(first, first + length), slice(i, i + length)
                 self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
                 self.a("scales", p)[..., dst, :] = seg.scales[..., src, :]
@@ -370,7 +375,7 @@ class Store:
         self.segs[slot, LIVE] += n
         self.pos_map[positions] = sealed_code(slot)
         self.changed()
-        for _, first, length in runs_of(positions):
+        for _, first, length in runs:
             self.seg_ids[first:first + length] = slot
         tally.add(seals=1, sealed_tokens=n)
 

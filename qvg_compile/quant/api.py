@@ -46,7 +46,7 @@ def quantize(
 
 
 def analytic_bits_per_element(config: QVGConfig, num_tokens: int, head_dim: int, role: str = "key") -> float:
-    """DESIGN.md's formula ``b + scale/G (+ zero/G) + S*8/D + S*C*centroid_bits/N`` for QVG/RTN."""
+    """docs/design.md §4's formula ``b + scale/G (+ zero/G) + S*8/D + S*C*centroid_bits/N`` for QVG/RTN."""
     if config.method not in ("qvg", "rtn"):
         raise ValueError(f"config.method: the analytic formula covers qvg and rtn, got {config.method!r}")
     scale_bits = config.torch_scale_dtype.itemsize * 8

@@ -3,7 +3,7 @@
 Frames ``[B, F, C, H, W]`` in [-1, 1] are cut into ``patch x patch`` tokens. A video is generated
 chunk by chunk: a few flow-matching Euler steps denoise the chunk, each step rewriting the chunk's
 slot of the KV cache that the pipeline preallocated, then one clean pass at t=0 writes the K/V
-the later chunks attend to (DESIGN.md §5, idiom A):
+the later chunks attend to (docs/design.md §5, idiom A):
 
     cache[i]["k"][:, start:end] = k          # [B, S, H, D], post-RoPE keys
     keys = cache[i]["k"][:, :end]             # the whole history, read by SDPA
