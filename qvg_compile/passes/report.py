@@ -95,21 +95,6 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
-
-def plain(obj: Any) -> Any:
-    """``obj`` as JSON-ready values: dataclasses and mappings as dicts, sequences as lists, other
-    values as strings. Unlike `dataclasses.asdict` it never copies a value, so symbolic sizes and
-    fake tensors of a traced graph are printed, not deep-copied (which they refuse)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
-
     def summary(self, diff: bool = False) -> str:
         """Tables: sites found, rewrites applied (swaps), candidates rejected, graph breaks; and
         with ``diff=True`` each graph's unified diff (Dynamo code -> post-grad ATen code)."""
@@ -152,3 +137,18 @@ def plain(obj: Any) -> Any:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as JSON-ready values: dataclasses and mappings as dicts, sequences as lists, other
+    values as strings. Unlike `dataclasses.asdict` it never copies a value, so symbolic sizes and
+    fake tensors of a traced graph are printed, not deep-copied (which they refuse)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
