@@ -4,6 +4,8 @@ copies (`Store.write`'s remembered rows)."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import read_fast, read_plan, reset_stats, stats
 from qvg_compile.cache.read_fast import fold_queries, unfold_output
+from qvg_compile.kernels.gather import Gather
 
 CFG = QVGConfig.preset("qvg").replace(centroids=8)
 B, H, D, L = 1, 2, 64, 8
@@ -33,14 +36,14 @@ def sdpa(q, k, v):
 def launches(monkeypatch):
     """Counts of the fast read's device work: gathers and SDPA calls."""
     counts = {"gather": 0, "sdpa": 0}
-    gather, attend = read_fast.gather_pair, read_fast.sdpa_with_lse
+    gather, attend = Gather.__call__, read_fast.sdpa_with_lse
 
     def count(name, fn):
         def wrapped(*a, **kw):
             counts[name] += 1
             return fn(*a, **kw)
         return wrapped
-    monkeypatch.setattr(read_fast, "gather_pair", count("gather", gather))
+    monkeypatch.setattr(Gather, "__call__", count("gather", gather))
     monkeypatch.setattr(read_fast, "sdpa_with_lse", count("sdpa", attend))
     return counts
 
@@ -105,6 +108,30 @@ def test_rewrites_of_the_open_chunk_are_plain_copies():
             assert torch.equal(c[:, chunk * L:(chunk + 1) * L].dequantize(), x)
     # The first write of a chunk takes a slot (and seals the previous chunk); the four after it copy.
     assert stats()["fast_writes"] == 3 * 4 and stats()["seals"] == 2
+
+
+def test_a_plan_binds_its_gather_once_and_rebinds_for_other_arrays():
+    k, v = filled(3, "key", 8), filled(3, "value", 9)
+    q = torch.randn(B, H, 2, D)
+    read_plan.clear_plans()
+    sdpa(q, k[:, :24], v[:, :24])
+    (_, _, plan), = read_plan._plans.values()
+    bound = plan.gather
+    sdpa(q, k[:, :24], v[:, :24])
+    assert plan.gather is bound  # the same arrays: nothing rebuilt
+    copy = k.clone()  # other arrays, same token state content but a new store: its own plan
+    out = sdpa(q, copy[:, :24], v[:, :24])
+    assert (out - sdpa(q, k[:, :24], v[:, :24])).abs().max() <= ATOL and len(read_plan._plans) == 2
+
+
+def test_plans_of_a_dropped_cache_are_forgotten():
+    read_plan.clear_plans()
+    k, v = filled(2, "key", 10), filled(2, "value", 11)
+    sdpa(torch.randn(B, H, 2, D), k[:, :16], v[:, :16])
+    assert len(read_plan._plans) == 1
+    del k, v
+    gc.collect()
+    assert len(read_plan._plans) == 0
 
 
 def test_workspace_is_shared_and_released():

@@ -15,12 +15,13 @@ current stream, so a read never sees another's workspace half-written).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
 
 from ..kernels.attention import merge_partial, sdpa_with_lse
-from ..kernels.gather import gather_pair
+from ..kernels.gather import Gather
 from .read_plan import ReadPlan, ReadSide
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -61,10 +62,19 @@ def unfold_output(out: torch.Tensor, tile: int, groups: int, m: int) -> torch.Te
     return out.reshape(b, hkv, tile, groups, m, d).permute(2, 0, 1, 3, 4, 5).reshape(tile * b, hkv * groups, m, d)
 
 
+def bound_gather(k: ReadSide, v: ReadSide, plan: ReadPlan) -> Gather:
+    """The plan's gather, bound once to the arrays of the two stores (rebound if other array
+    objects come back, e.g. after the store was regrown)."""
+    sources = k.store.part_arrays(k.part) + v.store.part_arrays(v.part)
+    if plan.gather is None or len(sources) != len(plan.sources) or not all(map(operator.is_, sources, plan.sources)):
+        plan.gather = Gather(k.packed(), v.packed(), k.rows(), v.rows(), plan.use_triton)
+        plan.sources = sources
+    return plan.gather
+
+
 def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float]) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``."""
-    ks, vs = k.packed(), v.packed()
-    kt, vt = k.rows(), v.rows()
+    gather = bound_gather(k, v, plan)
     tile, groups = k.lead[0].tile, k.lead[1].interleave
     m, d = q.shape[2], q.shape[3]
     qf = fold_queries(q, tile, groups)
@@ -77,7 +87,7 @@ def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, sc
         buf = workspace(2 * b * hkv * n * d, qf.dtype, qf.device)
         wk = buf[:b * hkv * n * d].view(b, hkv, n, d)
         wv = buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
-        gather_pair(ks, vs, kt, vt, block.k_runs, block.v_runs, block.table, wk, wv, plan.use_triton)
+        gather(block.k_runs, block.v_runs, block.table, wk, wv)
         o, l = sdpa_with_lse(qf, wk, wv, sc)
         if len(plan.blocks) == 1:
             return unfold_output(o, tile, groups, m)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.gather import ROWS, SEALED, Run, block_table, gather_supported
+from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
 from ..quant.store import PackedStore
 from .store import Store, runs_of
 from .view import Lead
@@ -94,13 +94,17 @@ class Block:
 
 @dataclass
 class ReadPlan:
-    """Either ``blocks`` (the fast read) or the ``reason`` the general read serves the views."""
+    """Either ``blocks`` (the fast read) or the ``reason`` the general read serves the views.
+    ``gather`` is the gather bound to the arrays it was built from (``sources``), kept while the
+    same arrays come back (`read_fast.bound_gather`)."""
 
     blocks: list[Block]
     tokens: int
     sealed: int
     use_triton: bool
     reason: Optional[str] = None
+    gather: Optional[Gather] = None
+    sources: tuple = ()
 
 
 def flag_runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
@@ -131,9 +135,24 @@ def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
         return hit[2]
     plan = build_plan(k, v, q)
     _plans[key] = (weakref.ref(kp), weakref.ref(vp), plan)
+    for pos_map in (kp, vp):
+        if id(pos_map) not in _watched:
+            # A plan's bound gather holds views of the store's arrays: drop the store's plans
+            # when the store goes, so that cached plans never keep a dropped cache alive.
+            _watched.add(id(pos_map))
+            weakref.finalize(pos_map, _forget, id(pos_map))
     if len(_plans) > PLAN_CACHE_SIZE:
         _plans.popitem(last=False)
     return plan
+
+
+_watched: set[int] = set()
+
+
+def _forget(pos_map_id: int) -> None:
+    _watched.discard(pos_map_id)
+    for key in [key for key in _plans if pos_map_id in (key[0], key[2])]:
+        del _plans[key]
 
 
 def clear_plans() -> None:

@@ -109,6 +109,10 @@ class Store:
     def a(self, name: str, part: int) -> torch.Tensor:
         return self.arrays[f"{name}{part}"]
 
+    def part_arrays(self, part: int) -> tuple[torch.Tensor, ...]:
+        """The arrays a read of ``part`` touches (its packed arrays and tail, and ``seg_ids``)."""
+        return (*(self.arrays[n] for n in self.spec.part_names(part)), self.seg_ids)
+
     # --- indexing helpers ----------------------------------------------------------------------
     def _lead(self, sel: LeadSel) -> tuple[slice, ...]:
         if sel is None:

@@ -66,25 +66,43 @@ def gather_reference(store: PackedStore, tail: torch.Tensor, runs: Sequence[Run]
         out[:, :, dst:dst + n] = x.to(out.dtype)
 
 
-def gather_pair(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
-                k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
-                k_out: torch.Tensor, v_out: torch.Tensor, use_triton: bool) -> None:
-    """Fill ``k_out``/``v_out`` ``[B, H, T, D]`` (any strides) from the runs of each side.
+class Gather:
+    """`gather_pair` bound to one K/V pair of stores and their dense rows: what depends only on
+    the stores (the kernel's arguments, or the reference's views) is prepared once, so that a
+    read that reuses the binding only launches.
 
     Args:
         k_store, v_store: packed tokens ``[B, H, capacity, ...]``.
         k_tail, v_tail: dense rows ``[B, H, R, D]`` of each store.
-        k_runs, v_runs: ``(kind, src, dst, n)`` per run (`SEALED` or `ROWS`).
-        table: ``block_table(k_runs, v_runs, device)`` (the kernel's form of the runs, and its grid).
         use_triton: launch the Triton kernel (``gather_supported``) instead of the reference.
     """
-    if use_triton:
-        from ._triton_gather import gather_pair_triton
 
-        gather_pair_triton(k_store, v_store, k_tail, v_tail, table[0], table[1], k_out, v_out, BLOCK_TOKENS)
-        return
-    gather_reference(k_store, k_tail, k_runs, k_out)
-    gather_reference(v_store, v_tail, v_runs, v_out)
+    def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
+                 use_triton: bool) -> None:
+        self.k_store, self.v_store, self.k_tail, self.v_tail = k_store, v_store, k_tail, v_tail
+        self.launch = None
+        if use_triton:
+            from ._triton_gather import GatherLaunch
+
+            self.launch = GatherLaunch(k_store, v_store, k_tail, v_tail, BLOCK_TOKENS)
+
+    def __call__(self, k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
+                 k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Fill ``k_out``/``v_out`` ``[B, H, T, D]`` (any strides) from the runs of each side
+        (``(kind, src, dst, n)``, `SEALED` or `ROWS`); ``table`` is ``block_table(k_runs, v_runs,
+        device)``, the kernel's form of the runs and its grid."""
+        if self.launch is not None:
+            self.launch(table[0], table[1], k_out, v_out)
+            return
+        gather_reference(self.k_store, self.k_tail, k_runs, k_out)
+        gather_reference(self.v_store, self.v_tail, v_runs, v_out)
+
+
+def gather_pair(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
+                k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
+                k_out: torch.Tensor, v_out: torch.Tensor, use_triton: bool) -> None:
+    """One unbound `Gather`: fill ``k_out``/``v_out`` from the runs of each side."""
+    Gather(k_store, v_store, k_tail, v_tail, use_triton)(k_runs, v_runs, table, k_out, v_out)
 
 
 def gather_supported(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
