@@ -367,8 +367,8 @@ class _EagerOnLayoutMismatch:
 
 
 class _Validated:
-    """First call: compiled and eager (on cloned caches) must agree, outputs and the caches the
-    graph writes, else `ValidationError`."""
+    """First call: compiled and eager (on exact copies of the caches, `QVGCache.snapshot`) must
+    agree, outputs and the caches the graph writes, else `ValidationError`."""
 
     def __init__(self, gm: fx.GraphModule, compiled: Callable, rtol: float, atol: float) -> None:
         self.gm, self.compiled, self.rtol, self.atol = gm, compiled, rtol, atol
@@ -378,7 +378,8 @@ class _Validated:
         if self.checked:
             return self.compiled(*args)
         self.checked = True
-        copies = [a.clone() if isinstance(a, QVGCache) else a for a in args]
+        memo: dict = {}
+        copies = [a.snapshot(memo) if isinstance(a, QVGCache) else a for a in args]
         expected = self.gm(*copies)
         got = self.compiled(*args)
         flat_expected, _ = torch.utils._pytree.tree_flatten(expected)

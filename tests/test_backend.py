@@ -572,6 +572,79 @@ def test_validate_passes_on_a_correct_rewrite():
     assert max_diff(got, expected) <= TOL
 
 
+class HFCache:
+    """A HuggingFace-style cache object: per-layer key and value lists grown by ``cat``."""
+
+    def __init__(self, layers: int) -> None:
+        self.key_cache: list = [None] * layers
+        self.value_cache: list = [None] * layers
+
+
+class PeekModel(torch.nn.Module):
+    """Idiom J in a small two-layer model: the non-final denoising pass reads
+    ``cat([cache, new])`` without storing it, the final pass stores it; ``[B, H, S, D]``."""
+
+    def __init__(self, layers: int = 2) -> None:
+        super().__init__()
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(H * D, 3 * H * D) for _ in range(layers))
+
+    def forward(self, x, cache: HFCache, store: bool):
+        b, n, _ = x.shape
+        for i, proj in enumerate(self.qkv):
+            q, k, v = proj(x).view(b, n, 3, H, D).permute(2, 0, 3, 1, 4)
+            if cache.key_cache[i] is None:
+                kk, vv = k, v
+            else:
+                kk = torch.cat([cache.key_cache[i], k], -2)
+                vv = torch.cat([cache.value_cache[i], v], -2)
+            if store:
+                cache.key_cache[i], cache.value_cache[i] = kk, vv
+            x = x + F.scaled_dot_product_attention(q, kk, vv).transpose(1, 2).reshape(b, n, -1)
+        return x
+
+
+def test_idiom_j_peek_reads_of_a_cat_grown_cache_validate():
+    """The copies `validate` runs eagerly are exact (`QVGCache.snapshot`): a cache grown by cat
+    keeps its appended tokens dense in the copy as in the original, so a read-only (peek) pass
+    compares equal (with ``clone()`` the copy sealed them and validation failed). Every call over
+    compressed caches equals the model run eagerly on exact copies of them (fp32, 1e-5)."""
+    torch.manual_seed(5)
+    model = PeekModel().eval()
+    qvg = qvg_compile.backend(CFG, validate=True)
+    compiled = torch.compile(model, backend=qvg)
+    cache = HFCache(2)
+    checked = 0
+    with torch.no_grad():
+        for c in range(4):
+            x = torch.randn(B, C, H * D, generator=torch.Generator().manual_seed(c))
+            for store in (False, True):
+                held = cache.key_cache + cache.value_cache
+                copy = HFCache(2)
+                memo: dict = {}
+                copy.key_cache, copy.value_cache = ([t.snapshot(memo) if isinstance(t, QVGCache) else t for t in ts]
+                                                    for ts in (cache.key_cache, cache.value_cache))
+                want = model(x, copy, store)
+                x_next = compiled(x, cache, store)
+                if all(isinstance(t, QVGCache) for t in held):
+                    assert (x_next - want).abs().max() <= TOL
+                    checked += 1
+                x = x_next
+    assert checked >= 4
+    assert all(isinstance(t, QVGCache) for t in cache.key_cache + cache.value_cache)
+    assert sum(len(g.swapped) for g in qvg.report.graphs) == 4
+
+
+def test_snapshot_is_an_exact_copy_sharing_one_store_per_store():
+    kc = QVGCache.from_dense(torch.randn(1, H, 16, D), 2, CFG)
+    grown = torch.cat([kc, torch.randn(1, H, 4, D)], 2)
+    memo: dict = {}
+    a, b = grown.snapshot(memo), kc.snapshot(memo)
+    assert torch.equal(a.dequantize(), grown.dequantize()) and torch.equal(b.dequantize(), kc.dequantize())
+    assert a._handle is b._handle and a._handle is not grown._handle
+    b[:, :, :4] = 0  # writes reach the copy only
+    assert torch.equal(kc.dequantize(), grown.dequantize()[:, :, :16])
+
+
 class _Corrupting(QVGBackend):
     """A backend whose Inductor output is off by 0.5: validation must catch it."""
 

@@ -208,6 +208,19 @@ class QVGCache(torch.Tensor):
                 f"seq_dim={self.seq_dim}, {counts}, nbytes={self.nbytes()})")
 
     # --- explicit operations -------------------------------------------------------------------
+    def snapshot(self, memo: Optional[dict[int, StoreHandle]] = None) -> "QVGCache":
+        """An exact copy: the whole store's arrays copied as they are (token states, codebooks,
+        open rows) under the same view, and the dense pieces copied. Unlike ``clone()``, which
+        stores a view's appended tokens the way the pipeline would have written them (sealing
+        all but the newest chunk), nothing is quantized again. ``memo`` (store id -> copy) keeps
+        views of one store views of one copy when several caches are copied together."""
+        memo = {} if memo is None else memo
+        handle = memo.get(id(self._handle))
+        if handle is None:
+            handle = StoreHandle(self._handle.spec, [a.clone() for a in self._handle.arrays])
+            memo[id(self._handle)] = handle
+        return QVGCache(handle, self._view, [d.clone() for d in self._dense])
+
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache (view) stands for (a new tensor)."""
         from .dispatch import decode_view
