@@ -75,6 +75,7 @@ class QVGBackend:
                 raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
         self.config = config or QVGConfig.preset("qvg")
         self.validate = bool(validate)
+        self._warned: set[str] = set()
         self.rtol, self.atol = rtol, atol
         self.cache_options = cache_options
         self.report = Report()
@@ -167,6 +168,11 @@ class QVGBackend:
             if producer is not None:
                 producer[0].convert[producer[1]] = _Feed(s, example_inputs[index].shape[s.seq_dim])
         graph_report.swap_errors.extend(errors)
+        for error in errors:
+            if error not in self._warned:
+                # Loudly, once per cache and reason: the model keeps running on the dense cache.
+                self._warned.add(error)
+                warnings.warn(f"qvg_backend: {error}; it stays dense", QVGBackendWarning, stacklevel=2)
         graph_report.inputs_are_caches = any(isinstance(n.meta.get("example_value"), QVGCache)
                                              for n in placeholders)
         if dense_sites or graph_report.inputs_are_caches:
@@ -201,7 +207,9 @@ class QVGBackend:
         try:
             check_source_kind(source)
             value = node.meta.get("example_value")
-            QVGCache.empty(tuple(int(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
+            # Size hints, not int(): int() of a symbolic size would guard on it and make a cache
+            # grown by cat recompile at every new length.
+            QVGCache.empty(tuple(_size_hint(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
                            device="meta", **self.cache_kwargs(site))
         except (SourceError, ValueError, TypeError) as exc:
             return str(exc)
@@ -245,6 +253,11 @@ class QVGBackend:
         return options
 
 
+def _size_hint(size: Any) -> int:
+    """A size's concrete value without a guard on it (a SymInt's hint; ints as they are)."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
@@ -257,7 +270,8 @@ def _eager_note(report: GraphReport, message: str) -> None:
 
 
 class QVGBackendWarning(UserWarning):
-    """A graph over QVG caches runs eagerly (correct, slower); `Report.summary()` says why."""
+    """A cache stays dense, or a graph over QVG caches runs eagerly (correct, slower);
+    `Report.summary()` says why."""
 
 
 @dataclasses.dataclass

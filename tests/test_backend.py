@@ -584,14 +584,15 @@ class PeekModel(torch.nn.Module):
     """Idiom J in a small two-layer model: the non-final denoising pass reads
     ``cat([cache, new])`` without storing it, the final pass stores it; ``[B, H, S, D]``."""
 
-    def __init__(self, layers: int = 2) -> None:
+    def __init__(self, layers: int = 2, head_dim: int = D) -> None:
         super().__init__()
-        self.qkv = torch.nn.ModuleList(torch.nn.Linear(H * D, 3 * H * D) for _ in range(layers))
+        self.d = head_dim
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(H * head_dim, 3 * H * head_dim) for _ in range(layers))
 
     def forward(self, x, cache: HFCache, store: bool):
         b, n, _ = x.shape
         for i, proj in enumerate(self.qkv):
-            q, k, v = proj(x).view(b, n, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k, v = proj(x).view(b, n, 3, H, self.d).permute(2, 0, 3, 1, 4)
             if cache.key_cache[i] is None:
                 kk, vv = k, v
             else:
@@ -632,6 +633,36 @@ def test_idiom_j_peek_reads_of_a_cat_grown_cache_validate():
     assert checked >= 4
     assert all(isinstance(t, QVGCache) for t in cache.key_cache + cache.value_cache)
     assert sum(len(g.swapped) for g in qvg.report.graphs) == 4
+
+
+def peek_video(model, compiled, chunks: int, head_dim: int) -> None:
+    cache = HFCache(2)
+    with torch.no_grad():
+        for c in range(chunks):
+            x = torch.randn(B, C, H * head_dim, generator=torch.Generator().manual_seed(c))
+            for store in (False, True):
+                x = compiled(x, cache, store)
+
+
+def test_a_head_dim_the_group_size_does_not_divide_warns_once_and_costs_no_recompile():
+    """Head dim 48 with groups of 64 channels: every cache stays dense, each is reported once as
+    a warning that names a group size that fits, and the graphs are the ones Inductor compiles
+    alone (no guard on the growing length)."""
+    torch.manual_seed(6)
+    model = PeekModel(head_dim=48).eval()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    peek_video(model, torch.compile(model), 6, 48)
+    inductor_graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    qvg = qvg_compile.backend(CFG.replace(group_size=64))
+    with pytest.warns(qvg_compile.QVGBackendWarning) as seen:
+        peek_video(model, torch.compile(model, backend=qvg), 6, 48)
+    messages = [str(w.message) for w in seen if "does not divide the head dim 48" in str(w.message)]
+    assert len(messages) == 4 and len(set(messages)) == 4  # one per cache, once
+    assert "group_size=16" in messages[0]
+    assert counters["stats"]["unique_graphs"] == inductor_graphs
 
 
 def test_snapshot_is_an_exact_copy_sharing_one_store_per_store():

@@ -110,7 +110,8 @@ class StoreSpec:
         for d in self.part_dims:
             if d % self.config.group_size:
                 raise ValueError(f"config.group_size: {self.config.group_size} does not divide the "
-                                 f"head dim {d} of a cache part")
+                                 f"head dim {d} of a cache part (pass a group size that does, e.g. "
+                                 f"qvg_compile.backend(group_size={math.gcd(d, self.config.group_size)}))")
         if self.config.method not in ("qvg", "rtn"):
             raise ValueError(f"config.method: the compressed cache stores qvg or rtn codes, got "
                              f"{self.config.method!r}")

@@ -353,8 +353,9 @@ class Store:
             elif warm is not None:
                 init = cents[warm, ..., :c, :]
             # A shared codebook may have more centroids than this segment has tokens: the encoder
-            # needs C <= n, and assignment is per token, so repeat tokens and keep the first n.
-            xp = x if not shared or n >= c else x.repeat_interleave(math.ceil(c / n), dim=-2)
+            # needs C <= n, and assignment is per token, so tile the tokens (the whole run again,
+            # not each token repeated in place) and keep the first n: the original tokens.
+            xp = x if not shared or n >= c else torch.cat([x] * math.ceil(c / n), dim=-2)
             try:
                 seg = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared)
             except ValueError as err:

@@ -1,0 +1,158 @@
+"""`QVGCache` against an independent reference: every sealed token of a cache, decoded, equals
+what the math layer makes of the token that was written, given the codebook the cache stored
+for it (nearest centroid per stage with `quant.lloyd.assign`, then `quant.group` codes of the
+residual); dense tokens equal what was written; attention over the cache equals SDPA over those
+reference values. A bug shared by the store's decode and its attention read cannot pass.
+
+The codebook itself (how k-means fits it) is the math layer's, tested there; here it is taken
+from the store. Centroids are kept in fp32 so that the reference's assignment sees exactly the
+centroids the encoder assigned to (BF16 rounding after the last Lloyd step would move ties).
+Tolerance: 1e-5 absolute on O(1) values (fp32 sums in a different order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache.spec import CSIZE
+from qvg_compile.quant.group import group_dequantize, group_quantize
+from qvg_compile.quant.lloyd import assign
+from qvg_compile.quant.segment import gather_centroids
+
+CFG = QVGConfig.preset("qvg").replace(centroids=16, centroid_dtype="fp32")
+B, S, H, D, L = 1, 64, 2, 64, 16
+ATOL = 1e-5
+# A codebook budget that gives these 16-token chunks 8-centroid codebooks (the default
+# budget gives them one centroid), so a short segment has fewer tokens than its codebook.
+BUDGET = dict(chunk_tokens=L, codebook_bits=8.0)
+
+
+def reference_values(cache: QVGCache, truth: torch.Tensor) -> torch.Tensor:
+    """``truth`` (what the dense cache would hold, the cache's shape) with every sealed token
+    replaced by the reference decode of that token under the codebook the store kept for it."""
+    store = cache._handle.store
+    spec = store.spec
+    view = cache._view
+    xs = view.to_normalised(truth).clone()  # [*lead, cap, channels]
+    pm = store.pos_map.long()
+    first = 0
+    for p, dp in enumerate(spec.part_dims):
+        part = xs[..., first:first + dp]
+        config = spec.config
+        for code in torch.unique(pm[pm <= -2]).tolist():
+            slot = -code - 2
+            pos = (pm == code).nonzero().flatten()
+            c = int(store.segs[slot, CSIZE])
+            cents = store.a("cents", p)[slot, ..., :c, :].float()  # [S, *lead, C, dp]
+            x = part[..., pos, :].float()
+            lead = x.shape[:-2]
+            sets = int(torch.Size(lead).numel())
+            residual = x.reshape(sets, -1, dp).clone()
+            for s in range(spec.stages):
+                book = cents[s].reshape(sets, c, dp)
+                picked, _ = assign(residual, book)
+                residual -= gather_centroids(book, picked)
+            codes = group_quantize(residual, spec.bits(p), config.group_size, config.code_mode,
+                                   config.torch_scale_dtype)
+            decoded = group_dequantize(codes, spec.bits(p), config.group_size, config.code_mode)
+            part[..., pos, :] = (decoded + (x.reshape(sets, -1, dp) - residual)).reshape(*lead, -1, dp).to(part.dtype)
+        first += dp
+    return view.from_normalised(xs)
+
+
+def check(cache: QVGCache, truth: torch.Tensor, seq_dim: int) -> None:
+    """Decoded cache == reference values; SDPA over the cache == SDPA over them."""
+    ref = reference_values(cache, truth)
+    got = cache.dequantize()
+    assert (got - ref).abs().max() <= ATOL
+    counts = cache.token_counts()
+    assert counts["sealed"] > 0 and int(cache._handle.store.segs[:, CSIZE].max()) > 1  # exercised
+    if cache.dim() == 4 and seq_dim == 1 and cache.shape[-1] == D:
+        gen = torch.Generator().manual_seed(99)
+        q = torch.randn(B, H, 8, D, generator=gen)
+        kv = cache.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv, kv)
+        want = F.scaled_dot_product_attention(q, ref.transpose(1, 2), ref.transpose(1, 2))
+        assert (out - want).abs().max() <= ATOL
+
+
+def chunks(seed: int, n: int = S // L) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, L, H, D, generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("role", ["key", "value"])
+def test_a_slice_writes_with_denoising_rewrites(role):
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, role=role, dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    for c, x in enumerate(chunks(1)):
+        for step in range(3):  # the last write of a chunk is the one that lasts
+            y = x + step
+            cache[:, c * L:(c + 1) * L] = y
+            truth[:, c * L:(c + 1) * L] = y
+    check(cache, truth, 1)
+
+
+def test_a_seal_of_a_short_last_chunk_on_a_shared_codebook():
+    """The video ends after 5 tokens of a chunk: `seal` quantizes them with the codebook they
+    share (16 centroids for 5 tokens), each token at its own position."""
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    xs = chunks(2)
+    cache[:, :L] = truth[:, :L] = xs[0]
+    cache[:, L:L + 5] = xs[1][:, :5]
+    truth[:, L:L + 5] = xs[1][:, :5]
+    cache.seal(release=False)
+    assert cache.token_counts()["dense"] == 0
+    check(cache, truth, 1)
+
+
+def test_b_rolling_window_relocates_open_tokens_onto_a_shared_codebook():
+    """Sinks stay dense; sealed tokens move as they are; the open chunk's tokens, relocated with
+    no free slot, are quantized where they land (fewer tokens than the codebook has centroids)."""
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, dense_sinks=4, **BUDGET)
+    x = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(3))
+    truth = torch.zeros(B, S, H, D)
+    for s in range(0, 52, L):
+        cache[:, s:min(s + L, 52)] = x[:, s:min(s + L, 52)]
+        truth[:, s:min(s + L, 52)] = x[:, s:min(s + L, 52)]
+    moved = truth[:, 36:52].clone()
+    cache[:, 4:20] = cache[:, 36:52].clone()
+    truth[:, 4:20] = moved
+    # Tokens 4..15 of the window were sealed where they were: compare them under their codebook
+    # with the original tokens (they moved bit-exactly); 16..19 were quantized on arrival.
+    check(cache, truth, 1)
+
+
+def test_f_packed_key_and_value_parts():
+    cache = QVGCache.empty((B, S, H, 2 * D), 1, CFG, roles=("key", "value"), dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, 2 * D)
+    gen = torch.Generator().manual_seed(4)
+    for c in range(3):
+        y = torch.randn(B, L, H, 2 * D, generator=gen)
+        cache[:, c * L:(c + 1) * L] = truth[:, c * L:(c + 1) * L] = y
+    check(cache, truth, 1)
+
+
+def test_h_index_copy_writes():
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    for c, x in enumerate(chunks(5, 3)):
+        idx = torch.arange(c * L, (c + 1) * L)
+        cache.index_copy_(1, idx, x)
+        truth.index_copy_(1, idx, x)
+    check(cache, truth, 1)
+
+
+def test_the_reference_catches_a_token_stored_at_the_wrong_position():
+    """The check is not vacuous: swapping two sealed tokens' codes makes it fail."""
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    for c, x in enumerate(chunks(6, 3)):
+        cache[:, c * L:(c + 1) * L] = truth[:, c * L:(c + 1) * L] = x
+    codes = cache._handle.store.a("codes", 0)
+    codes[..., [0, 1], :] = codes[..., [1, 0], :]
+    with pytest.raises(AssertionError):
+        check(cache, truth, 1)
