@@ -1,6 +1,6 @@
-"""`QVGCache` against an independent reference: every sealed token of a cache, decoded, equals
-what the math layer makes of the token that was written, given the codebook the cache stored
-for it (nearest centroid per stage with `quant.lloyd.assign`, then `quant.group` codes of the
+"""`QVGCache` against an independent reference (idioms A, B, D, F, H, J): every sealed token of
+a cache, decoded, equals what the math layer makes of the token that was written, given the
+codebook the cache stored for it (nearest centroid per stage with `quant.lloyd.assign`, then `quant.group` codes of the
 residual); dense tokens equal what was written; attention over the cache equals SDPA over those
 reference values. A bug shared by the store's decode and its attention read cannot pass.
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache.spec import CSIZE
+from qvg_compile.cache.view import CHAN, RUN, SEQ, Lead, View
 from qvg_compile.quant.group import group_dequantize, group_quantize
 from qvg_compile.quant.lloyd import assign
 from qvg_compile.quant.segment import gather_centroids
@@ -156,3 +157,41 @@ def test_the_reference_catches_a_token_stored_at_the_wrong_position():
     codes[..., [0, 1], :] = codes[..., [1, 0], :]
     with pytest.raises(AssertionError):
         check(cache, truth, 1)
+
+
+def whole_store(cache: QVGCache) -> QVGCache:
+    """The cache's whole store as one ``[*lead, capacity, channels]`` view."""
+    store = cache._handle.store
+    lead = tuple(Lead(0, n) for n in store.lead)
+    view = View(tuple(range(len(lead))) + (SEQ, CHAN), lead, ((RUN, 0, store.capacity),),
+                (0, len(store.spec.part_dims)))
+    return QVGCache(cache._handle, view)
+
+
+@pytest.mark.parametrize("peek", [False, True], ids=["store", "peek"])
+def test_d_and_j_a_cache_grown_by_cat_and_read_with_the_new_chunk(peek):
+    """Idiom D: the pipeline keeps ``cat([cache, new])`` (the store seals the older appended
+    chunk); idiom J: a read-only pass reads ``cat([cache, new])`` and drops it. The store's
+    sealed tokens follow the reference, and attention over the cat view equals SDPA over the
+    reference values of its stored run and its dense pieces."""
+    gen = torch.Generator().manual_seed(7)
+    parts = [torch.randn(1, H, L, D, generator=gen) for _ in range(5)]
+    k = QVGCache.from_dense(parts[0], 2, CFG, **BUDGET)
+    for new in parts[1:4]:
+        k = torch.cat([k, new], 2)
+    # A read-only cat still appends the cache's own dense piece to the shared store (where the
+    # pipeline's next store would put it): the reference follows the view that is read.
+    peeked = torch.cat([k, parts[4]], 2) if peek else k
+    truth = torch.cat(parts, 2)
+    store = whole_store(peeked)
+    run = peeked._view.pieces[0][2]
+    truth_store = torch.zeros(store.shape)
+    truth_store[:, :, :run] = truth[:, :, :run]
+    ref_store = reference_values(store, truth_store)
+    assert (store.dequantize() - ref_store).abs().max() <= ATOL
+    assert int((peeked._handle.store.pos_map <= -2).sum()) >= 2 * L  # appended chunks were sealed
+    ref_view = torch.cat([ref_store[:, :, :run], *peeked._dense], 2)
+    q = torch.randn(1, H, 8, D, generator=gen)
+    out = F.scaled_dot_product_attention(q, peeked, peeked)
+    want = F.scaled_dot_product_attention(q, ref_view, ref_view)
+    assert (out - want).abs().max() <= ATOL
