@@ -9,6 +9,7 @@ import torch
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache.api import role_of
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 
@@ -86,3 +87,10 @@ def test_seal_quantizes_every_store_once_and_frees_the_dense_chunks():
         assert 0.01 < err < 0.4
     with pytest.raises(TypeError, match="release"):
         qvg_compile.seal(caches, release="yes")
+
+
+@pytest.mark.parametrize("path,role", [("['v']", "value"), (".value_cache[3]", "value"), ("['v_vision']", "value"),
+                                       ("['v_txt']", "value"), ("['cache_v']", "value"), ("['k_vision']", "key"),
+                                       ("['kv']", "key"), (".key_cache[0]", "key"), ("['value_txt']", "value")])
+def test_role_follows_the_last_name(path, role):
+    assert role_of(path) == role

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,9 +23,11 @@ def is_cache_like(path: str, t: torch.Tensor) -> bool:
 
 
 def role_of(path: str) -> str:
-    """``"value"`` when the last name in ``path`` says so (``["v"]``, ``.value_cache``...)."""
-    last = path.replace("]", "").replace("'", "").replace('"', "").split("[")[-1].split(".")[-1].lower()
-    return "value" if last in VALUE_NAMES or last.endswith("_v") else "key"
+    """``"value"`` when the last name in ``path`` (list indices skipped) says so (``["v"]``,
+    ``.value_cache[3]``, ``v_txt``, ``cache_v``...); ``"key"`` otherwise."""
+    names = [n for n in re.split(r"[\[\].'\"]+", path.lower()) if n and not n.lstrip("-").isdigit()]
+    last = names[-1] if names else ""
+    return "value" if last in VALUE_NAMES or last.endswith("_v") or last.startswith(("v_", "value_")) else "key"
 
 
 def compress(obj: Any, config: Optional[QVGConfig] = None, seq_dim: int = 1,
