@@ -2,7 +2,6 @@
 call with the same values; near misses are left as written."""
 
 import torch
-import torch.nn.functional as F
 
 from qvg_compile.passes.readers import find_readers
 from qvg_compile.passes.rewrite import fuse_matmul_softmax

@@ -1,7 +1,6 @@
 """Detection of KV-cache sites in Dynamo graphs: every idiom of docs/design.md §5, every reader kind,
 and negatives that must stay untouched."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 """The fast read: a planned attention over two `QVGCache` views that only launches.
 
 With a `read_plan.ReadPlan` (built once per cache state), a read is, per workspace block (one
-block unless the history passes the workspace cap): one `kernels.gather.gather_pair` launch
+block unless the history passes the workspace cap): one `kernels.gather.Gather` launch
 that decodes the sealed K and V of the view and copies its dense rows into a workspace shared
 by every read on the device, then one fused SDPA (cuDNN or flash on CUDA, the CPU flash kernel
 elsewhere) over it. Several blocks are merged by log-sum-exp. Nothing here reads the token
