@@ -9,6 +9,7 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import read_fast, read_plan, reset_stats, stats
@@ -153,3 +154,29 @@ def test_a_bad_workspace_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("QVG_READ_PATH", "fastest")
     with pytest.raises(ValueError, match="QVG_READ_PATH"):
         read_plan.fast_reads_enabled()
+
+
+def host_ops(fn) -> list[str]:
+    """The ATen ops a ``qvg::cache_*`` op body issues on the host (torch.profiler, CPU)."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is not None
+            and e.cpu_parent.name.startswith("qvg::cache")]
+
+
+@pytest.mark.parametrize("chunks", [3, 12])
+def test_a_planned_read_and_a_rewrite_issue_a_pinned_number_of_host_ops(monkeypatch, chunks):
+    """With the gather's device work left out, a planned read issues 15 host ops (two state
+    stamps, the workspace views, the query fold, one SDPA, the unfold) and a rewrite of the open
+    chunk 5 (its stamp, one copy), at any history length: no planning, no per-token work."""
+    monkeypatch.setattr(Gather, "__call__", lambda self, *args: None)
+    k, v = filled(chunks, "key", 12, cap=256), filled(chunks, "value", 13, cap=256)
+    q = torch.randn(B, H, 8, D)
+    e = chunks * L
+    kt, vt = k[:, :e].transpose(1, 2), v[:, :e].transpose(1, 2)
+    read = host_ops(lambda: F.scaled_dot_product_attention(q, kt, vt))
+    assert len(read) == 15 and sum("attention" in name for name in read) == 1
+    x = torch.randn(B, L, H, D)
+    rewrite = host_ops(lambda: k.__setitem__((slice(None), slice(e - L, e)), x))
+    assert len(rewrite) == 5 and rewrite.count("aten::copy_") == 1
