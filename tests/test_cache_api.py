@@ -82,9 +82,12 @@ def test_seal_quantizes_every_store_once_and_frees_the_dense_chunks():
         assert cache.token_counts() == {"sealed": 48, "dense": 0, "holes": 16, "segments": 2}
         out = cache.dequantize()
         torch.testing.assert_close(out[:, :32], old, rtol=0, atol=0)  # sealed tokens untouched
-        # the chunk that was dense is now quantized: 2-bit error on Gaussian data (~0.1-0.3)
+        # the chunk that was dense is now quantized: 2-bit error on Gaussian data, measured 0.51 and
+        # 0.54 for keys (three-level codes: Gaussian data has no outlier channel to need them),
+        # 0.28 and 0.26 for values (four levels)
         err = (out[:, 32:48] - x[:, 32:48]).pow(2).mean() / x[:, 32:48].pow(2).mean()
-        assert 0.01 < err < 0.4
+        low, high = (0.4, 0.65) if cache._handle.spec.roles == ("key",) else (0.2, 0.35)
+        assert low < err < high
     with pytest.raises(TypeError, match="release"):
         qvg_compile.seal(caches, release="yes")
 
@@ -94,3 +97,10 @@ def test_seal_quantizes_every_store_once_and_frees_the_dense_chunks():
                                        ("['kv']", "key"), (".key_cache[0]", "key"), ("['value_txt']", "value")])
 def test_role_follows_the_last_name(path, role):
     assert role_of(path) == role
+
+
+def test_an_unnamed_pair_is_a_key_and_a_value():
+    layers = [(kv(0), kv(1)), (kv(2), kv(3))]
+    layers = qvg_compile.compress(layers, QVGConfig.preset("qvg"), seq_dim=1, chunk_tokens=16)
+    roles = [(k._handle.spec.roles, v._handle.spec.roles) for k, v in layers]
+    assert roles == [(("key",), ("value",))] * 2

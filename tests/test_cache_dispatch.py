@@ -84,7 +84,8 @@ def test_b_rolling_window_with_sinks_relabels_without_requantizing():
     # 48..51 were the open chunk; with no free slot they are quantized where they land, once.
     assert stats()["sealed_tokens"] == sealed + 4
     rel = (after[:, 16:20] - before[:, 48:52]).norm() / before[:, 48:52].norm()
-    assert 0.4 < rel < 0.6  # measured 0.536: 2-bit codes of Gaussian tokens on a codebook fit to other tokens
+    # measured 0.769: 2-bit three-level key codes of Gaussian tokens on a codebook fit to other tokens
+    assert 0.65 < rel < 0.85
     assert torch.equal(after[:, :4], x[:, :4])  # sinks stay dense
     assert torch.equal(after[:, 20:52], before[:, 20:52])
 
@@ -276,7 +277,8 @@ def test_d_cache_grown_by_repeated_cat_stays_compressed_with_the_newest_chunk_de
     assert torch.equal(dq(k)[:, :, -2 * L:], full[:, :, -2 * L:])
     # The store holds the older chunks under the policy (one dense slot: the previous chunk).
     assert k.token_counts()["dense"] == L and k.token_counts()["sealed"] == 7 * L
-    assert 0.35 < (dq(k) - full).norm() / full.norm() < 0.55  # measured 0.475 (seven of nine chunks sealed)
+    # measured 0.668: seven of nine chunks sealed, three-level key codes on Gaussian data
+    assert 0.55 < (dq(k) - full).norm() / full.norm() < 0.75
     # Two of nine fp32 chunks are dense (bound: 4.5x); the seven sealed ones are >= 6x smaller.
     dense_bytes = 2 * chunks[0].numel() * chunks[0].element_size()
     assert k.compression_ratio() > 3

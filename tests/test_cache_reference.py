@@ -55,9 +55,9 @@ def reference_values(cache: QVGCache, truth: torch.Tensor) -> torch.Tensor:
                 book = cents[s].reshape(sets, c, dp)
                 picked, _ = assign(residual, book)
                 residual -= gather_centroids(book, picked)
-            codes = group_quantize(residual, spec.bits(p), config.group_size, config.code_mode,
-                                   config.torch_scale_dtype)
-            decoded = group_dequantize(codes, spec.bits(p), config.group_size, config.code_mode)
+            mode = config.code_mode_for(spec.roles[p])
+            codes = group_quantize(residual, spec.bits(p), config.group_size, mode, config.torch_scale_dtype)
+            decoded = group_dequantize(codes, spec.bits(p), config.group_size, mode)
             part[..., pos, :] = (decoded + (x.reshape(sets, -1, dp) - residual)).reshape(*lead, -1, dp).to(part.dtype)
         first += dp
     return view.from_normalised(xs)

@@ -62,7 +62,8 @@ def test_from_dense_keeps_the_last_slot_dense_and_seals_the_rest():
     y = c.dequantize()
     assert torch.equal(y[:, 40 - L:40], x[:, 40 - L:40]) and torch.equal(y[:, 40:], x[:, 40:])
     rel = (y[:, :24] - x[:, :24]).norm() / x[:, :24].norm()
-    assert 0.4 < rel < 0.6  # measured 0.538: 2-bit codes, one centroid (the default budget at 16 tokens), Gaussian noise
+    # measured 0.760: 2-bit three-level key codes, one centroid (the default budget at 16 tokens), Gaussian noise
+    assert 0.65 < rel < 0.85
 
 
 def test_flatten_metadata_pickles_and_unflatten_rebuilds_the_same_view():

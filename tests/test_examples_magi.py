@@ -26,7 +26,8 @@ def make(**overrides):
 
 
 def compress(params):
-    qvg_compile.compress(params.key_value_memory_dict, CFG, seq_dim=1)
+    # K and V packed along the channels: the layout is the caller's to state.
+    qvg_compile.compress(params.key_value_memory_dict, CFG, seq_dim=1, roles=("key", "value"))
 
 
 @pytest.fixture(scope="module")

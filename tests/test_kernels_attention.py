@@ -27,7 +27,7 @@ def make_store(gen, b, h, n, d, cfg, role):
     return PackedStore(cat("codes"), cat("scales"), None if segs[0].zeros is None else cat("zeros"),
                        torch.cat([g.assignments for g in segs], dim=-1), torch.stack([g.centroids for g in segs]),
                        torch.cat([torch.full((k,), i, dtype=torch.int32) for i, k in enumerate(n)]),
-                       segs[0].bits, cfg.group_size, cfg.code_mode)
+                       segs[0].bits, cfg.group_size, segs[0].code_mode)
 
 
 def inputs(seed, b=1, hq=4, hkv=2, m=19, d=32, t=7, n=(37, 29), dtype=torch.float32, bshd=False, cfg=None):
@@ -113,7 +113,7 @@ def test_op_cpu_dispatch_and_opcheck():
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     args = (q, ks.codes, ks.scales, ks.zeros, ks.assignments, ks.centroids, ks.segment_ids,
             vs.codes, vs.scales, vs.zeros, vs.assignments, vs.centroids, vs.segment_ids,
-            [0, 20, 25, 66], tk, tv, mask, ks.bits, vs.bits, ks.group_size, ks.code_mode, 0.25)
+            [0, 20, 25, 66], tk, tv, mask, ks.bits, vs.bits, ks.group_size, ks.code_mode, vs.code_mode, 0.25)
     torch.library.opcheck(torch.ops.qvg.attention.default, args)
 
 
@@ -145,3 +145,14 @@ def test_stream_block_rule_and_its_override(monkeypatch):
     monkeypatch.setenv("QVG_STREAM_BLOCK_TOKENS", "lots")
     with pytest.raises(ValueError, match="QVG_STREAM_BLOCK_TOKENS"):
         stream_block_tokens(93600)
+
+
+def test_fused_reads_keys_and_values_of_different_code_modes():
+    """Keys with the published 3-level codes, values with 4 levels (the `qvg` preset)."""
+    cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16", code_mode="symmetric",
+                    value_code_mode="symmetric_full")
+    q, ks, vs, tk, tv, _ = inputs(3, cfg=cfg)
+    assert (ks.code_mode, vs.code_mode) == ("symmetric", "symmetric_full")
+    ref = reference_attention(q, ks, vs, RANGES, tk, tv, None, 0.3)
+    out, _ = attend_fused(q, ks, vs, RANGES, tk, tv, None, 0.3)
+    assert rel(out, ref) < 1e-5

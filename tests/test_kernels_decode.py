@@ -25,7 +25,7 @@ def make_store(seed, b=1, h=2, n=(37, 29), d=32, cfg=None, role="key", cdtype="f
     ids = torch.cat([torch.full((k,), i, dtype=torch.int32) for i, k in enumerate(n)])
     zeros = None if segs[0].zeros is None else cat("zeros")
     return PackedStore(cat("codes"), cat("scales"), zeros, assign, cents, ids, segs[0].bits, cfg.group_size,
-                       cfg.code_mode)
+                       segs[0].code_mode)
 
 
 CASES = [
@@ -52,7 +52,8 @@ def test_triton_decode_matches_reference(changes, out_dtype, grouped):
 
 
 @pytest.mark.parametrize("changes", [dict(), dict(value_bits=4), dict(code_mode="asymmetric", scale_dtype="fp16"),
-                                     dict(stages=0)], ids=["default", "v4bit", "asym", "rtn"])
+                                     dict(stages=0), dict(code_mode="symmetric", value_code_mode="symmetric_full")],
+                         ids=["default", "v4bit", "asym", "rtn", "modes_per_role"])
 def test_triton_decode_pair_equals_two_decodes(changes):
     """One launch for a K and a V block (int16 segment ids, a strided V output) gives what two
     `decode_into` calls give."""

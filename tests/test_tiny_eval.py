@@ -33,8 +33,9 @@ def test_teacher_forcing_equals_chunkwise_generation_with_a_cache():
 
 
 def test_method_configs():
-    assert method_config("qvg", 64).code_mode == "symmetric_full"
-    assert method_config("qvg_asym", 64).code_mode == "asymmetric"
+    assert method_config("qvg", 64).code_mode_for("key") == "symmetric"
+    assert method_config("qvg", 64).code_mode_for("value") == "symmetric_full"
+    assert {method_config("qvg_asym", 64).code_mode_for(r) for r in ("key", "value")} == {"asymmetric"}
     assert method_config("qvg_pro_asym", 64).stages == 4
     assert method_config("quarot", 64).group_size == 64
     assert method_config("kivi", 64).residual_window == 0

@@ -35,9 +35,11 @@ def compress(obj: Any, config: Optional[QVGConfig] = None, seq_dim: int = 1,
     """Convert a tensor, or every cache tensor inside ``obj``, into `QVGCache`.
 
     ``obj`` is a tensor (returned converted), a dict or list (converted in place), a tuple
-    (rebuilt: tuples are immutable), or an ``nn.Module`` (its buffers and tensor attributes,
-    and the containers it holds as attributes, converted in place). ``select(path, tensor)``
-    picks the tensors (default `is_cache_like`); the role (key or value) follows the name.
+    (rebuilt: tuples are immutable), or an ``nn.Module`` (its buffers and tensor attributes, and
+    the containers it holds as attributes, converted in place). ``select(path, tensor)`` picks
+    the tensors (default `is_cache_like`); the role (key or value) follows the name, and an
+    unnamed pair of tensors is a ``(key, value)`` pair. K and V packed along the channels take
+    ``roles=("key", "value")``.
     ``options`` go to `QVGCache.from_dense` (``chunk_tokens``, ``dense_chunks``...).
     Returns the converted object.
     """
@@ -46,13 +48,13 @@ def compress(obj: Any, config: Optional[QVGConfig] = None, seq_dim: int = 1,
 
 
 def _convert(obj: Any, path: str, config: Optional[QVGConfig], seq_dim: int, choose: Select,
-             options: dict) -> Any:
+             options: dict, role: Optional[str] = None) -> Any:
     if isinstance(obj, QVGCache):
         return obj
     if isinstance(obj, torch.Tensor):
         if not choose(path, obj):
             return obj
-        return QVGCache.from_dense(obj, seq_dim, config, role=role_of(path), **options)
+        return QVGCache.from_dense(obj, seq_dim, config, role=role or role_of(path), **options)
     if isinstance(obj, dict):
         for key in list(obj):
             obj[key] = _convert(obj[key], f"{path}[{key!r}]", config, seq_dim, choose, options)
@@ -63,8 +65,12 @@ def _convert(obj: Any, path: str, config: Optional[QVGConfig], seq_dim: int, cho
         return obj
     if isinstance(obj, tuple):
         names = getattr(obj, "_fields", None) or [f"[{i}]" for i in range(len(obj))]
+        # An unnamed pair of tensors is a (key, value) pair, the way pipelines return a layer's cache.
+        pair = (not hasattr(obj, "_fields") and len(obj) == 2
+                and all(isinstance(item, torch.Tensor) for item in obj))
+        roles = ("key", "value") if pair else (None,) * len(obj)
         items = [_convert(item, f"{path}.{name}" if not name.startswith("[") else f"{path}{name}", config, seq_dim,
-                          choose, options) for name, item in zip(names, obj)]
+                          choose, options, role) for name, item, role in zip(names, obj, roles)]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, torch.nn.Module):
         for name, module in obj.named_modules():

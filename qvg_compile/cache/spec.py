@@ -127,7 +127,7 @@ class StoreSpec:
 
     @property
     def has_zeros(self) -> bool:
-        return self.config.code_mode == "asymmetric"
+        return any(self.config.code_mode_for(role) == "asymmetric" for role in self.roles)
 
     @property
     def slots(self) -> int:

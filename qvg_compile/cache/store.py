@@ -370,7 +370,7 @@ class Store:
                 dst, src = slice(first, first + length), slice(i, i + length)
                 self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
                 self.a("scales", p)[..., dst, :] = seg.scales[..., src, :]
-                if self.spec.has_zeros:
+                if seg.zeros is not None:
                     self.a("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
                 self.a("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
         if not shared:
@@ -391,7 +391,8 @@ class Store:
         lead = self.lead
         ix = self._lead(sel)
         codes, scales = self.a("codes", part)[ix], self.a("scales", part)[ix]
-        zeros = self.a("zeros", part)[ix] if self.spec.has_zeros else None
+        mode = self.spec.config.code_mode_for(self.spec.roles[part])
+        zeros = self.a("zeros", part)[ix] if mode == "asymmetric" else None
         assign = self.a("assign", part)[(slice(None), *ix)]
         cents = self.a("cents", part)[(slice(None), slice(None), *ix)]
         if len(lead) != 2:
@@ -402,7 +403,7 @@ class Store:
             assign = assign.reshape(assign.shape[0], b, h, assign.shape[-1])
             cents = cents.reshape(*cents.shape[:2], b, h, *cents.shape[-2:])
         return PackedStore(codes, scales, zeros, assign, cents, self.seg_ids,
-                           self.spec.bits(part), self.spec.config.group_size, self.spec.config.code_mode)
+                           self.spec.bits(part), self.spec.config.group_size, mode)
 
     def decode(self, positions: torch.Tensor, parts: Optional[Sequence[int]] = None,
                sel: LeadSel = None) -> list[torch.Tensor]:

@@ -70,7 +70,7 @@ def _attn_kernel(
     mask, s_mb, s_mh, s_mm, s_mt,
     qk_scale, M, HQ, GROUPS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr,
     K_STAGES: tl.constexpr, V_STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, MASK_KIND: tl.constexpr,
     GROUPED: tl.constexpr,
 ):
@@ -106,12 +106,12 @@ def _attn_kernel(
             n_mask = offs_n < end
             k = decode_tile(kc, s_kcn, s_kcd, ks, s_ksn, s_ksg, kz, s_kzn, s_kzg, ka, s_kas, s_kan,
                             kx, s_kxk, s_kxs, s_kxc, s_kxd, kseg, offs_n, n_mask, offs_d,
-                            K_BITS, GROUP, MODE, K_STAGES, SCALE_FP8, GROUPED)
+                            K_BITS, GROUP, K_MODE, K_STAGES, SCALE_FP8, GROUPED)
             s = tl.dot(qt, tl.trans(k.to(qt.dtype))) * qk_scale
             s = tl.where(n_mask[None, :], s, float("-inf"))
             v = decode_tile(vc, s_vcn, s_vcd, vs, s_vsn, s_vsg, vz, s_vzn, s_vzg, va, s_vas, s_van,
                             vx, s_vxk, s_vxs, s_vxc, s_vxd, vseg, offs_n, n_mask, offs_d,
-                            V_BITS, GROUP, MODE, V_STAGES, SCALE_FP8, GROUPED)
+                            V_BITS, GROUP, V_MODE, V_STAGES, SCALE_FP8, GROUPED)
             m_i, l_i, acc = _online_step(s, v.to(qt.dtype), m_i, l_i, acc)
 
     tk += b * s_tkb + hk * s_tkh
@@ -170,7 +170,8 @@ def attend_fused(q: torch.Tensor, k_store: PackedStore, v_store: PackedStore, ra
         mask, *mstrides,
         scale * LOG2E, m, hq, hq // hkv,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, K_BITS=k_store.bits, V_BITS=v_store.bits,
-        GROUP=k_store.group_size, MODE=MODE_IDS[k_store.code_mode], K_STAGES=k_store.stages,
+        GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode], V_MODE=MODE_IDS[v_store.code_mode],
+        K_STAGES=k_store.stages,
         V_STAGES=v_store.stages, SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, MASK_KIND=mask_kind,
         GROUPED=grouped, num_warps=warps, num_stages=stages,
     )

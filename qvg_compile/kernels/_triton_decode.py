@@ -89,8 +89,8 @@ def _decode_pair_kernel(
     v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
     start, n, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    GROUP: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, STAGES: tl.constexpr,
+    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
 ):
     # Grid axis 2 picks the store: one launch decodes a K block and its V block.
     if tl.program_id(2) == 0:
@@ -98,13 +98,13 @@ def _decode_pair_kernel(
                       k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
                       k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
                       k_out, k_s_ob, k_s_oh, k_s_on, k_s_od, start, n, H,
-                      D, BLOCK_N, K_BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED)
+                      D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED)
     else:
         _decode_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
                       v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
                       v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
                       v_out, v_s_ob, v_s_oh, v_s_on, v_s_od, start, n, H,
-                      D, BLOCK_N, V_BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED)
+                      D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED)
 
 
 def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor, grouped: bool = GROUPED) -> torch.Tensor:
@@ -125,9 +125,10 @@ def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor, gro
 
 
 def pairable(k_store: PackedStore, v_store: PackedStore) -> bool:
-    """Whether `decode_pair_into` takes these stores: same layout and code format (bits may differ)."""
+    """Whether `decode_pair_into` takes these stores: same layout and scale format (bits and code
+    modes may differ)."""
     return (k_store.codes.shape[:2] == v_store.codes.shape[:2] and k_store.head_dim == v_store.head_dim
-            and k_store.group_size == v_store.group_size and k_store.code_mode == v_store.code_mode
+            and k_store.group_size == v_store.group_size
             and k_store.stages == v_store.stages and k_store.scales.dtype == v_store.scales.dtype)
 
 
@@ -145,7 +146,7 @@ def decode_pair_into(k_store: PackedStore, v_store: PackedStore, start: int, end
         *kernel_store_args(k_store), k_out, *k_out.stride(),
         *kernel_store_args(v_store), v_out, *v_out.stride(), start, n, h,
         D=d, BLOCK_N=BLOCK_TOKENS, K_BITS=k_store.bits, V_BITS=v_store.bits, GROUP=k_store.group_size,
-        MODE=MODE_IDS[k_store.code_mode], STAGES=k_store.stages,
+        K_MODE=MODE_IDS[k_store.code_mode], V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
         SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=GROUPED,
         num_warps=4,
     )

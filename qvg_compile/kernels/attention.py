@@ -134,7 +134,7 @@ def qvg_attention(
     out, lse = torch.ops.qvg.attention(
         q, k.codes, k.scales, k.zeros, k.assignments, k.centroids, k.segment_ids,
         v.codes, v.scales, v.zeros, v.assignments, v.centroids, v.segment_ids,
-        flat, tail_k, tail_v, tail_mask, k.bits, v.bits, k.group_size, k.code_mode,
+        flat, tail_k, tail_v, tail_mask, k.bits, v.bits, k.group_size, k.code_mode, v.code_mode,
         None if scale is None else float(scale))
     return (out, lse) if return_lse else out
 
@@ -272,8 +272,8 @@ def _check(q, k_store, v_store, ranges, tail_k, tail_v, tail_mask, scale) -> lis
     vb, vh, vcap, vd = check_store(v_store, "v_store")
     if (kb, kh, cap) != (vb, vh, vcap):
         raise ValueError(f"v_store: expected [B, H, capacity] = {[kb, kh, cap]} like k_store, got {[vb, vh, vcap]}")
-    if k_store.group_size != v_store.group_size or k_store.code_mode != v_store.code_mode:
-        raise ValueError("v_store: group_size and code_mode must match k_store's")
+    if k_store.group_size != v_store.group_size:
+        raise ValueError("v_store: group_size must match k_store's")
     if (k_store.scales.dtype != v_store.scales.dtype):
         raise ValueError("v_store: scales dtype must match k_store's")
     b, hq, m, d = q.shape
@@ -320,10 +320,12 @@ def _attention_op(
     v_codes: torch.Tensor, v_scales: torch.Tensor, v_zeros: Optional[torch.Tensor], v_assignments: torch.Tensor,
     v_centroids: torch.Tensor, v_segment_ids: torch.Tensor,
     ranges: list[int], tail_k: torch.Tensor, tail_v: torch.Tensor, tail_mask: Optional[torch.Tensor],
-    k_bits: int, v_bits: int, group_size: int, code_mode: str, scale: Optional[float],
+    k_bits: int, v_bits: int, group_size: int, k_code_mode: str, v_code_mode: str, scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ks = make_store(k_codes, k_scales, k_zeros, k_assignments, k_centroids, k_segment_ids, k_bits, group_size, code_mode)
-    vs = make_store(v_codes, v_scales, v_zeros, v_assignments, v_centroids, v_segment_ids, v_bits, group_size, code_mode)
+    ks = make_store(k_codes, k_scales, k_zeros, k_assignments, k_centroids, k_segment_ids, k_bits, group_size,
+                    k_code_mode)
+    vs = make_store(v_codes, v_scales, v_zeros, v_assignments, v_centroids, v_segment_ids, v_bits, group_size,
+                    v_code_mode)
     pairs = [(ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2) if ranges[i + 1] > ranges[i]]
     impl = implementation(q, ks, vs)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -341,6 +343,6 @@ def _attention_op(
 @_attention_op.register_fake
 def _attention_fake(q, k_codes, k_scales, k_zeros, k_assignments, k_centroids, k_segment_ids, v_codes, v_scales,
                     v_zeros, v_assignments, v_centroids, v_segment_ids, ranges, tail_k, tail_v, tail_mask, k_bits,
-                    v_bits, group_size, code_mode, scale):
+                    v_bits, group_size, k_code_mode, v_code_mode, scale):
     b, hq, m, _ = q.shape
     return q.new_empty(b, hq, m, tail_v.shape[-1]), q.new_empty(b, hq, m, dtype=torch.float32)

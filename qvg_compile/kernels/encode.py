@@ -173,7 +173,8 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
         cents_i = centroids[:, sl] if parts == 1 else centroids[:, sl].clone()
         assign_i = assignments[:, sl] if parts == 1 else assignments[:, sl].clone()
         bits = config.bits_for(role)
-        codes, scales, zeros, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, config.code_mode,
+        mode = config.code_mode_for(role)
+        codes, scales, zeros, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, mode,
                                               config.torch_scale_dtype, flags=flags[sl],
                                               check_finite=config.check_finite)
         xs_view = to_normalised(x, prepared[i][1])
@@ -181,10 +182,10 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
         segs.append(QVGSegment(
             codes=codes.view(*lead, n, -1),
             scales=scales.view(*lead, n, -1),
-            zeros=zeros.view(*lead, n, -1) if config.code_mode == "asymmetric" else None,
+            zeros=zeros.view(*lead, n, -1) if mode == "asymmetric" else None,
             assignments=assign_i.view(stages, *lead, n),
             centroids=cents_i.view(stages, *lead, c, d),
-            bits=bits, group_size=config.group_size, code_mode=config.code_mode,
+            bits=bits, group_size=config.group_size, code_mode=mode,
             shape=x.shape, dtype=x.dtype, seq_dim=prepared[i][1],
         ))
     return segs, flags

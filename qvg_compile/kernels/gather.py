@@ -108,12 +108,12 @@ def gather_pair(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor
 def gather_supported(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
                      interpret: bool = False) -> bool:
     """Whether the Triton kernel takes these stores: CUDA (or ``interpret`` for the Triton
-    interpreter on CPU tensors), one layout and code format for K and V, supported bits and head
-    dim, dense rows of the head dim."""
+    interpreter on CPU tensors), one layout and scale format for K and V (bits and code modes may
+    differ), supported bits and head dim, dense rows of the head dim."""
     kb, kh, _, d = check_store(k_store, "k_store")
     vb, vh, _, vd = check_store(v_store, "v_store")
     return ((k_store.codes.is_cuda or interpret) and triton_supports(k_store) and triton_supports(v_store)
             and (kb, kh, d) == (vb, vh, vd) and k_store.group_size == v_store.group_size
-            and k_store.code_mode == v_store.code_mode and k_store.stages == v_store.stages
+            and k_store.stages == v_store.stages
             and k_store.scales.dtype == v_store.scales.dtype
             and k_tail.shape[-1] == v_tail.shape[-1] == d)

@@ -50,7 +50,7 @@ def analytic_bits_per_element(config: QVGConfig, num_tokens: int, head_dim: int,
     if config.method not in ("qvg", "rtn"):
         raise ValueError(f"config.method: the analytic formula covers qvg and rtn, got {config.method!r}")
     scale_bits = config.torch_scale_dtype.itemsize * 8
-    per_group = scale_bits * (2 if config.code_mode == "asymmetric" else 1)
+    per_group = scale_bits * (2 if config.code_mode_for(role) == "asymmetric" else 1)
     stages = config.stages if config.method == "qvg" else 0
     centroid_bits = config.torch_centroid_dtype.itemsize * 8
     return (config.bits_for(role) + per_group / config.group_size + stages * 8 / head_dim

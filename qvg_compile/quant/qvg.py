@@ -88,7 +88,8 @@ def encode_qvg(
         centroids[s] = km.centroids.to(cdtype)
         assignments[s] = km.assignments.to(torch.uint8)
         residual -= gather_centroids(centroids[s], assignments[s])
-    g = group_quantize(residual, bits, config.group_size, config.code_mode, config.torch_scale_dtype)
+    mode = config.code_mode_for(role)
+    g = group_quantize(residual, bits, config.group_size, mode, config.torch_scale_dtype)
     return QVGSegment(
         codes=g.codes.view(*lead, n, -1),
         scales=g.scales.view(*lead, n, -1),
@@ -97,7 +98,7 @@ def encode_qvg(
         centroids=centroids.view(stages, *lead, config.centroids, d),
         bits=bits,
         group_size=config.group_size,
-        code_mode=config.code_mode,
+        code_mode=mode,
         shape=x.shape,
         dtype=x.dtype,
         seq_dim=seq_dim,

@@ -50,7 +50,7 @@ def method_config(name: str, head_dim: int, bits: int = 2) -> QVGConfig:
     preset = name.removesuffix("_asym")
     config = QVGConfig.preset(preset, key_bits=bits, value_bits=bits)
     if name.endswith("_asym"):
-        config = config.replace(code_mode="asymmetric")
+        config = config.replace(code_mode="asymmetric", value_code_mode="asymmetric")
     if name == "kivi":
         config = config.replace(residual_window=0)
     if config.group_size > head_dim:
