@@ -21,20 +21,19 @@ import sys
 import tempfile
 import time
 
+import torch
 from tabulate import tabulate
+
+import qvg_compile
+from qvg_compile.tiny.checkpoint import load_checkpoint
+from qvg_compile.tiny.data import from_uint8
+from qvg_compile.tiny.model import allocate_cache, generate
 
 CHILD = "--child"
 
 
 def child(kind: str, chunks: int) -> dict:
     """One measurement in this process (called in a fresh interpreter)."""
-    import torch
-
-    import qvg_compile
-    from qvg_compile.tiny.checkpoint import load_checkpoint
-    from qvg_compile.tiny.data import from_uint8
-    from qvg_compile.tiny.model import allocate_cache, generate
-
     ckpt = load_checkpoint(None)
     model = ckpt.model
     prompt = from_uint8(ckpt.prompts[:1])
