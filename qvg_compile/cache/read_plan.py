@@ -49,7 +49,8 @@ def fast_reads_enabled() -> bool:
 
 
 def workspace_limit() -> int:
-    """The workspace cap in bytes (``QVG_READ_WORKSPACE_MB`` overrides the 1 GiB default)."""
+    """The workspace cap in bytes (``QVG_READ_WORKSPACE_MB`` overrides the 1 GiB default). Read
+    when a plan is built: plans cached before a change keep their blocks (`clear_plans`)."""
     text = os.environ.get("QVG_READ_WORKSPACE_MB")
     if text is None:
         return DEFAULT_WORKSPACE_BYTES
