@@ -1,0 +1,79 @@
+"""GPU checks of the encode, decode and attention kernels against the math layer (``pytest -m gpu``
+on a CUDA machine; skipped elsewhere), for the presets' per-role code modes: keys and values of
+the ``qvg`` preset use different codes, so every kernel here runs with K_MODE != V_MODE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvg_compile import QVGConfig
+from qvg_compile.kernels.attention import qvg_attention, reference_attention
+from qvg_compile.kernels.decode import dequantize_segment
+from qvg_compile.kernels.encode import encode_qvg_pair
+from qvg_compile.quant.qvg import encode_qvg as reference_encode
+from qvg_compile.quant.store import PackedStore
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PRESETS = ["qvg", "qvg_pro"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def kv(seed: int, n: int = 4680, h: int = 4, d: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    k = torch.randn(1, h, n, d, generator=gen) + 4 * torch.randn(1, h, 1, d, generator=gen)
+    k[..., :4] *= 8  # outlier channels on keys
+    v = torch.randn(1, h, n, d, generator=gen)
+    return k.cuda(), v.cuda()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_pair_encode_on_cuda_matches_reference_error(preset):
+    cfg = QVGConfig.preset(preset)
+    k, v = kv(0)
+    ks, vs = encode_qvg_pair(k, v, cfg)
+    assert ks.code_mode == cfg.code_mode_for("key") and vs.code_mode == cfg.code_mode_for("value")
+    for seg, x, role in ((ks, k, "key"), (vs, v, "value")):
+        ref = reference_encode(x.cpu(), cfg, -2, role)
+        got_err, ref_err = rel(seg.dequantize().cpu(), x.cpu()), rel(ref.dequantize(), x.cpu())
+        # Same algorithm, k-means on tensor cores vs fp32 on the CPU: errors within 5% of each other.
+        assert abs(got_err - ref_err) <= 0.05 * ref_err, (role, got_err, ref_err)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_kernel_equals_reference_decode_on_cuda(preset):
+    cfg = QVGConfig.preset(preset)
+    k, v = kv(1)
+    for seg in encode_qvg_pair(k, v, cfg):
+        got = dequantize_segment(seg, torch.float32)
+        ref = seg.dequantize().float()
+        assert rel(got, ref) <= 1e-6
+
+
+def store_of(segs) -> PackedStore:
+    cat = lambda name: torch.cat([getattr(g, name) for g in segs], dim=-2)
+    return PackedStore(cat("codes"), cat("scales"), None if segs[0].zeros is None else cat("zeros"),
+                       torch.cat([g.assignments for g in segs], dim=-1), torch.stack([g.centroids for g in segs]),
+                       torch.cat([torch.full((g.codes.shape[-2],), i, dtype=torch.int32, device="cuda")
+                                  for i, g in enumerate(segs)]),
+                       segs[0].bits, segs[0].group_size, segs[0].code_mode)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_fused_attention_on_cuda_matches_reference(preset, dtype, tol):
+    cfg = QVGConfig.preset(preset)
+    pairs = [encode_qvg_pair(*kv(s, n=1560), cfg) for s in (2, 3)]
+    ks, vs = store_of([p[0] for p in pairs]), store_of([p[1] for p in pairs])
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    q = torch.randn(1, 8, 300, 128, generator=gen).cuda().to(dtype)
+    tk = torch.randn(1, 4, 50, 128, generator=gen).cuda().to(dtype)
+    tv = torch.randn(1, 4, 50, 128, generator=gen).cuda().to(dtype)
+    ranges = [(0, 1000), (1200, 3120)]
+    got = qvg_attention(q, ks, vs, ranges, tk, tv)
+    ref = reference_attention(q.float(), ks, vs, ranges, tk.float(), tv.float())
+    assert rel(got, ref) <= tol
