@@ -52,3 +52,29 @@ def test_fast_read_equals_general_read_on_cuda(monkeypatch):
         assert stats()["fast_reads" if path == "auto" else "general_reads"] == 1
     rel = (outs[0].float() - outs[1].float()).norm() / outs[1].float().norm()
     assert rel <= 1e-2
+
+
+def test_graphed_seals_equal_eager_seals_on_cuda(monkeypatch):
+    decoded = []
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("QVG_SEAL_GRAPHS", graphs)
+        c = filled("key", 6, 4)
+        decoded.append(c.dequantize())
+    assert torch.equal(decoded[0], decoded[1])
+
+
+def test_refused_seal_raises_at_a_later_seal_on_cuda():
+    c = filled("key", 5, 5)
+    c.zero_()
+    c[:, :L] = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
+    c[:, L:2 * L] = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
+    bad = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
+    bad[0, 7, 3, 5] = float("nan")
+    c[:, 2 * L:3 * L] = bad  # open chunk: dense, not checked
+    c[:, 3 * L:4 * L] = bad.nan_to_num()  # seals the NaN chunk: launched, not waited for
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="refused by the encoder .*NaN"):
+        c[:, 4 * L:5 * L] = bad.nan_to_num()
+    c.zero_()
+    c[:, :L] = bad.nan_to_num()
+    c[:, L:2 * L] = bad.nan_to_num()

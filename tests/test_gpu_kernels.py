@@ -10,7 +10,8 @@ import torch
 from qvg_compile import QVGConfig
 from qvg_compile.kernels.attention import qvg_attention, reference_attention
 from qvg_compile.kernels.decode import dequantize_segment
-from qvg_compile.kernels.encode import encode_qvg_pair
+from qvg_compile.kernels.encode import encode_qvg_pair, encode_unchecked
+from qvg_compile.kernels.encode_graph import captured_graphs, encode_replayed, release_graphs
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
 from qvg_compile.quant.store import PackedStore
 
@@ -77,3 +78,18 @@ def test_fused_attention_on_cuda_matches_reference(preset, dtype, tol):
     got = qvg_attention(q, ks, vs, ranges, tk, tv)
     ref = reference_attention(q.float(), ks, vs, ranges, tk.float(), tv.float())
     assert rel(got, ref) <= tol
+
+
+def test_replayed_encode_equals_eager_encode_on_cuda():
+    release_graphs()
+    cfg = QVGConfig.preset("qvg")
+    init = kv(5, n=1560)[0][..., :256, :].unsqueeze(0).contiguous()
+    for seed in (6, 7, 8, 9):
+        x = kv(seed, n=1560)[0]
+        got, got_summary = encode_replayed(x, cfg, "key", init)
+        got = [t.clone() for t in (got.codes, got.scales, got.assignments, got.centroids)]
+        ref, ref_summary = encode_unchecked(x, cfg, -2, "key", init)
+        for a, b in zip(got, (ref.codes, ref.scales, ref.assignments, ref.centroids)):
+            assert torch.equal(a, b)
+        assert got_summary.tolist() == ref_summary.tolist() == [0, 0]
+    assert captured_graphs() == 1  # first call eager, second captures, the rest replay

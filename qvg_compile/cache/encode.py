@@ -3,25 +3,39 @@
 A new codebook runs the QVG encoder with C centroids, warm-started from the previous codebook
 when one of the same size is given. A shared codebook runs it with zero k-means iterations from
 the given centroids: tokens are only assigned to them, and the codebook is stored once.
+On the CPU a refused encode raises here; on the GPU nothing waits for the encoder (the caller
+reads its refusal summary back later).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ..quant.config import QVGConfig
-from ..kernels.encode import encode_qvg
+from ..kernels.encode_graph import encode_replayed
 from ..quant.segment import QVGSegment
 
 
 def encode_segment(x: torch.Tensor, config: QVGConfig, role: str, centroids: int,
-                   init: Optional[torch.Tensor], shared: bool) -> QVGSegment:
-    """QVG of ``x`` ``[*lead, n, D]`` (sequence next to last) with a codebook of ``centroids``.
+                   init: Optional[torch.Tensor], shared: bool, tag: int = 0) -> tuple[QVGSegment, torch.Tensor]:
+    """QVG of ``x`` ``[*lead, n, D]`` (sequence next to last) with a codebook of ``centroids``, and
+    the encoder's refusal summary (int8 ``[2]``, see `kernels.encode.encode_unchecked`).
 
     ``init`` ``[S, *lead, centroids, D]``: the previous codebook, the k-means warm start, or (with
-    ``shared``) the codebook itself, kept as it is.
+    ``shared``) the codebook itself, kept as it is. On CUDA the encode is replayed from a captured
+    graph (`kernels.encode_graph`): copy the results out before the next call; ``tag`` keeps the
+    results of calls alive at the same time apart.
     """
-    cfg = config.replace(centroids=centroids, kmeans_iters=0) if shared else config.replace(centroids=centroids)
-    return encode_qvg(x, cfg, -2, role, init)
+    return encode_replayed(x, segment_config(config, centroids, shared), role, init, tag)
+
+
+@functools.lru_cache(maxsize=64)
+def segment_config(config: QVGConfig, centroids: int, shared: bool) -> QVGConfig:
+    """``config`` with ``centroids`` (and no k-means iterations for a shared codebook); memoised:
+    every seal of a cache asks for the same one."""
+    if shared:
+        return config.replace(centroids=centroids, kmeans_iters=0)
+    return config.replace(centroids=centroids)

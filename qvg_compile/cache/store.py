@@ -33,6 +33,7 @@ from ..quant.segment import QVGSegment
 from ..quant.store import PackedStore
 from . import tally
 from .encode import encode_segment
+from .seal_flags import flags_for, known_flags
 from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, STAMP, UID, USES, StoreSpec, next_stamp, sealed_code
 
 # (offset, length) of every leading dim; None selects all of them.
@@ -152,12 +153,18 @@ class Store:
             self.segs[:, LIVE] -= torch.bincount(slots, minlength=self.spec.segments)
         self.pos_map[positions] = HOLE
         self.changed()
+        flags = known_flags(self.pos_map)
+        if flags is not None and flags.published and not bool(self.segs[:, LIVE].any()):
+            flags.clear()  # the refused tokens are gone with the rest
 
     def reset(self) -> None:
         """Every token a hole, every slot and codebook free (the codebook arrays are left as
         they are: they are only read through a live slot)."""
         self.pos_map.fill_(HOLE)
         self.changed()
+        flags = known_flags(self.pos_map)
+        if flags is not None:
+            flags.clear()
         self.slots[:, 0] = -1
         self.segs.zero_()
         self.counters[LATEST] = -1
@@ -294,6 +301,9 @@ class Store:
         group = self.spec.policy.seal_chunks
         for i in range(0, len(order), group):
             self._seal_slots(order[i:i + group])
+        flags = known_flags(self.pos_map)
+        if flags is not None:
+            flags.check(self.spec.config, wait=True)
 
     def _seal_direct(self, start: int, end: int, values: Sequence[Optional[torch.Tensor]],
                      sel: LeadSel, full: bool) -> None:
@@ -339,12 +349,17 @@ class Store:
 
     def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
         """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending).
-        Every part is encoded before anything is written, so an input the encoder refuses
-        (NaN/Inf under ``check_finite``, scales out of range) leaves the store unchanged."""
+        The token state changes only once every part is encoded, so on the CPU an input the
+        encoder refuses (NaN/Inf under ``check_finite``, scales out of range) leaves the store
+        unchanged; on the GPU the refusal is read back later (`seal_flags`)."""
         n = positions.numel()
+        cuda = self.device.type == "cuda"
+        flags = flags_for(self.pos_map, self.device) if cuda else None
+        if flags is not None:
+            flags.check(self.spec.config)
         slot, c, shared, warm = self._choose_codebook(n)
         lead = len(self.lead)
-        segs = []
+        runs = runs_of(positions)
         for p, x in enumerate(xs):
             cents = self.a("cents", p)
             init = None
@@ -357,15 +372,15 @@ class Store:
             # not each token repeated in place) and keep the first n: the original tokens.
             xp = x if not shared or n >= c else torch.cat([x] * math.ceil(c / n), dim=-2)
             try:
-                seg = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared)
+                seg, summary = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared, tag=p)
             except ValueError as err:
                 raise ValueError(f"QVGCache: the tokens being sealed cannot be quantized; the cache is "
                                  f"unchanged ({err})") from err
-            segs.append(_first_tokens(seg, n) if xp is not x else seg)
-        runs = runs_of(positions)
-        for p, seg in enumerate(segs):
+            if xp is not x:
+                seg = _first_tokens(seg, n)
+            # Written at once: a replayed encode's outputs are reused by the next one.
             if not shared:
-                self.a("cents", p)[slot, ..., :c, :] = seg.centroids
+                cents[slot, ..., :c, :] = seg.centroids
             for i, first, length in runs:
                 dst, src = slice(first, first + length), slice(i, i + length)
                 self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
@@ -373,6 +388,8 @@ class Store:
                 if seg.zeros is not None:
                     self.a("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
                 self.a("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
+            if flags is not None:
+                flags.add(summary)
         if not shared:
             self.segs[slot] = torch.tensor([0, c, new_uid(), 0], dtype=torch.int64)
             self.counters[LATEST] = slot

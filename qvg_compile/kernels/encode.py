@@ -81,6 +81,30 @@ def triton_encode_many(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: i
     inits = list(inits) if inits is not None else [None] * len(xs)
     if not len(roles) == len(inits) == len(xs):
         raise ValueError(f"roles, inits: expected {len(xs)} of each, got {len(roles)} and {len(inits)}")
+    out, summary = _encode_all(xs, config, seq_dim, roles, inits, fused)
+    raise_on_summary(summary.tolist(), config)  # the one host sync of an encode
+    return out
+
+
+def encode_unchecked(x: torch.Tensor, config: QVGConfig, seq_dim: int = -2, role: str = "key",
+                     init_centroids: Optional[torch.Tensor] = None) -> tuple[QVGSegment, torch.Tensor]:
+    """`encode_qvg` without its host sync: returns the segment and its refusal summary, int8 ``[2]``
+    on x's device (``[range, non-finite]``: nonzero where a scale or zero point left the scale
+    dtype's range, or where ``check_finite`` found NaN/Inf), for the caller to check when it can
+    afford to wait (`raise_on_summary`). Launches only: CUDA-graph capturable when
+    ``init_centroids`` is given or ``config.stages == 0`` (a seeded start picks tokens on the host).
+    Inputs the Triton encoder does not take run the reference, which checks at once."""
+    if isinstance(x, torch.Tensor) and x.is_cuda and triton_supports(x, config, role):
+        segs, summary = _encode_all([x], config, seq_dim, [role], [init_centroids], None)
+        return segs[0], summary
+    seg = reference_encode(x, config, seq_dim, role, init_centroids)
+    return seg, torch.zeros(2, dtype=torch.int8, device=seg.codes.device)
+
+
+def _encode_all(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: int, roles: list[str],
+                inits: list[Optional[torch.Tensor]], fused: Optional[bool]
+                ) -> tuple[list[QVGSegment], torch.Tensor]:
+    """The segments of ``xs`` and the refusal summary of all of them, launches only."""
     prepared = [_prepare(x, config, seq_dim, role, init) for x, role, init in zip(xs, roles, inits)]
     out: list[Optional[QVGSegment]] = [None] * len(xs)
     checks = []
@@ -98,8 +122,7 @@ def triton_encode_many(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: i
             out[j] = seg
         checks.append(flags)
         i += len(group)
-    _raise_on_flags(checks, config)
-    return out  # type: ignore[return-value]
+    return out, _summary(checks)  # type: ignore[return-value]
 
 
 def _prepare(x: torch.Tensor, config: QVGConfig, seq_dim: int, role: str, init: Optional[torch.Tensor]
@@ -209,16 +232,21 @@ def _threshold(srcs: list[torch.Tensor], parts: int, config: QVGConfig) -> Optio
     return config.kmeans_tol * rms
 
 
-def _raise_on_flags(flags: list[torch.Tensor], config: QVGConfig) -> None:
+def _summary(flags: list[torch.Tensor]) -> torch.Tensor:
+    """int8 ``[2]``: whether any token of ``flags`` has `FLAG_RANGE`, and `FLAG_NONFINITE`."""
     from ._triton_encode import FLAG_NONFINITE, FLAG_RANGE
 
-    bits = torch.stack([torch.stack([(f & FLAG_RANGE.value).amax(), (f & FLAG_NONFINITE.value).amax()])
-                        for f in flags]).amax(0).tolist()  # the one host sync of an encode
-    if bits[1] and config.check_finite:
+    f = flags[0] if len(flags) == 1 else torch.cat([t.flatten() for t in flags])
+    return torch.stack([(f & FLAG_RANGE.value).amax(), (f & FLAG_NONFINITE.value).amax()])
+
+
+def raise_on_summary(summary: Sequence[int], config: QVGConfig) -> None:
+    """Raise the encoder's refusal for a summary read back to the host (see `encode_unchecked`)."""
+    if summary[1] and config.check_finite:
         raise ValueError(
             "x: contains NaN or Inf; quantization would spread it over a whole group and codebook "
             "(set check_finite=False to skip this check at your own risk)")
-    if bits[0]:
+    if summary[0]:
         raise ValueError("x: a scale or zero point exceeds the range of the scale dtype "
                          f"({config.scale_dtype}); use scale_dtype='fp16' or normalise the input")
 

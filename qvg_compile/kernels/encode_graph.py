@@ -1,0 +1,117 @@
+"""A QVG encode replayed from a CUDA graph captured once per input layout.
+
+A cache seals the same shapes with the same settings at every layer of every chunk. Launched op
+by op, `encode_unchecked` costs 2-4 ms of host time per seal (20-60 launches through Triton's
+Python launcher and the torch ops between them) while the model, which synchronises with the GPU
+every layer, waits. Captured once and replayed, a seal costs one copy in, one graph launch, and
+the caller's copies out.
+
+- Key: x's shape, dtype and device, the config, the role, the initial centroids' shape and dtype,
+  and a caller's ``tag`` (two encodes whose outputs are alive at once need different tags).
+- The first call of a key runs eagerly (it compiles the Triton kernels, which a capture cannot);
+  the second captures, then every call replays.
+- Only warm-started encodes (``init`` given) or encodes without k-means are captured: a seeded
+  start draws tokens on the host. Nothing is captured while the current stream is itself being
+  captured (a caller's own CUDA graph), or with ``QVG_SEAL_GRAPHS=0``.
+- All graphs of a device share one memory pool, so the outputs of a replay are overwritten by the
+  next replay of any key: copy them out first (the cache does, straight after each call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from ..quant.config import QVGConfig
+from ..quant.segment import QVGSegment
+from .encode import encode_unchecked, triton_supports
+
+
+@dataclasses.dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    x: torch.Tensor
+    init: Optional[torch.Tensor]
+    seg: QVGSegment
+    summary: torch.Tensor
+
+
+_graphs: dict[tuple, _Captured] = {}
+_seen: set[tuple] = set()
+_pools: dict[int, tuple] = {}
+
+
+def graphs_enabled() -> bool:
+    """False when ``QVG_SEAL_GRAPHS=0`` (every encode launches op by op)."""
+    value = os.environ.get("QVG_SEAL_GRAPHS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"QVG_SEAL_GRAPHS: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def captured_graphs() -> int:
+    """How many encode graphs are held (all devices)."""
+    return len(_graphs)
+
+
+def release_graphs() -> None:
+    """Drop every captured encode graph and its memory pool (the next encodes capture again)."""
+    _graphs.clear()
+    _seen.clear()
+    _pools.clear()
+
+
+def encode_replayed(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor],
+                    tag: int = 0) -> tuple[QVGSegment, torch.Tensor]:
+    """`encode_unchecked` ``(x, config, -2, role, init)``, from a captured CUDA graph when it can be.
+
+    Args:
+        x: ``[*lead, N, D]`` 16/32-bit float, sequence next to last.
+        init: ``[S, *lead, C, D]`` warm start (or the shared codebook), or None.
+        tag: keeps the outputs of calls whose results are alive at the same time apart.
+
+    Returns the segment and its refusal summary (int8 ``[2]``, see `encode_unchecked`). From a
+    graph, both are the graph's own output buffers: valid until the next call of this function.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    if not (x.is_cuda and triton_supports(x, config, role) and (init is not None or config.stages == 0)
+            and graphs_enabled() and not torch.cuda.is_current_stream_capturing()):
+        return encode_unchecked(x, config, -2, role, init)
+    key = (tuple(x.shape), x.dtype, x.device, config, role,
+           None if init is None else (tuple(init.shape), init.dtype), tag)
+    cap = _graphs.get(key)
+    if cap is None:
+        if key not in _seen:
+            _seen.add(key)
+            return encode_unchecked(x, config, -2, role, init)
+        cap = _graphs[key] = _capture(x, config, role, init)
+    cap.x.copy_(x)
+    if init is not None:
+        cap.init.copy_(init)
+    cap.graph.replay()
+    return cap.seg, cap.summary
+
+
+def _static_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: the graph's input buffer, whatever the strides of the caller's tensor."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _pool(device: torch.device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _pools:
+        _pools[index] = torch.cuda.graph_pool_handle()
+    return _pools[index]
+
+
+def _capture(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor]) -> _Captured:
+    sx = _static_like(x)
+    si = None if init is None else _static_like(init)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=_pool(x.device)):
+        seg, summary = encode_unchecked(sx, config, -2, role, si)
+    return _Captured(graph, sx, si, seg, summary)
