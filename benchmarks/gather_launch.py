@@ -1,0 +1,90 @@
+"""The fast read's gather kernel under each launch setting, at Wan-1.3B size (GPU).
+
+One layer's K and V history at ``--frames`` latent frames (1,560 tokens each, 12 x 128 heads),
+packed with the ``qvg`` preset's layout (2-bit codes, FP8 scales per 64 channels, one codebook of
+256 centroids per 3-frame chunk), decoded into a BF16 workspace by `_gather_pair_kernel` with
+every combination of tokens per program, warps and per-group scale loads. Prints microseconds per
+launch (median of ``--reps`` CUDA-event timings), the HBM bandwidth that implies (packed bytes
+read + workspace written), and checks that every setting writes the same workspace.
+
+    python benchmarks/gather_launch.py --frames 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+from qvg_compile.kernels._triton_gather import GatherLaunch
+from qvg_compile.kernels.gather import SEALED, block_table
+from qvg_compile.quant.store import PackedStore
+
+H, D, FRAME, CHUNK, C = 12, 128, 1560, 4680, 256
+
+
+def random_store(n: int, gen: torch.Generator, mode: str, dev: str) -> PackedStore:
+    """Random packed tokens of the preset's layout (decode time does not depend on the values)."""
+    segments = -(-n // CHUNK)
+    codes = torch.randint(0, 256, (1, H, n, D // 4), generator=gen, device=dev, dtype=torch.uint8)
+    scales = (torch.rand(1, H, n, D // 64, generator=gen, device=dev) * 0.1).to(torch.float8_e4m3fn)
+    assign = torch.randint(0, C, (1, 1, H, n), generator=gen, device=dev, dtype=torch.uint8)
+    cents = torch.randn(segments, 1, 1, H, C, D, generator=gen, device=dev, dtype=torch.bfloat16)
+    seg_ids = (torch.arange(n, device=dev) // CHUNK).to(torch.int32)
+    return PackedStore(codes, scales, None, assign, cents, seg_ids, 2, 64, mode)
+
+
+def timed(fn, dev: str) -> float:
+    """Microseconds of one call: CUDA events on the GPU, the wall clock elsewhere."""
+    if dev != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--device", default="cuda", help="cpu runs under TRITON_INTERPRET=1 (a smoke test)")
+    args = parser.parse_args(argv)
+    dev = args.device
+    n = args.frames * FRAME
+    gen = torch.Generator(device=dev).manual_seed(0)
+    k, v = random_store(n, gen, "symmetric", dev), random_store(n, gen, "symmetric_full", dev)
+    tail = torch.zeros(1, H, 1, D, device=dev, dtype=torch.bfloat16)
+    runs = [(SEALED, 0, 0, n)]
+    read = sum(t.numel() * t.element_size() for s in (k, v) for t in (s.codes, s.scales, s.assignments))
+    written = 2 * H * n * D * 2
+    rows, ref = [], None
+    for block, warps, grouped in itertools.product((32, 64, 128), (2, 4, 8), (False, True)):
+        launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, grouped=grouped)
+        table, blocks = block_table(runs, runs, torch.device(dev), block=block)
+        outs = [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+        launch(table, blocks, *outs)
+        times = [timed(lambda: launch(table, blocks, *outs), dev) for _ in range(args.reps)]
+        if ref is None:
+            ref = [o.clone() for o in outs]
+        same = all(torch.equal(a, b) for a, b in zip(outs, ref))
+        us = statistics.median(times)
+        rows.append([block, warps, grouped, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
+                     f"{(read + written) / us / 1e3:.0f}", "yes" if same else "NO"])
+    print(f"gather of K and V, {args.frames} frames ({n:,} tokens x {H} heads x {D}), "
+          f"{(read + written) / 1e6:.0f} MB moved per launch")
+    print(tabulate(rows, headers=["tokens/program", "warps", "grouped scales", "us (median)", "range",
+                                  "GB/s", "same output"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
