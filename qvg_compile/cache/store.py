@@ -21,10 +21,12 @@ by uid, so nothing already quantized is quantized again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import uuid
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
@@ -40,18 +42,17 @@ from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, STAMP, UID, USES, StoreSp
 LeadSel = Optional[tuple[tuple[int, int], ...]]
 
 
-def runs_of(positions: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive values in a host int tensor: ``(index, first value, length)``.
-    One run (the usual case: a slot's or a segment's positions) costs three host ops."""
-    n = positions.numel()
+def runs_of(positions: "torch.Tensor | np.ndarray") -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive values in host ints: ``(index, first value, length)``."""
+    p = positions.numpy() if isinstance(positions, torch.Tensor) else positions
+    n = p.size
     if n == 0:
         return []
-    steps = positions.diff() != 1
-    if not bool(steps.any()):
-        return [(0, int(positions[0]), n)]
-    breaks = steps.nonzero().flatten().add(1).tolist()
-    bounds = [0, *breaks, n]
-    first = positions[bounds[:-1]].tolist()
+    steps = np.diff(p) != 1
+    if not steps.any():
+        return [(0, int(p[0]), n)]
+    bounds = [0, *(np.flatnonzero(steps) + 1).tolist(), n]
+    first = p[bounds[:-1]].tolist()
     return [(a, f, b - a) for a, b, f in zip(bounds, bounds[1:], first)]
 
 
@@ -99,6 +100,26 @@ class Store:
         self.capacity = self.pos_map.shape[0]
         self.sinks = min(spec.sinks, self.capacity)
 
+    # NumPy views of the host state (same memory), made when first used: the bookkeeping of a
+    # write that moves rows or seals is dozens of scalar reads and small updates, well under a
+    # microsecond each on an array against 3-8 us as tensor ops. Reads and rewrites of the open
+    # rows never need them (making one costs four tensor ops).
+    @functools.cached_property
+    def np_pos(self) -> np.ndarray:
+        return self.pos_map.numpy()
+
+    @functools.cached_property
+    def np_slots(self) -> np.ndarray:
+        return self.slots.numpy()
+
+    @functools.cached_property
+    def np_segs(self) -> np.ndarray:
+        return self.segs.numpy()
+
+    @functools.cached_property
+    def np_counters(self) -> np.ndarray:
+        return self.counters.numpy()
+
     @property
     def device(self) -> torch.device:
         return self.arrays["codes0"].device
@@ -124,8 +145,8 @@ class Store:
         return self.a("tail", part)[self._lead(sel)]
 
     def _age(self) -> int:
-        age = int(self.counters[NEXT_AGE])
-        self.counters[NEXT_AGE] = age + 1
+        age = int(self.np_counters[NEXT_AGE])
+        self.np_counters[NEXT_AGE] = age + 1
         return age
 
     @property
@@ -137,24 +158,26 @@ class Store:
         """Record that ``pos_map`` changed (every method that writes it calls this)."""
         self.counters[STAMP] = next_stamp()
 
-    def _expected_row(self, j: int, start: int, end: int) -> torch.Tensor:
-        first = int(self.slots[j, 0])
-        return torch.arange(start, end, dtype=self.pos_map.dtype) - first + j * self.spec.slot_tokens
+    def _expected_row(self, j: int, start: int, end: int) -> np.ndarray:
+        """The tail rows of positions ``[start, end)`` in slot ``j`` (``pos_map``'s dtype)."""
+        offset = j * self.spec.slot_tokens - int(self.np_slots[j, 0])
+        return np.arange(start + offset, end + offset, dtype=self.np_pos.dtype)
 
     # --- release and state ---------------------------------------------------------------------
     def release(self, positions: torch.Tensor) -> None:
         """Forget what ``positions`` (host int64) hold: they become holes; codebooks lose them."""
         if positions.numel() == 0:
             return
-        v = self.pos_map[positions].long()
+        pos = positions.numpy()
+        v = self.np_pos[pos]
         sealed = v <= -2
-        if bool(sealed.any()):
-            slots = -v[sealed] - 2
-            self.segs[:, LIVE] -= torch.bincount(slots, minlength=self.spec.segments)
-        self.pos_map[positions] = HOLE
+        if sealed.any():
+            slots = -v[sealed].astype(np.int64) - 2
+            self.np_segs[:, LIVE] -= np.bincount(slots, minlength=self.spec.segments)
+        self.np_pos[pos] = HOLE
         self.changed()
         flags = known_flags(self.pos_map)
-        if flags is not None and flags.published and not bool(self.segs[:, LIVE].any()):
+        if flags is not None and flags.published and not self.np_segs[:, LIVE].any():
             flags.clear()  # the refused tokens are gone with the rest
 
     def reset(self) -> None:
@@ -203,7 +226,7 @@ class Store:
         sinks = self.sinks
         if start < sinks:
             e = min(end, sinks)
-            rows = torch.arange(start, e, dtype=self.pos_map.dtype) + self.spec.sink_row
+            rows = np.arange(start + self.spec.sink_row, e + self.spec.sink_row, dtype=self.np_pos.dtype)
             self._write_rows(start, e, rows, [None if v is None else v[..., :e - start, :] for v in values],
                              sel, full)
             values = [None if v is None else v[..., e - start:, :] for v in values]
@@ -213,12 +236,11 @@ class Store:
         j = self._slot_covering(start, end)
         if j is None:
             if not self.spec.slots or end - start > self.spec.slot_tokens or (
-                    relocate and not bool((self.slots[:, 0] < 0).any())):
+                    relocate and not (self.np_slots[:, 0] < 0).any()):
                 self._seal_direct(start, end, values, sel, full)
                 return
             j = self._take_slot()
-            self.slots[j, 0] = start
-            self.slots[j, 1] = self._age()
+            self.np_slots[j] = (start, self._age())
         rows = self._expected_row(j, start, end)
         self._write_rows(start, end, rows, values, sel, full)
         if start == key[2]:
@@ -227,32 +249,31 @@ class Store:
             _row_writes[(id(self.pos_map), self.stamp, start, n)] = int(rows[0])
 
     def _slot_covering(self, start: int, end: int) -> Optional[int]:
-        first = self.slots[:, 0]
+        first = self.np_slots[:, 0]
         ok = (first >= 0) & (first <= start) & (first + self.spec.slot_tokens >= end)
-        hits = ok.nonzero().flatten()
-        return int(hits[0]) if hits.numel() else None
+        hits = np.flatnonzero(ok)
+        return int(hits[0]) if hits.size else None
 
-    def _write_rows(self, start: int, end: int, rows: torch.Tensor,
+    def _write_rows(self, start: int, end: int, rows: np.ndarray,
                     values: Sequence[Optional[torch.Tensor]], sel: LeadSel, full: bool) -> None:
-        cur = self.pos_map[start:end]
-        moving = cur != rows
-        if bool(moving.any()):
-            positions = torch.arange(start, end)[moving]
+        moving = self.np_pos[start:end] != rows
+        if moving.any():
+            positions = torch.from_numpy(np.flatnonzero(moving) + start)
             if not full:
                 # Rows are shared by every leading index and part: fill the ones this write does
                 # not cover with what those positions hold now.
-                target = rows[moving].long().to(self.device)
+                target = torch.from_numpy(rows[moving].astype(np.int64)).to(self.device)
                 for p, old in enumerate(self.decode(positions)):
                     self.a("tail", p).index_copy_(-2, target, old)
             self.release(positions)
-            self.pos_map[positions] = rows[moving]
+            self.np_pos[positions.numpy()] = rows[moving]
             self.changed()
         r0 = int(rows[0])
         for p, v in enumerate(values):
             if v is not None:
                 self.rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
 
-    def _rows(self, part: int, rows: torch.Tensor) -> torch.Tensor:
+    def _rows(self, part: int, rows: "torch.Tensor | np.ndarray") -> torch.Tensor:
         """Tail rows ``rows`` (host int64) of ``part``, copied by runs: a host index moved to the
         device would wait for the device to drain (pageable copy)."""
         tail = self.a("tail", part)
@@ -262,18 +283,21 @@ class Store:
         return torch.cat([tail[..., r:r + n, :] for _, r, n in runs], dim=-2)
 
     def _take_slot(self) -> int:
-        free = (self.slots[:, 0] < 0).nonzero().flatten()
-        if free.numel():
+        free = np.flatnonzero(self.np_slots[:, 0] < 0)
+        if free.size:
             return int(free[0])
-        oldest = torch.argsort(self.slots[:, 1])[: self.spec.policy.seal_chunks].tolist()
+        oldest = np.argsort(self.np_slots[:, 1], kind="stable")[: self.spec.policy.seal_chunks].tolist()
         self._seal_slots(oldest)
         return oldest[0]
 
-    def _slot_positions(self, j: int) -> torch.Tensor:
-        first, L = int(self.slots[j, 0]), self.spec.slot_tokens
+    def _slot_positions(self, j: int) -> np.ndarray:
+        """The positions slot ``j`` still holds (int64, ascending)."""
+        first, L = int(self.np_slots[j, 0]), self.spec.slot_tokens
         end = min(first + L, self.capacity)
-        span = torch.arange(first, end)
-        return span[self.pos_map[first:end] == self._expected_row(j, first, end)]
+        held = self.np_pos[first:end] == self._expected_row(j, first, end)
+        if held.all():
+            return np.arange(first, end, dtype=np.int64)
+        return np.flatnonzero(held) + first
 
     def _check_finite(self, values: Sequence[torch.Tensor]) -> None:
         """The math layer's NaN/Inf policy, applied when tokens are sealed and before any state
@@ -285,19 +309,19 @@ class Store:
                              "QVGConfig(check_finite=False) stores them anyway")
 
     def _seal_slots(self, slots: list[int]) -> None:
-        positions = torch.cat([self._slot_positions(j) for j in slots]).sort().values
-        if positions.numel():
-            # The encoder applies the NaN/Inf policy with the one host sync it needs anyway (its
-            # range flags), before anything is written: no separate check and sync here.
-            self._store_segment(positions, [self._rows(p, self.pos_map[positions].long())
-                                            for p in range(self.parts)])
+        held = [self._slot_positions(j) for j in slots]
+        positions = held[0] if len(held) == 1 else np.sort(np.concatenate(held))
+        if positions.size:
+            # The encoder applies the NaN/Inf policy itself (see `seal_flags`): no check here.
+            rows = self.np_pos[positions].astype(np.int64)
+            self._store_segment(torch.from_numpy(positions), [self._rows(p, rows) for p in range(self.parts)])
         for j in slots:
-            self.slots[j, 0] = -1
+            self.np_slots[j, 0] = -1
 
     def seal_all(self) -> None:
         """Seal every dense slot now (end of a video; sinks stay dense)."""
-        occupied = (self.slots[:, 0] >= 0).nonzero().flatten()
-        order = occupied[torch.argsort(self.slots[occupied, 1])].tolist()
+        occupied = np.flatnonzero(self.np_slots[:, 0] >= 0)
+        order = occupied[np.argsort(self.np_slots[occupied, 1], kind="stable")].tolist()
         group = self.spec.policy.seal_chunks
         for i in range(0, len(order), group):
             self._seal_slots(order[i:i + group])
@@ -324,28 +348,29 @@ class Store:
     # --- segments and codebooks ----------------------------------------------------------------
     def _choose_codebook(self, n: int) -> tuple[int, int, bool, Optional[int]]:
         """(slot, C, shared, warm-start slot) for a new segment of ``n`` tokens."""
-        latest = int(self.counters[LATEST])
+        segs = self.np_segs
+        latest = int(self.np_counters[LATEST])
         policy = self.spec.policy
-        has_latest = latest >= 0 and int(self.segs[latest, CSIZE]) > 0
-        if has_latest and policy.codebook_chunks > 1 and int(self.segs[latest, USES]) < policy.codebook_chunks:
-            return latest, int(self.segs[latest, CSIZE]), True, None
-        free = self.segs[:, LIVE] == 0
-        if has_latest and bool(free.sum() > 1):
+        has_latest = latest >= 0 and int(segs[latest, CSIZE]) > 0
+        if has_latest and policy.codebook_chunks > 1 and int(segs[latest, USES]) < policy.codebook_chunks:
+            return latest, int(segs[latest, CSIZE]), True, None
+        free = segs[:, LIVE] == 0
+        if has_latest and free.sum() > 1:
             free[latest] = False  # keep the warm start intact
-        choices = free.nonzero().flatten()
-        if choices.numel():
+        choices = np.flatnonzero(free)
+        if choices.size:
             slot = int(choices[0])
             c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
             warm = latest if (policy.warm_start and has_latest and self.spec.stages
-                              and int(self.segs[latest, CSIZE]) == c) else None
+                              and int(segs[latest, CSIZE]) == c) else None
             return slot, c, False, warm
         if not has_latest:
             # Every slot holds a codebook imported by a copy: share one of them.
-            coded = (self.segs[:, CSIZE] > 0).nonzero().flatten()
-            if not coded.numel():
+            coded = np.flatnonzero(segs[:, CSIZE] > 0)
+            if not coded.size:
                 raise RuntimeError("QVGCache: no codebook slot (the store was sized with segments=0)")
             latest = int(coded[-1])
-        return latest, int(self.segs[latest, CSIZE]), True, None
+        return latest, int(segs[latest, CSIZE]), True, None
 
     def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
         """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending).
@@ -391,14 +416,14 @@ class Store:
             if flags is not None:
                 flags.add(summary)
         if not shared:
-            self.segs[slot] = torch.tensor([0, c, new_uid(), 0], dtype=torch.int64)
-            self.counters[LATEST] = slot
-        self.segs[slot, USES] += 1
-        self.segs[slot, LIVE] += n
-        self.pos_map[positions] = sealed_code(slot)
-        self.changed()
+            self.np_segs[slot] = (0, c, new_uid(), 0)
+            self.np_counters[LATEST] = slot
+        self.np_segs[slot, USES] += 1
+        self.np_segs[slot, LIVE] += n
         for _, first, length in runs:
+            self.np_pos[first:first + length] = sealed_code(slot)
             self.seg_ids[first:first + length] = slot
+        self.changed()
         tally.add(seals=1, sealed_tokens=n)
 
     # --- reads ---------------------------------------------------------------------------------
