@@ -23,7 +23,11 @@ from ..quant.store import PackedStore
 from ._common import check_store, triton_supports
 
 SEALED, ROWS = 0, 1
+# Launch settings measured by benchmarks/gather_launch.py on an H200 at 93,600 tokens (60 frames of
+# Wan-1.3B): 64 tokens and 2 warps per program 383 us per K+V launch, against 445 with 4 warps;
+# 32 or 128 tokens and per-group scale loads were no faster.
 BLOCK_TOKENS = 64
+GATHER_WARPS = 2
 Run = tuple[int, int, int, int]
 
 
@@ -84,7 +88,7 @@ class Gather:
         if use_triton:
             from ._triton_gather import GatherLaunch
 
-            self.launch = GatherLaunch(k_store, v_store, k_tail, v_tail, BLOCK_TOKENS)
+            self.launch = GatherLaunch(k_store, v_store, k_tail, v_tail, BLOCK_TOKENS, GATHER_WARPS)
 
     def __call__(self, k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
                  k_out: torch.Tensor, v_out: torch.Tensor) -> None:
