@@ -4,7 +4,9 @@ They take the store's arrays as one list (in `StoreSpec.names` order), positions
 lists and the static layout as a JSON string, so a compiled graph calls them with whatever
 positions a chunk has without guarding on them. Mutating ops declare the whole list mutated;
 Inductor keeps them in place (no copy of the store). The bodies build a `Store` and run its
-algorithms; fake implementations give output shapes from the spec alone.
+algorithms; fake implementations give output shapes from the spec alone. The two ops a model
+calls at every layer, ``cache_write`` and ``cache_attention``, are registered through `lean_op`
+(no per-call Python autograd and version bookkeeping); the rest through `torch.library.custom_op`.
 
 ``qvg::sdpa`` is the entry point ``F.scaled_dot_product_attention`` is routed to when a
 `QVGCache` is involved: on dense tensors it is SDPA, on caches `QVGCache` dispatches it to
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from .clone import clone_store
 from .host import host_thread
+from .lean_op import lean_op
 from .read import ReadSide, attend
 from .spec import StoreSpec
 from .store import Store, runs_of
@@ -50,7 +53,7 @@ def positions(pieces: Sequence[int]) -> torch.Tensor:
 
 
 # --- mutations ---------------------------------------------------------------------------------
-@torch.library.custom_op("qvg::cache_write", mutates_args=("arrays",))
+@lean_op("cache_write", mutates_args=("arrays",))
 def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], start: int,
                 index: Optional[Tensor], lead: list[int], spec: str, relocate: bool) -> None:
     """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
@@ -178,7 +181,7 @@ def _(arrays, dense, pieces, lead, parts, spec) -> list[Tensor]:
             for n in new.names()]
 
 
-@torch.library.custom_op("qvg::cache_attention", mutates_args=())
+@lean_op("cache_attention", mutates_args=())
 def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces: list[int], k_lead: list[int],
                     k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
