@@ -274,12 +274,13 @@ class Store:
                 self.rows_view(p, sel)[..., r0:r0 + (end - start), :] = v
 
     def _rows(self, part: int, rows: "torch.Tensor | np.ndarray") -> torch.Tensor:
-        """Tail rows ``rows`` (host int64) of ``part``, copied by runs: a host index moved to the
-        device would wait for the device to drain (pageable copy)."""
+        """Tail rows ``rows`` (host int64) of ``part``: a view when they are consecutive, else copied
+        by runs (a host index moved to the device would wait for the device to drain). Read at once
+        by the encoder, in stream order before any later write of those rows: no copy needed."""
         tail = self.a("tail", part)
         runs = runs_of(rows)
         if len(runs) == 1:
-            return tail[..., runs[0][1]:runs[0][1] + runs[0][2], :].clone()
+            return tail[..., runs[0][1]:runs[0][1] + runs[0][2], :]
         return torch.cat([tail[..., r:r + n, :] for _, r, n in runs], dim=-2)
 
     def _take_slot(self) -> int:
