@@ -10,6 +10,7 @@ median time of the four rewriting steps and the time of the sealing step for eag
 (read, non-sealing write, sealing write: the op's CPU time) and the device launches each issues,
 and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("error")``. With
 ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile); with
+``--plan-cost``, a rewriting step with its read plan cached against one that builds it; with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache.read_plan import clear_plans
 
 H, D, CHUNK = 12, 128, 4680
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-seal", action="store_true",
                         help="cProfile the sealing steps of 6 compiled chunks (where a seal's host time goes)")
+    parser.add_argument("--plan-cost", action="store_true",
+                        help="host time of a rewriting step whose read builds its plan vs one that reuses it")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
     args = parser.parse_args(argv)
     device = "cuda"
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         trace(compiled, qvg, chunks, device, args.trace)
     if args.profile_seal:
         profile_seals(compiled, qvg, chunks, device)
+    if args.plan_cost:
+        plan_cost(compiled, qvg, chunks, device)
     return 0
 
 
@@ -170,6 +176,39 @@ def profile_seals(compiled, make, chunks: int, device: str) -> None:
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumtime").print_stats(45)
+
+
+def plan_cost(compiled, make, chunks: int, device: str, reps: int = 20) -> None:
+    """Wall time of a compiled rewriting step with its read plan cached and with the plan cache
+    cleared first (the cost the first read after a seal pays), then cProfile of the latter."""
+    kb, vb = make("key"), make("value")
+    run(compiled, lambda r: kb if r == "key" else vb, chunks, device)
+    q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
+    s = (chunks - 1) * CHUNK
+
+    def timed(clear: bool) -> float:
+        if clear:
+            clear_plans()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        compiled(kb, vb, q, k, k, s, s + CHUNK)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    cached = [timed(False) for _ in range(reps)]
+    built = [timed(True) for _ in range(reps)]
+    print(f"rewriting step ms, plan cached: {statistics.median(cached):.2f} ({min(cached):.2f}-{max(cached):.2f}); "
+          f"plan built: {statistics.median(built):.2f} ({min(built):.2f}-{max(built):.2f})")
+    profiler = cProfile.Profile()
+    for _ in range(reps):
+        clear_plans()
+        torch.cuda.synchronize()
+        profiler.enable()
+        compiled(kb, vb, q, k, k, s, s + CHUNK)
+        torch.cuda.synchronize()
+        profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumtime").print_stats(40)
 
 
 def sync_free(compiled, make, chunks: int, device: str) -> str:

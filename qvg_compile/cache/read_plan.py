@@ -22,6 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
@@ -108,19 +109,19 @@ class ReadPlan:
     sources: tuple = ()
 
 
-def flag_runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+def flag_runs(flags: "np.ndarray | torch.Tensor") -> list[tuple[int, int, bool]]:
     """Maximal runs ``(lo, hi, value)`` of a host bool vector. The usual read (a sealed history,
-    then the open slot) is recognised from two reductions; other patterns pay a ``nonzero``,
-    which is slow on the host at these lengths (about 1 ms per 90k elements on one thread)."""
-    n = flags.numel()
-    count = int(flags.sum())
+    then the open slot) is recognised from two reductions; other patterns find their edges."""
+    f = flags.numpy() if isinstance(flags, torch.Tensor) else flags
+    n = f.size
+    count = int(np.count_nonzero(f))
     if count in (0, n):
         return [(0, n, count == n)]
-    if bool(flags[:count].all()):
+    if f[:count].all():
         return [(0, count, True), (count, n, False)]
-    edges = (flags[1:] != flags[:-1]).nonzero().flatten().add(1).tolist()
+    edges = (np.flatnonzero(f[1:] != f[:-1]) + 1).tolist()
     bounds = [0, *edges, n]
-    return list(zip(bounds, bounds[1:], flags[bounds[:-1]].tolist()))
+    return [(lo, hi, bool(f[lo])) for lo, hi in zip(bounds, bounds[1:])]
 
 
 _plans: "OrderedDict[tuple, tuple[weakref.ref, weakref.ref, ReadPlan]]" = OrderedDict()
@@ -135,6 +136,13 @@ def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
     if hit is not None and hit[0]() is kp and hit[1]() is vp:
         return hit[2]
     plan = build_plan(k, v, q)
+    pair = (id(kp), id(vp), k.part, v.part, k.lead, v.lead)
+    previous = _latest.get(pair)
+    if previous is not None and previous.gather is not None:
+        # The same stores in a new state: their arrays, so the bound gather, usually carry over
+        # (`read_fast.bound_gather` checks that they do).
+        plan.gather, plan.sources = previous.gather, previous.sources
+    _latest[pair] = plan
     _plans[key] = (weakref.ref(kp), weakref.ref(vp), plan)
     for pos_map in (kp, vp):
         if id(pos_map) not in _watched:
@@ -150,15 +158,23 @@ def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
 _watched: set[int] = set()
 
 
+# The newest plan of each pair of stores and views, whatever its state: a new state's plan
+# takes its bound gather from it.
+_latest: dict[tuple, ReadPlan] = {}
+
+
 def _forget(pos_map_id: int) -> None:
     _watched.discard(pos_map_id)
     for key in [key for key in _plans if pos_map_id in (key[0], key[2])]:
         del _plans[key]
+    for pair in [pair for pair in _latest if pos_map_id in pair[:2]]:
+        del _latest[pair]
 
 
 def clear_plans() -> None:
     """Forget every cached plan (they are rebuilt on the next read)."""
     _plans.clear()
+    _latest.clear()
 
 
 def build_plan(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
@@ -211,14 +227,14 @@ def _side_runs(side: ReadSide) -> Optional[list[Run]]:
         a, n = int(p[i + 1]), int(p[i + 2])
         if n == 0:
             continue
-        vals = side.store.pos_map[a:a + n].long()
-        sealed = vals <= -2
-        for lo, hi, is_sealed in flag_runs(sealed):
+        # NumPy on the host token map: these passes run over the whole history (~94k tokens).
+        vals = side.store.np_pos[a:a + n]
+        for lo, hi, is_sealed in flag_runs(vals <= -2):
             if is_sealed:
                 runs.append((SEALED, a + lo, dst + lo, hi - lo))
                 continue
             rows = vals[lo:hi]
-            if bool((rows < 0).any()):
+            if (rows < 0).any():
                 return None
             runs += [(ROWS, first, dst + lo + j, length) for j, first, length in runs_of(rows)]
         dst += n
