@@ -1,4 +1,4 @@
-"""`QVGCache` against an independent reference (idioms A, B, D, F, H, J): every sealed token of
+"""`QVGCache` against an independent reference (idioms A-J): every sealed token of
 a cache, decoded, equals what the math layer makes of the token that was written, given the
 codebook the cache stored for it (nearest centroid per stage with `quant.lloyd.assign`, then `quant.group` codes of the
 residual); dense tokens equal what was written; attention over the cache equals SDPA over those
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache, QVGConfig, compress
 from qvg_compile.cache.spec import CSIZE
 from qvg_compile.cache.view import CHAN, RUN, SEQ, Lead, View
 from qvg_compile.quant.group import group_dequantize, group_quantize
@@ -195,3 +195,104 @@ def test_d_and_j_a_cache_grown_by_cat_and_read_with_the_new_chunk(peek):
     out = F.scaled_dot_product_attention(q, peeked, peeked)
     want = F.scaled_dot_product_attention(q, ref_view, ref_view)
     assert (out - want).abs().max() <= ATOL
+
+
+def test_c_cloned_buffer_written_and_read_as_sinks_and_window():
+    """Idiom C (LongLive): each step clones the cache, writes the new chunk into the clone, reads
+    ``cat([sinks, window])`` of it, and the pipeline commits the chunk to the cache afterwards.
+    The clone and the committed cache follow the reference; attention over the cat read equals
+    SDPA over the reference values of the same tokens."""
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, dense_sinks=4, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    gen = torch.Generator().manual_seed(8)
+    window = 2 * L
+    for c, x in enumerate(chunks(9)):
+        s, e = c * L, (c + 1) * L
+        work = cache.clone()
+        work_truth = truth.clone()
+        work[:, s:e] = x
+        work_truth[:, s:e] = x
+        lo = max(4, e - window)
+        read = torch.cat([work[:, :4], work[:, lo:e]], 1)
+        ref = reference_values(work, work_truth)
+        ref_read = torch.cat([ref[:, :4], ref[:, lo:e]], 1)
+        q = torch.randn(B, H, 8, D, generator=gen)
+        out = F.scaled_dot_product_attention(q, read.transpose(1, 2), read.transpose(1, 2))
+        want = F.scaled_dot_product_attention(q, ref_read.transpose(1, 2), ref_read.transpose(1, 2))
+        assert (out - want).abs().max() <= ATOL
+        cache[:, s:e] = x
+        truth[:, s:e] = x
+    check(cache, truth, 1)
+
+
+def rope(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Rotary embedding over ``[B, H, N, D]`` (halves rotated), positions from ``offset``."""
+    n, d = x.shape[-2], x.shape[-1]
+    inv = 1.0 / 10000 ** (torch.arange(0, d // 2, dtype=torch.float32) / (d // 2))
+    ang = torch.arange(offset, offset + n, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def test_e_rope_applied_to_the_whole_history_at_read():
+    """Idiom E (LongCat-Video, LongLive): pre-RoPE keys are cached and the rotary embedding is
+    applied to ``cat([cache, k_new])`` at every read. The products run on decoded values (a
+    counted fallback until RoPE at read has its own path): the rotated history equals RoPE of
+    the reference values."""
+    gen = torch.Generator().manual_seed(10)
+    parts = [torch.randn(1, H, L, D, generator=gen) for _ in range(4)]
+    k = QVGCache.from_dense(torch.cat(parts[:3], 2), 2, CFG, **BUDGET)
+    truth = torch.cat(parts[:3], 2)
+    ref = reference_values(k, truth)
+    got = rope(torch.cat([k, parts[3]], 2))
+    want = rope(torch.cat([ref, parts[3]], 2))
+    assert int((k._handle.store.pos_map <= -2).sum()) >= L  # history sealed
+    assert (got - want).abs().max() <= 1e-4  # products of O(1) values, fp32
+
+
+def test_g_positions_read_with_item_between_write_and_read():
+    """Idiom G (Self-Forcing): the write position lives in a tensor and is read with ``.item()``
+    between the compiled write and the compiled read (a graph break); the cache compiled this
+    way (``aot_eager``: the ``qvg::cache_*`` ops in a traced graph) follows the reference."""
+    cache = QVGCache.empty((B, S, H, D), 1, CFG, dtype=torch.float32, **BUDGET)
+    truth = torch.zeros(B, S, H, D)
+    gen = torch.Generator().manual_seed(11)
+
+    def step(kc, x, pos, q):
+        s = int(pos.item())
+        kc[:, s:s + L] = x
+        kv = kc[:, :s + L].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, kv, kv)
+
+    compiled = torch.compile(step, backend="aot_eager")
+    for c, x in enumerate(chunks(12)):
+        q = torch.randn(B, H, 8, D, generator=gen)
+        out = compiled(cache, x, torch.tensor(c * L), q)
+        truth[:, c * L:(c + 1) * L] = x
+        ref = reference_values(cache, truth)[:, :(c + 1) * L].transpose(1, 2)
+        assert (out - F.scaled_dot_product_attention(q, ref, ref)).abs().max() <= ATOL
+    check(cache, truth, 1)
+
+
+def test_i_produced_cache_fed_back_in_tuples():
+    """Idiom I (LongCat-Video's own pipeline): a cache pass returns ``{layer: (k, v)}``, the
+    caller compresses it once and feeds it back; every later call reads ``cat([k, k_new])``.
+    The compressed tuples follow the reference (keys and values with their roles' codes), and
+    attention over the cat reads equals SDPA over the reference values."""
+    gen = torch.Generator().manual_seed(13)
+    k0 = torch.randn(1, H, 3 * L, D, generator=gen)
+    v0 = torch.randn(1, H, 3 * L, D, generator=gen)
+    caches = compress({0: (k0.clone(), v0.clone())}, CFG, seq_dim=2, **BUDGET)
+    kc, vc = caches[0]
+    assert isinstance(kc, QVGCache) and isinstance(vc, QVGCache)
+    assert (kc._handle.spec.roles, vc._handle.spec.roles) == (("key",), ("value",))
+    assert kc.token_counts()["sealed"] == vc.token_counts()["sealed"] == 2 * L  # the last chunk stays dense
+    kref, vref = reference_values(kc, k0), reference_values(vc, v0)
+    for _ in range(2):  # two later calls, each with its own new chunk
+        kn, vn = torch.randn(1, H, L, D, generator=gen), torch.randn(1, H, L, D, generator=gen)
+        q = torch.randn(1, H, 8, D, generator=gen)
+        out = F.scaled_dot_product_attention(q, torch.cat([kc, kn], 2), torch.cat([vc, vn], 2))
+        want = F.scaled_dot_product_attention(q, torch.cat([kref, kn], 2), torch.cat([vref, vn], 2))
+        assert (out - want).abs().max() <= ATOL
+    assert (kc.dequantize() - kref).abs().max() <= ATOL and (vc.dequantize() - vref).abs().max() <= ATOL
