@@ -358,6 +358,7 @@ class _SwapOnFirstUse:
             args[index] = cache
             if site.source not in self.report.swapped:
                 self.report.swapped.append(site.source)
+                self.report.swapped_memory.append(cache.memory())
         del planned, caches
         return self.gm(*args)
 

@@ -428,3 +428,18 @@ def test_compiled_idiom_g_module_state_written_and_read_in_separate_graphs():
     assert all(isinstance(compiled.cache[n], QVGCache) for n in "kv")
     assert {name: b.graphs <= 3 for name, b in backends.items()} == {name: True for name in backends}
     assert stats()["fallback_total"] == 0
+
+
+def test_memory_splits_the_bytes_by_component():
+    """256 tokens x 4 heads x 64 channels, BF16, chunks of 64 (``qvg`` preset): one open chunk of
+    64 BF16 rows (16 x 64 / 256 = 4 bits per element), the codes 2 bits, scales (FP8 per 64
+    channels) 0.125, assignments (one byte per token and head) 0.125; seal frees the rows."""
+    x = torch.randn(1, 256, 4, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    c = QVGCache.from_dense(x, 1, QVGConfig.preset("qvg"), chunk_tokens=64)
+    mem = c.memory()
+    assert (mem["codes"], mem["scales"], mem["assignments"], mem["open_rows"]) == (2.0, 0.125, 0.125, 4.0)
+    assert 0 < mem["codebooks"] < 1 and 0 < mem["token_state"] < 0.2 and mem["dense_pieces"] == 0
+    assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k not in ("total", "ratio")))
+    assert mem["ratio"] == pytest.approx(c.compression_ratio()) == pytest.approx(16 / mem["total"])
+    c.seal()
+    assert c.memory()["open_rows"] == 0 and c.memory()["ratio"] > 5.5

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import qvg_compile
-from qvg_compile import QVGConfig, cli
+from qvg_compile import QVGCache, QVGConfig, cli
+from qvg_compile.passes.report import SMALL_CACHE_RATIO, small_cache_note
 
 CFG = QVGConfig.preset("qvg", centroids=8, kmeans_iters=2, group_size=16)
 DIM, HEADS, N, C = 32, 2, 16, 4
@@ -203,3 +204,27 @@ def test_json_of_graphs_with_symbolic_shapes():
     sites = [s for g in data["graphs"] for s in g["sites"]]
     assert sites and all(isinstance(x, (int, str)) for s in sites for x in s["shape"])
     assert any(isinstance(x, str) for s in sites for x in s["shape"])  # a symbolic size, printed
+
+
+def test_replaced_caches_report_where_their_memory_goes(explained):
+    """Each replaced cache's bits per element by component (`QVGCache.memory` when it was made),
+    in the summary; a cache that gains less than 4x is explained (what its size costs)."""
+    _, _, report = explained
+    mems = [m for g in report.graphs for m in g.swapped_memory]
+    assert len(mems) == sum(len(g.swapped) for g in report.graphs) == 4
+    for mem in mems:
+        parts = sum(mem[k] for k in ("codes", "scales", "assignments", "codebooks", "open_rows", "token_state",
+                                     "dense_pieces"))
+        assert abs(parts - mem["total"]) <= 1e-9 and mem["ratio"] == pytest.approx(32 / mem["total"])  # fp32
+    text = report.summary()
+    assert "x smaller" in text and f"{mems[0]['ratio']:.2f}" in text
+    assert text.count("smaller while generating") == sum(m["ratio"] < SMALL_CACHE_RATIO for m in mems)
+    assert report.to_dict()["graphs"][0]["swapped_memory"][0]["ratio"] == mems[0]["ratio"]
+
+
+def test_a_small_cache_is_explained():
+    mem = QVGCache.from_dense(torch.randn(1, 64, 2, 64), 1, CFG, chunk_tokens=32).memory()
+    assert mem["ratio"] < SMALL_CACHE_RATIO
+    note = small_cache_note("k_cache", mem)
+    assert note.startswith(f"k_cache: {mem['ratio']:.1f}x smaller while generating")
+    assert f"open dense rows cost {mem['open_rows']:.2f} bits" in note and "qvg_compile.seal" in note

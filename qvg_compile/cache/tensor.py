@@ -187,6 +187,30 @@ class QVGCache(torch.Tensor):
         arrays = self._handle.arrays + list(self._dense)
         return sum(t.numel() * t.element_size() for t in arrays)
 
+    def memory(self) -> dict[str, float]:
+        """Where this store's bytes go, in bits per element of the dense tensor it stands for
+        (``[*lead, capacity, channels]``): ``codes``, ``scales`` (with zero points),
+        ``assignments``, ``codebooks``, ``open_rows`` (the BF16 tail: open chunks and sinks),
+        ``token_state`` (the token map, slots and segment ids), ``dense_pieces`` (tokens appended
+        by ``cat``), and their sum ``total``; ``ratio`` is the dense bits over ``total``.
+
+        On a small cache the open rows and codebooks dominate: a chunk of L tokens kept open
+        costs ``bits(dtype) * L / capacity`` bits per element on its own, and a codebook of C
+        BF16 centroids shared by n tokens ``16 * C / n``."""
+        groups = {"codes": "codes", "scales": "scales", "zeros": "scales", "assign": "assignments",
+                  "cents": "codebooks", "tail": "open_rows"}
+        store = self._handle.store
+        elements = math.prod(store.lead) * store.capacity * self._handle.spec.channels
+        out = dict.fromkeys(("codes", "scales", "assignments", "codebooks", "open_rows", "token_state",
+                             "dense_pieces"), 0.0)
+        for name, t in zip(self._handle.spec.names(), self._handle.arrays):
+            key = groups.get(name.rstrip("0123456789"), "token_state")
+            out[key] += t.numel() * t.element_size() * 8 / max(1, elements)
+        out["dense_pieces"] = sum(t.numel() * t.element_size() for t in self._dense) * 8 / max(1, elements)
+        out["total"] = sum(out.values())
+        out["ratio"] = 8 * self.dtype.itemsize / max(out["total"], 1e-12)
+        return out
+
     def compression_ratio(self) -> float:
         """Bytes of the dense tensor this store stands for (its dtype) over `nbytes`."""
         store = self._handle.store

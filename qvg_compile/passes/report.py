@@ -26,6 +26,8 @@ class GraphReport:
     rejected: list[Rejected] = field(default_factory=list)
     readers: dict[str, int] = field(default_factory=dict)
     swapped: list[str] = field(default_factory=list)
+    # `QVGCache.memory()` of each swapped cache when it was made (bits per element by component).
+    swapped_memory: list[dict] = field(default_factory=list)
     # Graph rewrites applied before compiling (hand-written attention fused into SDPA).
     rewrites: list[str] = field(default_factory=list)
     swap_errors: list[str] = field(default_factory=list)
@@ -111,9 +113,14 @@ class Report:
         readers = [[g.index, kind, n] for g in self.graphs for kind, n in sorted(g.readers.items())]
         if readers:
             lines.append(tabulate(readers, headers=["graph", "attention reader", "calls"], tablefmt="github"))
-        swaps = [[g.index, readable(src)] for g in self.graphs for src in g.swapped]
+        swaps = [[g.index, readable(src), *memory_columns(mem)] for g in self.graphs
+                 for src, mem in zip(g.swapped, g.swapped_memory)]
         if swaps:
-            lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache"], tablefmt="github"))
+            lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache", "x smaller", "bits/elem: codes+scales",
+                                                  "codebooks", "open dense rows", "token state"],
+                                  tablefmt="github"))
+            lines.extend(small_cache_note(readable(src), mem) for g in self.graphs
+                         for src, mem in zip(g.swapped, g.swapped_memory) if mem["ratio"] < SMALL_CACHE_RATIO)
         rewrites = [[g.index, r] for g in self.graphs for r in g.rewrites]
         if rewrites:
             lines.append(tabulate(rewrites, headers=["graph", "rewrite"], tablefmt="github"))
@@ -137,6 +144,29 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+# Below this, a replaced cache is explained: what its small size costs.
+SMALL_CACHE_RATIO = 4.0
+
+
+def memory_columns(mem: dict) -> list[str]:
+    return [f"{mem['ratio']:.2f}", f"{mem['codes'] + mem['scales'] + mem['assignments']:.3f}",
+            f"{mem['codebooks']:.3f}", f"{mem['open_rows']:.3f}", f"{mem['token_state'] + mem['dense_pieces']:.3f}"]
+
+
+def small_cache_note(name: str, mem: dict) -> str:
+    """Why ``name`` gains only ``mem['ratio']``: the fixed costs that a small cache spreads over
+    few tokens (see `QVGCache.memory`)."""
+    dense_bits = mem["ratio"] * mem["total"]
+    sealed = dense_bits / max(mem["total"] - mem["open_rows"], 1e-12)
+    return (f"{name}: {mem['ratio']:.1f}x smaller while generating ({sealed:.1f}x once sealed): its "
+            f"open dense rows cost {mem['open_rows']:.2f} bits per element and its codebooks "
+            f"{mem['codebooks']:.2f}, on top of {mem['codes'] + mem['scales'] + mem['assignments']:.2f} "
+            "for the codes. The open rows (dense_chunks chunks of chunk_tokens, and the sinks) cost "
+            "the cache dtype's bits x rows / capacity and are freed by qvg_compile.seal at the end of "
+            "a video; a codebook of C centroids costs 16 x C / (tokens sharing it) bits. The gain "
+            "grows with the capacity over the chunk length.")
 
 
 def plain(obj: Any) -> Any:
