@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .backend import QVGBackend
-from .passes.report import Report
+from .cache.tally import stats
+from .passes.report import Report, read_counts
 from .quant.config import QVGConfig
 
 
@@ -25,8 +26,9 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
     """Compile ``model_or_fn`` with a private QVG backend, call it ``calls`` times on deep copies
     of the example inputs, and report per graph: cache sites (idiom, module path, shape, layout,
     seq dim), the dense caches replaced by QVGCache, candidates left untouched and why, attention
-    readers, graph breaks, recompiles, and a unified diff of each graph's code before (Dynamo)
-    and after (post-grad ATen with the ``qvg::`` ops): ``report.summary(diff=True)``,
+    readers, which reads of the replaced caches took the fast path and why others did not (or
+    fell back to a dense copy), graph breaks, recompiles, and a unified diff of each graph's code
+    before (Dynamo) and after (post-grad ATen with the ``qvg::`` ops): ``report.summary(diff=True)``,
     ``report.to_dict()``, ``report.to_json()``.
 
     The second call (``calls=2``) runs the graph recompiled over QVGCache inputs, which is where
@@ -39,6 +41,7 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls: expected a positive int, got {calls!r}")
     backend = QVGBackend(config, **(cache_options or {}))
+    reads_before = stats()
     model = copy.deepcopy(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else model_or_fn
     args, kwargs = copy.deepcopy((args, kwargs))
     torch._dynamo.reset()
@@ -54,6 +57,7 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
             torch._dynamo.reset()
     after = _graph_break_reasons()
     report = backend.report
+    report.cache_reads = read_counts(reads_before, stats())
     report.graph_breaks = [f"{_first_line(reason)} (x{count - before.get(reason, 0)})"
                            for reason, count in after.items() if count > before.get(reason, 0)]
     if not report.graphs:

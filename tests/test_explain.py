@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig, cli
-from qvg_compile.passes.report import SMALL_CACHE_RATIO, small_cache_note
+from qvg_compile.passes.report import SMALL_CACHE_RATIO, read_counts, read_rows, small_cache_note
 
 CFG = QVGConfig.preset("qvg", centroids=8, kmeans_iters=2, group_size=16)
 DIM, HEADS, N, C = 32, 2, 16, 4
@@ -228,3 +228,25 @@ def test_a_small_cache_is_explained():
     note = small_cache_note("k_cache", mem)
     assert note.startswith(f"k_cache: {mem['ratio']:.1f}x smaller while generating")
     assert f"open dense rows cost {mem['open_rows']:.2f} bits" in note and "qvg_compile.seal" in note
+
+
+def test_reads_of_the_replaced_caches_are_counted_by_path(explained):
+    """The report says which reads took the fast path and why others did not: the fixture's four
+    caches are read by SDPA in both calls, on the fast path (float32 queries on the CPU)."""
+    _, _, report = explained
+    assert report.cache_reads["fast"] >= 4 and report.cache_reads["fallbacks"] == {}
+    text = report.summary()
+    assert "cache reads while explaining" in text and "fast path (one gather + one SDPA)" in text
+
+
+def test_read_rows_list_general_reasons_and_fallbacks():
+    before = {"fast_reads": 2, "general_why": {"holes": 1}, "fallbacks": {}}
+    after = {"fast_reads": 5, "general_why": {"holes": 3, "dense pieces appended by cat": 1},
+             "fallbacks": {"aten.mul.Tensor": 2}}
+    reads = read_counts(before, after)
+    assert reads == {"fast": 3, "general": {"holes": 2, "dense pieces appended by cat": 1},
+                     "fallbacks": {"aten.mul.Tensor": 2}}
+    assert read_rows(reads) == [["fast path (one gather + one SDPA)", 3],
+                                ["general path: dense pieces appended by cat", 1], ["general path: holes", 2],
+                                ["dense fallback: aten.mul.Tensor", 2]]
+    assert read_rows(read_counts(after, after)) == []

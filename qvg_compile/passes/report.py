@@ -52,6 +52,9 @@ class Report:
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Reads of the replaced caches while the report was made: ``{"fast": n, "general": {why: n},
+    # "fallbacks": {op: n}}`` (`explain` fills it from `qvg_compile.stats()`).
+    cache_reads: dict = field(default_factory=dict)
 
     @property
     def sites(self) -> list[Site]:
@@ -133,6 +136,9 @@ class Report:
         if eager:
             lines.append(tabulate(eager, headers=["graph", "runs eagerly because"],
                                   tablefmt="github"))
+        reads = read_rows(self.cache_reads)
+        if reads:
+            lines.append(tabulate(reads, headers=["cache reads while explaining", "calls"], tablefmt="github"))
         if self.graph_breaks:
             lines.append(tabulate([[b] for b in self.graph_breaks], headers=["graph break"],
                                   tablefmt="github"))
@@ -144,6 +150,28 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def read_counts(before: dict, after: dict) -> dict:
+    """What happened between two `qvg_compile.stats()` snapshots: fast reads, general reads by
+    reason, fallbacks by op."""
+    def diff(a: dict, b: dict) -> dict:
+        return {k: n - a.get(k, 0) for k, n in b.items() if n > a.get(k, 0)}
+
+    return {"fast": after["fast_reads"] - before["fast_reads"],
+            "general": diff(before["general_why"], after["general_why"]),
+            "fallbacks": diff(before["fallbacks"], after["fallbacks"])}
+
+
+def read_rows(reads: dict) -> list[list]:
+    """Table rows of `read_counts`: the fast path, then each reason for the general path and
+    each fallback."""
+    if not reads or not (reads["fast"] or reads["general"] or reads["fallbacks"]):
+        return []
+    rows: list[list] = [["fast path (one gather + one SDPA)", reads["fast"]]]
+    rows += [[f"general path: {why}", n] for why, n in sorted(reads["general"].items())]
+    rows += [[f"dense fallback: {op}", n] for op, n in sorted(reads["fallbacks"].items())]
+    return rows
 
 
 # Below this, a replaced cache is explained: what its small size costs.
