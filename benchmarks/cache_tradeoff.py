@@ -8,6 +8,7 @@ token state, from the real allocated arrays) and the relative MSE of the sealed 
 The `CachePolicy` defaults come from this table (see README, "Choosing the cache defaults").
 
     python benchmarks/cache_tradeoff.py            # CPU, about a minute
+    python benchmarks/cache_tradeoff.py --scene-change --per-chunk   # a cut half way, error per chunk
     python benchmarks/cache_tradeoff.py --device cuda --frames 48 --json
 """
 
@@ -19,7 +20,7 @@ import json
 import torch
 from tabulate import tabulate
 
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache, QVGConfig, quantize
 from qvg_compile.quant.metrics import rel_mse
 from qvg_compile.quant.synthetic import video_like_kv
 
@@ -34,8 +35,19 @@ VARIANTS = [
     ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),
     ("budget 0.125 bit", dict(codebook_bits=0.125, codebook_chunks=1)),
     ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, codebook_chunks=1, dense_chunks=2, seal_chunks=2)),
-    ("share x2, no warm start", dict(codebook_bits=0.25, codebook_chunks=2, warm_start=False)),
+    ("share x2, warm start", dict(codebook_bits=0.25, codebook_chunks=2, warm_start=True)),
 ]
+
+
+def filled(x: torch.Tensor, role: str, chunk: int, overrides: dict) -> QVGCache:
+    """A cache ``[B, H, N, D]`` filled chunk by chunk with ``x`` and sealed (which frees the open
+    chunk's rows: what is left is the sealed tokens' bytes)."""
+    cache = QVGCache.empty(tuple(x.shape), 2, QVGConfig.preset("qvg"), role=role, dtype=x.dtype, device=x.device,
+                           chunk_tokens=chunk, **overrides)
+    for s in range(0, x.shape[2] // chunk * chunk, chunk):
+        cache[:, :, s:s + chunk] = x[:, :, s:s + chunk]
+    cache.seal()
+    return cache
 
 
 def measure(k: torch.Tensor, v: torch.Tensor, chunk: int, overrides: dict) -> dict:
@@ -43,18 +55,31 @@ def measure(k: torch.Tensor, v: torch.Tensor, chunk: int, overrides: dict) -> di
     out: dict = {}
     bits = []
     for name, x in (("k", k), ("v", v)):
-        cache = QVGCache.empty(tuple(x.shape), 2, QVGConfig.preset("qvg"), role="key" if name == "k" else "value",
-                               dtype=x.dtype, device=x.device, chunk_tokens=chunk, **overrides)
+        cache = filled(x, "key" if name == "k" else "value", chunk, overrides)
         n = x.shape[2] // chunk * chunk
-        for s in range(0, n, chunk):
-            cache[:, :, s:s + chunk] = x[:, :, s:s + chunk]
-        cache.seal()  # frees the open chunk's rows too: what is left is the sealed tokens' bytes
-        held = cache.nbytes()
-        bits.append(held * 8 / x[:, :, :n].numel())
+        bits.append(cache.nbytes() * 8 / x[:, :, :n].numel())
         out[f"{name}_rel_mse"] = rel_mse(x[:, :, :n], cache.dequantize()[:, :, :n])
         out["segments"] = cache.token_counts()["segments"]
     out["bits_per_element"] = sum(bits) / 2
     return out
+
+
+def per_chunk(k: torch.Tensor, v: torch.Tensor, chunk: int, span: int) -> list[list[str]]:
+    """Rel-MSE of every chunk of K and V: the cache with its defaults; the published
+    configuration (symmetric codes, C=256, one codebook per span of ``span`` chunks, encoded at
+    once); per-token RTN (the ``rtn`` preset). Rows: chunk, then K and V of each."""
+    n = k.shape[2] // chunk * chunk
+    published = QVGConfig.preset("qvg", code_mode="symmetric", value_code_mode="symmetric", centroids=256)
+    errors = {}
+    for name, x, role in (("k", k, "key"), ("v", v, "value")):
+        cache = filled(x, role, chunk, {}).dequantize()
+        pub = torch.cat([quantize(x[:, :, a:min(n, a + span * chunk)], published, role=role).dequantize()
+                         for a in range(0, n, span * chunk)], dim=2)
+        rtn = quantize(x[:, :, :n], QVGConfig.preset("rtn"), role=role).dequantize()
+        errors[name] = [[rel_mse(x[:, :, a:a + chunk], got[:, :, a:a + chunk]) for got in (cache, pub, rtn)]
+                        for a in range(0, n, chunk)]
+    return [[i, *(f"{e:.4f}" for e in errors["k"][i]), *(f"{e:.4f}" for e in errors["v"][i])]
+            for i in range(n // chunk)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,12 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-frames", type=int, default=3)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scene-change", action="store_true",
+                        help="the second half of the frames is another video (another seed): a cut")
+    parser.add_argument("--per-chunk", action="store_true",
+                        help="also each chunk's K and V error: the cache's defaults, the published "
+                             "configuration (8-chunk spans, C=256, symmetric codes) and per-token RTN")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     side = args.frame_tokens
     data = video_like_kv(heads=args.heads, frames=args.frames, height=side, width=side, seed=args.seed)
     k, v = data["k"].to(args.device), data["v"].to(args.device)
     chunk = args.chunk_frames * side * side
+    if args.scene_change:
+        cut = (args.frames // 2) * side * side
+        other = video_like_kv(heads=args.heads, frames=args.frames, height=side, width=side, seed=args.seed + 1)
+        k = torch.cat([k[:, :, :cut], other["k"].to(args.device)[:, :, cut:]], dim=2)
+        v = torch.cat([v[:, :, :cut], other["v"].to(args.device)[:, :, cut:]], dim=2)
     records = []
     for name, overrides in VARIANTS:
         rec = {"variant": name, **overrides, **measure(k, v, chunk, overrides)}
@@ -83,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['k_rel_mse']:.4f}", f"{r['v_rel_mse']:.4f}", r["segments"]] for r in records],
                    headers=["policy", "bits/elem", "vs BF16", "K rel-MSE", "V rel-MSE", "segments"],
                    tablefmt="github"))
+    if args.per_chunk:
+        print()
+        print(tabulate(per_chunk(k, v, chunk, span=8),
+                       headers=["chunk", "K cache", "K published", "K RTN", "V cache", "V published", "V RTN"],
+                       tablefmt="github"))
     return 0
 
 

@@ -27,7 +27,7 @@ B, S, H, D, L = 1, 64, 2, 64, 16
 ATOL = 1e-5
 # A codebook budget that gives these 16-token chunks 8-centroid codebooks (the default
 # budget gives them one centroid), so a short segment has fewer tokens than its codebook.
-BUDGET = dict(chunk_tokens=L, codebook_bits=8.0)
+BUDGET = dict(chunk_tokens=L, codebook_bits=8.0, codebook_chunks=2)
 
 
 def reference_values(cache: QVGCache, truth: torch.Tensor) -> torch.Tensor:

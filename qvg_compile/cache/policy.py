@@ -33,10 +33,17 @@ class CachePolicy:
         seal_chunks: slots quantized together into one segment when a slot is needed
             (``1 <= seal_chunks <= dense_chunks``; the published QVG uses 8 and 8).
         codebook_chunks: consecutive segments sharing one codebook: the first runs k-means, the
-            next ``codebook_chunks - 1`` only assign their tokens to its centroids.
+            next ``codebook_chunks - 1`` only assign their tokens to its centroids. Sharing cuts
+            the error ~15% on a continuous stream, but a chunk right after a scene cut that shares
+            the previous scene's codebook has 6-7x the key error of its neighbours
+            (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`); pass 1 for videos with
+            cuts until a guard that detects the poor fit exists.
         codebook_bits: budget of centroid storage in bits per element: C is the largest power of
             two (at most ``config.centroids`` and the segment's tokens) within it.
         warm_start: start each segment's k-means from the previous codebook of the same cache.
+            Off by default: measured with `benchmarks/cache_tradeoff.py` (3 seeds), a seeded start
+            is as good on a continuous stream and up to 2x better on keys after a scene cut,
+            where two Lloyd steps from the old scene's centroids do not reach the new one.
         dense_sinks: leading tokens (attention sinks) that are written to the dense tail and
             never quantized.
         spare_segments: codebook slots allocated beyond what filling the capacity needs. A
@@ -51,7 +58,7 @@ class CachePolicy:
     seal_chunks: int = 1
     codebook_chunks: int = 2
     codebook_bits: float = 0.25
-    warm_start: bool = True
+    warm_start: bool = False
     dense_sinks: int = 0
     spare_segments: int = 0
 

@@ -17,6 +17,7 @@ Every random choice uses the math layer's seeded CPU generator, so a seed picks 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -91,8 +92,9 @@ def encode_unchecked(x: torch.Tensor, config: QVGConfig, seq_dim: int = -2, role
     """`encode_qvg` without its host sync: returns the segment and its refusal summary, int8 ``[2]``
     on x's device (``[range, non-finite]``: nonzero where a scale or zero point left the scale
     dtype's range, or where ``check_finite`` found NaN/Inf), for the caller to check when it can
-    afford to wait (`raise_on_summary`). Launches only: CUDA-graph capturable when
-    ``init_centroids`` is given or ``config.stages == 0`` (a seeded start picks tokens on the host).
+    afford to wait (`raise_on_summary`). Launches only, once a layout has been seen: CUDA-graph
+    capturable when ``init_centroids`` is given, ``config.stages == 0``, or the start is seeded
+    ``"random"`` (its picks are drawn on the host at the first call and kept on the device).
     Inputs the Triton encoder does not take run the reference, which checks at once."""
     if isinstance(x, torch.Tensor) and x.is_cuda and triton_supports(x, config, role):
         segs, summary = _encode_all([x], config, seq_dim, [role], [init_centroids], None)
@@ -261,12 +263,20 @@ def _initial(src: torch.Tensor, c: int, config: QVGConfig, stage: int, given: Op
     init = "random" if config.init == "given" else config.init
     seed = config.seed + stage
     if init == "random":
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        picks = torch.rand(g, n, generator=gen).topk(c, dim=1).indices.to(src.device)
-        sets = torch.arange(g, device=src.device).unsqueeze(1)
+        picks, sets = _random_picks(g, n, c, seed, src.device)
         # Index the picked rows in place: no copy of a strided (BSHD) input.
         return src[sets // b2, sets % b2, picks].float()
     return ref_init(src.reshape(g, n, d), c, init, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_picks(g: int, n: int, c: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded tokens a ``"random"`` start picks (``[G, C]``) and the set index (``[G, 1]``),
+    on ``device``. They depend on the shapes and the seed only, so they are drawn on the host once
+    and kept: a seeded encode is then launches only (CUDA-graph capturable, no host copy)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    picks = torch.rand(g, n, generator=gen).topk(c, dim=1).indices.to(device)
+    return picks, torch.arange(g, device=device).unsqueeze(1)
 
 
 def _sets(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:

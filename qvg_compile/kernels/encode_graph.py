@@ -10,9 +10,12 @@ the caller's copies out.
   and a caller's ``tag`` (two encodes whose outputs are alive at once need different tags).
 - The first call of a key runs eagerly (it compiles the Triton kernels, which a capture cannot);
   the second captures, then every call replays.
-- Only warm-started encodes (``init`` given) or encodes without k-means are captured: a seeded
-  start draws tokens on the host. Nothing is captured while the current stream is itself being
-  captured (a caller's own CUDA graph), or with ``QVG_SEAL_GRAPHS=0``.
+- Captured: encodes from given centroids (a warm start or a shared codebook), without k-means,
+  or from a seeded ``"random"`` start (its picks are drawn once, at the eager first call, and
+  kept on the device); a ``"kmeans++"`` start runs eagerly. Nothing is captured while the
+  current stream is itself being captured (a caller's own CUDA graph), or with
+  ``QVG_SEAL_GRAPHS=0``. A capture that fails is reported once (`QVGGraphWarning`) and that
+  layout runs eagerly from then on: same results, more host time.
 - All graphs of a device share one memory pool, so the outputs of a replay are overwritten by the
   next replay of any key: copy them out first (the cache does, straight after each call).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -41,7 +45,12 @@ class _Captured:
 
 _graphs: dict[tuple, _Captured] = {}
 _seen: set[tuple] = set()
+_failed: set[tuple] = set()
 _pools: dict[int, tuple] = {}
+
+
+class QVGGraphWarning(UserWarning):
+    """An encode could not be captured as a CUDA graph and runs op by op."""
 
 
 def graphs_enabled() -> bool:
@@ -61,6 +70,7 @@ def release_graphs() -> None:
     """Drop every captured encode graph and its memory pool (the next encodes capture again)."""
     _graphs.clear()
     _seen.clear()
+    _failed.clear()
     _pools.clear()
 
 
@@ -78,17 +88,25 @@ def encode_replayed(x: torch.Tensor, config: QVGConfig, role: str, init: Optiona
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    if not (x.is_cuda and triton_supports(x, config, role) and (init is not None or config.stages == 0)
+    capturable = init is not None or config.stages == 0 or config.init == "random"
+    if not (x.is_cuda and triton_supports(x, config, role) and capturable
             and graphs_enabled() and not torch.cuda.is_current_stream_capturing()):
         return encode_unchecked(x, config, -2, role, init)
     key = (tuple(x.shape), x.dtype, x.device, config, role,
            None if init is None else (tuple(init.shape), init.dtype), tag)
     cap = _graphs.get(key)
     if cap is None:
-        if key not in _seen:
+        if key not in _seen or key in _failed:
             _seen.add(key)
             return encode_unchecked(x, config, -2, role, init)
-        cap = _graphs[key] = _capture(x, config, role, init)
+        try:
+            cap = _graphs[key] = _capture(x, config, role, init)
+        except RuntimeError as err:
+            _failed.add(key)
+            warnings.warn(f"QVG encode: capturing a CUDA graph for a {list(x.shape)} {role} encode failed "
+                          f"({err}); that layout runs op by op (same results, more host time)",
+                          QVGGraphWarning, stacklevel=2)
+            return encode_unchecked(x, config, -2, role, init)
     cap.x.copy_(x)
     if init is not None:
         cap.init.copy_(init)
