@@ -35,7 +35,7 @@ class CachePolicy:
         codebook_chunks: consecutive segments sharing one codebook: the first runs k-means, the
             next ``codebook_chunks - 1`` only assign their tokens to its centroids. Sharing cuts
             the error ~15% on a continuous stream, but a chunk right after a scene cut that shares
-            the previous scene's codebook has 6-7x the key error of its neighbours
+            the previous scene's codebook has 7-8x the key error of its neighbours
             (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`); pass 1 for videos with
             cuts until a guard that detects the poor fit exists.
         codebook_bits: budget of centroid storage in bits per element: C is the largest power of
