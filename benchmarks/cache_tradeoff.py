@@ -35,6 +35,7 @@ VARIANTS = [
     ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),
     ("budget 0.125 bit", dict(codebook_bits=0.125, codebook_chunks=1)),
     ("seal 2 chunks, 0.25", dict(codebook_bits=0.25, codebook_chunks=1, dense_chunks=2, seal_chunks=2)),
+    ("share x2, no fit guard", dict(codebook_bits=0.25, codebook_chunks=2, share_fit=None)),
     ("share x2, warm start", dict(codebook_bits=0.25, codebook_chunks=2, warm_start=True)),
 ]
 

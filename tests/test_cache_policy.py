@@ -19,6 +19,10 @@ def test_policy_validates_every_field():
         CachePolicy(codebook_bits=0)
     with pytest.raises(ValueError, match="warm_start"):
         CachePolicy(warm_start=1)
+    for bad in (0, -1.0, True, "3"):
+        with pytest.raises(ValueError, match="share_fit"):
+            CachePolicy(share_fit=bad)
+    assert CachePolicy(share_fit=None).share_fit is None and CachePolicy().share_fit == 3.0
     with pytest.raises(TypeError, match="unknown cache options"):
         policy_from_options(chunks=3)
     with pytest.raises(TypeError, match="CachePolicy"):

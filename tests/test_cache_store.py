@@ -122,3 +122,35 @@ def test_token_state_is_int16_unless_the_dense_rows_need_int32():
     out = big.dequantize()
     torch.testing.assert_close(out[:, 20000:], x[:, 20000:], rtol=0, atol=0)  # the two dense slots
     assert (out[:, :20000] - x[:, :20000]).pow(2).mean() < 0.4 * x[:, :20000].pow(2).mean()
+
+
+def clustered(seed: int, n: int) -> torch.Tensor:
+    """``[1, n, 2, 64]`` tokens around 8 centres per head (what k-means fits well), small noise."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(2, 8, 64, generator=gen)
+    pick = torch.randint(0, 8, (2, n), generator=gen)
+    x = torch.gather(centres, 1, pick.unsqueeze(-1).expand(2, n, 64)) + 0.1 * torch.randn(2, n, 64, generator=gen)
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("share_fit", [3.0, None], ids=["guard", "no_guard"])
+def test_a_segment_that_does_not_fit_the_shared_codebook_gets_its_own(share_fit):
+    """A cut after chunk 0: chunk 1 would share chunk 0's codebook (``codebook_chunks=2``) but
+    its tokens sit around other centres. The guard gives it its own codebook (its error then
+    matches chunk 0's); without it the chunk is coded with the wrong centroids (measured rel-MSE:
+    chunk 0 1.55e-6; chunk 1 1.56e-6 with the guard, 0.95 without)."""
+    x = torch.cat([clustered(1, L), clustered(2, L)], 1)
+    c = cache(codebook_chunks=2, share_fit=share_fit, codebook_bits=8.0)
+    reset_stats()
+    c[:, :L] = x[:, :L]
+    c[:, L:2 * L] = x[:, L:2 * L]
+    c.seal()
+    got = c.dequantize()
+    err = [float(((got[:, s:s + L] - x[:, s:s + L]).square().sum() / x[:, s:s + L].square().sum()))
+           for s in (0, L)]
+    if share_fit is None:
+        assert stats()["share_misfits"] == 0 and c.token_counts()["segments"] == 1
+        assert err[1] > 0.5
+    else:
+        assert stats()["share_misfits"] == 1 and c.token_counts()["segments"] == 2
+        assert err[1] < 2 * err[0]

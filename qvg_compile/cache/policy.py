@@ -36,10 +36,16 @@ class CachePolicy:
             next ``codebook_chunks - 1`` only assign their tokens to its centroids. Sharing cuts
             the error ~15% on a continuous stream, but a chunk right after a scene cut that shares
             the previous scene's codebook has 7-8x the key error of its neighbours
-            (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`); pass 1 for videos with
-            cuts until a guard that detects the poor fit exists.
+            (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`), unless ``share_fit``
+            gives it its own codebook.
         codebook_bits: budget of centroid storage in bits per element: C is the largest power of
             two (at most ``config.centroids`` and the segment's tokens) within it.
+        share_fit: a segment that would share a codebook gets one of its own (when a slot is
+            free) if the codebook leaves more than ``share_fit`` times the energy of its tokens
+            (`residual_energy`) than it left of the tokens it was fitted to: the chunk after a
+            scene cut. Measured on video-like K/V (`benchmarks/cache_tradeoff.py`, 3 seeds): 1.2-1.7x
+            for a chunk sharing its neighbour's codebook, 7-13x after a cut. None never checks.
+            The check reads two scalars back per shared seal (on the GPU, a sync).
         warm_start: start each segment's k-means from the previous codebook of the same cache.
             Off by default: measured with `benchmarks/cache_tradeoff.py` (3 seeds), a seeded start
             is as good on a continuous stream and up to 2x better on keys after a scene cut,
@@ -58,6 +64,7 @@ class CachePolicy:
     seal_chunks: int = 1
     codebook_chunks: int = 2
     codebook_bits: float = 0.25
+    share_fit: Optional[float] = 3.0
     warm_start: bool = False
     dense_sinks: int = 0
     spare_segments: int = 0
@@ -81,6 +88,9 @@ class CachePolicy:
                              f"got {self.seal_chunks}")
         if not isinstance(self.codebook_bits, (int, float)) or self.codebook_bits <= 0:
             raise ValueError(f"CachePolicy.codebook_bits: expected a positive float, got {self.codebook_bits!r}")
+        if self.share_fit is not None and (isinstance(self.share_fit, bool) or not isinstance(self.share_fit, (int, float))
+                                           or not self.share_fit > 0):
+            raise ValueError(f"CachePolicy.share_fit: expected a positive float or None, got {self.share_fit!r}")
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"CachePolicy.warm_start: expected a bool, got {self.warm_start!r}")
 

@@ -1,6 +1,7 @@
 """Refusals of a cache's seals, read back from the GPU without a host sync.
 
-On the GPU a seal is launched, not waited for. The encoder's refusal summary (a scale or zero
+On the GPU a seal is launched, not waited for (a seal onto a shared codebook reads its fit
+back: `CachePolicy.share_fit`). The encoder's refusal summary (a scale or zero
 point outside the scale dtype's range; NaN/Inf in the tokens under ``check_finite``) is or-ed into
 a device flag per cache, and copied to pinned host memory behind the seal. The cache's next seal
 looks at that copy if it has landed (an event query, never a wait); `SealFlags.check` with

@@ -31,7 +31,7 @@ import torch
 
 from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
 from ..kernels.decode import dequantize_store
-from ..quant.segment import QVGSegment
+from ..quant.segment import QVGSegment, residual_energy
 from ..quant.store import PackedStore
 from . import tally
 from .encode import encode_segment
@@ -75,6 +75,12 @@ def masked_runs(positions: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, 
 # step) is a plain copy of the rows, with no host tensor operation.
 _row_writes: dict[tuple[int, int, int, int], int] = {}
 ROW_WRITES_SIZE = 4096
+
+
+# `residual_energy` of the tokens each codebook was fitted to, by codebook uid (0-dim device
+# tensors, never read on their own): the reference a later segment's fit is judged against.
+_creator_fit: dict[int, torch.Tensor] = {}
+CREATOR_FITS_SIZE = 4096
 
 
 def new_uid() -> int:
@@ -355,12 +361,9 @@ class Store:
         has_latest = latest >= 0 and int(segs[latest, CSIZE]) > 0
         if has_latest and policy.codebook_chunks > 1 and int(segs[latest, USES]) < policy.codebook_chunks:
             return latest, int(segs[latest, CSIZE]), True, None
-        free = segs[:, LIVE] == 0
-        if has_latest and free.sum() > 1:
-            free[latest] = False  # keep the warm start intact
-        choices = np.flatnonzero(free)
-        if choices.size:
-            slot = int(choices[0])
+        free = self._free_slot(latest if has_latest else -1)
+        if free is not None:
+            slot = free
             c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
             warm = latest if (policy.warm_start and has_latest and self.spec.stages
                               and int(segs[latest, CSIZE]) == c) else None
@@ -373,19 +376,66 @@ class Store:
             latest = int(coded[-1])
         return latest, int(segs[latest, CSIZE]), True, None
 
+    def _free_slot(self, latest: int) -> Optional[int]:
+        """A codebook slot holding no live token, other than ``latest`` (the warm start, or the
+        codebook a segment is about to share) unless it is the only one; None when none is free."""
+        free = self.np_segs[:, LIVE] == 0
+        if latest >= 0 and free.sum() > 1:
+            free[latest] = False
+        choices = np.flatnonzero(free)
+        return int(choices[0]) if choices.size else None
+
     def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
         """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending).
         The token state changes only once every part is encoded, so on the CPU an input the
         encoder refuses (NaN/Inf under ``check_finite``, scales out of range) leaves the store
-        unchanged; on the GPU the refusal is read back later (`seal_flags`)."""
+        unchanged; on the GPU the refusal is read back later (`seal_flags`). A segment that would
+        share a codebook it does not fit (``policy.share_fit``) is encoded again with its own."""
         n = positions.numel()
         cuda = self.device.type == "cuda"
         flags = flags_for(self.pos_map, self.device) if cuda else None
         if flags is not None:
             flags.check(self.spec.config)
         slot, c, shared, warm = self._choose_codebook(n)
-        lead = len(self.lead)
         runs = runs_of(positions)
+        policy = self.spec.policy
+        guard = policy.share_fit is not None and policy.codebook_chunks > 1
+        fits = self._encode_parts(runs, xs, slot, c, shared, warm, flags, fit=guard)
+        creator = _creator_fit.get(int(self.np_segs[slot, UID])) if shared and fits else None
+        own = self._free_slot(slot) if creator is not None else None
+        if own is not None:
+            # The one host read of a shared seal (a sync on the GPU): whether the codebook fits
+            # these tokens as well as it fitted the ones it was made from.
+            shared_fit, made_fit = torch.stack([torch.stack(fits).max(), creator]).tolist()
+            if shared_fit > policy.share_fit * made_fit:
+                slot, shared = own, False
+                c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
+                fits = self._encode_parts(runs, xs, slot, c, False, None, flags, fit=True)
+                tally.add(share_misfits=1)
+        if not shared:
+            uid = new_uid()
+            self.np_segs[slot] = (0, c, uid, 0)
+            self.np_counters[LATEST] = slot
+            if fits:
+                if len(_creator_fit) >= CREATOR_FITS_SIZE:
+                    _creator_fit.clear()
+                _creator_fit[uid] = torch.stack(fits).max()
+        self.np_segs[slot, USES] += 1
+        self.np_segs[slot, LIVE] += n
+        for _, first, length in runs:
+            self.np_pos[first:first + length] = sealed_code(slot)
+            self.seg_ids[first:first + length] = slot
+        self.changed()
+        tally.add(seals=1, sealed_tokens=n)
+
+    def _encode_parts(self, runs: list[tuple[int, int, int]], xs: Sequence[torch.Tensor], slot: int, c: int,
+                      shared: bool, warm: Optional[int], flags, fit: bool) -> list[torch.Tensor]:
+        """Encode every part's tokens with codebook ``slot`` (``c`` centroids; its own or, with
+        ``shared``, the one already there) and write them at ``runs``; with ``fit``, return each
+        part's `residual_energy` (0-dim device tensors)."""
+        lead = len(self.lead)
+        n = sum(length for _, _, length in runs)
+        fits = []
         for p, x in enumerate(xs):
             cents = self.a("cents", p)
             init = None
@@ -404,6 +454,8 @@ class Store:
                                  f"unchanged ({err})") from err
             if xp is not x:
                 seg = _first_tokens(seg, n)
+            if fit:
+                fits.append(residual_energy(x, seg))
             # Written at once: a replayed encode's outputs are reused by the next one.
             if not shared:
                 cents[slot, ..., :c, :] = seg.centroids
@@ -416,16 +468,7 @@ class Store:
                 self.a("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
             if flags is not None:
                 flags.add(summary)
-        if not shared:
-            self.np_segs[slot] = (0, c, new_uid(), 0)
-            self.np_counters[LATEST] = slot
-        self.np_segs[slot, USES] += 1
-        self.np_segs[slot, LIVE] += n
-        for _, first, length in runs:
-            self.np_pos[first:first + length] = sealed_code(slot)
-            self.seg_ids[first:first + length] = slot
-        self.changed()
-        tally.add(seals=1, sealed_tokens=n)
+        return fits
 
     # --- reads ---------------------------------------------------------------------------------
     def packed(self, part: int, sel: LeadSel = None) -> PackedStore:

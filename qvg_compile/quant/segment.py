@@ -127,6 +127,19 @@ class QVGSegment(Segment):
         return from_normalised(self.dequantize_normalised(torch.float32), self.shape, self.dtype, self.seq_dim)
 
 
+def residual_energy(x: torch.Tensor, seg: "QVGSegment") -> torch.Tensor:
+    """How much of ``x``'s energy its centroids leave: ``||x - sum_s c_s(x)||^2 / ||x||^2``, a
+    0-dim fp32 tensor on x's device (no sync). ``x`` ``[*lead, N, D]`` (sequence next to last)
+    are the tokens ``seg`` coded; near 0 when the codebook fits them, 1 or more when it does not
+    (a codebook fitted to other content)."""
+    if x.shape[-2] != seg.assignments.shape[-1]:
+        raise ValueError(f"x: expected {seg.assignments.shape[-1]} tokens, got {x.shape[-2]}")
+    residual = x.float()
+    for s in range(seg.centroids.shape[0]):
+        residual = residual - gather_centroids(seg.centroids[s], seg.assignments[s])
+    return residual.square().sum() / x.float().square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
     """``centroids[..., a, :]`` per token: ``[*lead, C, D]`` x ``[*lead, N]`` -> ``[*lead, N, D]`` fp32."""
     d = centroids.shape[-1]
