@@ -64,7 +64,7 @@ def test_sinks_stay_dense_and_are_never_sealed():
     assert torch.equal(c.dequantize()[:, :4], x[:, :4])
 
 
-def test_codebooks_are_shared_by_consecutive_segments_and_warm_started():
+def test_codebooks_are_shared_by_consecutive_segments():
     c = cache(codebook_chunks=2)
     fill(c, 5)
     store = c._handle.store

@@ -1,7 +1,7 @@
 """Quantize the tokens of one segment, with a new codebook or with a shared one.
 
-A new codebook runs the QVG encoder with C centroids, warm-started from the previous codebook
-when one of the same size is given. A shared codebook runs it with zero k-means iterations from
+A new codebook runs the QVG encoder with C centroids, from seeded tokens or (with the policy's
+``warm_start``) from the previous codebook of the same size. A shared codebook runs it with zero k-means iterations from
 the given centroids: tokens are only assigned to them, and the codebook is stored once.
 On the CPU a refused encode raises here; on the GPU nothing waits for the encoder (the caller
 reads its refusal summary back later).
