@@ -1,8 +1,9 @@
 """Quantize the tokens of one segment, with a new codebook or with a shared one.
 
 A new codebook runs the QVG encoder with C centroids, from seeded tokens or (with the policy's
-``warm_start``) from the previous codebook of the same size. A shared codebook runs it with zero k-means iterations from
-the given centroids: tokens are only assigned to them, and the codebook is stored once.
+``warm_start``) from the previous codebook of the same size. A shared codebook runs it with zero
+k-means iterations from the given centroids: tokens are only assigned to them, and the codebook
+is stored once.
 On the CPU a refused encode raises here; on the GPU nothing waits for the encoder (the caller
 reads its refusal summary back later).
 """
