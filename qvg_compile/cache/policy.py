@@ -88,8 +88,8 @@ class CachePolicy:
                              f"got {self.seal_chunks}")
         if not isinstance(self.codebook_bits, (int, float)) or self.codebook_bits <= 0:
             raise ValueError(f"CachePolicy.codebook_bits: expected a positive float, got {self.codebook_bits!r}")
-        if self.share_fit is not None and (isinstance(self.share_fit, bool) or not isinstance(self.share_fit, (int, float))
-                                           or not self.share_fit > 0):
+        fit = self.share_fit
+        if fit is not None and (isinstance(fit, bool) or not isinstance(fit, (int, float)) or not fit > 0):
             raise ValueError(f"CachePolicy.share_fit: expected a positive float or None, got {self.share_fit!r}")
         if not isinstance(self.warm_start, bool):
             raise ValueError(f"CachePolicy.warm_start: expected a bool, got {self.warm_start!r}")

@@ -15,7 +15,7 @@ once, with the queries of every copy folded into one call; heads repeated by
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 

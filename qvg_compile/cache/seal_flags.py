@@ -10,8 +10,8 @@ looks at that copy if it has landed (an event query, never a wait); `SealFlags.c
 What a refusal means on the GPU: the refused tokens were sealed (their codes and scales hold
 garbage: NaN, or saturated scales) and the error is raised by a later operation on the same
 cache, which it leaves unchanged. The cache stays refused, raising on every seal, until no sealed
-token is left (``zero_``, a release of every token, `Store.reset`). On the CPU the encoder checks at once: the refused seal itself
-raises and leaves the cache as it was.
+token is left (``zero_``, a release of every token, `Store.reset`). On the CPU the encoder checks
+at once: the refused seal itself raises and leaves the cache as it was.
 """
 
 from __future__ import annotations

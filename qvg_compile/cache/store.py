@@ -88,6 +88,11 @@ def new_uid() -> int:
     return uuid.uuid4().int >> 66
 
 
+def _host_view(name: str) -> functools.cached_property:
+    """A `Store` attribute: the NumPy view of host array ``name``, made on first use."""
+    return functools.cached_property(lambda self: self.arrays[name].numpy())
+
+
 class Store:
     """The arrays of one store and the algorithms over them. ``arrays`` in `StoreSpec.names` order."""
 
@@ -110,21 +115,10 @@ class Store:
     # write that moves rows or seals is dozens of scalar reads and small updates, well under a
     # microsecond each on an array against 3-8 us as tensor ops. Reads and rewrites of the open
     # rows never need them (making one costs four tensor ops).
-    @functools.cached_property
-    def np_pos(self) -> np.ndarray:
-        return self.pos_map.numpy()
-
-    @functools.cached_property
-    def np_slots(self) -> np.ndarray:
-        return self.slots.numpy()
-
-    @functools.cached_property
-    def np_segs(self) -> np.ndarray:
-        return self.segs.numpy()
-
-    @functools.cached_property
-    def np_counters(self) -> np.ndarray:
-        return self.counters.numpy()
+    np_pos = _host_view("pos_map")
+    np_slots = _host_view("slots")
+    np_segs = _host_view("segs")
+    np_counters = _host_view("counters")
 
     @property
     def device(self) -> torch.device:

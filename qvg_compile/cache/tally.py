@@ -61,9 +61,10 @@ def stats() -> dict[str, Any]:
     name) and ``fallback_total``.
     """
     with _lock:
-        out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens", "decoded_bytes",
-                                               "attention_calls", "fused_tokens", "tail_tokens", "fast_reads",
-                                               "fast_tokens", "fast_rows", "general_reads", "fast_writes")}
+        out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens",
+                                               "decoded_bytes", "attention_calls", "fused_tokens", "tail_tokens",
+                                               "fast_reads", "fast_tokens", "fast_rows", "general_reads",
+                                               "fast_writes")}
         out.update(_counts)
         out["general_why"] = dict(_general)
         out["fallbacks"] = dict(_fallbacks)

@@ -119,8 +119,9 @@ class Report:
         swaps = [[g.index, readable(src), *memory_columns(mem)] for g in self.graphs
                  for src, mem in zip(g.swapped, g.swapped_memory)]
         if swaps:
-            lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache", "x smaller", "bits/elem: codes+scales",
-                                                  "codebooks", "open dense rows", "token state"],
+            lines.append(tabulate(swaps, headers=["graph", "replaced by QVGCache", "x smaller",
+                                                  "bits/elem: codes+scales", "codebooks", "open dense rows",
+                                                  "token state"],
                                   tablefmt="github"))
             lines.extend(small_cache_note(readable(src), mem) for g in self.graphs
                          for src, mem in zip(g.swapped, g.swapped_memory) if mem["ratio"] < SMALL_CACHE_RATIO)
