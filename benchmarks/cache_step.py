@@ -11,6 +11,8 @@ median time of the four rewriting steps and the time of the sealing step for eag
 and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("error")``. With
 ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile); with
 ``--plan-cost``, a rewriting step with its read plan cached against one that builds it; with
+``--guard-ab N``, the compiled sealing step with the codebook-fit guard (the default
+``share_fit``) against the same step without it, interleaved, N repeats; with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache.policy import CachePolicy
 from qvg_compile.cache.read_plan import clear_plans
 
 H, D, CHUNK = 12, 128, 4680
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cProfile the sealing steps of 6 compiled chunks (where a seal's host time goes)")
     parser.add_argument("--plan-cost", action="store_true",
                         help="host time of a rewriting step whose read builds its plan vs one that reuses it")
+    parser.add_argument("--guard-ab", type=int, default=0, metavar="N",
+                        help="sealing step with and without the codebook-fit guard, interleaved, N repeats")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
     args = parser.parse_args(argv)
     device = "cuda"
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         profile_seals(compiled, qvg, chunks, device)
     if args.plan_cost:
         plan_cost(compiled, qvg, chunks, device)
+    if args.guard_ab:
+        guard_ab(compiled, n, chunks, device, args.guard_ab)
     return 0
 
 
@@ -209,6 +216,29 @@ def plan_cost(compiled, make, chunks: int, device: str, reps: int = 20) -> None:
         torch.cuda.synchronize()
         profiler.disable()
     pstats.Stats(profiler).sort_stats("cumtime").print_stats(40)
+
+
+def guard_ab(compiled, n: int, chunks: int, device: str, reps: int) -> None:
+    """Median compiled sealing step over the last half of the chunks, with the default codebook-fit
+    guard and with ``share_fit=None``, the two runs interleaved ``reps`` times."""
+    rows = []
+    for rep in range(reps):
+        for name, fit in (("guard (default)", CachePolicy().share_fit), ("no guard", None)):
+            kb, vb = (QVGCache.empty((1, n, H, D), 1, QVGConfig.preset("qvg"), role=role, dtype=torch.bfloat16,
+                                     device=device, chunk_tokens=CHUNK, share_fit=fit) for role in ("key", "value"))
+            gen = torch.Generator(device=device).manual_seed(rep)
+            seals = []
+            for c in range(chunks):
+                q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+                k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
+                torch.cuda.synchronize()
+                if c >= chunks // 2:
+                    seals.append((time.perf_counter() - t) * 1e3)
+            rows.append([rep, name, f"{statistics.median(seals):.2f}", f"{min(seals):.2f}-{max(seals):.2f}"])
+    print(tabulate(rows, headers=["repeat", "cache", "sealing step ms (median)", "range"], tablefmt="github"))
 
 
 def sync_free(compiled, make, chunks: int, device: str) -> str:

@@ -13,6 +13,7 @@ from qvg_compile.kernels.decode import dequantize_segment
 from qvg_compile.kernels.encode import encode_qvg_pair, encode_unchecked
 from qvg_compile.kernels.encode_graph import captured_graphs, encode_replayed, release_graphs
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
+from qvg_compile.quant.segment import residual_energy
 from qvg_compile.quant.store import PackedStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -86,10 +87,10 @@ def test_replayed_encode_equals_eager_encode_on_cuda():
     init = kv(5, n=1560)[0][..., :256, :].unsqueeze(0).contiguous()
     for seed in (6, 7, 8, 9):
         x = kv(seed, n=1560)[0]
-        got, got_summary = encode_replayed(x, cfg, "key", init)
-        got = [t.clone() for t in (got.codes, got.scales, got.assignments, got.centroids)]
+        got, got_summary, energy = encode_replayed(x, cfg, "key", init, fit=True)
+        got = [t.clone() for t in (got.codes, got.scales, got.assignments, got.centroids, energy)]
         ref, ref_summary = encode_unchecked(x, cfg, -2, "key", init)
-        for a, b in zip(got, (ref.codes, ref.scales, ref.assignments, ref.centroids)):
+        for a, b in zip(got, (ref.codes, ref.scales, ref.assignments, ref.centroids, residual_energy(x, ref))):
             assert torch.equal(a, b)
         assert got_summary.tolist() == ref_summary.tolist() == [0, 0]
     assert captured_graphs() == 1  # first call eager, second captures, the rest replay

@@ -7,6 +7,7 @@ import torch
 from qvg_compile import QVGConfig
 from qvg_compile.kernels.encode import encode_unchecked
 from qvg_compile.kernels.encode_graph import captured_graphs, encode_replayed, graphs_enabled, release_graphs
+from qvg_compile.quant.segment import residual_energy
 
 CFG = QVGConfig(centroids=8, group_size=16, kmeans_iters=2)
 
@@ -15,10 +16,12 @@ def test_cpu_encode_is_the_eager_encode_and_captures_nothing():
     x = torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(0))
     release_graphs()
     for _ in range(3):
-        seg, summary = encode_replayed(x, CFG, "key", None)
+        seg, summary, energy = encode_replayed(x, CFG, "key", None, fit=True)
     ref, ref_summary = encode_unchecked(x, CFG, -2, "key", None)
     assert torch.equal(seg.codes, ref.codes) and torch.equal(seg.scales, ref.scales)
     assert summary.tolist() == ref_summary.tolist() == [0, 0]
+    assert float(energy) == float(residual_energy(x, ref))
+    assert encode_replayed(x, CFG, "key", None)[2] is None
     assert captured_graphs() == 0
 
 

@@ -20,17 +20,19 @@ from ..kernels.encode_graph import encode_replayed
 from ..quant.segment import QVGSegment
 
 
-def encode_segment(x: torch.Tensor, config: QVGConfig, role: str, centroids: int,
-                   init: Optional[torch.Tensor], shared: bool, tag: int = 0) -> tuple[QVGSegment, torch.Tensor]:
+def encode_segment(x: torch.Tensor, config: QVGConfig, role: str, centroids: int, init: Optional[torch.Tensor],
+                   shared: bool, tag: int = 0, fit: bool = False
+                   ) -> tuple[QVGSegment, torch.Tensor, Optional[torch.Tensor]]:
     """QVG of ``x`` ``[*lead, n, D]`` (sequence next to last) with a codebook of ``centroids``, and
     the encoder's refusal summary (int8 ``[2]``, see `kernels.encode.encode_unchecked`).
 
     ``init`` ``[S, *lead, centroids, D]``: the previous codebook, the k-means warm start, or (with
     ``shared``) the codebook itself, kept as it is. On CUDA the encode is replayed from a captured
     graph (`kernels.encode_graph`): copy the results out before the next call; ``tag`` keeps the
-    results of calls alive at the same time apart.
+    results of calls alive at the same time apart. With ``fit``, the third result is the segment's
+    `residual_energy` over ``x`` (0-dim fp32 on x's device), else None.
     """
-    return encode_replayed(x, segment_config(config, centroids, shared), role, init, tag)
+    return encode_replayed(x, segment_config(config, centroids, shared), role, init, tag, fit)
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,7 +31,7 @@ import torch
 
 from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
 from ..kernels.decode import dequantize_store
-from ..quant.segment import QVGSegment, residual_energy
+from ..quant.segment import QVGSegment
 from ..quant.store import PackedStore
 from . import tally
 from .encode import encode_segment
@@ -442,14 +442,16 @@ class Store:
             # not each token repeated in place) and keep the first n: the original tokens.
             xp = x if not shared or n >= c else torch.cat([x] * math.ceil(c / n), dim=-2)
             try:
-                seg, summary = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared, tag=p)
+                # The fit over tiled tokens is the fit over x: every copy of the run is whole.
+                seg, summary, energy = encode_segment(xp, self.spec.config, self.spec.roles[p], c, init, shared,
+                                                      tag=p, fit=fit)
             except ValueError as err:
                 raise ValueError(f"QVGCache: the tokens being sealed cannot be quantized; the cache is "
                                  f"unchanged ({err})") from err
             if xp is not x:
                 seg = _first_tokens(seg, n)
             if fit:
-                fits.append(residual_energy(x, seg))
+                fits.append(energy.clone())
             # Written at once: a replayed encode's outputs are reused by the next one.
             if not shared:
                 cents[slot, ..., :c, :] = seg.centroids

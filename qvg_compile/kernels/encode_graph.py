@@ -7,7 +7,10 @@ every layer, waits. Captured once and replayed, a seal costs one copy in, one gr
 the caller's copies out.
 
 - Key: x's shape, dtype and device, the config, the role, the initial centroids' shape and dtype,
-  and a caller's ``tag`` (two encodes whose outputs are alive at once need different tags).
+  whether the fit is asked for, and a caller's ``tag`` (two encodes whose outputs are alive at
+  once need different tags).
+- With ``fit``, the segment's `residual_energy` is computed inside the graph too: ~12 small ops
+  that would otherwise launch one by one on every seal a cache checks for codebook fit.
 - The first call of a key runs eagerly (it compiles the Triton kernels, which a capture cannot);
   the second captures, then every call replays.
 - Captured: encodes from given centroids (a warm start or a shared codebook), without k-means,
@@ -30,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..quant.config import QVGConfig
-from ..quant.segment import QVGSegment
+from ..quant.segment import QVGSegment, residual_energy
 from .encode import encode_unchecked, triton_supports
 
 
@@ -41,6 +44,7 @@ class _Captured:
     init: Optional[torch.Tensor]
     seg: QVGSegment
     summary: torch.Tensor
+    fit: Optional[torch.Tensor]
 
 
 _graphs: dict[tuple, _Captured] = {}
@@ -75,43 +79,51 @@ def release_graphs() -> None:
 
 
 def encode_replayed(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor],
-                    tag: int = 0) -> tuple[QVGSegment, torch.Tensor]:
+                    tag: int = 0, fit: bool = False) -> tuple[QVGSegment, torch.Tensor, Optional[torch.Tensor]]:
     """`encode_unchecked` ``(x, config, -2, role, init)``, from a captured CUDA graph when it can be.
 
     Args:
         x: ``[*lead, N, D]`` 16/32-bit float, sequence next to last.
         init: ``[S, *lead, C, D]`` warm start (or the shared codebook), or None.
         tag: keeps the outputs of calls whose results are alive at the same time apart.
+        fit: also return the segment's `residual_energy` over ``x``.
 
-    Returns the segment and its refusal summary (int8 ``[2]``, see `encode_unchecked`). From a
-    graph, both are the graph's own output buffers: valid until the next call of this function.
+    Returns the segment, its refusal summary (int8 ``[2]``, see `encode_unchecked`) and the fit
+    (0-dim fp32, or None without ``fit``). From a graph, all are the graph's own output buffers:
+    valid until the next call of this function.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     capturable = init is not None or config.stages == 0 or config.init == "random"
     if not (x.is_cuda and triton_supports(x, config, role) and capturable
             and graphs_enabled() and not torch.cuda.is_current_stream_capturing()):
-        return encode_unchecked(x, config, -2, role, init)
+        return _eager(x, config, role, init, fit)
     key = (tuple(x.shape), x.dtype, x.device, config, role,
-           None if init is None else (tuple(init.shape), init.dtype), tag)
+           None if init is None else (tuple(init.shape), init.dtype), fit, tag)
     cap = _graphs.get(key)
     if cap is None:
         if key not in _seen or key in _failed:
             _seen.add(key)
-            return encode_unchecked(x, config, -2, role, init)
+            return _eager(x, config, role, init, fit)
         try:
-            cap = _graphs[key] = _capture(x, config, role, init)
+            cap = _graphs[key] = _capture(x, config, role, init, fit)
         except RuntimeError as err:
             _failed.add(key)
             warnings.warn(f"QVG encode: capturing a CUDA graph for a {list(x.shape)} {role} encode failed "
                           f"({err}); that layout runs op by op (same results, more host time)",
                           QVGGraphWarning, stacklevel=2)
-            return encode_unchecked(x, config, -2, role, init)
+            return _eager(x, config, role, init, fit)
     cap.x.copy_(x)
     if init is not None:
         cap.init.copy_(init)
     cap.graph.replay()
-    return cap.seg, cap.summary
+    return cap.seg, cap.summary, cap.fit
+
+
+def _eager(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor],
+           fit: bool) -> tuple[QVGSegment, torch.Tensor, Optional[torch.Tensor]]:
+    seg, summary = encode_unchecked(x, config, -2, role, init)
+    return seg, summary, residual_energy(x, seg) if fit else None
 
 
 def _static_like(t: torch.Tensor) -> torch.Tensor:
@@ -126,10 +138,10 @@ def _pool(device: torch.device) -> tuple:
     return _pools[index]
 
 
-def _capture(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor]) -> _Captured:
+def _capture(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor], fit: bool) -> _Captured:
     sx = _static_like(x)
     si = None if init is None else _static_like(init)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.device(x.device), torch.cuda.graph(graph, pool=_pool(x.device)):
-        seg, summary = encode_unchecked(sx, config, -2, role, si)
-    return _Captured(graph, sx, si, seg, summary)
+        seg, summary, energy = _eager(sx, config, role, si, fit)
+    return _Captured(graph, sx, si, seg, summary, energy)
