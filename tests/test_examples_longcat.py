@@ -1,8 +1,9 @@
-"""LongCat reference model (examples/models/longcat.py): eager shapes and determinism, and the
-QVG backend on it: the pre-RoPE K/V returned by the cache pass are found in the CFG forwards
-(idioms D, E), moved into QVGCache, the compiled loop equals the eager loop run on caches
-compressed the same way (max abs diff <= 1e-5, fp32), and the steady-state cost of a cached
-token is >= 6.5x below BF16."""
+"""LongCat reference model (examples/models/longcat.py), driven as LongCat-Video's pipeline drives
+its DiT (cache pass returning ``{layer: (k, v)}``, ``kv_cache_dict=`` on every CFG call): eager
+shapes and determinism, and the QVG backend on it: the pre-RoPE K/V of the cache pass are found
+in the CFG forwards (idioms D, E), moved into QVGCache, the compiled loop equals the eager loop run
+on caches compressed the same way (max abs diff <= 1e-5, fp32), with and without offload and CFG
+batch repeat, and the steady-state cost of a cached token is >= 6.5x below BF16."""
 
 import sys
 from pathlib import Path
@@ -45,14 +46,22 @@ def test_eager_shapes_determinism_and_cache_pass():
     assert torch.equal(a, lc.generate(m, 3, seed=3, progress=False))
     assert not torch.allclose(a, lc.generate(m, 3, seed=4, progress=False))
     assert caches[0] is None
-    # The cache pass re-encodes the whole history at batch 1: [B, H, frames * tokens, D].
-    assert [tuple(k.shape) for k, _ in caches[2]] == [(1, 2, 4 * cfg.frame_tokens, 64)] * 2
+    # The cache pass re-encodes the whole history at batch 1: {layer: ([B, H, frames * tokens, D],) * 2}.
+    assert sorted(caches[2]) == [0, 1]
+    assert [tuple(k.shape) for k, _ in caches[2].values()] == [(1, 2, 4 * cfg.frame_tokens, 64)] * 2
+    assert all(k.is_contiguous() and v.is_contiguous() for k, v in caches[2].values())
     # Offloading only moves the cache; on one device the result is the same.
     assert torch.equal(a, lc.generate(m, 3, seed=3, progress=False, offload_kv=True))
     window = make(cond_frames=2)
     kept = {}
     lc.generate(window, 3, seed=3, progress=False, on_chunk=lambda i, kv: kept.__setitem__(i, kv))
     assert kept[2][0][0].shape[2] == 2 * cfg.frame_tokens
+    # Without guidance the denoising forwards run at the cache's batch (no repeat).
+    plain = lc.generate(make(guidance_scale=1.0), 2, seed=3, progress=False)
+    assert plain.shape == (1, 16, 4, cfg.latent_height, cfg.latent_width) and torch.isfinite(plain).all()
+    with pytest.raises(ValueError, match="kv_cache: expected K and V at batch 1 or 2"):
+        kv = {i: (torch.zeros(3, 2, 16, 64),) * 2 for i in range(2)}
+        m(torch.zeros(2, 16, 2, 4, 4), torch.zeros(2), torch.zeros(2, 1, 8, 24), num_cond_latents=1, kv_cache_dict=kv)
 
 
 def test_bad_arguments_are_rejected():
@@ -62,17 +71,18 @@ def test_bad_arguments_are_rejected():
         lc.generate(make(), 1, seed=0, context=torch.zeros(1, 8, 5), progress=False)
 
 
-def test_compiled_equals_eager_with_the_same_quantization():
-    m = make()
-    expected = lc.generate(m, 3, seed=1, progress=False, cache_hook=compress)
+@pytest.mark.parametrize("offload_kv,guidance", [(False, 4.0), (True, 4.0), (False, 1.0)])
+def test_compiled_equals_eager_with_the_same_quantization(offload_kv, guidance):
+    m = make(guidance_scale=guidance)
+    expected = lc.generate(m, 3, seed=1, offload_kv=offload_kv, progress=False, cache_hook=compress)
     qvg = qvg_compile.backend(CFG)
     caches = {}
-    got = lc.generate(torch.compile(m, backend=qvg), 3, seed=1, progress=False,
+    got = lc.generate(torch.compile(m, backend=qvg), 3, seed=1, offload_kv=offload_kv, progress=False,
                       on_chunk=lambda i, kv: caches.__setitem__(i, kv))
     assert (got - expected).abs().max().item() <= TOL
-    assert all(isinstance(t, QVGCache) for i in (1, 2) for layer in caches[i] for t in layer)
+    assert all(isinstance(t, QVGCache) for i in (1, 2) for layer in caches[i].values() for t in layer)
     sources = {s.source: s for s in qvg.report.sites}
-    assert set(sources) == {f"L['kv_cache'][{i}][{j}]" for i in range(2) for j in range(2)}
+    assert set(sources) == {f"L['kv_cache_dict'][{i}][{j}]" for i in range(2) for j in range(2)}
     for name, site in sources.items():
         assert site.seq_dim == 2 and "D" in site.idioms
         assert site.roles == (["key"] if name.endswith("[0]") else ["value"])
@@ -99,7 +109,7 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
         lc.generate(m, n, seed=1, progress=False,
                     cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2, **policy),
                     on_chunk=lambda i, kv: last.__setitem__(0, kv))
-        caches = [t for layer in last[0] for t in layer]
+        caches = [t for layer in last[0].values() for t in layer]
         assert all(isinstance(c, QVGCache) for c in caches)
         held.append(sum(c.nbytes() for c in caches))
         bf16.append(sum(c.numel() * 2 for c in caches))

@@ -1,24 +1,31 @@
 """LongCat-Video style AR video model: a functional cache of pre-RoPE K/V, re-encoded each chunk.
 
-How the family keeps its cache, and what this file reproduces (docs/design.md §5 ids):
+This file calls its model the way LongCat-Video's own continuation pipeline calls its DiT
+(``pipeline_longcat_video.py``, ``modules/longcat_video_dit.py``, ``modules/attention.py`` of the
+public repository meituan-longcat/LongCat-Video), so that what the backend sees is what a user's
+LongCat run shows it. Cache idioms (docs/design.md §5 ids):
 
-* **D** - video continuation runs a *cache pass* first: one forward over the conditioning
-  (already generated) latent frames at t=0, without cross-attention, that returns per layer the
-  keys and values of those frames, ``(k, v)`` each ``[B, H, N, D]`` (cloned out of the forward).
-  Every denoising forward of the new chunk receives that list and concatenates the cached K/V in
-  front of its own along the sequence, ``torch.cat([k_cache, k], dim=2)``.
-* **E** - the cache holds K *before* RoPE; RoPE (real cos/sin form, fp32) is applied to the whole
-  concatenated sequence at every read, with the history at positions ``0..F_hist-1`` and the new
-  frames after it.
-* Classifier-free guidance runs the denoising forwards at batch ``2B`` (conditional and
-  unconditional text) while the cache pass ran at batch ``B``: the attention ``repeat``s the cache
-  along batch to match.
-* Optional CPU offload: the cache pass moves its K/V to the host (``.cpu()``) and the attention
-  brings them back with ``.to(device)`` at read time.
+* **D** - every chunk after the first starts with a *cache pass*: the DiT runs over the
+  conditioning latent frames (the already generated ones) at t=0 with ``return_kv=True`` and
+  ``skip_crs_attn=True``. Each block's attention keeps ``k.clone(), v.clone()`` *before* RoPE;
+  the DiT returns them in a dict ``{layer: (k, v)}`` of ``[B, H, N, D]`` tensors, through
+  ``.contiguous()`` (a copy: the clones are strided views of the projection), or ``.cpu()`` with
+  ``offload_kv_cache``. The pipeline keeps that dict on itself and hands it to every denoising
+  call as ``kv_cache_dict=``; each block looks its entry up with ``kv_cache_dict.get(i)`` and
+  moves it with ``.to(x.device)``.
+* **E** - the denoising attention (``forward_with_kv_cache``) repeats the cache along batch when
+  it was made at batch 1 (CFG runs at batch 2), concatenates ``cat([k_cache, k], 2).contiguous()``,
+  pads the queries with ``cat([torch.empty_like(k_cache), q], 2)`` so that one RoPE call over the
+  whole ``(T + num_cond_latents, H, W)`` grid rotates both, then slices the queries back out.
+* The attention itself runs on ``[B, S, H, D]`` through ``flash_attn_func`` (a stand-in that
+  calls SDPA here: flash-attn is not a dependency).
+* Text: the prompt states are packed to ``[1, sum(valid), C]`` with ``masked_select`` and the
+  valid lengths read with ``mask.sum(1).tolist()`` (a graph break before the blocks); cross
+  attention runs per prompt over its own tokens.
 
-Loop: chunk 0 is generated without a cache; every later chunk first re-encodes the history (all
-generated frames, or the last ``cond_frames`` of them), then denoises the new chunk with
-``num_steps`` Euler flow-matching steps, each a batch-2 CFG forward.
+Loop: chunk 0 is generated without a cache; every later chunk runs the cache pass over the
+history (all generated frames, or the last ``cond_frames`` of them), then ``num_steps`` Euler
+flow-matching steps, each one CFG forward at batch ``2B`` reading the cache.
 
 Real dimensions (``real_config``): 48 layers, dim 4096, 32 heads x 128, SwiGLU FFN, umT5 text
 (512 x 4096), 480p latents ``60 x 104`` (1,560 tokens per latent frame). Weights are random; the
@@ -58,9 +65,9 @@ from .common import (
     wan_rope_axes,
 )
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-"""One ``(k, v)`` per layer, each ``[B, H, N, D]`` pre-RoPE K and V of the conditioning frames,
-in the model dtype (on the host when offloaded)."""
+KVCacheDict = dict[int, tuple[torch.Tensor, torch.Tensor]]
+"""Layer index -> ``(k, v)``, each ``[B, H, N, D]`` pre-RoPE K and V of the conditioning frames,
+in the model dtype (on the host when offloaded): what the cache pass returns."""
 
 
 @dataclass(frozen=True)
@@ -116,71 +123,119 @@ def real_config(**overrides: object) -> LongCatConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Stand-in for flash-attn's ``flash_attn_func`` on ``[B, S, H, D]`` (SDPA underneath)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+class Rope3d(nn.Module):
+    """Wan's 3D RoPE on interleaved pairs, tables kept per latent grid as LongCat's module does."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.axes = wan_rope_axes(head_dim)
+        self.theta = theta
+        self.tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q``, ``k`` ``[B, H, T*h*w, D]`` rotated at frame positions ``0..T-1`` of ``grid = (T, h, w)``."""
+        if grid not in self.tables:
+            t, h, w = grid
+            self.tables[grid] = rope_cos_sin(rope_angles_3d(torch.arange(t), h, w, self.axes, self.theta))
+        cos, sin = (x.to(q.device) for x in self.tables[grid])
+        return apply_rope_real(q, cos, sin), apply_rope_real(k, cos, sin)
+
+
 class SelfAttention(nn.Module):
-    """Self-attention over ``[cached history ; new tokens]`` with RoPE applied at read (idioms D, E)."""
+    """Self-attention; ``forward`` serves the cache pass and chunk 0, ``forward_with_kv_cache`` the
+    denoising calls over ``[cached history ; new tokens]`` (idioms D, E)."""
 
     def __init__(self, cfg: LongCatConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.head_dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.head_dim, cfg.eps)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.rope_3d = Rope3d(cfg.head_dim, cfg.rope_theta)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
-        return_kv: bool,
-        offload_kv: bool,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``x [B, n, dim]``; ``cos``/``sin [N_hist + n, D]`` fp32 for the whole sequence.
-
-        Returns the output ``[B, n, dim]`` and, with ``return_kv``, this chunk's pre-RoPE
-        ``(k, v)`` ``[B, H, n, D]`` (on the host with ``offload_kv``)."""
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.norm_q(q), self.norm_k(k)
-        new_kv = None
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _process_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S, D]`` in and out, through flash-attn's ``[B, S, H, D]`` layout."""
+        x = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=self.scale)
+        return x.transpose(1, 2)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = x.shape
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, int, int], num_cond_latents: int,
+                return_kv: bool) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x [B, N, dim]`` over the grid ``shape``; with ``return_kv`` also this forward's pre-RoPE
+        ``(k, v)`` ``[B, H, N, D]``. With ``num_cond_latents`` frames of conditioning in front, those
+        attend among themselves and the rest attend to everything."""
+        q, k, v = self._qkv(x)
         if return_kv:
-            new_kv = (k.cpu(), v.cpu()) if offload_kv else (k.clone(), v.clone())
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            k_cache = k_cache.to(x.device, non_blocking=True)
-            v_cache = v_cache.to(x.device, non_blocking=True)
-            if k_cache.shape[0] != b:
-                # CFG: the cache pass ran once for the shared conditioning frames.
-                k_cache = k_cache.repeat(b // k_cache.shape[0], 1, 1, 1)
-                v_cache = v_cache.repeat(b // v_cache.shape[0], 1, 1, 1)
-            k = torch.cat([k_cache, k], dim=2)
-            v = torch.cat([v_cache, v], dim=2)
-        q = apply_rope_real(q, cos[-n:], sin[-n:])
-        k = apply_rope_real(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.o(out.transpose(1, 2).flatten(2)), new_kv
+            k_cache, v_cache = k.clone(), v.clone()
+        q, k = self.rope_3d(q, k, shape)
+        if num_cond_latents > 0:
+            cond = num_cond_latents * (x.shape[1] // shape[0])
+            x_cond = self._process_attn(q[:, :, :cond].contiguous(), k[:, :, :cond].contiguous(),
+                                        v[:, :, :cond].contiguous())
+            x_noise = self._process_attn(q[:, :, cond:].contiguous(), k, v)
+            out = torch.cat([x_cond, x_noise], dim=2)
+        else:
+            out = self._process_attn(q, k, v)
+        out = self._out(out)
+        return (out, (k_cache, v_cache)) if return_kv else out
+
+    def forward_with_kv_cache(self, x: torch.Tensor, shape: tuple[int, int, int], num_cond_latents: int,
+                              kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x [B, n, dim]`` of the new frames (grid ``shape``) attending to the cached
+        ``num_cond_latents`` frames and themselves; ``kv_cache`` at batch ``B`` or 1."""
+        b, n, _ = x.shape
+        q, k, v = self._qkv(x)
+        t, h, w = shape
+        k_cache, v_cache = kv_cache
+        if k_cache.shape[0] not in (1, b) or v_cache.shape[0] != k_cache.shape[0]:
+            raise ValueError(f"kv_cache: expected K and V at batch 1 or {b}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+        if k_cache.shape[0] == 1:
+            k_cache = k_cache.repeat(b, 1, 1, 1)
+            v_cache = v_cache.repeat(b, 1, 1, 1)
+        k_full = torch.cat([k_cache, k], dim=2).contiguous()
+        v_full = torch.cat([v_cache, v], dim=2).contiguous()
+        q_padding = torch.cat([torch.empty_like(k_cache), q], dim=2).contiguous()
+        q_padding, k_full = self.rope_3d(q_padding, k_full, (t + num_cond_latents, h, w))
+        q = q_padding[:, :, -n:].contiguous()
+        return self._out(self._process_attn(q, k_full, v_full))
 
 
 class CrossAttention(nn.Module):
-    """Cross-attention to the text tokens (recomputed every forward, skipped by the cache pass)."""
+    """Cross-attention of each video to its own valid prompt tokens (LongCat runs it varlen)."""
 
     def __init__(self, cfg: LongCatConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.q_linear = nn.Linear(cfg.dim, cfg.dim)
+        self.kv_linear = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x [B, n, dim]``, ``context [B, L, dim]`` -> ``[B, n, dim]``."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_seqlens: list[int]) -> torch.Tensor:
+        """``x [B, n, dim]``, ``y [1, sum(y_seqlens), dim]`` packed prompts -> ``[B, n, dim]``."""
         b, n, _ = x.shape
-        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).view(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.o(out.transpose(1, 2).flatten(2))
+        q = self.q_linear(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_linear(y[0]).view(-1, 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
+        outs = [F.scaled_dot_product_attention(q[i:i + 1], kb.unsqueeze(0), vb.unsqueeze(0))
+                for i, (kb, vb) in enumerate(zip(k.split(y_seqlens, dim=1), v.split(y_seqlens, dim=1)))]
+        return self.proj(torch.cat(outs).transpose(1, 2).flatten(2))
 
 
 class LongCatBlock(nn.Module):
@@ -198,15 +253,23 @@ class LongCatBlock(nn.Module):
         # block would add ~100M parameters per layer at the real width.
         self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, context, cos, sin, kv_cache, return_kv, offload_kv, skip_cross_attn):
-        """``x [B, n, dim]``, ``e [B, F, 6, dim]`` per-frame modulation -> (``[B, n, dim]``, new K/V)."""
+    def forward(self, x, y, e, y_seqlens, latent_shape, num_cond_latents, return_kv, kv_cache, skip_crs_attn):
+        """``x [B, n, dim]``, ``e [B, F, 6, dim]`` per-frame modulation -> ``[B, n, dim]`` (and, with
+        ``return_kv``, this block's pre-RoPE ``(k, v)``)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
-        y, new_kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, kv_cache, return_kv, offload_kv)
-        x = x + gate(y, gate1)
-        if not skip_cross_attn:
-            x = x + self.cross_attn(self.norm_cross(x), context)
+        x_m = modulate(self.norm1(x), shift1, scale1)
+        if kv_cache is not None:
+            kv_cache = (kv_cache[0].to(x.device), kv_cache[1].to(x.device))
+            y_attn = self.attn.forward_with_kv_cache(x_m, latent_shape, num_cond_latents, kv_cache)
+        else:
+            y_attn = self.attn(x_m, latent_shape, num_cond_latents, return_kv)
+        if return_kv:
+            y_attn, kv_cache = y_attn
+        x = x + gate(y_attn, gate1)
+        if not skip_crs_attn:
+            x = x + self.cross_attn(self.norm_cross(x), y, y_seqlens)
         x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
-        return x, new_kv
+        return (x, kv_cache) if return_kv else x
 
 
 class LongCatModel(nn.Module):
@@ -230,48 +293,65 @@ class LongCatModel(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        num_cond_latents: int = 0,
         return_kv: bool = False,
-        offload_kv: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        kv_cache_dict: KVCacheDict | None = None,
+        skip_crs_attn: bool = False,
+        offload_kv_cache: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCacheDict]:
         """Denoise new frames, or (``return_kv=True``) encode conditioning frames into a cache.
 
         Args:
-            x: latents ``[B, C, F, H, W]`` in the model dtype.
-            t: timesteps ``[B, F]`` fp32 in [0, 1000] (0 for the cache pass).
-            context: text encoder states ``[B, L, text_dim]``; ``None`` skips cross-attention
-                (the cache pass).
-            kv_cache: the cache pass's output for the history, at batch ``B`` or a divisor of it
-                (repeated for CFG); ``None`` for the first chunk and for the cache pass.
-            return_kv: also return this forward's pre-RoPE K/V per layer (:data:`KVCache`).
-            offload_kv: return those K/V on the host.
+            hidden_states: latents ``[B, C, T, H, W]``.
+            timestep: ``[B]`` or ``[B, T]`` in [0, 1000] (0 for the cache pass).
+            encoder_hidden_states: prompt states ``[B, 1, L, text_dim]``.
+            encoder_attention_mask: ``[B, 1, 1, L]`` (1 for valid tokens), or None (all valid).
+            num_cond_latents: latent frames of conditioning the cache holds (denoising calls).
+            return_kv: also return each layer's pre-RoPE K/V (:data:`KVCacheDict`).
+            kv_cache_dict: the cache pass's output, at batch ``B`` or 1; ``{}``/None: no cache.
+            skip_crs_attn: no cross-attention (the cache pass).
+            offload_kv_cache: return the K/V on the host.
 
         Returns:
-            The flow ``[B, C, F, H, W]``; with ``return_kv``, ``(flow, kv)``.
+            The flow ``[B, C, T, H, W]`` fp32; with ``return_kv``, ``(flow, kv_cache_dict)``.
         """
         cfg = self.config
-        if kv_cache is not None and len(kv_cache) != cfg.num_layers:
-            raise ValueError(f"kv_cache must hold {cfg.num_layers} layers, got {len(kv_cache)}")
-        tokens, (f, h, w) = self.patch_embedding(x)
-        hist_frames = 0 if kv_cache is None else kv_cache[0][0].shape[2] // (h * w)
-        frame_pos = torch.arange(hist_frames + f, device=x.device)
-        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, wan_rope_axes(cfg.head_dim), cfg.rope_theta))
-        e = self.time_embedding(t)
+        kv_cache_dict = {} if kv_cache_dict is None else kv_cache_dict
+        b, _, frames, _, _ = hidden_states.shape
+        if timestep.dim() == 1:
+            timestep = timestep.unsqueeze(1).expand(-1, frames)
+        dtype = self.head.weight.dtype
+        tokens, grid = self.patch_embedding(hidden_states.to(dtype))
+        e = self.time_embedding(timestep.float())
         e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
-        ctx = None if context is None else self.text_embedding(context)
-        new_cache: KVCache = []
+        y = self.text_embedding(encoder_hidden_states.to(dtype))
+        if encoder_attention_mask is not None:
+            mask = encoder_attention_mask.squeeze(1).squeeze(1)
+            y = y.squeeze(1).masked_select(mask.unsqueeze(-1) != 0).view(1, -1, cfg.dim)
+            y_seqlens = mask.sum(dim=1).tolist()
+        else:
+            y_seqlens = [y.shape[2]] * b
+            y = y.squeeze(1).reshape(1, -1, cfg.dim)
+        kv_cache_dict_ret: KVCacheDict = {}
         for i, block in enumerate(self.blocks):
-            layer_cache = None if kv_cache is None else kv_cache[i]
-            tokens, new_kv = block(tokens, e0, ctx, cos, sin, layer_cache, return_kv, offload_kv, ctx is None)
+            out = block(tokens, y, e0, y_seqlens, grid, num_cond_latents, return_kv, kv_cache_dict.get(i, None),
+                        skip_crs_attn)
             if return_kv:
-                new_cache.append(new_kv)
+                tokens, kv = out
+                if offload_kv_cache:
+                    kv_cache_dict_ret[i] = (kv[0].cpu(), kv[1].cpu())
+                else:
+                    kv_cache_dict_ret[i] = (kv[0].contiguous(), kv[1].contiguous())
+            else:
+                tokens = out
         shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        out = unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
-                         cfg.patch_size, cfg.in_channels)
-        return (out, new_cache) if return_kv else out
+        out = unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), grid,
+                         cfg.patch_size, cfg.in_channels).float()
+        return (out, kv_cache_dict_ret) if return_kv else out
 
 
 def _config_of(model: nn.Module) -> LongCatConfig:
@@ -281,72 +361,101 @@ def _config_of(model: nn.Module) -> LongCatConfig:
     return cfg
 
 
+class _Pipeline:
+    """Holds the cache pass's dict between the cache pass and the denoising calls, as LongCat's
+    pipeline object does (``_cache_clean_latents`` stores it, the loop fetches it back)."""
+
+    def __init__(self, model: nn.Module, offload_kv: bool) -> None:
+        self.dit = model
+        self.offload_kv = offload_kv
+        self.kv_cache_dict: KVCacheDict | None = None
+
+    def cache_clean_latents(self, cond_latents: torch.Tensor, text_len: int, text_dim: int) -> None:
+        """The cache pass over ``cond_latents [B, C, T, H, W]``: t=0, a null prompt, no cross-attention."""
+        b, _, t = cond_latents.shape[:3]
+        timestep = timesteps_for(0.0, (b, t), cond_latents.device)
+        empty_embeds = torch.zeros(b, 1, text_len, text_dim, device=cond_latents.device, dtype=cond_latents.dtype)
+        _, self.kv_cache_dict = self.dit(hidden_states=cond_latents, timestep=timestep,
+                                         encoder_hidden_states=empty_embeds, return_kv=True, skip_crs_attn=True,
+                                         offload_kv_cache=self.offload_kv)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
     num_chunks: int,
     seed: int,
     *,
-    batch_size: int = 1,
     context: torch.Tensor | None = None,
     offload_kv: bool = False,
     progress: bool = True,
-    cache_hook: Callable[[KVCache], KVCache] | None = None,
-    on_chunk: Callable[[int, KVCache | None], None] | None = None,
+    cache_hook: Callable[[KVCacheDict], KVCacheDict] | None = None,
+    on_chunk: Callable[[int, KVCacheDict | None], None] | None = None,
 ) -> torch.Tensor:
     """Generate ``num_chunks`` chunks the way LongCat-Video's continuation pipeline does.
 
-    Per chunk after the first: a cache pass over the history frames (batch ``B``, t=0, no text),
-    then ``config.num_steps`` Euler steps, each one CFG forward at batch ``2B`` reading the cache.
+    One video (LongCat's attention repeats a batch-1 cache for CFG and accepts no other batch).
+    Per chunk after the first: a cache pass over the history frames (batch 1, t=0, a null prompt,
+    ``return_kv=True``), then ``config.num_steps`` Euler steps, each one forward with
+    ``kv_cache_dict=`` and ``num_cond_latents=``: at batch 2 (unconditional first) when
+    ``config.guidance_scale > 1``, else at batch 1.
 
     Args:
         model: a :class:`LongCatModel`, eager or ``torch.compile``d.
         num_chunks: chunks of ``config.chunk_frames`` latent frames.
         seed: seeds all noise (and the stand-in text embeddings when ``context`` is None).
-        batch_size: videos generated together.
-        context: text encoder states ``[B, text_len, text_dim]``; random when None. The
-            unconditional branch uses zeros (an empty prompt's stand-in).
-        offload_kv: keep the cache on the host between forwards.
+        context: prompt states ``[1, text_len, text_dim]``; random when None. The unconditional
+            branch uses zeros with a quarter of the tokens valid (a short negative prompt).
+        offload_kv: the cache pass returns its K/V on the host (``offload_kv_cache``).
         progress: show a tqdm bar over chunks.
-        cache_hook: applied to each new cache before the denoising forwards read it (e.g.
+        cache_hook: applied to each new cache dict before the denoising forwards read it (e.g.
             ``lambda kv: qvg_compile.compress(kv, config, seq_dim=2)`` runs eagerly on QVG caches).
-        on_chunk: called after each chunk with ``(chunk_index, kv_cache or None)``.
+        on_chunk: called after each chunk with ``(chunk_index, kv_cache_dict or None)``.
 
     Returns:
-        Latents ``[B, C, num_chunks * chunk_frames, H, W]`` in the model dtype.
+        Latents ``[1, C, num_chunks * chunk_frames, H, W]`` in the model dtype.
     """
     cfg = _config_of(model)
     check_int("num_chunks", num_chunks)
-    check_int("batch_size", batch_size)
+    batch_size = 1
+    guided = cfg.guidance_scale > 1
     device, dtype = model_device_dtype(model)
     gen = new_generator(device, seed)
     if context is None:
         context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
     check_tensor("context", context, (batch_size, None, cfg.text_dim))
     context = context.to(device=device, dtype=dtype)
-    cfg_context = torch.cat([context, torch.zeros_like(context)])
+    text_len = context.shape[1]
+    prompt_embeds = (torch.cat([torch.zeros_like(context), context]) if guided else context).unsqueeze(1)
+    prompt_mask = torch.ones(prompt_embeds.shape[0], 1, 1, text_len, device=device, dtype=torch.long)
+    if guided:
+        prompt_mask[:batch_size, ..., max(1, text_len // 4):] = 0
+    pipe = _Pipeline(model, offload_kv)
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
     f = cfg.chunk_frames
     shape = (batch_size, cfg.in_channels, f, cfg.latent_height, cfg.latent_width)
     output = torch.zeros(shape[:2] + (num_chunks * f,) + shape[3:], dtype=dtype, device=device)
     for chunk in tqdm(range(num_chunks), desc="longcat", unit="chunk", disable=not progress):
-        kv_cache = None
+        kv_cache_dict, num_cond_latents = None, 0
         if chunk:
             first = 0 if cfg.cond_frames is None else max(0, chunk * f - cfg.cond_frames)
-            history = output[:, :, first:chunk * f]
-            _, kv_cache = model(history, timesteps_for(0.0, (batch_size, history.shape[2]), device),
-                                None, None, True, offload_kv)
+            cond_latents = output[:, :, first:chunk * f]
+            pipe.cache_clean_latents(cond_latents, text_len, cfg.text_dim)
             if cache_hook is not None:
-                kv_cache = cache_hook(kv_cache)
-        noisy = randn(shape, gen, dtype)
+                pipe.kv_cache_dict = cache_hook(pipe.kv_cache_dict)
+            kv_cache_dict, num_cond_latents = pipe.kv_cache_dict, cond_latents.shape[2]
+        latents = randn(shape, gen, dtype)
         for i in range(cfg.num_steps):
             sigma, nxt = sigmas[i], sigmas[i + 1]
-            flow = model(torch.cat([noisy, noisy]), timesteps_for(sigma, (2 * batch_size, f), device),
-                         cfg_context, kv_cache).float()
-            cond, uncond = flow.chunk(2)
-            flow = uncond + cfg.guidance_scale * (cond - uncond)
-            noisy = (noisy.float() + (nxt - sigma) * flow).to(dtype)
-        output[:, :, chunk * f:(chunk + 1) * f] = noisy
+            x = torch.cat([latents] * 2) if guided else latents
+            flow = model(hidden_states=x, timestep=timesteps_for(sigma, (x.shape[0], f), device),
+                         encoder_hidden_states=prompt_embeds, encoder_attention_mask=prompt_mask,
+                         num_cond_latents=num_cond_latents, kv_cache_dict=kv_cache_dict)
+            if guided:
+                uncond, cond = flow.chunk(2)
+                flow = uncond + cfg.guidance_scale * (cond - uncond)
+            latents = (latents.float() + (nxt - sigma) * flow).to(dtype)
+        output[:, :, chunk * f:(chunk + 1) * f] = latents
         if on_chunk is not None:
-            on_chunk(chunk, kv_cache)
+            on_chunk(chunk, kv_cache_dict)
     return output
