@@ -33,9 +33,15 @@ import torch.fx as fx
 from .cache import QVGCache
 from .passes.report import GraphReport, Report
 from .passes.rewrite import fuse_matmul_softmax
-from .passes.sites import Known, Rejected, Site, find_sites, written_inputs
-from .passes.sources import SourceError, assign_at_source, check_assignable, check_source_kind, find_frame
+from .passes.boundary import appended_inputs
+from .passes.graph_ops import example_value
+from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
+from .passes.sources import (SourceError, assign_at_source, assign_by_identity, check_assignable, check_source_kind,
+                             find_frame)
 from .quant.config import QVGConfig
+
+
+_STACK = "['___stack"
 
 
 class ValidationError(AssertionError):
@@ -88,9 +94,14 @@ class QVGBackend:
         # keeps across calls (a functional cache, idiom D): that output is then returned as a
         # QVGCache on the producer's later calls, so the next graph never sees it dense.
         self._outputs: dict[int, tuple[weakref.ref, "_Recording", int]] = {}
-        # Per Dynamo frame: output index -> the cache it feeds (`_Feed`), shared by the frame's
-        # recompiles (a dynamic-shape recompile of the producer keeps returning QVGCache).
-        self._convert: dict[str, dict[int, _Feed]] = {}
+        # Per Dynamo frame and output names: output index -> the cache it feeds (`_Feed`), shared
+        # by the frame's recompiles (a dynamic-shape recompile of the producer keeps returning
+        # QVGCache); the names keep apart graphs of one frame that return different things (a
+        # cache pass and a denoising pass through the same block).
+        self._convert: dict[tuple[str, tuple[str, ...]], dict[int, _Feed]] = {}
+        # Per Dynamo frame: input source -> the `Site` a later graph showed it to be (idiom K),
+        # swapped by every compile of that frame that gets it dense.
+        self._pending: dict[str, dict[str, Site]] = {}
 
     def _known_of(self, node: fx.Node, fed_back: set[str] = frozenset()) -> Optional[Known]:
         value = node.meta.get("example_value")
@@ -109,14 +120,19 @@ class QVGBackend:
             return None
         return entry[1], entry[2]
 
-    def record_outputs(self, producer: "_Recording", outputs: Any) -> None:
-        """Remember the dense tensors a compiled graph returned (see ``_outputs``)."""
+    def record_outputs(self, producer: "_Recording", outputs: Any, skip: frozenset[int] = frozenset()) -> None:
+        """Remember the dense tensors a compiled graph returned (see ``_outputs``), except the
+        outputs at ``skip`` (inputs the graph hands back, which it did not make)."""
         for i, t in enumerate(outputs if isinstance(outputs, (list, tuple)) else (outputs,)):
-            if type(t) is torch.Tensor and t.dim() >= 3:
+            if type(t) is torch.Tensor and t.dim() >= 3 and i not in skip:
                 key = id(t)
                 self._outputs[key] = (weakref.ref(t, lambda _, key=key: self._outputs.pop(key, None)), producer, i)
 
     def _learn(self, graph: fx.Graph, sites: list[Site], rejected: list[Rejected]) -> None:
+        # A resume function's stack slot (``___stack0[1]``) holds a value for one call only:
+        # what it held says nothing about the next call's.
+        sites = [s for s in sites if _STACK not in s.source]
+        rejected = [r for r in rejected if _STACK not in r.source]
         for s in sites:
             prior = self._known.get(s.source)
             tokens = prior.tokens if prior is not None else None
@@ -143,6 +159,7 @@ class QVGBackend:
             fed_back = {name for name, p in producers.items() if p is not None}
             sites, rejected, readers = find_sites(gm.graph, known_cache=lambda n: self._known_of(n, fed_back))
             self._learn(gm.graph, sites, rejected)
+            rejected = self._learn_crossings(producers, rejected, graph_report)
         graph_report.sites, graph_report.rejected = sites, rejected
         for r in readers:
             graph_report.readers[r.kind] = graph_report.readers.get(r.kind, 0) + 1
@@ -178,15 +195,73 @@ class QVGBackend:
         if dense_sites or graph_report.inputs_are_caches:
             self._fuse_attention(gm, sites, readers, graph_report)
         frame = graph_report.compile_id.split("/")[0] or graph_report.name
-        convert = self._convert.setdefault(frame, {})
+        outputs = gm.graph.output_node().args[0]
+        names = tuple(str(o) for o in (outputs if isinstance(outputs, (list, tuple)) else (outputs,)))
+        convert = self._convert.setdefault((frame, names), {})
+        pending = self._pending.setdefault(frame, {})
+        sources = [getattr(getattr(n.meta.get("grapharg"), "source", None), "name", None) for n in placeholders]
         if not dense_sites:
             if not graph_report.inputs_are_caches:
-                return _Recording(self, self._inductor(gm, example_inputs, graph_report), convert)
+                return _Recording(self, self._inductor(gm, example_inputs, graph_report), convert, gm, graph_report,
+                                  pending, sources)
             compiled = self._inductor_or_eager(gm, example_inputs, graph_report)
             if self.validate:
                 compiled = _Validated(gm, compiled, self.rtol, self.atol)
-            return _Recording(self, compiled, convert)
-        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report), convert)
+            return _Recording(self, compiled, convert, gm, graph_report, pending, sources)
+        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report), convert, gm, graph_report,
+                          pending, sources)
+
+    def _learn_crossings(self, producers: dict[str, Optional[tuple["_Recording", int]]], rejected: list[Rejected],
+                         graph_report: GraphReport) -> list[Rejected]:
+        """Idiom K (`passes.boundary`): an input read by attention here that an earlier graph
+        returned as ``cat([its input, new tokens])``; that earlier input is the cache, swapped on
+        the earlier graph's next call. Returns ``rejected`` without the inputs explained so."""
+        kept = []
+        for r in rejected:
+            producer = producers.get(r.node) if r.roles else None
+            crossings = appended_inputs(producer[0].gm.graph, producer[1]) if producer is not None else []
+            if not crossings:
+                kept.append(r)
+                continue
+            recording = producer[0]
+            positions = {n.name: i for i, n in enumerate(recording.gm.graph.find_nodes(op="placeholder"))}
+            for c in crossings:
+                source = recording.sources[positions[c.placeholder.name]]
+                if source is None:
+                    kept.append(r)
+                    continue
+                site = recording.pending.get(source)
+                if site is None:
+                    site = new_site(c.placeholder, example_value(c.placeholder), c.seq_dim, [])
+                    site.source = source
+                    site.idioms = ["D", "K"] + (["E"] if c.rope else [])
+                    site.notes.append(f"appended to in {recording.report.name}, read by attention in "
+                                      f"{graph_report.name} after a call outside the compiled graphs")
+                    problem = self._config_problem(site, c.placeholder)
+                    if problem:
+                        self.warn_once(f"{site.source}: not replaced ({problem})")
+                        continue
+                    recording.pending[source] = site
+                    recording.report.sites.append(site)
+                for role in r.roles:
+                    if role not in site.roles:
+                        site.roles.append(role)
+        return kept
+
+    def _config_problem(self, site: Site, node: fx.Node) -> Optional[str]:
+        value = node.meta.get("example_value")
+        try:
+            QVGCache.empty(tuple(_size_hint(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
+                           device="meta", **self.cache_kwargs(site))
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    def warn_once(self, message: str) -> None:
+        """Warn (`QVGBackendWarning`) that a cache stays dense, once per message."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"qvg_backend: {message}; it stays dense", QVGBackendWarning, stacklevel=3)
 
     @staticmethod
     def _fuse_attention(gm: fx.GraphModule, sites: list[Site], readers: list, graph_report: GraphReport) -> None:
@@ -289,14 +364,27 @@ class _Feed:
 
 class _Recording:
     """Calls a compiled graph, returns the outputs that feed caches as `QVGCache` (``convert``:
-    output index -> `_Feed`), and records its dense outputs (`QVGBackend.record_outputs`)."""
+    output index -> `_Feed`), and records its dense outputs (`QVGBackend.record_outputs`).
 
-    def __init__(self, backend: QVGBackend, fn: Callable, convert: dict[int, _Feed]) -> None:
-        self.backend, self.fn = backend, fn
+    ``pending`` (input source -> `Site`, shared by the recompiles of one frame) holds inputs a
+    later graph showed to be caches (idiom K); a call that gets one of them dense swaps it for a
+    `QVGCache` wherever the model keeps it (`assign_by_identity`) and runs eagerly on it (``gm``);
+    Dynamo recompiles for the next call."""
+
+    def __init__(self, backend: QVGBackend, fn: Callable, convert: dict[int, _Feed], gm: fx.GraphModule,
+                 report: GraphReport, pending: dict[str, Site], sources: list[Optional[str]]) -> None:
+        self.backend, self.fn, self.gm, self.report = backend, fn, gm, report
         self.convert = convert  # shared by the recompiles of one frame
+        self.pending = pending  # likewise
+        # Input source names, read before Inductor compiles ``gm`` (its placeholders lose them).
+        self.sources = sources
+        self.positions = {name: i for i, name in enumerate(sources) if name is not None}
+        # Outputs that are inputs handed back (``x.to(x.device)``), found at the first call.
+        self.handed_back: Optional[frozenset[int]] = None
 
     def __call__(self, *args: Any) -> Any:
-        out = self.fn(*args)
+        swapped = self._swap_pending(list(args)) if self.pending else None
+        out = self.fn(*args) if swapped is None else self.gm(*swapped)
         if self.convert and isinstance(out, (list, tuple)):
             items = list(out)
             for i, feed in self.convert.items():
@@ -306,8 +394,37 @@ class _Recording:
                 if feed.grows:
                     items[i] = self.backend.to_cache(items[i], feed.site)
             out = type(out)(items) if isinstance(out, list) else tuple(items)
-        self.backend.record_outputs(self, out)
+        if self.handed_back is None:
+            inputs = {id(a) for a in args}
+            self.handed_back = frozenset(i for i, t in enumerate(out if isinstance(out, (list, tuple)) else (out,))
+                                         if id(t) in inputs)
+        self.backend.record_outputs(self, out, self.handed_back)
         return out
+
+    def _swap_pending(self, args: list[Any]) -> Optional[list[Any]]:
+        """``args`` with the pending caches swapped in, or None when none was dense here."""
+        swapped = False
+        for source, site in list(self.pending.items()):
+            position = self.positions.get(source)
+            dense = args[position] if position is not None else None
+            if type(dense) is not torch.Tensor:
+                continue
+            try:
+                cache = self.backend.to_cache(dense, site)
+            except (ValueError, TypeError) as exc:
+                del self.pending[source]
+                self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: {_first_line(exc)})")
+                continue
+            if not assign_by_identity(dense, cache):
+                del self.pending[source]
+                self.backend.warn_once(f"{site.source}: not replaced (no dict or list of the model's frames holds it)")
+                continue
+            args[position] = cache
+            swapped = True
+            if site.source not in self.report.swapped:
+                self.report.swapped.append(site.source)
+                self.report.swapped_memory.append(cache.memory())
+        return args if swapped else None
 
 
 def _fits(t: Any, site: Site) -> bool:

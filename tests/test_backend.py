@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
-from qvg_compile.backend import QVGBackend, ValidationError
+from qvg_compile.backend import QVGBackend, QVGBackendWarning, ValidationError
 
 CFG = QVGConfig.preset("qvg", centroids=8, kmeans_iters=2, group_size=16)
 B, H, D, C = 1, 2, 16, 4  # batch, heads, head dim, tokens per chunk
@@ -728,3 +728,52 @@ def test_backend_registered_by_name_and_config_errors():
         qvg_compile.QVGBackend(config={"bits": 2})
     with pytest.raises(ValueError, match="atol"):
         qvg_compile.QVGBackend(atol=-1)
+
+
+# --- idiom K: the read crosses a compiler-disabled call ----------------------------------------
+
+
+@torch.compiler.disable
+def _exchange(q, k, v):
+    """Stands in for a sequence-parallel all-to-all (an identity without context parallelism)."""
+    return q, k, v
+
+
+def _attend_across(q, k, v, kv):
+    k_cache, v_cache = kv
+    k_full = torch.cat([k_cache.to(q.device), k], dim=2)
+    v_full = torch.cat([v_cache.to(q.device), v], dim=2)
+    q, k_full, v_full = _exchange(q, k_full, v_full)
+    return F.scaled_dot_product_attention(q, k_full, v_full)
+
+
+def _history(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    return chunk(50, (B, H, n, D)), chunk(51, (B, H, n, D))
+
+
+def test_idiom_k_cache_swapped_in_the_callers_dict_across_a_disabled_call():
+    qvg = qvg_compile.backend(CFG)
+    fn = torch.compile(_attend_across, backend=qvg)
+    caches = {0: _history()}
+    q, k, v = (chunk(i, (B, H, C, D)) for i in (1, 2, 3))
+    first = fn(q, k, v, caches[0])  # learns: this read is BF16
+    assert torch.allclose(first, _attend_across(q, k, v, _history()), atol=TOL)
+    got = fn(q, k, v, caches[0])  # the producing graph swaps the dict's tuple, then reads QVG
+    assert all(isinstance(t, QVGCache) for t in caches[0])
+    reference = tuple(QVGCache.from_dense(t, seq_dim=2, config=CFG, role=role)
+                      for t, role in zip(_history(), ("key", "value")))
+    assert (got - _attend_across(q, k, v, reference)).abs().max().item() <= TOL
+    sites = {s.source: s for s in qvg.report.sites if "___stack" not in s.source}
+    assert set(sites) == {"L['kv'][0]", "L['kv'][1]"}
+    assert all(s.idioms == ["D", "K"] and s.seq_dim == 2 for s in sites.values())
+    assert [sites["L['kv'][0]"].roles, sites["L['kv'][1]"].roles] == [["key"], ["value"]]
+
+
+def test_idiom_k_cache_nobody_keeps_stays_dense_with_a_warning():
+    qvg = qvg_compile.backend(CFG)
+    fn = torch.compile(_attend_across, backend=qvg)
+    q, k, v = (chunk(i, (B, H, C, D)) for i in (1, 2, 3))
+    fn(q, k, v, _history())
+    with pytest.warns(QVGBackendWarning, match="no dict or list of the model's frames holds it"):
+        out = fn(q, k, v, _history())
+    assert torch.allclose(out, _attend_across(q, k, v, _history()), atol=TOL)

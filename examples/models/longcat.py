@@ -18,7 +18,10 @@ LongCat run shows it. Cache idioms (docs/design.md §5 ids):
   pads the queries with ``cat([torch.empty_like(k_cache), q], 2)`` so that one RoPE call over the
   whole ``(T + num_cond_latents, H, W)`` grid rotates both, then slices the queries back out.
 * The attention itself runs on ``[B, S, H, D]`` through ``flash_attn_func`` (a stand-in that
-  calls SDPA here: flash-attn is not a dependency).
+  calls SDPA here: flash-attn is not a dependency), between two context-parallel all-to-alls
+  decorated ``@torch.compiler.disable`` (identities without context parallelism): the graph
+  breaks there, so the ``cat`` and RoPE of the cache run in one graph and the attention that
+  reads the result in the next.
 * Text: the prompt states are packed to ``[1, sum(valid), C]`` with ``masked_select`` and the
   valid lengths read with ``mask.sum(1).tolist()`` (a graph break before the blocks); cross
   attention runs per prompt over its own tokens.
@@ -123,6 +126,20 @@ def real_config(**overrides: object) -> LongCatConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+@torch.compiler.disable
+def context_parallel_a2a_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongCat wraps its attention in Ulysses all-to-alls excluded from compilation; without
+    context parallelism they hand the tensors back unchanged, but the graph breaks around them."""
+    return q, k, v
+
+
+@torch.compiler.disable
+def context_parallel_a2a_out(x: torch.Tensor) -> torch.Tensor:
+    """The all-to-all after attention (see `context_parallel_a2a_in`)."""
+    return x
+
+
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Stand-in for flash-attn's ``flash_attn_func`` on ``[B, S, H, D]`` (SDPA underneath)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
@@ -138,7 +155,8 @@ class Rope3d(nn.Module):
         self.theta = theta
         self.tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor,
+                grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``, ``k`` ``[B, H, T*h*w, D]`` rotated at frame positions ``0..T-1`` of ``grid = (T, h, w)``."""
         if grid not in self.tables:
             t, h, w = grid
@@ -168,9 +186,11 @@ class SelfAttention(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
     def _process_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``[B, H, S, D]`` in and out, through flash-attn's ``[B, S, H, D]`` layout."""
+        """``[B, H, S, D]`` in and out, through flash-attn's ``[B, S, H, D]`` layout, between the
+        compiler-disabled context-parallel exchanges."""
+        q, k, v = context_parallel_a2a_in(q, k, v)
         x = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=self.scale)
-        return x.transpose(1, 2)
+        return context_parallel_a2a_out(x.transpose(1, 2))
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = x.shape
@@ -205,7 +225,8 @@ class SelfAttention(nn.Module):
         t, h, w = shape
         k_cache, v_cache = kv_cache
         if k_cache.shape[0] not in (1, b) or v_cache.shape[0] != k_cache.shape[0]:
-            raise ValueError(f"kv_cache: expected K and V at batch 1 or {b}, got {k_cache.shape[0]} and {v_cache.shape[0]}")
+            raise ValueError(f"kv_cache: expected K and V at batch 1 or {b}, "
+                             f"got {k_cache.shape[0]} and {v_cache.shape[0]}")
         if k_cache.shape[0] == 1:
             k_cache = k_cache.repeat(b, 1, 1, 1)
             v_cache = v_cache.repeat(b, 1, 1, 1)

@@ -366,7 +366,7 @@ def find_sites(
                     seq_dim += value.dim()
                 site = found.get(ph)
                 if site is None:
-                    site = _new_site(ph, value, seq_dim, t.ops)
+                    site = new_site(ph, value, seq_dim, t.ops)
                     found[ph] = site
                 for i in idioms:
                     if i not in site.idioms:
@@ -386,7 +386,7 @@ def find_sites(
             continue
         value = example_value(ph)
         seq_dim = writes.seq_dim if writes.seq_dim is not None else known.seq_dim
-        site = _new_site(ph, value, seq_dim, [])
+        site = new_site(ph, value, seq_dim, [])
         site.idioms = ["G"] + (["H"] if writes.index_writes else []) + (["B"] if writes.self_copies else [])
         site.roles = list(known.roles)
         site.notes.append("written here, read by attention in another graph")
@@ -421,7 +421,8 @@ def _reaches_output(node: Optional[fx.Node]) -> bool:
     return False
 
 
-def _new_site(ph: fx.Node, value: torch.Tensor, seq_dim: Optional[int], ops: list[str]) -> Site:
+def new_site(ph: fx.Node, value: torch.Tensor, seq_dim: Optional[int], ops: list[str]) -> Site:
+    """A `Site` for input ``ph`` (example ``value``) with no idioms or roles yet."""
     layout = {1: "[B, S, H, D]", 2: "[B, H, S, D]"}.get(seq_dim, f"seq dim {seq_dim}")
     return Site(ph.name, _source_name(ph), [], [], seq_dim, tuple(value.shape),
                 str(value.dtype).replace("torch.", ""), layout, [], ops)

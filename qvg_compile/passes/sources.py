@@ -140,3 +140,52 @@ def check_assignable(source: dsrc.Source, frame: FrameType) -> None:
 def assign_at_source(source: dsrc.Source, frame: FrameType, new: Any) -> None:
     """Put ``new`` at ``source`` as evaluated in ``frame`` (from `find_frame`)."""
     _assign(source, frame, new)
+
+
+_SKIPPED_MODULES = ("torch", "qvg_compile")
+_CONTAINER_DEPTH = 3
+
+
+def assign_by_identity(old: Any, new: Any, start: Optional[FrameType] = None) -> list[str]:
+    """Replace ``old`` by ``new`` in the dicts and lists the model's frames hold (and the tuples
+    inside them, rebuilt), for a tensor whose Dynamo source is not assignable (a local tuple the
+    model built from its own dict). Frames of torch and of this package are not searched.
+    Returns where it was replaced (``"kv_cache_dict[0][0] in forward"``); empty when nowhere."""
+    done: list[str] = []
+    seen: set[int] = set()
+    frame = start or sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] not in _SKIPPED_MODULES:
+            for name, value in list(frame.f_locals.items()):
+                if isinstance(value, (dict, list)):
+                    _replace_in(value, old, new, name, frame.f_code.co_name, seen, done, _CONTAINER_DEPTH)
+        frame = frame.f_back
+    return done
+
+
+def _replace_in(container: Any, old: Any, new: Any, path: str, where: str, seen: set[int], done: list[str],
+                depth: int) -> bool:
+    """Replace ``old`` inside ``container`` (a dict or list, or a tuple when returning True asks
+    the parent to store the rebuilt tuple); True when a tuple's item changed."""
+    if depth < 0 or id(container) in seen:
+        return False
+    seen.add(id(container))
+    items = container.items() if isinstance(container, dict) else enumerate(container)
+    changed_tuple = False
+    for key, value in list(items):
+        label = f"{path}[{key!r}]"
+        if value is old:
+            if isinstance(container, tuple):
+                changed_tuple = True
+            else:
+                container[key] = new
+            done.append(f"{label} in {where}")
+        elif isinstance(value, (dict, list)):
+            _replace_in(value, old, new, label, where, seen, done, depth - 1)
+        elif isinstance(value, tuple) and not hasattr(value, "_fields"):
+            if _replace_in(value, old, new, label, where, seen, done, depth - 1) and not isinstance(container, tuple):
+                container[key] = tuple(new if v is old else v for v in value)
+    return changed_tuple
