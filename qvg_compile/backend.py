@@ -186,10 +186,7 @@ class QVGBackend:
                 producer[0].convert[producer[1]] = _Feed(s, example_inputs[index].shape[s.seq_dim])
         graph_report.swap_errors.extend(errors)
         for error in errors:
-            if error not in self._warned:
-                # Loudly, once per cache and reason: the model keeps running on the dense cache.
-                self._warned.add(error)
-                warnings.warn(f"qvg_backend: {error}; it stays dense", QVGBackendWarning, stacklevel=2)
+            self.warn_once(error)
         graph_report.inputs_are_caches = any(isinstance(n.meta.get("example_value"), QVGCache)
                                              for n in placeholders)
         if dense_sites or graph_report.inputs_are_caches:
@@ -249,8 +246,11 @@ class QVGBackend:
         return kept
 
     def _config_problem(self, site: Site, node: fx.Node) -> Optional[str]:
+        """Why the config cannot hold ``site``'s input ``node`` as a `QVGCache` (None if it can)."""
         value = node.meta.get("example_value")
         try:
+            # Size hints, not int(): int() of a symbolic size would guard on it and make a cache
+            # grown by cat recompile at every new length.
             QVGCache.empty(tuple(_size_hint(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
                            device="meta", **self.cache_kwargs(site))
         except (ValueError, TypeError) as exc:
@@ -258,7 +258,8 @@ class QVGBackend:
         return None
 
     def warn_once(self, message: str) -> None:
-        """Warn (`QVGBackendWarning`) that a cache stays dense, once per message."""
+        """Warn (`QVGBackendWarning`) that a cache stays dense: loudly, once per cache and
+        reason, while the model keeps running on the dense tensor."""
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(f"qvg_backend: {message}; it stays dense", QVGBackendWarning, stacklevel=3)
@@ -281,14 +282,9 @@ class QVGBackend:
         is compiled (so a graph that stays dense is compiled once, as Inductor would)."""
         try:
             check_source_kind(source)
-            value = node.meta.get("example_value")
-            # Size hints, not int(): int() of a symbolic size would guard on it and make a cache
-            # grown by cat recompile at every new length.
-            QVGCache.empty(tuple(_size_hint(d) for d in value.shape), site.seq_dim, self.config, dtype=value.dtype,
-                           device="meta", **self.cache_kwargs(site))
-        except (SourceError, ValueError, TypeError) as exc:
+        except SourceError as exc:
             return str(exc)
-        return None
+        return self._config_problem(site, node)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], graph_report: GraphReport) -> Callable:
         from torch._inductor.compile_fx import compile_fx
