@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -15,6 +16,16 @@ from .quant.config import QVGConfig
 
 def _graph_break_reasons() -> dict[str, int]:
     return dict(torch._dynamo.utils.counters.get("graph_break", {}))
+
+
+# Dynamo's reason for a call it skips: "... Skip calling function `<function f at 0x...>` since it
+# was wrapped with `torch.compiler.disable` ...".
+_DISABLED = re.compile(r"calling function `<function ([\w.<>]+) at ")
+
+
+def _disabled_functions(reasons: list[str]) -> list[str]:
+    """Names of the compiler-disabled functions the graph-break ``reasons`` skipped."""
+    return sorted({m.group(1) for reason in reasons if (m := _DISABLED.search(reason))})
 
 
 def _first_line(reason: str) -> str:
@@ -58,8 +69,15 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
     after = _graph_break_reasons()
     report = backend.report
     report.cache_reads = read_counts(reads_before, stats())
-    report.graph_breaks = [f"{_first_line(reason)} (x{count - before.get(reason, 0)})"
-                           for reason, count in after.items() if count > before.get(reason, 0)]
+    new = [reason for reason, count in after.items() if count > before.get(reason, 0)]
+    report.graph_breaks = [f"{_first_line(reason)} (x{after[reason] - before.get(reason, 0)})" for reason in new]
+    disabled = _disabled_functions(new)
+    if disabled:
+        names = ", ".join(f"`{name}`" for name in disabled)
+        report.notes.append(
+            f"Calls to compiler-disabled functions ({names}) ran eagerly, outside every graph. A cache "
+            "appended to before such a call and read by attention after it is found (idiom K); one "
+            "created, extended and read inside it is not seen by the backend and stays dense.")
     if not report.graphs:
         report.notes.append("Dynamo captured no graph: nothing to rewrite (the function ran eagerly).")
     elif not report.sites:

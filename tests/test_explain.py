@@ -250,3 +250,30 @@ def test_read_rows_list_general_reasons_and_fallbacks():
                                 ["general path: dense pieces appended by cat", 1], ["general path: holes", 2],
                                 ["dense fallback: aten.mul.Tensor", 2]]
     assert read_rows(read_counts(after, after)) == []
+
+
+@torch.compiler.disable
+def _sequence_parallel_attention(q, k, v, cache):
+    """Attention and its cache entirely inside a compiler-disabled function (HY-WorldPlay's form)."""
+    cache["k"] = torch.cat([cache["k"], k], dim=2)
+    cache["v"] = torch.cat([cache["v"], v], dim=2)
+    return F.scaled_dot_product_attention(q, cache["k"], cache["v"])
+
+
+class _DisabledAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x, cache):
+        q, k, v = self.proj(x).unflatten(-1, (3, 1, 16)).permute(2, 0, 3, 1, 4).unbind(0)
+        return _sequence_parallel_attention(q, k, v, cache)
+
+
+def test_explain_names_the_compiler_disabled_function_a_cache_hides_in():
+    torch.manual_seed(0)
+    cache = {"k": torch.randn(1, 1, 8, 16), "v": torch.randn(1, 1, 8, 16)}
+    report = qvg_compile.explain(_DisabledAttention(), torch.randn(1, 8, 16), cache)
+    assert not report.sites and cache["k"].shape == (1, 1, 8, 16)  # the caller's cache untouched
+    assert any("`_sequence_parallel_attention`" in note and "stays dense" in note for note in report.notes)
+    assert any("torch.compiler.disable" in b for b in report.graph_breaks)
