@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .cache import QVGCache
-from .passes.report import GraphReport, Report
+from .passes.report import GraphReport, Report, graph_break_reasons
 from .passes.rewrite import fuse_matmul_softmax
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
@@ -85,6 +85,7 @@ class QVGBackend:
         self.rtol, self.atol = rtol, atol
         self.cache_options = cache_options
         self.report = Report()
+        self._breaks_before = graph_break_reasons()
         self._lock = threading.Lock()
         # What each graph showed about its inputs, by Dynamo source: later graphs (write and read
         # split by a graph break, idiom G) and later calls build on it.
@@ -154,6 +155,8 @@ class QVGBackend:
                                        inputs_are_caches=False, code_before=gm.code,
                                        compile_id=str(compile_id) if compile_id is not None else "")
             self.report.graphs.append(graph_report)
+            # Dynamo records a break before it compiles the graph that ends there.
+            self.report.record_graph_breaks(self._breaks_before)
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             producers = {n.name: self._producer(x) for n, x in zip(placeholders, example_inputs)}
             fed_back = {name for name, p in producers.items() if p is not None}

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any, Callable, Optional
 
 import torch
 
 from .backend import QVGBackend
 from .cache.tally import stats
-from .passes.report import Report, read_counts
+from .passes.report import Report, graph_break_reasons, read_counts
 from .quant.config import QVGConfig
-
-
-def _graph_break_reasons() -> dict[str, int]:
-    return dict(torch._dynamo.utils.counters.get("graph_break", {}))
-
-
-# Dynamo's reason for a call it skips: "... Skip calling function `<function f at 0x...>` since it
-# was wrapped with `torch.compiler.disable` ...".
-_DISABLED = re.compile(r"calling function `<function ([\w.<>]+) at ")
-
-
-def _disabled_functions(reasons: list[str]) -> list[str]:
-    """Names of the compiler-disabled functions the graph-break ``reasons`` skipped."""
-    return sorted({m.group(1) for reason in reasons if (m := _DISABLED.search(reason))})
-
-
-def _first_line(reason: str) -> str:
-    return reason.strip().splitlines()[0] if reason.strip() else reason
 
 
 def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = None,
@@ -56,7 +37,7 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
     model = copy.deepcopy(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else model_or_fn
     args, kwargs = copy.deepcopy((args, kwargs))
     torch._dynamo.reset()
-    before = _graph_break_reasons()
+    before = graph_break_reasons()
     compiled = torch.compile(model, backend=backend)
     # Cached compiles skip the post-grad pass that records each graph's code after the rewrite.
     with torch._inductor.config.patch(fx_graph_cache=False), \
@@ -66,18 +47,9 @@ def explain(model_or_fn: Callable, *args: Any, config: Optional[QVGConfig] = Non
                 compiled(*args, **kwargs)
         finally:
             torch._dynamo.reset()
-    after = _graph_break_reasons()
     report = backend.report
     report.cache_reads = read_counts(reads_before, stats())
-    new = [reason for reason, count in after.items() if count > before.get(reason, 0)]
-    report.graph_breaks = [f"{_first_line(reason)} (x{after[reason] - before.get(reason, 0)})" for reason in new]
-    disabled = _disabled_functions(new)
-    if disabled:
-        names = ", ".join(f"`{name}`" for name in disabled)
-        report.notes.append(
-            f"Calls to compiler-disabled functions ({names}) ran eagerly, outside every graph. A cache "
-            "appended to before such a call and read by attention after it is found (idiom K); one "
-            "created, extended and read inside it is not seen by the backend and stays dense.")
+    report.record_graph_breaks(before)
     if not report.graphs:
         report.notes.append("Dynamo captured no graph: nothing to rewrite (the function ran eagerly).")
     elif not report.sites:

@@ -777,3 +777,25 @@ def test_idiom_k_cache_nobody_keeps_stays_dense_with_a_warning():
     with pytest.warns(QVGBackendWarning, match="no dict or list of the model's frames holds it"):
         out = fn(q, k, v, _history())
     assert torch.allclose(out, _attend_across(q, k, v, _history()), atol=TOL)
+
+
+@torch.compiler.disable
+def _attention_out_of_sight(q, k, v, cache):
+    cache["k"] = torch.cat([cache["k"], k], dim=2)
+    return F.scaled_dot_product_attention(q, cache["k"], cache["k"])
+
+
+def test_summary_names_a_compiler_disabled_function_that_hides_a_cache():
+    qvg = qvg_compile.backend(CFG)
+
+    def step(x, cache):
+        q = x * 2
+        return _attention_out_of_sight(q, x, x, cache) + 1
+
+    fn = torch.compile(step, backend=qvg)
+    cache = {"k": chunk(60, (B, H, 8, D))}
+    fn(chunk(61, (B, H, C, D)), cache)
+    assert type(cache["k"]) is torch.Tensor and cache["k"].shape[2] == 8 + C  # dense, as eager
+    assert qvg.report.graph_breaks and "graph break(s)" in qvg.report.summary()
+    assert any("`_attention_out_of_sight`" in note for note in qvg.report.notes)
+    assert "0 graph break(s)" not in qvg.report.summary()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from tabulate import tabulate
 
 from .sites import Rejected, Site, readable
@@ -45,6 +47,21 @@ class GraphReport:
             fromfile=f"{self.name} (Dynamo graph)", tofile=f"{self.name} (after QVG, post-grad)"))
 
 
+def _first_line(reason: str) -> str:
+    return reason.strip().splitlines()[0] if reason.strip() else reason
+
+
+def graph_break_reasons() -> dict[str, int]:
+    """Dynamo's graph-break reasons so far in this process, with their counts."""
+    return dict(torch._dynamo.utils.counters.get("graph_break", {}))
+
+
+# Dynamo's reason for a call it skips: "... Skip calling function `<function f at 0x...>` since it
+# was wrapped with `torch.compiler.disable` ...".
+_DISABLED = re.compile(r"calling function `<function ([\w.<>]+) at ")
+_DISABLED_NOTE = "Calls to compiler-disabled functions"
+
+
 @dataclass
 class Report:
     """All graphs of one model (or one `explain` call)."""
@@ -59,6 +76,22 @@ class Report:
     @property
     def sites(self) -> list[Site]:
         return [s for g in self.graphs for s in g.sites]
+
+    def record_graph_breaks(self, before: dict[str, int]) -> None:
+        """Set ``graph_breaks`` to Dynamo's breaks since ``before`` (`graph_break_reasons`), and
+        a note naming the compiler-disabled functions among them: a cache living only inside one
+        is never seen by the backend."""
+        new = {reason: count - before.get(reason, 0) for reason, count in graph_break_reasons().items()
+               if count > before.get(reason, 0)}
+        self.graph_breaks = [f"{_first_line(reason)} (x{count})" for reason, count in new.items()]
+        disabled = sorted({m.group(1) for reason in new if (m := _DISABLED.search(reason))})
+        self.notes = [n for n in self.notes if not n.startswith(_DISABLED_NOTE)]
+        if disabled:
+            names = ", ".join(f"`{name}`" for name in disabled)
+            self.notes.append(
+                f"{_DISABLED_NOTE} ({names}) ran eagerly, outside every graph. A cache appended to "
+                "before such a call and read by attention after it is found (idiom K); one created, "
+                "extended and read inside it is not seen by the backend and stays dense.")
 
     def compiles_per_frame(self) -> dict[str, int]:
         """Graphs compiled per Dynamo frame (a graph break starts a new frame)."""
@@ -76,8 +109,6 @@ class Report:
     def budget_notes(self) -> list[str]:
         """Frames over the compile budget (1 compile + 2 recompiles per video), and frames that
         reached Dynamo's recompile limit, after which their calls run eagerly."""
-        import torch
-
         limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
             getattr(torch._dynamo.config, "cache_size_limit", 8)
         out = []
