@@ -43,23 +43,28 @@ def step(kb, vb, q, k, v, s: int, e: int):
     return F.scaled_dot_product_attention(q, kb[:, :e].transpose(1, 2), vb[:, :e].transpose(1, 2))
 
 
-def run(fn, make, chunks: int, device: str) -> list[float]:
-    """Seconds of each of the 5 steps of the last chunk (earlier chunks only fill the cache); the
-    first of them seals the chunk before."""
-    kb, vb = make("key"), make("value")
-    gen = torch.Generator(device=device).manual_seed(0)
+def timed_steps(fn, kb, vb, chunks: int, device: str, seed: int = 0, steps: int = 5) -> list[list[float]]:
+    """Seconds of each of ``steps`` steps per chunk, for every chunk; the first step of a chunk
+    seals the chunk before."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     times = []
     for c in range(chunks):
-        for _ in range(5):
+        times.append([])
+        for _ in range(steps):
             q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
             k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
             torch.cuda.synchronize()
             t = time.perf_counter()
             fn(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
             torch.cuda.synchronize()
-            if c == chunks - 1:
-                times.append(time.perf_counter() - t)
+            times[-1].append(time.perf_counter() - t)
     return times
+
+
+def run(fn, make, chunks: int, device: str) -> list[float]:
+    """Seconds of each of the 5 steps of the last chunk (earlier chunks only fill the cache); the
+    first of them seals the chunk before."""
+    return timed_steps(fn, make("key"), make("value"), chunks, device)[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,17 +231,8 @@ def guard_ab(compiled, n: int, chunks: int, device: str, reps: int) -> None:
         for name, fit in (("guard (default)", CachePolicy().share_fit), ("no guard", None)):
             kb, vb = (QVGCache.empty((1, n, H, D), 1, QVGConfig.preset("qvg"), role=role, dtype=torch.bfloat16,
                                      device=device, chunk_tokens=CHUNK, share_fit=fit) for role in ("key", "value"))
-            gen = torch.Generator(device=device).manual_seed(rep)
-            seals = []
-            for c in range(chunks):
-                q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
-                k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
-                torch.cuda.synchronize()
-                if c >= chunks // 2:
-                    seals.append((time.perf_counter() - t) * 1e3)
+            times = timed_steps(compiled, kb, vb, chunks, device, seed=rep, steps=1)
+            seals = [chunk[0] * 1e3 for chunk in times[chunks // 2:]]
             rows.append([rep, name, f"{statistics.median(seals):.2f}", f"{min(seals):.2f}-{max(seals):.2f}"])
     print(tabulate(rows, headers=["repeat", "cache", "sealing step ms (median)", "range"], tablefmt="github"))
 
