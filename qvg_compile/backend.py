@@ -5,6 +5,8 @@ For every graph Dynamo captures:
    helped by what other graphs and calls showed (a write and a read split by a graph break; a
    tensor fed back from a graph output and appended to);
 2. hand-written attention over a cache becomes SDPA (`passes.rewrite`), the fused read's entry;
+   queries padded with a cache's shape to share its RoPE call lose the padding
+   (`passes.pad_slice`);
 3. whether every dense cache of the graph can become a `QVGCache` is decided at compile time
    (config against shape, an assignable source): all of them or none;
 4. on the first call, the backend quantizes them (`QVGCache.from_dense`) and puts each where the
@@ -35,6 +37,7 @@ from .passes.report import GraphReport, Report, graph_break_reasons
 from .passes.rewrite import fuse_matmul_softmax
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
+from .passes.pad_slice import drop_query_padding
 from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
 from .passes.sources import (SourceError, assign_at_source, assign_by_identity, check_assignable, check_source_kind,
                              find_frame)
@@ -164,6 +167,10 @@ class QVGBackend:
             self._learn(gm.graph, sites, rejected)
             rejected = self._learn_crossings(producers, rejected, graph_report)
         graph_report.sites, graph_report.rejected = sites, rejected
+        dropped = drop_query_padding(gm.graph)
+        if dropped:
+            graph_report.rewrites.extend(dropped)
+            gm.recompile()
         for r in readers:
             graph_report.readers[r.kind] = graph_report.readers.get(r.kind, 0) + 1
         position = {n.name: i for i, n in enumerate(placeholders)}

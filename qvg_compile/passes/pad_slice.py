@@ -1,0 +1,174 @@
+"""Queries padded to a cache's length only to share one RoPE call: the padding is dropped.
+
+Pattern (LongCat-Video's denoising attention)::
+
+    padded = cat([empty_like(cache), q], dim=d)        # or zeros_like
+    rotated = f(padded, tables...)                     # token by token along d
+    q = rotated[..., -n:, ...]                         # exactly q's n tokens back
+
+where ``f`` is a chain of elementwise ops and views of the dims after ``d``, and every table it
+reads either broadcasts over the tokens or has one row per token. The padded rows are computed
+and thrown away: on a `QVGCache`, ``empty_like`` is an empty cache, the ``cat`` an append and the
+RoPE products a decode of the whole history.
+
+Rewrite: ``f`` over ``q`` itself, each per-token table narrowed to its last ``n`` rows; the slice's
+users take the result and the padding is gone. Same values (the dropped rows never reach a
+result). Sizes must be static; anything else in the chain, a padded row used elsewhere, or a
+slice that is not exactly the last ``n`` tokens leaves the graph as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name
+
+_PADS = {"empty_like", "zeros_like"}
+# Ops that act on each token alone when they keep the dims up to the token dim (checked by shape).
+_TOKENWISE_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.neg, operator.truediv, operator.getitem,
+                        torch.mul, torch.add, torch.sub, torch.neg, torch.stack, torch.flatten, torch.unflatten,
+                        torch.reshape}
+_TOKENWISE_METHODS = {"float", "to", "type_as", "contiguous", "unflatten", "flatten", "view", "reshape", "mul",
+                      "add", "sub", "neg", "half", "bfloat16"}
+
+
+def drop_query_padding(graph: fx.Graph) -> list[str]:
+    """Apply the rewrite wherever the pattern holds; returns one line per rewrite."""
+    done = []
+    for cat in list(graph.nodes):
+        if cat.graph is graph and (is_call(cat, CAT_TARGETS) or is_method(cat, {"cat"})):
+            note = _rewrite(graph, cat)
+            if note:
+                done.append(note)
+    if done:
+        graph.eliminate_dead_code()
+    return done
+
+
+def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    value = example_value(cat)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or value is None:
+        return None
+    pad, tail = parts
+    if not (isinstance(pad, fx.Node) and isinstance(tail, fx.Node) and op_name(pad) in _PADS):
+        return None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    dim %= value.dim()
+    total, tail_value = value.shape[dim], example_value(tail)
+    if tail_value is None or not isinstance(total, int) or not isinstance(tail_value.shape[dim], int):
+        return None
+    n = tail_value.shape[dim]
+    lead = tuple(value.shape[:dim + 1])
+    chain, slices = _chain(cat, dim, lead, total, n)
+    if chain is None or not slices:
+        return None
+    new: dict[fx.Node, Any] = {cat: tail}
+    for node in chain[1:]:
+        if not _token_args_ok(node, chain, dim, total):
+            return None
+    for node in chain[1:]:
+        with graph.inserting_before(node):
+            args = _map(node.args, new, graph, dim, total, n, node)
+            kwargs = _map(node.kwargs, new, graph, dim, total, n, node)
+            new[node] = graph.create_node(node.op, node.target, args, kwargs)
+    for s in slices:
+        s.replace_all_uses_with(new[s.args[0]])
+    return f"{cat.name}: queries padded with {pad.name} along dim {dim} ({total - n} rows dropped)"
+
+
+def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
+           ) -> tuple[Optional[list[fx.Node]], list[fx.Node]]:
+    """The nodes computed from ``cat`` (topological, ``cat`` first) and the slices that end them;
+    None when a node is not token-wise or a padded row reaches anything else."""
+    chain, slices, todo = [cat], [], list(cat.users)
+    seen = {cat}
+    while todo:
+        node = todo.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_last_rows(node, dim, total, n) and node.args[0] in seen:
+            slices.append(node)
+            continue
+        out = example_value(node)
+        tokenwise = (node.op == "call_function" and node.target in _TOKENWISE_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in _TOKENWISE_METHODS)
+        if not tokenwise or out is None or out.dim() <= dim or tuple(out.shape[:dim + 1]) != lead:
+            return None, []
+        if node.target is torch.stack and ((node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+                                          % out.dim()) <= dim:
+            return None, []
+        if node.target is operator.getitem and not _indexes_after(node, dim):
+            return None, []
+        chain.append(node)
+        todo.extend(node.users)
+    order = {node: i for i, node in enumerate(cat.graph.nodes)}
+    return sorted(chain, key=order.__getitem__), slices
+
+
+def _indexes_after(node: fx.Node, dim: int) -> bool:
+    """``x[..., i, j]`` with constant indices that only reach dims after ``dim``."""
+    index, base = node.args[1], example_value(node.args[0])
+    if not isinstance(index, tuple) or not index or index[0] is not Ellipsis or base is None:
+        return False
+    rest = index[1:]
+    if any(isinstance(i, fx.Node) or i is Ellipsis for i in rest):
+        return False
+    return sum(1 for i in rest if i is not None) <= base.dim() - dim - 1
+
+
+def _is_last_rows(node: fx.Node, dim: int, total: int, n: int) -> bool:
+    """``node`` is ``x[:, ..., -n:]`` (or ``x[..., total - n:, ...]``) along ``dim`` only."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
+        return False
+    index = node.args[1]
+    if len(index) != dim + 1 or any(i != slice(None) for i in index[:dim]):
+        return False
+    last = index[dim]
+    return isinstance(last, slice) and last.step is None and last.stop in (None, total) and \
+        last.start in (-n, total - n)
+
+
+def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: int) -> bool:
+    """Every tensor ``node`` reads besides the chain broadcasts over the tokens or has one row per token."""
+    out = example_value(node)
+    for arg in _tensor_args(node):
+        if arg in chain:
+            continue
+        value = example_value(arg)
+        if value is None:
+            return False
+        k = dim - (out.dim() - value.dim())
+        if k >= 0 and value.shape[k] not in (1, total):
+            return False
+    return True
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else (a,)
+        out.extend(i for i in items if isinstance(i, fx.Node))
+    return out
+
+
+def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: int, n: int, user: fx.Node) -> Any:
+    """``obj`` with chain nodes replaced by their rewritten copies and per-token tables narrowed."""
+    if isinstance(obj, fx.Node):
+        if obj in new:
+            return new[obj]
+        value, out = example_value(obj), example_value(user)
+        k = dim - (out.dim() - value.dim()) if value is not None and out is not None else -1
+        if k >= 0 and value.shape[k] == total and total != 1:
+            return graph.call_function(torch.narrow, (obj, k, total - n, n))
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(o, new, graph, dim, total, n, user) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _map(v, new, graph, dim, total, n, user) for key, v in obj.items()}
+    return obj

@@ -1,0 +1,80 @@
+"""`drop_query_padding`: queries padded with a cache's shape to share one RoPE call get the RoPE
+on their own rows (tables narrowed), values unchanged; anything not token-wise is left alone."""
+
+import torch
+
+from qvg_compile.passes.pad_slice import drop_query_padding
+
+H, D, N, n = 2, 16, 12, 4
+
+
+def rope(x, cos, sin):
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def padded_read(cache, q, cos, sin):
+    padded = torch.cat([torch.empty_like(cache), q], dim=2).contiguous()
+    return rope(padded, cos, sin)[:, :, -q.shape[2]:].contiguous()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, H, N - n, D, generator=g), torch.randn(1, H, n, D, generator=g),
+            torch.randn(N, D, generator=g), torch.randn(N, D, generator=g))
+
+
+def rewrite(fn, *args):
+    """(rewrite notes, the rewritten graph's code, its output, the eager output)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(drop_query_padding(gm.graph))
+        gm.recompile()
+        seen.append(gm.code)
+        return gm
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return seen[0], seen[1], got, fn(*args)
+
+
+def test_padding_dropped_tables_narrowed_values_equal():
+    notes, code, got, expected = rewrite(padded_read, *inputs())
+    assert len(notes) == 1 and f"({N - n} rows dropped)" in notes[0]
+    assert "empty_like" not in code and "torch.narrow" in code
+    assert torch.equal(got, expected)
+
+
+def test_a_slice_that_keeps_padding_or_a_padded_row_used_elsewhere_is_left_alone():
+    def keeps_one_pad_row(cache, q, cos, sin):
+        padded = torch.cat([torch.zeros_like(cache), q], dim=2)  # zeros: the kept pad row is compared
+        return rope(padded, cos, sin)[:, :, -q.shape[2] - 1:]
+
+    def uses_the_padded_rows(cache, q, cos, sin):
+        padded = torch.cat([torch.zeros_like(cache), q], dim=2)
+        rotated = rope(padded, cos, sin)
+        return rotated[:, :, -q.shape[2]:], rotated.sum()
+
+    for fn in (keeps_one_pad_row, uses_the_padded_rows):
+        notes, _, got, expected = rewrite(fn, *inputs())
+        assert notes == []
+        assert all(torch.equal(a, b) for a, b in zip(got if isinstance(got, tuple) else (got,),
+                                                      expected if isinstance(expected, tuple) else (expected,)))
+
+
+def test_an_op_that_mixes_tokens_is_left_alone():
+    def mixes(cache, q, cos, sin):
+        padded = torch.cat([torch.zeros_like(cache), q], dim=2)
+        return (padded.flip(2) * cos)[:, :, -q.shape[2]:]
+
+    def reorders(cache, q, cos, sin):
+        padded = torch.cat([torch.zeros_like(cache), q], dim=2)
+        return (padded[..., torch.arange(N - 1, -1, -1), :] * cos)[:, :, -q.shape[2]:]
+
+    for fn in (mixes, reorders):
+        notes, _, got, expected = rewrite(fn, *inputs())
+        assert notes == [] and torch.equal(got, expected)
