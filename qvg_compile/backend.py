@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from .cache import QVGCache
-from .passes.report import GraphReport, Report, graph_break_reasons
+from .passes.report import GraphReport, Report, first_line, graph_break_reasons
 from .passes.rewrite import fuse_matmul_softmax
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
@@ -232,15 +232,13 @@ class QVGBackend:
                 continue
             recording = producer[0]
             positions = {n.name: i for i, n in enumerate(recording.gm.graph.find_nodes(op="placeholder"))}
+            explained = False
             for c in crossings:
                 source = recording.sources[positions[c.placeholder.name]]
-                if source is None:
-                    kept.append(r)
-                    continue
-                site = recording.pending.get(source)
-                if site is None:
+                site = recording.pending.get(source) if source is not None else None
+                if source is not None and site is None:
                     site = new_site(c.placeholder, example_value(c.placeholder), c.seq_dim, [])
-                    site.source = source
+                    site.source, site.roles = source, list(r.roles)
                     site.idioms = ["D", "K"] + (["E"] if c.rope else [])
                     site.notes.append(f"appended to in {recording.report.name}, read by attention in "
                                       f"{graph_report.name} after a call outside the compiled graphs")
@@ -250,9 +248,11 @@ class QVGBackend:
                         continue
                     recording.pending[source] = site
                     recording.report.sites.append(site)
-                for role in r.roles:
-                    if role not in site.roles:
-                        site.roles.append(role)
+                if site is not None:
+                    explained = True
+                    site.roles.extend(role for role in r.roles if role not in site.roles)
+            if not explained:
+                kept.append(r)
         return kept
 
     def _config_problem(self, site: Site, node: fx.Node) -> Optional[str]:
@@ -309,7 +309,7 @@ class QVGBackend:
             compiled = self._inductor(gm, example_inputs, graph_report)
         except Exception as exc:  # noqa: BLE001 (any Inductor failure: the eager graph is correct)
             _eager_note(graph_report, f"Inductor could not compile it over QVGCache inputs "
-                                      f"({type(exc).__name__}: {_first_line(exc)}); it runs eagerly")
+                                      f"({type(exc).__name__}: {first_line(str(exc))}); it runs eagerly")
             return gm
         return _EagerOnLayoutMismatch(gm, compiled, graph_report)
 
@@ -337,11 +337,6 @@ class QVGBackend:
 def _size_hint(size: Any) -> int:
     """A size's concrete value without a guard on it (a SymInt's hint; ints as they are)."""
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def _eager_note(report: GraphReport, message: str) -> None:
@@ -419,7 +414,8 @@ class _Recording:
                 cache = self.backend.to_cache(dense, site)
             except (ValueError, TypeError) as exc:
                 del self.pending[source]
-                self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: {_first_line(exc)})")
+                self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: "
+                                       f"{first_line(str(exc))})")
                 continue
             if not assign_by_identity(dense, cache):
                 del self.pending[source]
@@ -427,9 +423,7 @@ class _Recording:
                 continue
             args[position] = cache
             swapped = True
-            if site.source not in self.report.swapped:
-                self.report.swapped.append(site.source)
-                self.report.swapped_memory.append(cache.memory())
+            self.report.record_swap(site.source, cache.memory())
         return args if swapped else None
 
 
@@ -473,15 +467,13 @@ class _SwapOnFirstUse:
             # check_finite) leaves all of them dense.
             caches = [self.backend.to_cache(args[index], site) for index, site, _, _ in planned]
         except (ValueError, TypeError) as exc:
-            _eager_note(self.report, f"the caches could not be quantized ({_first_line(exc)}); "
+            _eager_note(self.report, f"the caches could not be quantized ({first_line(str(exc))}); "
                                      "this call ran eagerly on the dense tensors")
             return self.gm(*args)
         for (index, site, source, frame), cache in zip(planned, caches):
             assign_at_source(source, frame, cache)
             args[index] = cache
-            if site.source not in self.report.swapped:
-                self.report.swapped.append(site.source)
-                self.report.swapped_memory.append(cache.memory())
+            self.report.record_swap(site.source, cache.memory())
         del planned, caches
         return self.gm(*args)
 
@@ -500,7 +492,7 @@ class _EagerOnLayoutMismatch:
             if "expected size" not in str(exc) or "stride" not in str(exc):
                 raise
             _eager_note(self.report, f"a QVGCache input's inner arrays changed layout without a "
-                                     f"recompile ({_first_line(exc)}); that call ran eagerly")
+                                     f"recompile ({first_line(str(exc))}); that call ran eagerly")
             return self.gm(*args)
 
 

@@ -143,10 +143,16 @@ def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: int) ->
         value = example_value(arg)
         if value is None:
             return False
-        k = dim - (out.dim() - value.dim())
-        if k >= 0 and value.shape[k] not in (1, total):
+        k = _token_dim(value, out, dim)
+        if k is not None and value.shape[k] not in (1, total):
             return False
     return True
+
+
+def _token_dim(value: torch.Tensor, out: torch.Tensor, dim: int) -> Optional[int]:
+    """The dim of operand ``value`` that broadcasts against token dim ``dim`` of ``out``, or None."""
+    k = dim - (out.dim() - value.dim())
+    return k if k >= 0 else None
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -163,8 +169,8 @@ def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: in
         if obj in new:
             return new[obj]
         value, out = example_value(obj), example_value(user)
-        k = dim - (out.dim() - value.dim()) if value is not None and out is not None else -1
-        if k >= 0 and value.shape[k] == total and total != 1:
+        k = _token_dim(value, out, dim) if value is not None and out is not None else None
+        if k is not None and value.shape[k] == total and total != 1:
             return graph.call_function(torch.narrow, (obj, k, total - n, n))
         return obj
     if isinstance(obj, (list, tuple)):

@@ -38,6 +38,12 @@ class GraphReport:
     code_before: str = ""
     code_after: Optional[str] = None
 
+    def record_swap(self, source: str, memory: dict) -> None:
+        """Note that the input at ``source`` became a `QVGCache` (``memory``: its `QVGCache.memory()`), once."""
+        if source not in self.swapped:
+            self.swapped.append(source)
+            self.swapped_memory.append(memory)
+
     def diff(self) -> str:
         """Unified diff of the graph's code before the rewrite and after (post-grad ATen)."""
         if self.code_after is None:
@@ -47,8 +53,10 @@ class GraphReport:
             fromfile=f"{self.name} (Dynamo graph)", tofile=f"{self.name} (after QVG, post-grad)"))
 
 
-def _first_line(reason: str) -> str:
-    return reason.strip().splitlines()[0] if reason.strip() else reason
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of an error or graph-break text, at most ``limit`` characters."""
+    lines = text.strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def graph_break_reasons() -> dict[str, int]:
@@ -83,7 +91,7 @@ class Report:
         is never seen by the backend."""
         new = {reason: count - before.get(reason, 0) for reason, count in graph_break_reasons().items()
                if count > before.get(reason, 0)}
-        self.graph_breaks = [f"{_first_line(reason)} (x{count})" for reason, count in new.items()]
+        self.graph_breaks = [f"{first_line(reason)} (x{count})" for reason, count in new.items()]
         disabled = sorted({m.group(1) for reason in new if (m := _DISABLED.search(reason))})
         self.notes = [n for n in self.notes if not n.startswith(_DISABLED_NOTE)]
         if disabled:

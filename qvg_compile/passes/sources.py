@@ -172,7 +172,9 @@ def _replace_in(container: Any, old: Any, new: Any, path: str, where: str, seen:
     the parent to store the rebuilt tuple); True when a tuple's item changed."""
     if depth < 0 or id(container) in seen:
         return False
-    seen.add(id(container))
+    if not isinstance(container, tuple):
+        # A tuple is rebuilt in each parent that holds it, so it may be met more than once.
+        seen.add(id(container))
     items = container.items() if isinstance(container, dict) else enumerate(container)
     changed_tuple = False
     for key, value in list(items):
