@@ -49,6 +49,7 @@ from tabulate import tabulate  # noqa: E402
 
 import qvg_compile  # noqa: E402
 from qvg_compile.cache import release_workspace, workspace_bytes  # noqa: E402
+from benchmarks import gpu_idle  # noqa: E402
 from examples.models import self_forcing as sf  # noqa: E402
 from examples.models.common import model_device_dtype, new_generator, randn, shifted_sigma, timesteps_for  # noqa: E402
 
@@ -188,6 +189,13 @@ def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str
     events = prof.events()
     shares = time_shares(events, clock.cuda)
     shares["device_busy"] = device_busy_s(events) if clock.cuda else 0.0
+    if clock.cuda and log_path is not None:
+        trace = log_path.with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace))
+        idle = gpu_idle.attribute(gpu_idle.load_events(trace))
+        shares["device_idle"] = idle["idle_us"] / 1e6
+        shares.update({f"idle {k}": v / 1e6 for k, v in idle["by_category"].items()})
+        log_path.with_suffix(".idle.txt").write_text(gpu_idle.table(idle) + "\n")
     if log_path is not None:
         key = "device_time_total" if clock.cuda else "cpu_time_total"
         try:
@@ -277,6 +285,9 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
                   peak, max(0, peak - before), qvg_compile.stats(), workspace_bytes())
         if profile_at == context:
             row.shares = profile_chunk(video, clock, out / f"profile_{name}_{context}.txt")
+            idle = out / f"profile_{name}_{context}.idle.txt"
+            if idle.exists():
+                log(f"[{name}] context {context:4d}, where the device waits for the host:\n{idle.read_text()}")
         rows.append(row)
         log(f"[{name}] context {context:4d}: {row.s_per_chunk:.3f} s/chunk (chunks {[round(t, 3) for t in times]}), "
             f"prefill {prefill_s:.1f} s, KV {row.kv_bytes / GB:.3f} GB, peak {peak / GB:.2f} GB, "

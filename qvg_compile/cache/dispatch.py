@@ -137,7 +137,7 @@ def _ensure_slots(t: QVGCache, tokens: Any) -> None:
             "one write eagerly before the compiled function writes")
     store = handle.store
     sized = handle.spec.sized_for(handle.spec.policy.chunk_tokens or tokens, store.capacity)
-    handle.arrays, handle.spec = regrow(store, sized), sized
+    handle.replace(sized, regrow(store, sized))
 
 
 def _writable(t: QVGCache) -> None:

@@ -125,7 +125,7 @@ class StoreSpec:
     def stages(self) -> int:
         return self.config.stages if self.config.method == "qvg" else 0
 
-    @property
+    @cached_property
     def has_zeros(self) -> bool:
         return any(self.config.code_mode_for(role) == "asymmetric" for role in self.roles)
 
@@ -168,7 +168,16 @@ class StoreSpec:
 
     def names(self) -> tuple[str, ...]:
         """Array names in op order."""
+        return self._names
+
+    @cached_property
+    def _names(self) -> tuple[str, ...]:
         return _names(len(self.part_dims), self.has_zeros)
+
+    @cached_property
+    def attr_names(self) -> tuple[str, ...]:
+        """`names` as `QVGCache` attributes (``_codes0``...), the inner tensors of its flatten."""
+        return tuple(f"_{n}" for n in self._names)
 
     def part_names(self, part: int) -> list[str]:
         """Array names of one part: codes, scales, (zeros,) assign, cents, tail."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,13 +42,20 @@ _SOURCE_FINGERPRINT = hashlib.sha256(
 
 class StoreHandle:
     """The spec and arrays of one store, shared by every view of it. Eager code replaces both
-    together when the first write fixes the slot length; traced code never does."""
+    together (`replace`) when the first write fixes the slot length; traced code never does."""
 
-    __slots__ = ("spec", "arrays")
+    __slots__ = ("spec", "arrays", "views")
 
     def __init__(self, spec: StoreSpec, arrays: Sequence[torch.Tensor]) -> None:
         self.spec = spec
         self.arrays = list(arrays)
+        self.views: weakref.WeakSet[QVGCache] = weakref.WeakSet()
+
+    def replace(self, spec: StoreSpec, arrays: Sequence[torch.Tensor]) -> None:
+        """Swap in a regrown store; every live view of it is bound to the new arrays."""
+        self.spec, self.arrays = spec, list(arrays)
+        for view in list(self.views):
+            view._bind()
 
     @property
     def store(self) -> Store:
@@ -89,7 +97,19 @@ class QVGCache(torch.Tensor):
             cls, shape, strides=contiguous_strides(shape), dtype=handle.spec.torch_dtype,
             device=handle.arrays[0].device, requires_grad=False)
         self._handle, self._view, self._dense = handle, view, tuple(dense)
+        self._flat: Optional[tuple[StoreSpec, tuple[list[str], tuple[StoreSpec, View]]]] = None
+        for i, d in enumerate(self._dense):
+            setattr(self, f"_dense{i}", d)
+        handle.views.add(self)
+        self._bind()
         return self
+
+    def _bind(self) -> None:
+        # The inner tensors named by __tensor_flatten__ are plain instance attributes, so that
+        # the guards and the subclass unwrapping of every compiled call find them without
+        # running Python (a __getattr__ here cost ~10 us per lookup, ~20 lookups per call).
+        for name, array in zip(self._handle.spec.attr_names, self._handle.arrays):
+            setattr(self, name, array)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -167,7 +187,7 @@ class QVGCache(torch.Tensor):
         written = values.ne(0).reshape(-1, values.shape[-2], values.shape[-1]).any(-1).any(0).nonzero()
         if written.numel() and not handle.spec.slot_tokens:
             sized = handle.spec.sized_for_segment(int(written[-1]) + 1)
-            handle.arrays, handle.spec = regrow(handle.store, sized), sized
+            handle.replace(sized, regrow(handle.store, sized))
         torch.ops.qvg.cache_load(handle.arrays, splits, handle.spec.json)
         return cache
 
@@ -269,7 +289,7 @@ class QVGCache(torch.Tensor):
                 raise RuntimeError("QVGCache.seal(release=True) frees arrays and runs eagerly only; "
                                    "use seal(release=False) inside a compiled function")
             released = handle.spec.released()
-            handle.arrays, handle.spec = regrow(handle.store, released), released
+            handle.replace(released, regrow(handle.store, released))
         return self
 
     def save(self, path: str) -> None:
@@ -285,18 +305,13 @@ class QVGCache(torch.Tensor):
 
     # --- torch.compile -------------------------------------------------------------------------
     def __tensor_flatten__(self) -> tuple[list[str], tuple[StoreSpec, View]]:
-        names = [f"_{n}" for n in self._handle.spec.names()] + [f"_dense{i}" for i in range(len(self._dense))]
-        return names, (self._handle.spec, _symbolless(self._view))
-
-    def __getattr__(self, name: str) -> Any:
-        # The inner tensors named by __tensor_flatten__ live in the shared handle.
-        if name.startswith("_dense") and name[6:].isdigit():
-            return self._dense[int(name[6:])]
-        if name.startswith("_") and "_handle" in self.__dict__:
-            names = self._handle.spec.names()
-            if name[1:] in names:
-                return self._handle.arrays[names.index(name[1:])]
-        raise AttributeError(name)
+        # Called by the guards and the unwrapping of every compiled call: built once per spec.
+        spec = self._handle.spec
+        if self._flat is None or self._flat[0] is not spec:
+            names = list(spec.attr_names) + [f"_dense{i}" for i in range(len(self._dense))]
+            self._flat = (spec, (names, (spec, _symbolless(self._view))))
+        names, meta = self._flat[1]
+        return list(names), meta
 
     def _stable_hash_for_caching(self) -> str:
         """Key of this subclass input for AOTAutograd's cache: the layout, not the data.
