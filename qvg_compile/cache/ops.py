@@ -24,8 +24,10 @@ from .clone import clone_store
 from .host import host_thread
 from .lean_op import lean_op
 from .read import ReadSide, attend
+from .read_fast import replay
+from .read_plan import args_key
 from .spec import StoreSpec
-from .store import Store, runs_of
+from .store import Store, replay_rows_write, runs_of
 from .view import Lead
 
 Tensor = torch.Tensor
@@ -58,6 +60,9 @@ def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], st
                 index: Optional[Tensor], lead: list[int], spec: str, relocate: bool) -> None:
     """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
     ``[start, start + n)``, or at ``index[i]`` for the i-th token when ``index`` is given."""
+    if index is None and not relocate and replay_rows_write(arrays, values, parts, start, lead,
+                                                            StoreSpec.from_json(spec)):
+        return
     with host_thread(arrays[0].device):
         store = store_of(arrays, spec)
         full = [None] * store.parts
@@ -186,12 +191,17 @@ def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces:
                     k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
     """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
+    key = args_key(q, k, v, k_pieces, v_pieces, k_lead, v_lead, k_part, v_part)
+    if not k_dense and not v_dense:
+        out = replay(key, q, k, v, scale)
+        if out is not None:
+            return out.contiguous()
     with host_thread(q.device):
         def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
             return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
                             leads(lead), part)  # type: ignore[arg-type]
         return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
-                      side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale).contiguous()
+                      side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale, key).contiguous()
 
 
 @cache_attention.register_fake

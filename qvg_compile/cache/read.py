@@ -63,13 +63,14 @@ def _positions(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
     return torch.cat([torch.arange(a, b) for a, b in runs])
 
 
-def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
+def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float], key: tuple) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` and the two views: the fast read
-    when the views' plan allows it (`read_plan`), else the general read below."""
+    when the views' plan allows it (`read_plan`; ``key`` is `read_plan.args_key` of the op's
+    arguments), else the general read below."""
     if fast_reads_enabled():
-        fast = plan_for(k, v, q)
+        fast = plan_for(k, v, q, key)
         if fast.reason is None:
-            tally.add(attention_calls=1, fast_reads=1, fast_tokens=fast.sealed, fast_rows=fast.tokens - fast.sealed)
+            tally.fast_read(fast.sealed, fast.tokens - fast.sealed)
             return attend_planned(q, k, v, fast, scale)
         tally.general_read(fast.reason)
     return attend_general(q, k, v, scale)

@@ -20,13 +20,14 @@ import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
 from ..quant.store import PackedStore
+from .spec import COUNTERS_AT, POS_MAP_AT, STAMP
 from .store import Store, runs_of
 from .view import Lead
 
@@ -107,6 +108,7 @@ class ReadPlan:
     reason: Optional[str] = None
     gather: Optional[Gather] = None
     sources: tuple = ()
+    replay: Any = None
 
 
 def flag_runs(flags: "np.ndarray | torch.Tensor") -> list[tuple[int, int, bool]]:
@@ -127,14 +129,37 @@ def flag_runs(flags: "np.ndarray | torch.Tensor") -> list[tuple[int, int, bool]]
 _plans: "OrderedDict[tuple, tuple[weakref.ref, weakref.ref, ReadPlan]]" = OrderedDict()
 
 
-def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
-    """The plan of reading ``k`` and ``v`` (from the cache when their stores are unchanged)."""
-    kp, vp = k.store.pos_map, v.store.pos_map
-    key = (id(kp), k.store.stamp, id(vp), v.store.stamp, tuple(k.pieces), tuple(v.pieces), k.lead, v.lead,
-           k.part, v.part, q.dtype, q.shape[0])
+def args_key(q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], k_pieces: Sequence[int],
+             v_pieces: Sequence[int], k_lead: Sequence[int], v_lead: Sequence[int], k_part: int, v_part: int) -> tuple:
+    """The key of a read's plan, from the arguments of ``qvg::cache_attention`` alone: the two
+    token maps and their state stamps (unique in the process: a changed or new store never
+    matches an old key), the views and the queries' layout."""
+    return (id(k[POS_MAP_AT]), k[COUNTERS_AT].tolist()[STAMP], id(v[POS_MAP_AT]), v[COUNTERS_AT].tolist()[STAMP],
+            tuple(k_pieces), tuple(v_pieces), tuple(k_lead), tuple(v_lead), k_part, v_part, q.dtype, q.shape,
+            q.device)
+
+
+def cached_plan(key: tuple, k_pos: torch.Tensor, v_pos: torch.Tensor) -> Optional[ReadPlan]:
+    """The plan cached under ``key`` (`args_key`) for these token maps, if any."""
     hit = _plans.get(key)
-    if hit is not None and hit[0]() is kp and hit[1]() is vp:
+    if hit is not None and hit[0]() is k_pos and hit[1]() is v_pos:
         return hit[2]
+    return None
+
+
+def drop_replays() -> None:
+    """Forget every plan's replay (they hold views of a workspace that is being replaced)."""
+    for _, _, plan in _plans.values():
+        plan.replay = None
+
+
+def plan_for(k: ReadSide, v: ReadSide, q: torch.Tensor, key: tuple) -> ReadPlan:
+    """The plan of reading ``k`` and ``v`` (from the cache when their stores are unchanged);
+    ``key`` is `args_key` of the op's arguments."""
+    kp, vp = k.store.pos_map, v.store.pos_map
+    hit = cached_plan(key, kp, vp)
+    if hit is not None:
+        return hit
     plan = build_plan(k, v, q)
     pair = (id(kp), id(vp), k.part, v.part, k.lead, v.lead)
     previous = _latest.get(pair)

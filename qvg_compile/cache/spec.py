@@ -59,6 +59,10 @@ ROLES = ("key", "value")
 HOST = torch.device("cpu")
 PART_ARRAYS = ("codes", "scales", "zeros", "assign", "cents", "tail")
 SHARED_ARRAYS = ("seg_ids", "pos_map", "slots", "segs", "counters")
+# Where the token map and the counters sit in a store's array list (the shared arrays come last),
+# for the ops' replays, which read them without building a `Store`.
+POS_MAP_AT = SHARED_ARRAYS.index("pos_map") - len(SHARED_ARRAYS)
+COUNTERS_AT = SHARED_ARRAYS.index("counters") - len(SHARED_ARRAYS)
 # segs columns
 LIVE, CSIZE, UID, USES = 0, 1, 2, 3
 # counters entries
@@ -173,6 +177,11 @@ class StoreSpec:
     @cached_property
     def _names(self) -> tuple[str, ...]:
         return _names(len(self.part_dims), self.has_zeros)
+
+    @cached_property
+    def tail_at(self) -> tuple[int, ...]:
+        """Index of each part's ``tail`` array in `names`."""
+        return tuple(self._names.index(f"tail{p}") for p in range(len(self.part_dims)))
 
     @cached_property
     def attr_names(self) -> tuple[str, ...]:

@@ -36,7 +36,8 @@ from ..quant.store import PackedStore
 from . import tally
 from .encode import encode_segment
 from .seal_flags import flags_for, known_flags
-from .spec import CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, STAMP, UID, USES, StoreSpec, next_stamp, sealed_code
+from .spec import (COUNTERS_AT, CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, POS_MAP_AT, STAMP, UID, USES, StoreSpec,
+                   next_stamp, sealed_code)
 
 # (offset, length) of every leading dim; None selects all of them.
 LeadSel = Optional[tuple[tuple[int, int], ...]]
@@ -72,9 +73,29 @@ def masked_runs(positions: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, 
 
 # Writes that landed inside an open slot without changing the token state, keyed by
 # ``(id(pos_map), stamp, start, n)`` -> first tail row: the same write again (the next denoising
-# step) is a plain copy of the rows, with no host tensor operation.
+# step) is a plain copy of the rows (`replay_rows_write`). Stamps are unique in the process, so a
+# key never matches another store or state.
 _row_writes: dict[tuple[int, int, int, int], int] = {}
 ROW_WRITES_SIZE = 4096
+
+
+def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Tensor], parts: Sequence[int],
+                      start: int, lead: Sequence[int], spec: StoreSpec) -> bool:
+    """``qvg::cache_write`` of ``values`` at ``[start, start + n)`` as a copy into the tail rows a
+    write of the same positions found in the same token state, without building a `Store`;
+    False (nothing written) when no such write is known. ``lead``: ``[o0, n0, o1, n1, ...]``."""
+    if not values:
+        return False
+    n = values[0].shape[-2]
+    r0 = _row_writes.get((id(arrays[POS_MAP_AT]), arrays[COUNTERS_AT].tolist()[STAMP], start, n))
+    if r0 is None:
+        return False
+    sel = tuple(slice(lead[i], lead[i] + lead[i + 1]) for i in range(0, len(lead), 2))
+    for p, v in zip(parts, values):
+        tail = arrays[spec.tail_at[p]]
+        (tail[sel] if sel else tail)[..., r0:r0 + n, :].copy_(v)
+    tally.fast_write()
+    return True
 
 
 # `residual_energy` of the tokens each codebook was fitted to, by codebook uid (0-dim device
@@ -212,14 +233,7 @@ class Store:
                              f"{self.capacity} tokens")
         if n == 0:
             return
-        key = (id(self.pos_map), self.stamp, start, n)
-        r0 = _row_writes.get(key)
-        if r0 is not None and not relocate:
-            for p, v in enumerate(values):
-                if v is not None:
-                    self.rows_view(p, sel)[..., r0:r0 + n, :].copy_(v)
-            tally.add(fast_writes=1)
-            return
+        first = start
         full = sel is None and len(present) == self.parts
         values = [None if v is None else v.to(device=self.device, dtype=self.spec.torch_dtype)
                   for v in values]
@@ -243,7 +257,7 @@ class Store:
             self.np_slots[j] = (start, self._age())
         rows = self._expected_row(j, start, end)
         self._write_rows(start, end, rows, values, sel, full)
-        if start == key[2]:
+        if start == first and not relocate:
             if len(_row_writes) >= ROW_WRITES_SIZE:
                 _row_writes.clear()
             _row_writes[(id(self.pos_map), self.stamp, start, n)] = int(rows[0])

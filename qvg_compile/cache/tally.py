@@ -29,6 +29,22 @@ def add(**amounts: int) -> None:
         _counts.update(amounts)
 
 
+def fast_read(sealed: int, rows: int) -> None:
+    """Count one fast read of ``sealed`` packed tokens and ``rows`` dense rows (called on every
+    read: a few increments, not a keyword `add`)."""
+    with _lock:
+        _counts["attention_calls"] += 1
+        _counts["fast_reads"] += 1
+        _counts["fast_tokens"] += sealed
+        _counts["fast_rows"] += rows
+
+
+def fast_write() -> None:
+    """Count one write that only copied into open rows."""
+    with _lock:
+        _counts["fast_writes"] += 1
+
+
 def fallback(op: str, why: str) -> None:
     """Count a fallback of ``op``; warn the first time each op falls back."""
     with _lock:

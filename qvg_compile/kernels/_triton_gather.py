@@ -3,6 +3,8 @@ tokens and dense rows, driven by a run table built once per cache state."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -10,6 +12,7 @@ import triton.language as tl
 from ..quant.store import PackedStore
 from ._common import kernel_store_args
 from ._jit import MODE_IDS, decode_tile
+from .launch import Prebound
 
 
 @triton.jit
@@ -126,6 +129,13 @@ class GatherLaunch:
         (batch, head) and side."""
         if blocks == 0:
             return
-        _gather_pair_kernel[(blocks, self.rows, 2)](
-            *self.args, k_out, *k_out.stride(), v_out, *v_out.stride(), table, table.shape[1], self.heads,
-            **self.meta)
+        _gather_pair_kernel[(blocks, self.rows, 2)](*self._args(table, k_out, v_out), **self.meta)
+
+    def prebind(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> Callable[[], None]:
+        """`__call__` with these arguments as a launch that only launches (`launch.Prebound`)."""
+        if blocks == 0:
+            return lambda: None
+        return Prebound(_gather_pair_kernel, (blocks, self.rows, 2), self._args(table, k_out, v_out), self.meta)
+
+    def _args(self, table: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> list:
+        return [*self.args, k_out, *k_out.stride(), v_out, *v_out.stride(), table, table.shape[1], self.heads]

@@ -15,7 +15,7 @@ one layout); it reproduces the reference's fp32 arithmetic (see `decode`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -100,6 +100,14 @@ class Gather:
             return
         gather_reference(self.k_store, self.k_tail, k_runs, k_out)
         gather_reference(self.v_store, self.v_tail, v_runs, v_out)
+
+    def prebind(self, k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
+                k_out: torch.Tensor, v_out: torch.Tensor) -> Callable[[], None]:
+        """This call with these arguments, as a function of no arguments: the Triton launch with
+        every argument bound once (`launch.Prebound`), or the reference."""
+        if self.launch is not None:
+            return self.launch.prebind(table[0], table[1], k_out, v_out)
+        return lambda: self(k_runs, v_runs, table, k_out, v_out)
 
 
 def gather_pair(k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,

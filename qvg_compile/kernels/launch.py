@@ -1,0 +1,54 @@
+"""`Prebound`: a Triton launch whose arguments never change, relaunched at the driver's cost.
+
+A call through ``kernel[grid](*args, **meta)`` binds and specialises every argument, builds
+the compile-cache key and checks the kernel's globals before it launches; with the gather's ~95
+arguments that is most of a read's own host time. A read replayed from its plan passes the same
+pointers, strides and grid every time, so the first launch goes through Triton as usual and
+keeps the compiled kernel it returns; later launches hand the same argument list straight to
+the compiled kernel's launcher (``CompiledKernel[grid]``), which is what Triton's own launch
+ends in. Under the Triton interpreter (``TRITON_INTERPRET=1``) there is no compiled kernel and
+every launch goes through Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class Prebound:
+    """``fn[grid](*args, **meta)`` with fixed ``args``, ``meta`` and ``grid``.
+
+    Args:
+        fn: a ``@triton.jit`` function.
+        grid: the launch grid (1 to 3 ints).
+        args: the positional arguments (tensors and scalars), in ``fn``'s parameter order.
+        meta: the remaining parameters (constexprs) by name, plus launch options
+            (``num_warps``...).
+    """
+
+    def __init__(self, fn: Any, grid: Sequence[int], args: Sequence[Any], meta: dict[str, Any]) -> None:
+        if not 1 <= len(grid) <= 3 or not all(isinstance(g, int) and g >= 0 for g in grid):
+            raise ValueError(f"grid: expected 1 to 3 non-negative ints, got {grid!r}")
+        self.fn, self.grid, self.args, self.meta = fn, tuple(grid), list(args), dict(meta)
+        self._runner: Any = None
+        self._params: list[Any] = []
+
+    def __call__(self) -> None:
+        """Launch on the current stream."""
+        if self._runner is not None:
+            self._runner(*self._params)
+            return
+        compiled = self.fn[self.grid](*self.args, **self.meta)
+        names = getattr(self.fn, "arg_names", None)
+        if compiled is None or names is None or not hasattr(compiled, "__getitem__"):
+            return
+        # The launcher takes every parameter in signature order (constexprs included, as
+        # Triton's own launch passes them); launch options are not parameters.
+        given = dict(zip(names, self.args))
+        missing = [n for n in names[len(self.args):] if n not in self.meta]
+        if missing:
+            raise TypeError(f"Prebound: no value for {missing} of {getattr(self.fn, '__name__', self.fn)}")
+        given.update((n, self.meta[n]) for n in names[len(self.args):])
+        grid = self.grid + (1,) * (3 - len(self.grid))
+        self._params = [given[n] for n in names]
+        self._runner = compiled[grid]
