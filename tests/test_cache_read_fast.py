@@ -1,6 +1,7 @@
 """`cache.read_fast`: a planned read is one gather and one SDPA whatever the history's length,
 histories past the workspace cap run in merged blocks, and rewrites of an open chunk are plain
-copies (`Store.write`'s remembered rows)."""
+copies (`store.replay_rows_write`); a read of a plan after its first is replayed from the op's
+arguments (`read_fast.replay`)."""
 
 from __future__ import annotations
 
@@ -181,3 +182,39 @@ def test_a_planned_read_and_a_rewrite_issue_a_pinned_number_of_host_ops(monkeypa
     x = torch.randn(B, L, H, D)
     rewrite = host_ops(lambda: k.__setitem__((slice(None), slice(e - L, e)), x))
     assert len(rewrite) == 4 and rewrite.count("aten::copy_") == 1
+
+
+def test_a_read_is_replayed_from_its_arguments_until_the_store_changes(launches):
+    """The first read of a cache state builds its plan and binds it; every later read with the
+    same arguments is a replay (no store built) with the same output, until a write that seals
+    changes the token state; `release_workspace` drops the bound views with the workspace."""
+    k, v = filled(4, "key", 20), filled(4, "value", 21)
+    q = torch.randn(B, H, L, D)
+    e = 4 * L
+
+    def read():
+        return sdpa(q, k[:, :e], v[:, :e])
+
+    reset_stats()
+    first, second, third = read(), read(), read()
+    assert stats()["fast_reads"] == 3 and stats()["read_replays"] == 2
+    assert torch.equal(first, second) and torch.equal(first, third)
+    ref = F.scaled_dot_product_attention(q, k[:, :e].dequantize().transpose(1, 2),
+                                         v[:, :e].dequantize().transpose(1, 2))
+    assert (second - ref).abs().max() <= ATOL
+    # A new chunk seals the last one: a new state, a new plan, whose first read is not a replay.
+    gen = torch.Generator().manual_seed(22)
+    k[:, e:e + L] = torch.randn(B, L, H, D, generator=gen)
+    v[:, e:e + L] = torch.randn(B, L, H, D, generator=gen)
+    reset_stats()
+    e += L
+    after = read()
+    assert stats()["read_replays"] == 0
+    ref = F.scaled_dot_product_attention(q, k[:, :e].dequantize().transpose(1, 2),
+                                         v[:, :e].dequantize().transpose(1, 2))
+    assert (after - ref).abs().max() <= ATOL
+    read_fast.release_workspace()
+    reset_stats()
+    assert torch.equal(read(), after) and stats()["read_replays"] == 0
+    assert torch.equal(read(), after) and stats()["read_replays"] == 1
+    assert launches["gather"] == 6 and launches["sdpa"] == 6

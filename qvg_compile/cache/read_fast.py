@@ -137,7 +137,7 @@ def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[t
     bound = None if plan is None else plan.replay
     if bound is None or not bound.valid(k, v) or not fast_reads_enabled():
         return None
-    tally.fast_read(bound.sealed, bound.rows)
+    tally.fast_read(bound.sealed, bound.rows, replayed=True)
     return bound(q, scale)
 
 

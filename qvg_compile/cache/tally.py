@@ -29,14 +29,15 @@ def add(**amounts: int) -> None:
         _counts.update(amounts)
 
 
-def fast_read(sealed: int, rows: int) -> None:
-    """Count one fast read of ``sealed`` packed tokens and ``rows`` dense rows (called on every
-    read: a few increments, not a keyword `add`)."""
+def fast_read(sealed: int, rows: int, replayed: bool = False) -> None:
+    """Count one fast read of ``sealed`` packed tokens and ``rows`` dense rows, ``replayed`` from
+    the op's arguments (called on every read: a few increments, not a keyword `add`)."""
     with _lock:
         _counts["attention_calls"] += 1
         _counts["fast_reads"] += 1
         _counts["fast_tokens"] += sealed
         _counts["fast_rows"] += rows
+        _counts["read_replays"] += replayed
 
 
 def fast_write() -> None:
@@ -72,14 +73,16 @@ def stats() -> dict[str, Any]:
     dense gathers produced), ``attention_calls``, ``fused_tokens`` (tokens the attention op read
     straight from packed storage), ``tail_tokens`` (dense tokens it read), ``fast_reads``,
     ``fast_tokens`` and ``fast_rows`` (reads planned once per cache state: one gather launch and
-    one SDPA; the sealed tokens they decoded and the dense rows they copied, per stored row), ``general_reads`` and ``general_why`` (the general path, and why per
+    one SDPA; the sealed tokens they decoded and the dense rows they copied, per stored row),
+    ``read_replays`` (fast reads run from their arguments alone, without building a store or
+    reading its token state: every read of a plan but its first), ``general_reads`` and ``general_why`` (the general path, and why per
     reason), ``fast_writes`` (writes into an open chunk that only copied), ``fallbacks`` (per op
     name) and ``fallback_total``.
     """
     with _lock:
         out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens",
                                                "decoded_bytes", "attention_calls", "fused_tokens", "tail_tokens",
-                                               "fast_reads", "fast_tokens", "fast_rows", "general_reads",
+                                               "fast_reads", "fast_tokens", "fast_rows", "read_replays", "general_reads",
                                                "fast_writes")}
         out.update(_counts)
         out["general_why"] = dict(_general)
