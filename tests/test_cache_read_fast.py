@@ -74,9 +74,13 @@ def test_a_history_past_the_workspace_cap_runs_in_merged_blocks(launches, monkey
     read_plan.clear_plans()
     launches.update(gather=0, sdpa=0)
     blocked = sdpa(q, k[:, :88], v[:, :88])
-    read_plan.clear_plans()
     assert launches == {"gather": 3, "sdpa": 3}
     assert (blocked - full).abs().max() <= ATOL
+    # The next read of the same state replays all three blocks.
+    reset_stats()
+    assert torch.equal(sdpa(q, k[:, :88], v[:, :88]), blocked) and stats()["read_replays"] == 1
+    assert launches == {"gather": 6, "sdpa": 6}
+    read_plan.clear_plans()
 
 
 def test_cfg_copies_and_gqa_heads_read_one_stored_row(launches):

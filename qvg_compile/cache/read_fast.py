@@ -79,19 +79,20 @@ def bound_gather(k: ReadSide, v: ReadSide, plan: ReadPlan) -> Gather:
 
 
 class BoundRead:
-    """A fast read of one workspace block with everything but the queries fixed: the gather's
-    launch with its arguments bound (`Gather.prebind`), the workspace views it fills, the query
-    fold. Built on the first read of a plan, kept on the plan (`ReadPlan.replay`); valid while the
-    stores hold the arrays it was bound to and the workspace is the one it fills.
+    """A fast read with everything but the queries fixed: per workspace block, the gather's launch
+    with its arguments bound (`Gather.prebind`) and the workspace views it fills; the query fold.
+    Built on the first read of a plan, kept on the plan (`ReadPlan.replay`); valid while the stores
+    hold the arrays it was bound to and the workspace is the one it fills. Blocks after the first
+    are merged by log-sum-exp (stream order keeps a block's gather behind the previous SDPA).
 
     Args:
-        k, v: the two sides of the read (``plan`` is theirs, with one block).
+        k, v: the two sides of the read (``plan`` is theirs, with at least one block).
         q: queries ``[B*tile, Hq, M, D]`` of the layout every replay will pass.
     """
 
     def __init__(self, k: ReadSide, v: ReadSide, plan: ReadPlan, q: torch.Tensor) -> None:
-        if len(plan.blocks) != 1:
-            raise ValueError(f"plan: a bound read fills one workspace block, got {len(plan.blocks)}")
+        if not plan.blocks:
+            raise ValueError("plan: a bound read needs at least one workspace block")
         gather = bound_gather(k, v, plan)
         self.sources = plan.sources
         names = k.store.spec.names()
@@ -101,12 +102,13 @@ class BoundRead:
         self.tile, self.groups = k.lead[0].tile, k.lead[1].interleave
         self.plain = self.tile == 1 and self.groups == 1
         b, hkv, d = q.shape[0] // self.tile, q.shape[1] // self.groups, q.shape[3]
-        block = plan.blocks[0]
-        n = block.tokens
-        self.buf = workspace(2 * b * hkv * n * d, q.dtype, q.device)
-        self.wk = self.buf[:b * hkv * n * d].view(b, hkv, n, d)
-        self.wv = self.buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
-        self.launch = gather.prebind(block.k_runs, block.v_runs, block.table, self.wk, self.wv)
+        self.buf = workspace(2 * b * hkv * max(block.tokens for block in plan.blocks) * d, q.dtype, q.device)
+        self.blocks = []
+        for block in plan.blocks:
+            n = block.tokens
+            wk = self.buf[:b * hkv * n * d].view(b, hkv, n, d)
+            wv = self.buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
+            self.blocks.append((gather.prebind(block.k_runs, block.v_runs, block.table, wk, wv), wk, wv))
         self.sealed, self.rows = plan.sealed, plan.tokens - plan.sealed
 
     def valid(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> bool:
@@ -120,11 +122,23 @@ class BoundRead:
 
     def __call__(self, q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
         """The attention output ``[B*tile, Hq, M, D]``."""
-        self.launch()
         m, d = q.shape[2], q.shape[3]
         qf = q if self.plain else fold_queries(q, self.tile, self.groups)
-        o, _ = sdpa_with_lse(qf, self.wk, self.wv, 1.0 / math.sqrt(d) if scale is None else float(scale))
-        return o if self.plain else unfold_output(o, self.tile, self.groups, m)
+        sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        acc: Optional[torch.Tensor] = None
+        lse: Optional[torch.Tensor] = None
+        for launch, wk, wv in self.blocks:
+            launch()
+            o, l = sdpa_with_lse(qf, wk, wv, sc)
+            if len(self.blocks) == 1:
+                out = o
+            elif acc is None or lse is None:
+                acc, lse = o.float().contiguous(), l.float().contiguous()
+            else:
+                merge_partial(acc, lse, o, l)
+        if acc is not None:
+            out = acc.to(q.dtype)
+        return out if self.plain else unfold_output(out, self.tile, self.groups, m)
 
 
 def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
@@ -142,34 +156,12 @@ def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[t
 
 
 def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float]) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``."""
-    if len(plan.blocks) == 1:
-        bound = plan.replay
-        if bound is None or not bound.valid(*_array_lists(k, v)):
-            bound = plan.replay = BoundRead(k, v, plan, q)
-        return bound(q, scale)
-    gather = bound_gather(k, v, plan)
-    tile, groups = k.lead[0].tile, k.lead[1].interleave
-    m, d = q.shape[2], q.shape[3]
-    qf = fold_queries(q, tile, groups)
-    b, hkv = qf.shape[:2]
-    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    acc: Optional[torch.Tensor] = None
-    lse: Optional[torch.Tensor] = None
-    for block in plan.blocks:
-        n = block.tokens
-        buf = workspace(2 * b * hkv * n * d, qf.dtype, qf.device)
-        wk = buf[:b * hkv * n * d].view(b, hkv, n, d)
-        wv = buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
-        gather(block.k_runs, block.v_runs, block.table, wk, wv)
-        o, l = sdpa_with_lse(qf, wk, wv, sc)
-        if acc is None or lse is None:
-            acc, lse = o.float().contiguous(), l.float().contiguous()
-        else:
-            merge_partial(acc, lse, o, l)
-    if acc is None:
-        raise RuntimeError("attend_planned: a fast read plan without blocks")
-    return unfold_output(acc.to(q.dtype), tile, groups, m)
+    """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``, by
+    the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale)."""
+    bound = plan.replay
+    if bound is None or not bound.valid(*_array_lists(k, v)):
+        bound = plan.replay = BoundRead(k, v, plan, q)
+    return bound(q, scale)
 
 
 def _array_lists(k: ReadSide, v: ReadSide) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
