@@ -570,11 +570,6 @@ def _default() -> QVGBackend:
     return _DEFAULT
 
 
-def default_report() -> Report:
-    """The report of the shared default backend (`qvg_backend`)."""
-    return _default().report
-
-
 def register() -> None:
     """Make ``torch.compile(model, backend="qvg")`` work (also declared as an entry point)."""
     from torch._dynamo.backends.registry import _BACKENDS, register_backend

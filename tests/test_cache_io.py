@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache.io import write_store
 
 CFG = QVGConfig.preset("qvg").replace(centroids=16)
 
@@ -47,9 +48,11 @@ def test_foreign_files_and_bad_arguments_are_clear_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a QVGCache file"):
         QVGCache.load(path)
-    from qvg_compile.cache.io import save
-    with pytest.raises(TypeError, match="QVGCache"):
-        save(torch.zeros(2), path)
+    cache = QVGCache.empty((1, 8, 2, 64), 1, CFG, dtype=torch.float32)
+    with pytest.raises(TypeError, match="path"):
+        cache.save(3)
+    with pytest.raises(TypeError, match="StoreSpec"):
+        write_store(path, "spec", [], cache._view)
 
 
 def test_a_sealed_session_saves_loads_and_resumes(tmp_path):

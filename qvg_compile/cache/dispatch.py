@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
 from . import tally
+from .codec import flat_lead, flat_pieces, flat_sel
 from .spec import StoreSpec
 from .store import regrow
 from .tensor import QVGCache, StoreHandle
@@ -40,37 +41,7 @@ aten = torch.ops.aten
 implements = QVGCache.implements
 
 
-def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    handler = QVGCache._OPS.get(func)
-    why = "no compressed implementation"
-    if handler is not None:
-        try:
-            return handler(func, args, kwargs)
-        except Unsupported as exc:
-            why = str(exc)
-    return fallback(func, args, kwargs, why)
-
-
 # --- helpers -----------------------------------------------------------------------------------
-def _flat_pieces(view: View, runs_only: bool = False) -> list[Any]:
-    out: list[Any] = []
-    for kind, a, n in view.pieces:
-        if kind == RUN:
-            out += [0, a, n]
-        elif not runs_only:
-            out += [1, a, n]
-    return out
-
-
-def _flat_lead(view: View) -> list[Any]:
-    return [x for ax in view.lead for x in (ax.offset, ax.length, ax.interleave, ax.tile)]
-
-
-def _flat_sel(view: View, lead: Sequence[Any]) -> list[Any]:
-    sel = view.lead_sel(lead)
-    return [] if sel is None else [x for pair in sel for x in pair]
-
-
 def _parts_range(view: View) -> range:
     return range(view.parts[0], view.parts[0] + view.parts[1])
 
@@ -103,24 +74,6 @@ def _dense_concat(t: QVGCache) -> Optional[torch.Tensor]:
 def _no_dense(t: QVGCache, what: str) -> None:
     if t._dense:
         raise Unsupported(f"{what} of a cache with tokens appended by cat")
-
-
-def decode_view(t: QVGCache) -> torch.Tensor:
-    """The dense tensor a view stands for, built from the store (``qvg::cache_decode``)."""
-    spec, view = t._handle.spec, t._view
-    runs = _flat_pieces(view, runs_only=True)
-    parts = torch.ops.qvg.cache_decode(t._handle.arrays, runs, _flat_lead(view), list(view.parts), spec.json)
-    decoded = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    if t._dense:
-        pieces, pos = [], 0
-        for kind, a, n in view.pieces:
-            if kind == RUN:
-                pieces.append(decoded[..., pos:pos + n, :])
-                pos = pos + n
-            else:
-                pieces.append(t._dense[a].to(decoded.dtype))
-        decoded = torch.cat(pieces, dim=-2)
-    return view.from_normalised(decoded).contiguous()
 
 
 def _ensure_slots(t: QVGCache, tokens: Any) -> None:
@@ -167,7 +120,7 @@ def write_dense(dst: QVGCache, src: torch.Tensor, index: Optional[torch.Tensor] 
     spec, arrays = dst._handle.spec, dst._handle.arrays
     parts = list(_parts_range(view))
     values = _split_parts(norm, spec, view)
-    sel = _flat_sel(view, arrays[0].shape[:-2])
+    sel = flat_sel(view, arrays[0].shape[:-2])
     if index is not None:
         (kind, start, _), = view.pieces
         torch.ops.qvg.cache_write(arrays, values, parts, 0, index + start, sel, spec.json, False)
@@ -177,18 +130,6 @@ def write_dense(dst: QVGCache, src: torch.Tensor, index: Optional[torch.Tensor] 
         chunk = [v[..., pos:pos + n, :] for v in values]
         torch.ops.qvg.cache_write(arrays, chunk, parts, start, None, sel, spec.json, False)
         pos = pos + n
-
-
-def _capacity(t: QVGCache) -> Any:
-    return t._handle.arrays[t._handle.spec.names().index("pos_map")].shape[0]
-
-
-def is_whole(t: QVGCache) -> bool:
-    """The view is its whole store, in store order along every store dim."""
-    return (not t._dense and t._view.plain_lead and t._view.parts == (0, len(t._handle.spec.part_dims))
-            and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None and len(t._view.pieces) == 1
-            and statically_known_true(t._view.pieces[0][1] == 0)
-            and statically_known_true(t._view.pieces[0][2] == _capacity(t)))
 
 
 def copy_cache(dst: QVGCache, src: QVGCache) -> None:
@@ -201,7 +142,7 @@ def copy_cache(dst: QVGCache, src: QVGCache) -> None:
         return
     _writable(dst)
     dspec, sspec = dst._handle.spec, src._handle.spec
-    if is_whole(dst) and is_whole(src) and dspec == sspec and dst._view.dims == src._view.dims \
+    if dst.is_whole() and src.is_whole() and dspec == sspec and dst._view.dims == src._view.dims \
             and [a.shape for a in dst._handle.arrays] == [a.shape for a in src._handle.arrays]:
         for a, b in zip(dst._handle.arrays, src._handle.arrays):
             if a is not b:
@@ -220,7 +161,7 @@ def copy_cache(dst: QVGCache, src: QVGCache) -> None:
     (_, start, _), = dst._view.pieces
     same = dst._handle is src._handle
     torch.ops.qvg.cache_copy(dst._handle.arrays, [] if same else src._handle.arrays,
-                             _flat_pieces(src._view), start, dspec.json, sspec.json)
+                             flat_pieces(src._view), start, dspec.json, sspec.json)
 
 
 def _clone_cache(t: QVGCache) -> QVGCache:
@@ -232,7 +173,7 @@ def _clone_cache(t: QVGCache) -> QVGCache:
     spec = t._handle.spec
     dense = _dense_concat(t)
     dense_parts = [] if dense is None else _split_parts(dense, spec, view)
-    arrays = torch.ops.qvg.cache_clone(t._handle.arrays, dense_parts, _flat_pieces(view), _flat_lead(view),
+    arrays = torch.ops.qvg.cache_clone(t._handle.arrays, dense_parts, flat_pieces(view), flat_lead(view),
                                        list(view.parts), spec.json)
     new_spec = spec.for_parts(view.parts)
     new_view = View(view.dims, tuple(Lead(0, ax.size) for ax in view.lead), ((RUN, 0, view.length()),),
@@ -408,7 +349,7 @@ def _fill(func, args, kwargs):
     view = t._view
     if isinstance(value, (int, float)) and value == 0 and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None \
             and view.parts == (0, len(t._handle.spec.part_dims)):
-        torch.ops.qvg.cache_release(t._handle.arrays, _flat_pieces(view), t._handle.spec.json)
+        torch.ops.qvg.cache_release(t._handle.arrays, flat_pieces(view), t._handle.spec.json)
         if t._handle.concrete and t._handle.spec.policy.chunk_tokens:
             # An eager reset re-opens slots that seal() freed, so a compiled model can write next.
             _ensure_slots(t, t._handle.spec.policy.chunk_tokens)
@@ -578,7 +519,7 @@ def _sdpa(func, args, kwargs):
     sides = []
     for t in (k, v):
         dense = _dense_concat(t)
-        sides += [t._handle.arrays, [] if dense is None else [dense], _flat_pieces(t._view), _flat_lead(t._view),
+        sides += [t._handle.arrays, [] if dense is None else [dense], flat_pieces(t._view), flat_lead(t._view),
                   t._view.parts[0], t._handle.spec.json]
     return torch.ops.qvg.cache_attention(q, *sides, a["scale"])
 
@@ -615,6 +556,7 @@ def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> Non
 
 
 # --- fallback ----------------------------------------------------------------------------------
+@QVGCache.otherwise
 def fallback(func: Any, args: tuple, kwargs: dict, why: str) -> Any:
     """Decode the caches, run the dense op, write in-place results back into the caches."""
     tally.fallback(str(func), why)

@@ -1,4 +1,5 @@
-"""`QVGCache` to and from safetensors: the store's arrays as tensors, spec and view as JSON.
+"""A store to and from safetensors: its arrays as tensors, spec and view as JSON (`QVGCache.save`
+and `QVGCache.load` are built on it; this module knows nothing of the tensor class).
 
 The file holds one tensor per array (named as in `StoreSpec.names`) and, in the safetensors
 metadata, ``format`` (``qvg-cache/1``), ``spec`` (`StoreSpec.to_json`) and ``view``. A view of a
@@ -10,13 +11,11 @@ them, so all but the last chunk's worth are quantized (as the cache does when it
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from .dispatch import is_whole
 from .spec import STAMP, StoreSpec, next_stamp
-from .tensor import QVGCache, StoreHandle
 from .view import Lead, View
 
 FORMAT = "qvg-cache/1"
@@ -35,21 +34,21 @@ def _view_from_json(text: str) -> View:
                 tuple(d["parts"]), tuple(d["bcast"]), d["mode"])
 
 
-def save(cache: QVGCache, path: str) -> None:
-    """Write ``cache`` to ``path`` (safetensors)."""
+def write_store(path: str, spec: StoreSpec, arrays: Sequence[torch.Tensor], view: View) -> None:
+    """Write a whole store (``arrays`` in `StoreSpec.names` order) and the view over it to
+    ``path`` (safetensors). `QVGCache.save` calls it with a cache that is its whole store."""
     from safetensors.torch import save_file
-    if not isinstance(cache, QVGCache):
-        raise TypeError(f"cache: expected a QVGCache, got {type(cache).__name__}")
-    if not is_whole(cache) or cache._view.mode != "view":
-        cache = cache.clone()
-    spec = cache.spec
-    tensors = {name: a.detach().cpu().contiguous() for name, a in zip(spec.names(), cache._handle.arrays)}
-    save_file(tensors, path, metadata={"format": FORMAT, "spec": spec.to_json(), "view": _view_to_json(cache._view)})
+    if not isinstance(spec, StoreSpec):
+        raise TypeError(f"spec: expected a StoreSpec, got {type(spec).__name__}")
+    if len(arrays) != len(spec.names()):
+        raise ValueError(f"arrays: expected {len(spec.names())} arrays {spec.names()}, got {len(arrays)}")
+    tensors = {name: a.detach().cpu().contiguous() for name, a in zip(spec.names(), arrays)}
+    save_file(tensors, path, metadata={"format": FORMAT, "spec": spec.to_json(), "view": _view_to_json(view)})
 
 
-def load(path: str, device: torch.device | str = "cpu") -> QVGCache:
-    """Read a cache written by `save`; device arrays go to ``device``, the token state stays on
-    the host."""
+def read_store(path: str, device: torch.device | str = "cpu") -> tuple[StoreSpec, list[torch.Tensor], View]:
+    """``(spec, arrays, view)`` of a file written by `write_store`; device arrays go to
+    ``device``, the token state stays on the host, and the store takes a fresh state stamp."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
@@ -64,4 +63,4 @@ def load(path: str, device: torch.device | str = "cpu") -> QVGCache:
     # Files written before the state stamp existed hold two counters; a loaded store is a new
     # state either way.
     arrays[counters] = torch.cat([arrays[counters][:STAMP], torch.tensor([next_stamp()], dtype=torch.int64)])
-    return QVGCache(StoreHandle(spec, arrays), _view_from_json(meta["view"]))
+    return spec, arrays, _view_from_json(meta["view"])

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .clone import clone_store
+from .codec import lead_sel, leads, piece_tokens, positions
 from .host import host_thread
 from .lean_op import lean_op
 from .read import ReadSide, attend
@@ -35,23 +36,6 @@ Tensor = torch.Tensor
 
 def store_of(arrays: Sequence[Tensor], spec: str) -> Store:
     return Store(StoreSpec.from_json(spec), list(arrays))
-
-
-def lead_sel(flat: Sequence[int]) -> Optional[tuple[tuple[int, int], ...]]:
-    """``[o0, n0, o1, n1, ...]`` to ``((o0, n0), ...)``; empty selects the whole lead."""
-    return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)) if flat else None
-
-
-def leads(flat: Sequence[int]) -> tuple[Lead, ...]:
-    """``[offset, length, interleave, tile] * rank`` to `Lead` s."""
-    return tuple(Lead(*(int(x) for x in flat[i:i + 4])) for i in range(0, len(flat), 4))
-
-
-def positions(pieces: Sequence[int]) -> torch.Tensor:
-    """Host positions of ``[kind, a, n] * pieces`` (kind 0: run from a; 1: dense, -1 each)."""
-    out = [torch.arange(int(a), int(a) + int(n)) if int(kind) == 0 else torch.full((int(n),), -1)
-           for kind, a, n in zip(pieces[0::3], pieces[1::3], pieces[2::3])]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 # --- mutations ---------------------------------------------------------------------------------
@@ -160,7 +144,7 @@ def cache_decode(arrays: list[Tensor], pieces: list[int], lead: list[int], parts
 @cache_decode.register_fake
 def _(arrays, pieces, lead, parts, spec) -> list[Tensor]:
     s = StoreSpec.from_json(spec)
-    n = sum(pieces[2::3])
+    n = piece_tokens(pieces)
     sizes = [ax.size for ax in leads(lead)]
     dev = arrays[0].device
     return [arrays[0].new_empty((*sizes, n, s.part_dims[p]), dtype=s.torch_dtype, device=dev)
@@ -180,7 +164,7 @@ def cache_clone(arrays: list[Tensor], dense: list[Tensor], pieces: list[int], le
 @cache_clone.register_fake
 def _(arrays, dense, pieces, lead, parts, spec) -> list[Tensor]:
     new = StoreSpec.from_json(spec).for_parts(parts)
-    shapes, dtypes = new.shapes([ax.size for ax in leads(lead)], sum(pieces[2::3])), new.dtypes()
+    shapes, dtypes = new.shapes([ax.size for ax in leads(lead)], piece_tokens(pieces)), new.dtypes()
     dev = arrays[0].device
     return [arrays[0].new_empty(shapes[n], dtype=dtypes[n], device=torch.device("cpu") if new.is_host(n) else dev)
             for n in new.names()]

@@ -23,6 +23,7 @@ from . import tally
 from ..kernels.attention import qvg_attention as attention_impl
 from ..quant.store import PackedStore
 from .read_fast import attend_planned
+from .codec import PIECE_INTS, RUN_PIECE
 from .read_plan import ReadSide, fast_reads_enabled, flag_runs, plan_for
 
 
@@ -38,10 +39,10 @@ def plan(k: ReadSide, v: ReadSide) -> tuple[list[tuple[int, int]], list[tuple[in
     rest_k: list[tuple[int, int]] = []
     rest_v: list[tuple[int, int]] = []
     kp, vp = k.pieces, v.pieces
-    for i in range(0, len(kp), 3):
+    for i in range(0, len(kp), PIECE_INTS):
         kind, ak, n = int(kp[i]), int(kp[i + 1]), int(kp[i + 2])
         av = int(vp[i + 1])
-        if kind != 0 or n == 0:
+        if kind != RUN_PIECE or n == 0:
             continue
         if ak != av:
             rest_k.append((ak, ak + n))

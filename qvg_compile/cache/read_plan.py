@@ -27,6 +27,7 @@ import torch
 
 from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
 from ..quant.store import PackedStore
+from .codec import PIECE_INTS, piece_tokens, run_pieces_only
 from .spec import COUNTERS_AT, POS_MAP_AT, STAMP
 from .store import Store, runs_of
 from .view import Lead
@@ -210,7 +211,7 @@ def build_plan(k: ReadSide, v: ReadSide, q: torch.Tensor) -> ReadPlan:
     sides = [_side_runs(side) for side in (k, v)]
     if any(runs is None for runs in sides):
         return ReadPlan([], 0, 0, False, "tokens never written (holes) in the view")
-    tokens = sum(int(n) for n in k.pieces[2::3])
+    tokens = int(piece_tokens(k.pieces))
     ks, vs = k.packed(), v.packed()
     b, h, d = ks.codes.shape[0], ks.codes.shape[1], ks.head_dim
     per_token = 2 * b * h * d * q.element_size()
@@ -238,7 +239,7 @@ def _not_fast(k: ReadSide, v: ReadSide, q: torch.Tensor) -> Optional[str]:
         return "a store whose leading dims are not [B, H]"
     if (k.lead[0].length, k.lead[0].tile, k.lead[1]) != (v.lead[0].length, v.lead[0].tile, v.lead[1]):
         return "keys and values repeated differently along the batch or heads"
-    if any(int(kind) != 0 for kind in list(k.pieces[0::3]) + list(v.pieces[0::3])):
+    if not (run_pieces_only(k.pieces) and run_pieces_only(v.pieces)):
         return "dense pieces in the view"
     return None
 
@@ -248,7 +249,7 @@ def _side_runs(side: ReadSide) -> Optional[list[Run]]:
     runs: list[Run] = []
     dst = 0
     p = side.pieces
-    for i in range(0, len(p), 3):
+    for i in range(0, len(p), PIECE_INTS):
         a, n = int(p[i + 1]), int(p[i + 2])
         if n == 0:
             continue

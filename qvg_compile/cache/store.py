@@ -647,9 +647,6 @@ class Store:
         if w > keep:
             self.write(keep, [v[..., keep:w, :] for v in values])
 
-    def dense_values(self) -> list[torch.Tensor]:
-        """Every token decoded, per part ``[*lead, capacity, D_p]``."""
-        return self.decode(torch.arange(self.capacity))
 
 
 def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:

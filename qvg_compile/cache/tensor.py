@@ -5,7 +5,8 @@ It is a wrapper subclass with the dense cache's shape, dtype and device. Behind 
 `PackedStore`), a few dense slots for the chunk being written, and the token state; a `View`
 says which part of the store this tensor is. Views of one store share a `StoreHandle`.
 
-Ops reach it at the ATen level (`__torch_dispatch__`, table in `dispatch`); the only torch-level
+Ops reach it at the ATen level (`__torch_dispatch__`: the table `implements` fills, which the
+`dispatch` module registers, and its fallback `otherwise`); the only torch-level
 hook routes ``F.scaled_dot_product_attention`` to ``qvg::sdpa`` so that attention over cache views
 reads the packed store instead of a dense copy. Everything that touches the arrays is a
 ``qvg::cache_*`` custom op, so under torch.compile the subclass flattens into its arrays
@@ -26,12 +27,17 @@ import torch.nn.functional as F
 
 from ..quant.config import QVGConfig
 from ..quant.segment import normalise_seq_dim
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .io import read_store, write_store
+from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
-from .spec import HOLE, StoreSpec
+from .spec import HOLE, POS_MAP_AT, StoreSpec
 from .store import Store, regrow
-from .view import CHAN, DENSE, RUN, SEQ, Lead, View
+from .view import CHAN, DENSE, RUN, SEQ, VIEW, Lead, Unsupported, View
 
 Handler = Callable[[Any, tuple, dict], Any]
+Fallback = Callable[[Any, tuple, dict, str], Any]
 
 # The dispatch rules of this package are traced into compiled graphs, which AOTAutograd caches on
 # disk across processes; keying its entries on these sources keeps a changed rule from being
@@ -86,6 +92,7 @@ class QVGCache(torch.Tensor):
     """
 
     _OPS: dict[Any, Handler] = {}
+    _FALLBACK: Optional[Fallback] = None
     _handle: StoreHandle
     _view: View
     _dense: tuple[torch.Tensor, ...]
@@ -267,7 +274,6 @@ class QVGCache(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The dense tensor this cache (view) stands for (a new tensor)."""
-        from .dispatch import decode_view
         return decode_view(self)
 
     def seal(self, release: bool = True) -> "QVGCache":
@@ -292,16 +298,28 @@ class QVGCache(torch.Tensor):
             handle.replace(released, regrow(handle.store, released))
         return self
 
+    def is_whole(self) -> bool:
+        """Whether this tensor is its whole store, in store order along every store dim, with no
+        appended dense tokens."""
+        view, handle = self._view, self._handle
+        return (not self._dense and view.plain_lead and view.parts == (0, len(handle.spec.part_dims))
+                and view.lead_sel(handle.arrays[0].shape[:-2]) is None and len(view.pieces) == 1
+                and statically_known_true(view.pieces[0][1] == 0)
+                and statically_known_true(view.pieces[0][2] == handle.arrays[POS_MAP_AT].shape[0]))
+
     def save(self, path: str) -> None:
-        """Write this cache (a clone, when it is a view) to a safetensors file."""
-        from .io import save
-        save(self, path)
+        """Write this cache (a clone, when it is a view) to a safetensors file (`io.write_store`)."""
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"path: expected a str or Path, got {type(path).__name__}")
+        cache = self if self.is_whole() and self._view.mode == VIEW else self.clone()
+        write_store(str(path), cache._handle.spec, cache._handle.arrays, cache._view)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "QVGCache":
-        """Read a cache written by `save`."""
-        from .io import load
-        return load(path, device)
+        """Read a cache written by `save`: device arrays go to ``device``, the token state stays
+        on the host."""
+        spec, arrays, view = read_store(str(path), device)
+        return cls(StoreHandle(spec, arrays), view)
 
     # --- torch.compile -------------------------------------------------------------------------
     def __tensor_flatten__(self) -> tuple[list[str], tuple[StoreSpec, View]]:
@@ -345,17 +363,33 @@ class QVGCache(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        from .dispatch import dispatch
-        return dispatch(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        handler = cls._OPS.get(func)
+        why = "no compressed implementation"
+        if handler is not None:
+            try:
+                return handler(func, args, kwargs)
+            except Unsupported as exc:
+                why = str(exc)
+        if cls._FALLBACK is None:
+            raise RuntimeError("QVGCache: its op table is not loaded (import qvg_compile.cache)")
+        return cls._FALLBACK(func, args, kwargs, why)
 
     @classmethod
     def implements(cls, *ops: Any) -> Callable[[Handler], Handler]:
-        """Register a handler ``(func, args, kwargs) -> result`` for ATen ops (torchao's pattern)."""
+        """Register a handler ``(func, args, kwargs) -> result`` for ATen ops (torchao's pattern);
+        a handler raises `view.Unsupported` to send a call to the fallback."""
         def register(fn: Handler) -> Handler:
             for op in ops:
                 cls._OPS[op] = fn
             return fn
         return register
+
+    @classmethod
+    def otherwise(cls, fn: Fallback) -> Fallback:
+        """Register the fallback ``(func, args, kwargs, why) -> result`` for ops without a handler."""
+        cls._FALLBACK = fn
+        return fn
 
 
 def _symbolless(view: View) -> View:

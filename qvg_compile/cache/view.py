@@ -78,9 +78,6 @@ class View:
     def seq_dim(self) -> int:
         return self.dims.index(SEQ)
 
-    def chan_dim(self) -> int:
-        return self.dims.index(CHAN)
-
     @property
     def plain_lead(self) -> bool:
         return all(ax.plain for ax in self.lead)

@@ -60,11 +60,6 @@ def triton_supports(store: PackedStore) -> bool:
     return store.bits in TRITON_BITS and d >= 16 and d & (d - 1) == 0 and store.group_size <= d
 
 
-def store_args(store: PackedStore) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
-    return tuple(getattr(store, f) for f in STORE_FIELDS)  # type: ignore[return-value]
-
-
 def make_store(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], assignments: torch.Tensor,
                centroids: torch.Tensor, segment_ids: torch.Tensor, bits: int, group_size: int,
                code_mode: str) -> PackedStore:

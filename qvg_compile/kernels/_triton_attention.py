@@ -13,7 +13,6 @@ of disjoint key sets (the streamed path).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,7 +24,6 @@ from ._common import kernel_store_args
 from ._jit import MODE_IDS, decode_tile
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, grouped scales]) by head dim.
 # Software pipelining of the gathered tile loads (num_stages 2) measured 2.3x slower than none at d=128.
@@ -213,7 +211,3 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, o_i: torch.Tensor, lse_i: t
     block_r = max(1, 4096 // d)
     _merge_kernel[(triton.cdiv(rows, block_r),)](
         out, lse, o_i, *o_i.stride(), lse_i, *lse_i.stride(), rows, h, m, D=d, BLOCK_R=block_r, num_warps=4)
-
-
-def sm_scale(d: int, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)

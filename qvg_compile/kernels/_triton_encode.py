@@ -36,7 +36,6 @@ from ._jit import MODE_IDS, small_float_decode, small_float_encode
 
 # (EXP, MAN, BIAS) of the scale storage types.
 FLOAT_FORMATS = {torch.float8_e4m3fn: (4, 3, 7), torch.float16: (5, 10, 15)}
-RINT_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds half to even (|v| < 2**22)
 # Codebooks up to this many bytes stay in shared memory for a whole program; larger ones (fp32
 # inputs on the GPU, head_dim 256) are streamed in blocks of centroids per token tile.
 RESIDENT_BOOK_BYTES = 64 * 1024

@@ -93,13 +93,6 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The node inputs of ``node`` (flattened through lists/tuples)."""
-    out: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n))
-    return out
-
-
 def example_value(node: fx.Node) -> Optional[torch.Tensor]:
     value = node.meta.get("example_value", node.meta.get("val"))
     return value if isinstance(value, torch.Tensor) else None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -287,6 +287,82 @@ def _as_known(value: "Optional[Known] | bool") -> Optional[Known]:
     return Known("cache") if value else None
 
 
+# Why a traced attention operand that no idiom claims is left untouched.
+APPENDED_CONSTANT = ("concatenated with new tokens for attention, but the concatenation is not returned "
+                     "and the tensor neither came from a graph output nor is known as a cache from another "
+                     "graph (a constant prefix such as text K/V): left untouched")
+READ_ONLY = ("read by attention but never written or appended to in this graph, and not known as a "
+             "cache from another graph (cross-attention constant or positional table): left untouched")
+
+
+def idioms_of(t: Trace, writes: Writes, known: Optional[Known]) -> tuple[list[str], Optional[str]]:
+    """The idioms (design doc, section 5) a graph input shows as the attention operand traced by
+    ``t``, given the writes into it and what other graphs showed (``known``): ``(idioms, None)``,
+    or ``([], reason)`` when it is not a cache."""
+    idioms: list[str] = []
+    if writes.slice_writes and not writes.clone_writes:
+        idioms.append("A")
+    if writes.self_copies:
+        idioms.append("B")
+    if writes.clone_writes:
+        idioms.append("C")
+    appended = t.via_cat is not None and not writes.slice_writes
+    if appended and (_reaches_output(t.cat_node) or (
+            known is not None and known.evidence in ("cache", "written", "fed_back"))):
+        idioms.append("D")
+    if writes.index_writes:
+        idioms.append("H")
+    if t.packed_last_dim:
+        idioms.append("F")
+    if (not idioms or idioms == ["F"]) and known is not None and known.evidence in ("cache", "written"):
+        idioms.append("G")
+    if not idioms or idioms == ["F"]:
+        return [], APPENDED_CONSTANT if appended else READ_ONLY
+    if t.rope:
+        idioms.append("E")
+    return idioms, None
+
+
+def seq_dim_of(t: Trace, writes: Writes, known: Optional[Known], rank: int) -> Optional[int]:
+    """The sequence dim of a cache input: where it is written, else where new tokens are
+    concatenated, else what another graph showed, else the dim attention reads along."""
+    seq_dim = writes.seq_dim if writes.seq_dim is not None else t.via_cat
+    if seq_dim is None and known is not None:
+        seq_dim = known.seq_dim
+    if seq_dim is None:
+        seq_dim = t.read_dim
+    if isinstance(seq_dim, int) and seq_dim < 0:
+        seq_dim += rank
+    return seq_dim
+
+
+def _add_reading(site: Site, t: Trace, idioms: Sequence[str], role: str, reader: Reader) -> None:
+    for i in idioms:
+        if i not in site.idioms:
+            site.idioms.append(i)
+    if role not in site.roles:
+        site.roles.append(role)
+    if reader.node.name not in site.readers:
+        site.readers.append(reader.node.name)
+    for flag, note in ((t.moved, "device move at read"), (t.gqa, "GQA expansion"), (t.rope, "RoPE applied at read")):
+        if flag and note not in site.notes:
+            site.notes.append(note)
+
+
+def _written_for_another_graph(graph: fx.Graph, found: dict[fx.Node, Site], known_cache: KnownFn) -> None:
+    """Inputs written here and read by attention in another graph (a graph break between them)."""
+    for ph, writes in written_inputs(graph).items():
+        known = _as_known(known_cache(ph))
+        if ph in found or known is None or known.evidence not in ("cache", "read"):
+            continue
+        seq_dim = writes.seq_dim if writes.seq_dim is not None else known.seq_dim
+        site = new_site(ph, example_value(ph), seq_dim, [])
+        site.idioms = ["G"] + (["H"] if writes.index_writes else []) + (["B"] if writes.self_copies else [])
+        site.roles = list(known.roles)
+        site.notes.append("written here, read by attention in another graph")
+        found[ph] = site
+
+
 def find_sites(
     graph: fx.Graph,
     known_cache: KnownFn = lambda node: None,
@@ -317,80 +393,22 @@ def find_sites(
             if not traces:
                 rejected.append(Rejected(reader.node.name, "-", f"{role} of {reader.kind} is computed "
                                          "from activations only (no graph input): not a cache"))
-                continue
             for t in traces:
                 ph = t.placeholder
                 writes = _writes_into(ph)
-                if ph in query_inputs and not writes.slice_writes:
-                    continue
                 value = example_value(ph)
-                if value is None or value.dim() < 3 or not value.dtype.is_floating_point:
+                if (ph in query_inputs and not writes.slice_writes) or value is None or value.dim() < 3 \
+                        or not value.dtype.is_floating_point:
                     continue
-                idioms: list[str] = []
-                if writes.slice_writes and not writes.clone_writes:
-                    idioms.append("A")
-                if writes.self_copies:
-                    idioms.append("B")
-                if writes.clone_writes:
-                    idioms.append("C")
                 known = _as_known(known_cache(ph))
-                appended = t.via_cat is not None and not writes.slice_writes
-                if appended and (_reaches_output(t.cat_node) or (
-                        known is not None and known.evidence in ("cache", "written", "fed_back"))):
-                    idioms.append("D")
-                if writes.index_writes:
-                    idioms.append("H")
-                if t.packed_last_dim:
-                    idioms.append("F")
-                if (not idioms or idioms == ["F"]) and known is not None and known.evidence in ("cache", "written"):
-                    idioms.append("G")
-                if (not idioms or idioms == ["F"]) and appended:
-                    reject(ph, "concatenated with new tokens for attention, but the concatenation is "
-                               "not returned and the tensor neither came from a graph output nor is "
-                               "known as a cache from another graph (a constant prefix such as text "
-                               "K/V): left untouched", role)
+                idioms, reason = idioms_of(t, writes, known)
+                if reason is not None:
+                    reject(ph, reason, role)
                     continue
-                if not idioms or idioms == ["F"]:
-                    reject(ph, "read by attention but never written or appended to in this graph, "
-                               "and not known as a cache from another graph (cross-attention "
-                               "constant or positional table): left untouched", role)
-                    continue
-                if t.rope:
-                    idioms.append("E")
-                seq_dim = writes.seq_dim if writes.seq_dim is not None else t.via_cat
-                if seq_dim is None and known is not None:
-                    seq_dim = known.seq_dim
-                if seq_dim is None:
-                    seq_dim = t.read_dim
-                if isinstance(seq_dim, int) and seq_dim < 0:
-                    seq_dim += value.dim()
-                site = found.get(ph)
-                if site is None:
-                    site = new_site(ph, value, seq_dim, t.ops)
-                    found[ph] = site
-                for i in idioms:
-                    if i not in site.idioms:
-                        site.idioms.append(i)
-                if role not in site.roles:
-                    site.roles.append(role)
-                if reader.node.name not in site.readers:
-                    site.readers.append(reader.node.name)
-                for flag, note in ((t.moved, "device move at read"), (t.gqa, "GQA expansion"),
-                                   (t.rope, "RoPE applied at read")):
-                    if flag and note not in site.notes:
-                        site.notes.append(note)
-    # Written here, read by attention in another graph (the read and the write split by a break).
-    for ph, writes in written_inputs(graph).items():
-        known = _as_known(known_cache(ph))
-        if ph in found or known is None or known.evidence not in ("cache", "read"):
-            continue
-        value = example_value(ph)
-        seq_dim = writes.seq_dim if writes.seq_dim is not None else known.seq_dim
-        site = new_site(ph, value, seq_dim, [])
-        site.idioms = ["G"] + (["H"] if writes.index_writes else []) + (["B"] if writes.self_copies else [])
-        site.roles = list(known.roles)
-        site.notes.append("written here, read by attention in another graph")
-        found[ph] = site
+                if ph not in found:
+                    found[ph] = new_site(ph, value, seq_dim_of(t, writes, known, value.dim()), t.ops)
+                _add_reading(found[ph], t, idioms, role, reader)
+    _written_for_another_graph(graph, found, known_cache)
     for site in found.values():
         if "F" in site.idioms and len(site.roles) < 2:
             # A last-dim split feeding only K (e.g. RoPE halves) is not a packed K/V layout.
