@@ -1,7 +1,7 @@
 """Segment length, codebook size and codebook sharing of `QVGCache`: compression against error.
 
 Fills a cache chunk by chunk (the way an AR pipeline does) with video-like K and V
-(`qvg_compile.quant.synthetic.video_like_kv`: spatially and temporally redundant tokens), then
+(`qvg_compile.bench.synthetic.video_like_kv`: spatially and temporally redundant tokens), then
 reports, per `CachePolicy` variant, the bits per element once the video ends and `QVGCache.seal`
 has quantized the last chunk and freed its rows (packed codes, scales, assignments, codebooks and
 token state, from the real allocated arrays) and the relative MSE of the sealed K and V.
@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig, quantize
 from qvg_compile.quant.metrics import rel_mse
-from qvg_compile.quant.synthetic import video_like_kv
+from qvg_compile.bench.synthetic import video_like_kv
 
 VARIANTS = [
     # (name, CachePolicy overrides); every row states codebook_chunks (its default is 2)

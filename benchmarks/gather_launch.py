@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from qvg_compile.kernels._triton_gather import GatherLaunch
 from qvg_compile.kernels.gather import SEALED, block_table
-from qvg_compile.quant.store import PackedStore
+from qvg_compile.quant.packed import PackedStore
 
 H, D, FRAME, CHUNK, C = 12, 128, 1560, 4680, 256
 

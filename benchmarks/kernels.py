@@ -26,7 +26,7 @@ from qvg_compile import QVGConfig
 from qvg_compile.kernels import attention as attn_mod
 from qvg_compile.kernels._triton_attention import attend_fused
 from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into
-from qvg_compile.quant.store import PackedStore
+from qvg_compile.quant.packed import PackedStore
 
 ROWS: list[dict] = []
 

@@ -4,7 +4,7 @@ For every graph Dynamo captures:
 1. `passes.sites.find_sites` finds the cache inputs (idioms A-H of docs/design.md §5) read by attention,
    helped by what other graphs and calls showed (a write and a read split by a graph break; a
    tensor fed back from a graph output and appended to);
-2. hand-written attention over a cache becomes SDPA (`passes.rewrite`), the fused read's entry;
+2. hand-written attention over a cache becomes SDPA (`passes.fuse_attention`), the fused read's entry;
    queries padded with a cache's shape to share its RoPE call lose the padding
    (`passes.pad_slice`);
 3. whether every dense cache of the graph can become a `QVGCache` is decided at compile time
@@ -34,21 +34,18 @@ import torch.fx as fx
 
 from .cache import QVGCache
 from .passes.report import GraphReport, Report, first_line, graph_break_reasons
-from .passes.rewrite import fuse_matmul_softmax
+from .passes.fuse_attention import fuse_matmul_softmax
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
 from .passes.pad_slice import drop_query_padding
 from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
-from .passes.sources import (SourceError, assign_at_source, assign_by_identity, check_assignable, check_source_kind,
-                             find_frame)
 from .quant.config import QVGConfig
+from .swap import (EagerOnLayoutMismatch, Feed, QVGBackendWarning, Recording, SourceError, SwapOnFirstUse, Validated,
+                   check_source_kind, eager_note)
+from .swap import ValidationError  # noqa: F401  (part of the backend's API)
 
 
 _STACK = "['___stack"
-
-
-class ValidationError(AssertionError):
-    """``validate=True`` found the compiled graph disagreeing with eager QVG execution."""
 
 
 class _PostGradCapture(torch._inductor.custom_graph_pass.CustomGraphPass):
@@ -94,15 +91,15 @@ class QVGBackend:
         # split by a graph break, idiom G) and later calls build on it.
         self._known: dict[str, Known] = {}
         # Dense tensors returned by graphs this backend compiled, by id: (weak reference, the
-        # graph's `_Recording`, output index). One fed back as a cache input is state the caller
+        # graph's `Recording`, output index). One fed back as a cache input is state the caller
         # keeps across calls (a functional cache, idiom D): that output is then returned as a
         # QVGCache on the producer's later calls, so the next graph never sees it dense.
-        self._outputs: dict[int, tuple[weakref.ref, "_Recording", int]] = {}
-        # Per Dynamo frame and output names: output index -> the cache it feeds (`_Feed`), shared
+        self._outputs: dict[int, tuple[weakref.ref, "Recording", int]] = {}
+        # Per Dynamo frame and output names: output index -> the cache it feeds (`Feed`), shared
         # by the frame's recompiles (a dynamic-shape recompile of the producer keeps returning
         # QVGCache); the names keep apart graphs of one frame that return different things (a
         # cache pass and a denoising pass through the same block).
-        self._convert: dict[tuple[str, tuple[str, ...]], dict[int, _Feed]] = {}
+        self._convert: dict[tuple[str, tuple[str, ...]], dict[int, Feed]] = {}
         # Per Dynamo frame: input source -> the `Site` a later graph showed it to be (idiom K),
         # swapped by every compile of that frame that gets it dense.
         self._pending: dict[str, dict[str, Site]] = {}
@@ -117,14 +114,14 @@ class QVGBackend:
             return Known("fed_back")
         return known
 
-    def _producer(self, value: Any) -> Optional[tuple["_Recording", int]]:
+    def _producer(self, value: Any) -> Optional[tuple["Recording", int]]:
         """The graph (and output index) that returned ``value``, if one of ours did."""
         entry = self._outputs.get(id(value))
         if entry is None or entry[0]() is not value:
             return None
         return entry[1], entry[2]
 
-    def record_outputs(self, producer: "_Recording", outputs: Any, skip: frozenset[int] = frozenset()) -> None:
+    def record_outputs(self, producer: "Recording", outputs: Any, skip: frozenset[int] = frozenset()) -> None:
         """Remember the dense tensors a compiled graph returned (see ``_outputs``), except the
         outputs at ``skip`` (inputs the graph hands back, which it did not make)."""
         for i, t in enumerate(outputs if isinstance(outputs, (list, tuple)) else (outputs,)):
@@ -193,7 +190,7 @@ class QVGBackend:
         for index, s, _ in dense_sites:
             producer = producers.get(s.placeholder)
             if producer is not None:
-                producer[0].convert[producer[1]] = _Feed(s, example_inputs[index].shape[s.seq_dim])
+                producer[0].convert[producer[1]] = Feed(s, example_inputs[index].shape[s.seq_dim])
         graph_report.swap_errors.extend(errors)
         for error in errors:
             self.warn_once(error)
@@ -209,16 +206,16 @@ class QVGBackend:
         sources = [getattr(getattr(n.meta.get("grapharg"), "source", None), "name", None) for n in placeholders]
         if not dense_sites:
             if not graph_report.inputs_are_caches:
-                return _Recording(self, self._inductor(gm, example_inputs, graph_report), convert, gm, graph_report,
+                return Recording(self, self._inductor(gm, example_inputs, graph_report), convert, gm, graph_report,
                                   pending, sources)
             compiled = self._inductor_or_eager(gm, example_inputs, graph_report)
             if self.validate:
-                compiled = _Validated(gm, compiled, self.rtol, self.atol)
-            return _Recording(self, compiled, convert, gm, graph_report, pending, sources)
-        return _Recording(self, _SwapOnFirstUse(self, gm, dense_sites, graph_report), convert, gm, graph_report,
+                compiled = Validated(gm, compiled, self.rtol, self.atol)
+            return Recording(self, compiled, convert, gm, graph_report, pending, sources)
+        return Recording(self, SwapOnFirstUse(self, gm, dense_sites, graph_report), convert, gm, graph_report,
                           pending, sources)
 
-    def _learn_crossings(self, producers: dict[str, Optional[tuple["_Recording", int]]], rejected: list[Rejected],
+    def _learn_crossings(self, producers: dict[str, Optional[tuple["Recording", int]]], rejected: list[Rejected],
                          graph_report: GraphReport) -> list[Rejected]:
         """Idiom K (`passes.boundary`): an input read by attention here that an earlier graph
         returned as ``cat([its input, new tokens])``; that earlier input is the cache, swapped on
@@ -308,10 +305,10 @@ class QVGBackend:
         try:
             compiled = self._inductor(gm, example_inputs, graph_report)
         except Exception as exc:  # noqa: BLE001 (any Inductor failure: the eager graph is correct)
-            _eager_note(graph_report, f"Inductor could not compile it over QVGCache inputs "
+            eager_note(graph_report, f"Inductor could not compile it over QVGCache inputs "
                                       f"({type(exc).__name__}: {first_line(str(exc))}); it runs eagerly")
             return gm
-        return _EagerOnLayoutMismatch(gm, compiled, graph_report)
+        return EagerOnLayoutMismatch(gm, compiled, graph_report)
 
     def to_cache(self, dense: torch.Tensor, site: Site) -> QVGCache:
         """``dense`` quantized into a `QVGCache` for ``site`` (roles give the bit widths)."""
@@ -337,197 +334,6 @@ class QVGBackend:
 def _size_hint(size: Any) -> int:
     """A size's concrete value without a guard on it (a SymInt's hint; ints as they are)."""
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
-
-
-def _eager_note(report: GraphReport, message: str) -> None:
-    if message not in report.eager:
-        report.eager.append(message)
-        warnings.warn(f"qvg_backend, {report.name}: {message}", QVGBackendWarning, stacklevel=3)
-
-
-class QVGBackendWarning(UserWarning):
-    """A cache stays dense, or a graph over QVG caches runs eagerly (correct, slower);
-    `Report.summary()` says why."""
-
-
-@dataclasses.dataclass
-class _Feed:
-    """An output of a graph that a later graph read as a cache: ``site``, the output's length
-    along the sequence then, and whether it has grown since. An output that grows is the whole
-    history, recomputed by every cache pass (LongCat): returned as a QVGCache from then on. One
-    of constant length is a piece the caller appends to a cache that is already QVG (WorldPlay):
-    left dense."""
-
-    site: Site
-    length: int
-    grows: bool = False
-
-
-class _Recording:
-    """Calls a compiled graph, returns the outputs that feed caches as `QVGCache` (``convert``:
-    output index -> `_Feed`), and records its dense outputs (`QVGBackend.record_outputs`).
-
-    ``pending`` (input source -> `Site`, shared by the recompiles of one frame) holds inputs a
-    later graph showed to be caches (idiom K); a call that gets one of them dense swaps it for a
-    `QVGCache` wherever the model keeps it (`assign_by_identity`) and runs eagerly on it (``gm``);
-    Dynamo recompiles for the next call."""
-
-    def __init__(self, backend: QVGBackend, fn: Callable, convert: dict[int, _Feed], gm: fx.GraphModule,
-                 report: GraphReport, pending: dict[str, Site], sources: list[Optional[str]]) -> None:
-        self.backend, self.fn, self.gm, self.report = backend, fn, gm, report
-        self.convert = convert  # shared by the recompiles of one frame
-        self.pending = pending  # likewise
-        # Input source names, read before Inductor compiles ``gm`` (its placeholders lose them).
-        self.sources = sources
-        self.positions = {name: i for i, name in enumerate(sources) if name is not None}
-        # Outputs that are inputs handed back (``x.to(x.device)``), found at the first call.
-        self.handed_back: Optional[frozenset[int]] = None
-
-    def __call__(self, *args: Any) -> Any:
-        swapped = self._swap_pending(list(args)) if self.pending else None
-        out = self.fn(*args) if swapped is None else self.gm(*swapped)
-        if self.convert and isinstance(out, (list, tuple)):
-            items = list(out)
-            for i, feed in self.convert.items():
-                if i >= len(items) or not _fits(items[i], feed.site):
-                    continue
-                feed.grows = feed.grows or items[i].shape[feed.site.seq_dim] != feed.length
-                if feed.grows:
-                    items[i] = self.backend.to_cache(items[i], feed.site)
-            out = type(out)(items) if isinstance(out, list) else tuple(items)
-        if self.handed_back is None:
-            inputs = {id(a) for a in args}
-            self.handed_back = frozenset(i for i, t in enumerate(out if isinstance(out, (list, tuple)) else (out,))
-                                         if id(t) in inputs)
-        self.backend.record_outputs(self, out, self.handed_back)
-        return out
-
-    def _swap_pending(self, args: list[Any]) -> Optional[list[Any]]:
-        """``args`` with the pending caches swapped in, or None when none was dense here."""
-        swapped = False
-        for source, site in list(self.pending.items()):
-            position = self.positions.get(source)
-            dense = args[position] if position is not None else None
-            if type(dense) is not torch.Tensor:
-                continue
-            try:
-                cache = self.backend.to_cache(dense, site)
-            except (ValueError, TypeError) as exc:
-                del self.pending[source]
-                self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: "
-                                       f"{first_line(str(exc))})")
-                continue
-            if not assign_by_identity(dense, cache):
-                del self.pending[source]
-                self.backend.warn_once(f"{site.source}: not replaced (no dict or list of the model's frames holds it)")
-                continue
-            args[position] = cache
-            swapped = True
-            self.report.record_swap(site.source, cache.memory())
-        return args if swapped else None
-
-
-def _fits(t: Any, site: Site) -> bool:
-    """``t`` is a dense tensor shaped like ``site``'s cache (any length along the sequence)."""
-    if type(t) is not torch.Tensor or t.dim() != len(site.shape) or str(t.dtype).removeprefix("torch.") != site.dtype:
-        return False
-    return all(t.shape[d] == n for d, n in enumerate(site.shape) if d != site.seq_dim)
-
-
-class _SwapOnFirstUse:
-    """Runs a graph whose cache inputs are still dense: swaps them for QVGCache where the model
-    keeps them, runs that call eagerly on the QVGCache, and leaves the next call to Dynamo's
-    recompile. Whether the caches can be swapped is decided at compile time
-    (`QVGBackend._cannot_swap`)."""
-
-    def __init__(self, backend: QVGBackend, gm: fx.GraphModule, sites: list[tuple[int, Site, Any]],
-                 report: GraphReport) -> None:
-        # No example inputs are kept: they are the dense caches whose memory the swap frees.
-        self.backend, self.gm = backend, gm
-        self.sites, self.report = sites, report
-
-    def __call__(self, *args: Any) -> Any:
-        args = list(args)
-        planned = []
-        try:
-            for index, site, source in self.sites:
-                value = args[index]
-                if type(value) is not torch.Tensor:
-                    continue
-                frame = find_frame(source, value)
-                check_assignable(source, frame)
-                planned.append((index, site, source, frame))
-        except SourceError as exc:
-            # Checked when compiled, so only an unusual caller gets here: run this call as traced.
-            _eager_note(self.report, f"the caches could not be replaced at their source ({exc}); "
-                                     "this call ran eagerly on the dense tensors")
-            return self.gm(*args)
-        try:
-            # Every cache is built before any is assigned: a data error (NaN under
-            # check_finite) leaves all of them dense.
-            caches = [self.backend.to_cache(args[index], site) for index, site, _, _ in planned]
-        except (ValueError, TypeError) as exc:
-            _eager_note(self.report, f"the caches could not be quantized ({first_line(str(exc))}); "
-                                     "this call ran eagerly on the dense tensors")
-            return self.gm(*args)
-        for (index, site, source, frame), cache in zip(planned, caches):
-            assign_at_source(source, frame, cache)
-            args[index] = cache
-            self.report.record_swap(site.source, cache.memory())
-        del planned, caches
-        return self.gm(*args)
-
-
-class _EagerOnLayoutMismatch:
-    """Inductor asserts the sizes and strides of the arrays inside `QVGCache` inputs before it
-    computes anything; a layout its guards did not cover runs that call eagerly instead."""
-
-    def __init__(self, gm: fx.GraphModule, compiled: Callable, report: GraphReport) -> None:
-        self.gm, self.compiled, self.report = gm, compiled, report
-
-    def __call__(self, *args: Any) -> Any:
-        try:
-            return self.compiled(*args)
-        except AssertionError as exc:
-            if "expected size" not in str(exc) or "stride" not in str(exc):
-                raise
-            _eager_note(self.report, f"a QVGCache input's inner arrays changed layout without a "
-                                     f"recompile ({first_line(str(exc))}); that call ran eagerly")
-            return self.gm(*args)
-
-
-class _Validated:
-    """First call: compiled and eager (on exact copies of the caches, `QVGCache.snapshot`) must
-    agree, outputs and the caches the graph writes, else `ValidationError`."""
-
-    def __init__(self, gm: fx.GraphModule, compiled: Callable, rtol: float, atol: float) -> None:
-        self.gm, self.compiled, self.rtol, self.atol = gm, compiled, rtol, atol
-        self.checked = False
-
-    def __call__(self, *args: Any) -> Any:
-        if self.checked:
-            return self.compiled(*args)
-        self.checked = True
-        memo: dict = {}
-        copies = [a.snapshot(memo) if isinstance(a, QVGCache) else a for a in args]
-        expected = self.gm(*copies)
-        got = self.compiled(*args)
-        flat_expected, _ = torch.utils._pytree.tree_flatten(expected)
-        flat_got, _ = torch.utils._pytree.tree_flatten(got)
-        pairs = [(f"output {i}", e, g) for i, (e, g) in enumerate(zip(flat_expected, flat_got))]
-        pairs += [(f"cache input {i}", c, a) for i, (c, a) in enumerate(zip(copies, args))
-                  if isinstance(a, QVGCache)]
-        for what, e, g in pairs:
-            if not isinstance(e, torch.Tensor) or not isinstance(g, torch.Tensor):
-                continue
-            e = e.dequantize() if isinstance(e, QVGCache) else e
-            g = g.dequantize() if isinstance(g, QVGCache) else g
-            if e.shape != g.shape or not torch.allclose(g.float(), e.float(), rtol=self.rtol, atol=self.atol):
-                diff = float((g.float() - e.float()).abs().max()) if e.shape == g.shape else float("inf")
-                raise ValidationError(
-                    f"qvg_backend(validate=True): {what} of the compiled graph differs from "
-                    f"eager QVG execution by {diff:.3g} (rtol={self.rtol}, atol={self.atol})")
-        return got
 
 
 _BACKEND_FIELDS = {f.name for f in dataclasses.fields(QVGConfig)}

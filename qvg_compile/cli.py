@@ -13,8 +13,8 @@ from tabulate import tabulate
 def _quant_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .quant.bench import DEFAULT_METHODS, compare, load_kv
-    from .quant.synthetic import video_like_kv
+    from .bench.compare import DEFAULT_METHODS, compare, load_kv
+    from .bench.synthetic import video_like_kv
 
     device = torch.device(args.device)
     if args.kv:

@@ -46,7 +46,7 @@ def reference_values(cache: QVGCache, truth: torch.Tensor) -> torch.Tensor:
             slot = -code - 2
             pos = (pm == code).nonzero().flatten()
             c = int(store.segs[slot, CSIZE])
-            cents = store.a("cents", p)[slot, ..., :c, :].float()  # [S, *lead, C, dp]
+            cents = store.array("cents", p)[slot, ..., :c, :].float()  # [S, *lead, C, dp]
             x = part[..., pos, :].float()
             lead = x.shape[:-2]
             sets = int(torch.Size(lead).numel())
@@ -153,7 +153,7 @@ def test_the_reference_catches_a_token_stored_at_the_wrong_position():
     truth = torch.zeros(B, S, H, D)
     for c, x in enumerate(chunks(6, 3)):
         cache[:, c * L:(c + 1) * L] = truth[:, c * L:(c + 1) * L] = x
-    codes = cache._handle.store.a("codes", 0)
+    codes = cache._handle.store.array("codes", 0)
     codes[..., [0, 1], :] = codes[..., [1, 0], :]
     with pytest.raises(AssertionError):
         check(cache, truth, 1)

@@ -14,7 +14,7 @@ from qvg_compile.kernels.encode import encode_qvg_pair, encode_unchecked
 from qvg_compile.kernels.encode_graph import captured_graphs, encode_replayed, release_graphs
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
 from qvg_compile.quant.segment import residual_energy
-from qvg_compile.quant.store import PackedStore
+from qvg_compile.quant.packed import PackedStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

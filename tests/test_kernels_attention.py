@@ -13,7 +13,7 @@ from qvg_compile.kernels._triton_attention import attend_fused, merge_into
 from qvg_compile.kernels.attention import (qvg_attention, reference_attention, stream_block_tokens,
                                            streamed_attention)
 from qvg_compile.quant.qvg import encode_qvg
-from qvg_compile.quant.store import PackedStore
+from qvg_compile.quant.packed import PackedStore
 
 # Triton decides at import whether its kernels run in the interpreter; with a GPU and without
 # TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).

@@ -9,7 +9,7 @@ from qvg_compile import QVGConfig
 from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into, pairable
 from qvg_compile.kernels.decode import dequantize_segment, dequantize_store, segment_as_store
 from qvg_compile.quant.qvg import encode_qvg
-from qvg_compile.quant.store import PackedStore
+from qvg_compile.quant.packed import PackedStore
 
 # Triton decides at import whether its kernels run in the interpreter; with a GPU and without
 # TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qvg_compile.quant import attention_rel_err, cosine_similarity, rel_mse, snr_db
-from qvg_compile.quant.synthetic import video_like_kv
+from qvg_compile.bench.synthetic import video_like_kv
 
 
 def test_metrics_on_known_values():

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .spec import HOLE, LIVE, StoreSpec
+from .spec import HOLE, LIVE, StoreSpec, is_dense, is_sealed, slot_of
 from .store import Store, as_bytes, runs_of
 from .view import Lead
 
@@ -52,7 +52,7 @@ def clone_store(src: Store, positions: torch.Tensor, axes: Sequence[Lead], parts
         for name in ("codes", "scales", "zeros", "assign", "cents", "tail"):
             if name == "zeros" and not spec.has_zeros:
                 continue
-            t = src.a(name, p)
+            t = src.array(name, p)
             if name == "assign":
                 t = map_lead(take(t, -1), 1)
             elif name == "cents":
@@ -87,7 +87,7 @@ def _repair(store: Store) -> None:
     at one consistent offset, seal the tokens of the others, recount live tokens."""
     spec: StoreSpec = store.spec
     pm = store.pos_map
-    dense = (pm >= 0).nonzero().flatten()
+    dense = is_dense(pm).nonzero().flatten()
     rows = pm[dense].long()
     bad = torch.zeros_like(dense, dtype=torch.bool)
     L = spec.slot_tokens
@@ -101,9 +101,9 @@ def _repair(store: Store) -> None:
             bad |= member
     sink = rows >= spec.sink_row
     bad |= sink & (dense != rows - spec.sink_row)
-    sealed = pm[pm <= -2].long()
-    store.segs[:, LIVE] = torch.bincount(-sealed - 2, minlength=spec.segments) if sealed.numel() else 0
+    sealed = pm[is_sealed(pm)].long()
+    store.segs[:, LIVE] = torch.bincount(slot_of(sealed), minlength=spec.segments) if sealed.numel() else 0
     if bool(bad.any()):
         where = dense[bad]
-        values = [store.a("tail", p).index_select(-2, rows[bad].to(store.device)) for p in range(store.parts)]
+        values = [store.array("tail", p).index_select(-2, rows[bad].to(store.device)) for p in range(store.parts)]
         store._store_segment(where, values)

@@ -21,9 +21,10 @@ import torch
 
 from . import tally
 from ..kernels.attention import qvg_attention as attention_impl
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from .read_fast import attend_planned
 from .codec import PIECE_INTS, RUN_PIECE
+from .spec import is_sealed
 from .read_plan import ReadSide, fast_reads_enabled, flag_runs, plan_for
 
 
@@ -48,7 +49,7 @@ def plan(k: ReadSide, v: ReadSide) -> tuple[list[tuple[int, int]], list[tuple[in
             rest_k.append((ak, ak + n))
             rest_v.append((av, av + n))
             continue
-        both = (k.store.pos_map[ak:ak + n] <= -2) & (v.store.pos_map[ak:ak + n] <= -2)
+        both = is_sealed(k.store.pos_map[ak:ak + n]) & is_sealed(v.store.pos_map[ak:ak + n])
         for lo, hi, fused in flag_runs(both):
             if fused:
                 ranges.append((ak + lo, ak + hi))

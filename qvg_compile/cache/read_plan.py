@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from .codec import PIECE_INTS, piece_tokens, run_pieces_only
-from .spec import COUNTERS_AT, POS_MAP_AT, STAMP
+from .spec import COUNTERS_AT, POS_MAP_AT, STAMP, is_dense, is_sealed
 from .store import Store, runs_of
 from .view import Lead
 
@@ -255,12 +255,12 @@ def _side_runs(side: ReadSide) -> Optional[list[Run]]:
             continue
         # NumPy on the host token map: these passes run over the whole history (~94k tokens).
         vals = side.store.np_pos[a:a + n]
-        for lo, hi, is_sealed in flag_runs(vals <= -2):
-            if is_sealed:
+        for lo, hi, sealed in flag_runs(is_sealed(vals)):
+            if sealed:
                 runs.append((SEALED, a + lo, dst + lo, hi - lo))
                 continue
             rows = vals[lo:hi]
-            if (rows < 0).any():
+            if not is_dense(rows).all():
                 return None
             runs += [(ROWS, first, dst + lo + j, length) for j, first, length in runs_of(rows)]
         dst += n

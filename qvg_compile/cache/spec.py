@@ -46,7 +46,7 @@ import json
 import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -77,9 +77,26 @@ def next_stamp() -> int:
     return next(_stamps)
 
 
-def sealed_code(slot: int) -> int:
+# A token-map entry is `HOLE`, a dense row ``r >= 0``, or ``-(slot + 2)`` for a token sealed in
+# codebook slot ``slot``. These helpers take ints, tensors and NumPy arrays alike (elementwise).
+def sealed_code(slot: Any) -> Any:
     """``pos_map`` value of a token sealed in codebook slot ``slot``."""
     return -(slot + 2)
+
+
+def is_sealed(code: Any) -> Any:
+    """Whether token-map entries ``code`` are sealed tokens."""
+    return code <= -2
+
+
+def is_dense(code: Any) -> Any:
+    """Whether token-map entries ``code`` are dense rows."""
+    return code >= 0
+
+
+def slot_of(code: Any) -> Any:
+    """The codebook slot of sealed token-map entries ``code``."""
+    return -code - 2
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ import torch
 from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
 from ..kernels.decode import dequantize_store
 from ..quant.segment import QVGSegment
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from . import tally
 from .encode import encode_segment
 from .seal_flags import flags_for, known_flags
 from .spec import (COUNTERS_AT, CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, POS_MAP_AT, STAMP, UID, USES, StoreSpec,
-                   next_stamp, sealed_code)
+                   is_dense, is_sealed, next_stamp, sealed_code, slot_of)
 
 # (offset, length) of every leading dim; None selects all of them.
 LeadSel = Optional[tuple[tuple[int, int], ...]]
@@ -149,7 +149,7 @@ class Store:
     def parts(self) -> int:
         return len(self.spec.part_dims)
 
-    def a(self, name: str, part: int) -> torch.Tensor:
+    def array(self, name: str, part: int) -> torch.Tensor:
         return self.arrays[f"{name}{part}"]
 
     def part_arrays(self, part: int) -> tuple[torch.Tensor, ...]:
@@ -163,7 +163,7 @@ class Store:
         return tuple(slice(o, o + n) for o, n in sel)
 
     def rows_view(self, part: int, sel: LeadSel) -> torch.Tensor:
-        return self.a("tail", part)[self._lead(sel)]
+        return self.array("tail", part)[self._lead(sel)]
 
     def _age(self) -> int:
         age = int(self.np_counters[NEXT_AGE])
@@ -191,9 +191,9 @@ class Store:
             return
         pos = positions.numpy()
         v = self.np_pos[pos]
-        sealed = v <= -2
+        sealed = is_sealed(v)
         if sealed.any():
-            slots = -v[sealed].astype(np.int64) - 2
+            slots = slot_of(v[sealed].astype(np.int64))
             self.np_segs[:, LIVE] -= np.bincount(slots, minlength=self.spec.segments)
         self.np_pos[pos] = HOLE
         self.changed()
@@ -278,7 +278,7 @@ class Store:
                 # not cover with what those positions hold now.
                 target = torch.from_numpy(rows[moving].astype(np.int64)).to(self.device)
                 for p, old in enumerate(self.decode(positions)):
-                    self.a("tail", p).index_copy_(-2, target, old)
+                    self.array("tail", p).index_copy_(-2, target, old)
             self.release(positions)
             self.np_pos[positions.numpy()] = rows[moving]
             self.changed()
@@ -291,7 +291,7 @@ class Store:
         """Tail rows ``rows`` (host int64) of ``part``: a view when they are consecutive, else copied
         by runs (a host index moved to the device would wait for the device to drain). Read at once
         by the encoder, in stream order before any later write of those rows: no copy needed."""
-        tail = self.a("tail", part)
+        tail = self.array("tail", part)
         runs = runs_of(rows)
         if len(runs) == 1:
             return tail[..., runs[0][1]:runs[0][1] + runs[0][2], :]
@@ -445,7 +445,7 @@ class Store:
         n = sum(length for _, _, length in runs)
         fits = []
         for p, x in enumerate(xs):
-            cents = self.a("cents", p)
+            cents = self.array("cents", p)
             init = None
             if shared:
                 init = cents[slot, ..., :c, :]
@@ -471,11 +471,11 @@ class Store:
                 cents[slot, ..., :c, :] = seg.centroids
             for i, first, length in runs:
                 dst, src = slice(first, first + length), slice(i, i + length)
-                self.a("codes", p)[..., dst, :] = seg.codes[..., src, :]
-                self.a("scales", p)[..., dst, :] = seg.scales[..., src, :]
+                self.array("codes", p)[..., dst, :] = seg.codes[..., src, :]
+                self.array("scales", p)[..., dst, :] = seg.scales[..., src, :]
                 if seg.zeros is not None:
-                    self.a("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
-                self.a("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
+                    self.array("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
+                self.array("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
             if flags is not None:
                 flags.add(summary)
         return fits
@@ -486,11 +486,11 @@ class Store:
         views, no copy; stores whose lead is not 2-D are viewed as ``[prod(lead[:-1]), lead[-1]]``)."""
         lead = self.lead
         ix = self._lead(sel)
-        codes, scales = self.a("codes", part)[ix], self.a("scales", part)[ix]
+        codes, scales = self.array("codes", part)[ix], self.array("scales", part)[ix]
         mode = self.spec.config.code_mode_for(self.spec.roles[part])
-        zeros = self.a("zeros", part)[ix] if mode == "asymmetric" else None
-        assign = self.a("assign", part)[(slice(None), *ix)]
-        cents = self.a("cents", part)[(slice(None), slice(None), *ix)]
+        zeros = self.array("zeros", part)[ix] if mode == "asymmetric" else None
+        assign = self.array("assign", part)[(slice(None), *ix)]
+        cents = self.array("cents", part)[(slice(None), slice(None), *ix)]
         if len(lead) != 2:
             shape = codes.shape[:-2]
             b, h = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
@@ -507,11 +507,11 @@ class Store:
         parts = range(self.parts) if parts is None else parts
         n = positions.numel()
         v = self.pos_map[positions].long() if n else torch.empty(0, dtype=torch.long)
-        sealed = v <= -2
+        sealed = is_sealed(v)
         runs = masked_runs(positions, sealed)
         # Dense rows come in runs too (a slot holds consecutive positions): copying slices avoids
         # moving host index tensors to the device, which would wait for the GPU to drain.
-        dense_runs = masked_runs(v, v >= 0)
+        dense_runs = masked_runs(v, is_dense(v))
         out = []
         for p in parts:
             tail = self.rows_view(p, sel)
@@ -548,11 +548,11 @@ class Store:
                                    "written-to tensor refer to a single memory location. Please clone() "
                                    "the tensor before performing the operation.")
         v = src.pos_map[positions].long()
-        sealed, dense = v <= -2, v >= 0
-        sp, sk = positions[sealed], (-v[sealed] - 2)
+        sealed, dense = is_sealed(v), is_dense(v)
+        sp, sk = positions[sealed], slot_of(v[sealed])
         payload = [src._packed_rows(p, sp) for p in range(self.parts)]
         rows = v[dense].to(src.device)
-        relocated = [src.a("tail", p).index_select(-2, rows).to(self.device) for p in range(self.parts)]
+        relocated = [src.array("tail", p).index_select(-2, rows).to(self.device) for p in range(self.parts)]
         self.release(dst)
         kmap: dict[int, Optional[int]] = {}
         for k in torch.unique(sk).tolist():
@@ -572,7 +572,7 @@ class Store:
                 idx = keep.to(src.device)
                 self._put_packed_rows(p, dp, [t.index_select(t.dim() - 2 if i < len(payload[p]) - 1 else -1, idx)
                                               for i, t in enumerate(payload[p])])
-            self.pos_map[dp] = (-slots - 2).to(self.pos_map.dtype)
+            self.pos_map[dp] = sealed_code(slots).to(self.pos_map.dtype)
             self.changed()
             self.seg_ids.index_copy_(0, dp.to(self.device), slots.to(device=self.device, dtype=self.seg_ids.dtype))
             self.segs[:, LIVE] += torch.bincount(slots, minlength=self.spec.segments)
@@ -586,10 +586,10 @@ class Store:
     def _packed_rows(self, part: int, positions: torch.Tensor) -> list[torch.Tensor]:
         """Copies of codes, scales, (zeros,) assignments of the tokens at ``positions``."""
         idx = positions.to(self.device)
-        out = [self.a("codes", part).index_select(-2, idx), self.a("scales", part).index_select(-2, idx)]
+        out = [self.array("codes", part).index_select(-2, idx), self.array("scales", part).index_select(-2, idx)]
         if self.spec.has_zeros:
-            out.append(self.a("zeros", part).index_select(-2, idx))
-        out.append(self.a("assign", part).index_select(-1, idx))
+            out.append(self.array("zeros", part).index_select(-2, idx))
+        out.append(self.array("assign", part).index_select(-1, idx))
         return out
 
     def _put_packed_rows(self, part: int, positions: torch.Tensor, rows: list[torch.Tensor]) -> None:
@@ -598,8 +598,8 @@ class Store:
         names = ["codes", "scales"] + (["zeros"] if self.spec.has_zeros else [])
         for name, t in zip(names, rows):
             # index_copy_ has no FP8 kernel on CPU: move the scales as raw bytes.
-            as_bytes(self.a(name, part)).index_copy_(-2, idx, as_bytes(t.to(self.device)))
-        self.a("assign", part).index_copy_(-1, idx, rows[-1].to(self.device))
+            as_bytes(self.array(name, part)).index_copy_(-2, idx, as_bytes(t.to(self.device)))
+        self.array("assign", part).index_copy_(-1, idx, rows[-1].to(self.device))
 
     def _import_codebook(self, src: "Store", k: int, taken: Sequence[int] = ()) -> Optional[int]:
         """This store's slot holding ``src``'s codebook ``k`` (copied in if needed, never into a
@@ -618,7 +618,7 @@ class Store:
             return None
         slot, c = int(choices[0]), int(src.segs[k, CSIZE])
         for p in range(self.parts):
-            self.a("cents", p)[slot, ..., :c, :] = src.a("cents", p)[k, ..., :c, :].to(self.device)
+            self.array("cents", p)[slot, ..., :c, :] = src.array("cents", p)[k, ..., :c, :].to(self.device)
         self.segs[slot] = src.segs[k]
         self.segs[slot, LIVE] = 0
         if int(self.counters[LATEST]) < 0:
@@ -667,16 +667,16 @@ def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
     k, c = old.segments, old.codebook
     new.segs[:k] = store.segs
     for p in range(store.parts):
-        new.a("cents", p)[:k, ..., :c, :] = store.a("cents", p)
-        new.a("tail", p)[..., spec.sink_row:spec.sink_row + store.sinks, :] = \
-            store.a("tail", p)[..., old.sink_row:old.sink_row + store.sinks, :]
+        new.array("cents", p)[:k, ..., :c, :] = store.array("cents", p)
+        new.array("tail", p)[..., spec.sink_row:spec.sink_row + store.sinks, :] = \
+            store.array("tail", p)[..., old.sink_row:old.sink_row + store.sinks, :]
     sink = (store.pos_map >= old.sink_row) & (store.pos_map < old.sink_row + store.sinks)
     new.pos_map[sink] += spec.sink_row - old.sink_row
     new.changed()
     if old.slot_tokens == spec.slot_tokens and old.slots:
         new.slots.copy_(store.slots)
         for p in range(store.parts):
-            new.a("tail", p)[..., :old.sink_row, :] = store.a("tail", p)[..., :old.sink_row, :]
+            new.array("tail", p)[..., :old.sink_row, :] = store.array("tail", p)[..., :old.sink_row, :]
     return arrays
 
 

@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .io import read_store, write_store
 from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
-from .spec import HOLE, POS_MAP_AT, StoreSpec
+from .spec import HOLE, POS_MAP_AT, StoreSpec, is_dense, is_sealed
 from .store import Store, regrow
 from .view import CHAN, DENSE, RUN, SEQ, VIEW, Lead, Unsupported, View
 
@@ -250,7 +250,7 @@ class QVGCache(torch.Tensor):
         codebooks)."""
         store = self._handle.store
         pm = store.pos_map
-        return {"sealed": int((pm <= -2).sum()), "dense": int((pm >= 0).sum()),
+        return {"sealed": int(is_sealed(pm).sum()), "dense": int(is_dense(pm).sum()),
                 "holes": int((pm == HOLE).sum()), "segments": int((store.segs[:, 0] > 0).sum())}
 
     def __repr__(self) -> str:  # must not decode anything

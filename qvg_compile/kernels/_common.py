@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..quant.group import CODE_MODES
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 
 STORE_FIELDS = ("codes", "scales", "zeros", "assignments", "centroids", "segment_ids")
 TRITON_BITS = (2, 4, 8)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from ._common import kernel_store_args
 from ._jit import MODE_IDS, decode_tile
 

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from ._common import check_store, make_store, triton_supports
 
 BLOCK_TOKENS = 4096

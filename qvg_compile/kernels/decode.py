@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..quant.segment import QVGSegment
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from ._common import check_store, make_store, triton_supports
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

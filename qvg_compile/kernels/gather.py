@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..quant.store import PackedStore
+from ..quant.packed import PackedStore
 from ._common import check_store, triton_supports
 
 SEALED, ROWS = 0, 1

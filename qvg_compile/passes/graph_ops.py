@@ -72,6 +72,10 @@ def is_call(node: Any, targets: set) -> bool:
     return target in targets
 
 
+# Tensor methods that change dtype (or, for ``to``, device): attention operands pass through them.
+CAST_METHODS = frozenset({"to", "type_as", "float", "half", "bfloat16", "type"})
+
+
 def is_method(node: Any, names: set) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .graph_ops import (MATMUL_TARGETS, SDPA_TARGETS, SDPA_TUPLE_TARGETS, SOFTMAX_TARGETS, arg,
+from .graph_ops import (CAST_METHODS, MATMUL_TARGETS, SDPA_TARGETS, SDPA_TUPLE_TARGETS, SOFTMAX_TARGETS, arg,
                         is_call, is_method)
 
 
@@ -41,7 +41,7 @@ class Reader:
 
 
 def _unwrap_casts(node: object) -> object:
-    while is_method(node, {"to", "type_as", "float", "half", "bfloat16", "type"}) or (
+    while is_method(node, CAST_METHODS) or (
             isinstance(node, fx.Node) and node.op == "call_function"
             and getattr(node.target, "__name__", "") in ("_to_copy", "to")):
         node = node.args[0]

@@ -1,10 +1,10 @@
-"""`passes.rewrite.fuse_matmul_softmax`: the exact hand-written attention chain becomes one SDPA
+"""`passes.fuse_attention.fuse_matmul_softmax`: the exact hand-written attention chain becomes one SDPA
 call with the same values; near misses are left as written."""
 
 import torch
 
 from qvg_compile.passes.readers import find_readers
-from qvg_compile.passes.rewrite import fuse_matmul_softmax
+from qvg_compile.passes.fuse_attention import fuse_matmul_softmax
 
 D = 16
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from qvg_compile.quant.bench import compare
-from qvg_compile.quant.synthetic import video_like_kv
+from qvg_compile.bench.compare import compare
+from qvg_compile.bench.synthetic import video_like_kv
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Rewrites of Dynamo graphs that let cache reads take the fused ``qvg::`` path.
+"""Fusing hand-written attention over a cache into one SDPA, so the read takes the fused ``qvg::`` path.
 
 `QVGCache` serves ``F.scaled_dot_product_attention`` with its fused blockwise read; attention
 written out by hand (``softmax(q @ k^T * s + mask) @ v``) would instead decode the whole cache
@@ -17,11 +17,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_ops import example_value, is_call, is_method
+from .graph_ops import CAST_METHODS, example_value, is_call, is_method
 from .readers import Reader, _is_matmul, _is_softmax, _untranspose
-
-_CASTS = {"float", "to", "type_as", "half", "bfloat16"}
-
 
 @dataclass
 class _Chain:
@@ -38,7 +35,7 @@ def _single_user(node: fx.Node) -> bool:
 
 
 def _is_cast(node: object) -> bool:
-    if not is_method(node, _CASTS):
+    if not is_method(node, CAST_METHODS):
         return False
     # Only dtype casts: a device move or a tensor argument changes more than precision.
     return all(isinstance(a, torch.dtype) for a in list(node.args[1:]) + list(node.kwargs.values()))

@@ -1,9 +1,9 @@
-"""`passes.sources`: the identity search that swaps a cache where the model's own dicts and lists
+"""`swap`: the identity search that swaps a cache where the model's own dicts and lists
 keep it (tuples inside them rebuilt), for sources Dynamo cannot assign through."""
 
 import torch
 
-from qvg_compile.passes.sources import assign_by_identity
+from qvg_compile.swap import assign_by_identity
 
 
 def test_dict_of_tuples_and_lists_in_a_caller_frame():

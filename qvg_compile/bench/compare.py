@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from .api import quantize
-from .config import QVGConfig
-from .metrics import attention_rel_err, rel_mse
+from ..quant.api import quantize
+from ..quant.config import QVGConfig
+from ..quant.metrics import attention_rel_err, rel_mse
 
 DEFAULT_METHODS = ("qvg", "qvg_pro", "rtn", "rtn_sym", "kivi", "quarot")
 
