@@ -78,3 +78,30 @@ def test_an_op_that_mixes_tokens_is_left_alone():
     for fn in (mixes, reorders):
         notes, _, got, expected = rewrite(fn, *inputs())
         assert notes == [] and torch.equal(got, expected)
+
+
+def longcat_rope(x, cos, sin):
+    """RoPE the way LongCat-Video's own attention writes it: sizes read back with ``size()``, the
+    pairs split with ``reshape`` + ``unbind``, the token count written out when reshaping back."""
+    x_ = x.float()
+    size = x_.size()
+    pairs = x_.reshape(size[0], size[1], size[2], D // 2, 2)
+    x1, x2 = pairs.unbind(dim=-1)
+    rotated = torch.stack((-x2, x1), dim=-1).reshape(size[0], H, N, D)
+    return (x_ * cos + rotated * sin).type_as(x)
+
+
+def test_longcat_form_with_a_dynamic_batch_and_a_slice_start_read_from_a_size():
+    def read(cache, q, cos, sin):
+        n = q.size()[2]
+        padded = torch.cat([torch.empty_like(cache), q], dim=2).contiguous()
+        return longcat_rope(padded, cos, sin)[:, :, -n:].contiguous()
+
+    cache, q, cos, sin = inputs()
+    cache, q = cache.expand(3, -1, -1, -1).contiguous(), q.expand(3, -1, -1, -1).contiguous()
+    torch._dynamo.mark_dynamic(cache, 0)
+    torch._dynamo.mark_dynamic(q, 0)
+    notes, code, got, expected = rewrite(read, cache, q, cos, sin)
+    assert len(notes) == 1 and f"({N - n} rows dropped)" in notes[0]
+    assert "empty_like" not in code and "unbind" in code
+    assert torch.equal(got, expected)

@@ -6,15 +6,18 @@ Pattern (LongCat-Video's denoising attention)::
     rotated = f(padded, tables...)                     # token by token along d
     q = rotated[..., -n:, ...]                         # exactly q's n tokens back
 
-where ``f`` is a chain of elementwise ops and views of the dims after ``d``, and every table it
-reads either broadcasts over the tokens or has one row per token. The padded rows are computed
+where ``f`` is a chain of elementwise ops and views of the dims after ``d`` (``unbind`` and
+``stack`` of such dims, ``reshape`` with the token count written out or read from ``size()``), and
+every table it reads either broadcasts over the tokens or has one row per token. The slice's start
+may be a graph value (``-q.size(d)``) whose traced value is ``-n``. The padded rows are computed
 and thrown away: on a `QVGCache`, ``empty_like`` is an empty cache, the ``cat`` an append and the
 RoPE products a decode of the whole history.
 
 Rewrite: ``f`` over ``q`` itself, each per-token table narrowed to its last ``n`` rows; the slice's
 users take the result and the padding is gone. Same values (the dropped rows never reach a
-result). Sizes must be static; anything else in the chain, a padded row used elsewhere, or a
-slice that is not exactly the last ``n`` tokens leaves the graph as it is.
+result). The token counts must be static (other dims, the batch for one, may be symbolic);
+anything else in the chain, a padded row or size used elsewhere, or a slice that is not exactly
+the last ``n`` tokens leaves the graph as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name
 
@@ -34,6 +38,41 @@ _TOKENWISE_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.neg, 
                         torch.reshape}
 _TOKENWISE_METHODS = {"float", "to", "type_as", "contiguous", "unflatten", "flatten", "view", "reshape", "mul",
                       "add", "sub", "neg", "half", "bfloat16"}
+_SHAPED = {"view", "reshape"}
+
+
+def _meta(node: object) -> Any:
+    """The traced value of a node (a tensor, an int, a SymInt, a tuple); a constant as it is."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+
+
+def _as_int(value: object) -> Optional[int]:
+    """``value`` as an int when it is one: an int, or a SymInt whose expression is a constant."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt) and is_concrete_int(value):
+        return int(value.node.expr)
+    return None
+
+
+def _static(x: object) -> Optional[int]:
+    """``x`` as an int when it is one, or a node whose traced value is one."""
+    return _as_int(_meta(x))
+
+
+def _is_size(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "size"
+
+
+def _is_unbind(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "unbind") or is_call(node, {torch.unbind})
+
+
+def _unbind_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % example_value(node.args[0]).dim()
 
 
 def drop_query_padding(graph: fx.Graph) -> list[str]:
@@ -59,22 +98,26 @@ def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
         return None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     dim %= value.dim()
-    total, tail_value = value.shape[dim], example_value(tail)
-    if tail_value is None or not isinstance(total, int) or not isinstance(tail_value.shape[dim], int):
+    total, tail_value = _as_int(value.shape[dim]), example_value(tail)
+    n = None if tail_value is None else _as_int(tail_value.shape[dim])
+    if total is None or n is None:
         return None
-    n = tail_value.shape[dim]
     lead = tuple(value.shape[:dim + 1])
     chain, slices = _chain(cat, dim, lead, total, n)
     if chain is None or not slices:
         return None
     new: dict[fx.Node, Any] = {cat: tail}
     for node in chain[1:]:
-        if not _token_args_ok(node, chain, dim, total):
+        if not _is_size_value(node) and not _is_unbind(node) and not (
+                node.target is operator.getitem and _is_unbind(node.args[0])) \
+                and not _token_args_ok(node, chain, dim, total):
             return None
     for node in chain[1:]:
         with graph.inserting_before(node):
             args = _map(node.args, new, graph, dim, total, n, node)
             kwargs = _map(node.kwargs, new, graph, dim, total, n, node)
+            if node.op == "call_method" and node.target in _SHAPED or is_call(node, {torch.reshape}):
+                args = _token_count(args, dim, total, n)
             new[node] = graph.create_node(node.op, node.target, args, kwargs)
     for s in slices:
         s.replace_all_uses_with(new[s.args[0]])
@@ -84,7 +127,7 @@ def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
 def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
            ) -> tuple[Optional[list[fx.Node]], list[fx.Node]]:
     """The nodes computed from ``cat`` (topological, ``cat`` first) and the slices that end them;
-    None when a node is not token-wise or a padded row reaches anything else."""
+    None when a node is not token-wise or a padded row (or a size of one) reaches anything else."""
     chain, slices, todo = [cat], [], list(cat.users)
     seen = {cat}
     while todo:
@@ -94,6 +137,26 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
         seen.add(node)
         if _is_last_rows(node, dim, total, n) and node.args[0] in seen:
             slices.append(node)
+            continue
+        if _is_size(node) or (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+                              and _is_size(node.args[0])):
+            # Sizes of a padded tensor: taken again from the rewritten one (its token count is n).
+            chain.append(node)
+            todo.extend(node.users)
+            continue
+        if not any(isinstance(a, fx.Node) and a in seen and not _is_size_value(a) for a in _tensor_args(node)):
+            return None, []  # reached through a size only: it does not compute on padded rows
+        if _is_unbind(node):
+            if _unbind_dim(node) <= dim:
+                return None, []
+            chain.append(node)
+            todo.extend(node.users)
+            continue
+        if node.target is operator.getitem and _is_unbind(node.args[0]):
+            if not isinstance(node.args[1], int):
+                return None, []
+            chain.append(node)
+            todo.extend(node.users)
             continue
         out = example_value(node)
         tokenwise = (node.op == "call_function" and node.target in _TOKENWISE_FUNCTIONS) or \
@@ -105,10 +168,18 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
             return None, []
         if node.target is operator.getitem and not _indexes_after(node, dim):
             return None, []
+        if ((node.op == "call_method" and node.target in _SHAPED) or is_call(node, {torch.reshape})) \
+                and not _token_count_known(node, dim, total, seen):
+            return None, []
         chain.append(node)
         todo.extend(node.users)
     order = {node: i for i, node in enumerate(cat.graph.nodes)}
     return sorted(chain, key=order.__getitem__), slices
+
+
+def _is_size_value(node: fx.Node) -> bool:
+    return _is_size(node) or (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+                              and _is_size(node.args[0]))
 
 
 def _indexes_after(node: fx.Node, dim: int) -> bool:
@@ -130,18 +201,18 @@ def _is_last_rows(node: fx.Node, dim: int, total: int, n: int) -> bool:
     if len(index) != dim + 1 or any(i != slice(None) for i in index[:dim]):
         return False
     last = index[dim]
-    return isinstance(last, slice) and last.step is None and last.stop in (None, total) and \
-        last.start in (-n, total - n)
+    return isinstance(last, slice) and last.step is None and (last.stop is None or _static(last.stop) == total) \
+        and _static(last.start) in (-n, total - n)
 
 
 def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: int) -> bool:
     """Every tensor ``node`` reads besides the chain broadcasts over the tokens or has one row per token."""
     out = example_value(node)
     for arg in _tensor_args(node):
-        if arg in chain:
+        if arg in chain or isinstance(_meta(arg), (int, torch.SymInt)):
             continue
         value = example_value(arg)
-        if value is None:
+        if value is None or out is None:
             return False
         k = _token_dim(value, out, dim)
         if k is not None and value.shape[k] not in (1, total):
@@ -178,3 +249,43 @@ def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: in
     if isinstance(obj, dict):
         return {key: _map(v, new, graph, dim, total, n, user) for key, v in obj.items()}
     return obj
+
+
+def _shape_arg(node: fx.Node) -> list:
+    args = node.args
+    return list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+
+
+def _token_count_known(node: fx.Node, dim: int, total: int, seen: set) -> bool:
+    """The target shape of a reshape in the chain says the token count as the literal ``total``,
+    as ``-1``, or as a size of a padded tensor (anything else would keep ``total`` rows)."""
+    shape = _shape_arg(node)
+    if len(shape) <= dim:
+        return False
+    count = shape[dim]
+    if isinstance(count, fx.Node):
+        # ``x.size()[dim]`` (or ``x.size(dim)``) of a padded tensor: n once rewritten.
+        if count.op == "call_method" and count.target == "size" and len(count.args) == 2:
+            base, index = count.args
+        elif count.target is operator.getitem and isinstance(count.args[0], fx.Node) and _is_size(count.args[0]) \
+                and len(count.args[0].args) == 1:
+            base, index = count.args[0].args[0], count.args[1]
+        else:
+            return False
+        value = example_value(base) if isinstance(base, fx.Node) else None
+        return base in seen and isinstance(index, int) and value is not None and index % value.dim() == dim
+    return count in (-1, total)
+
+
+def _token_count(args: tuple, dim: int, total: int, n: int) -> tuple:
+    """The args of ``x.reshape(shape)`` / ``x.view(*shape)`` with the token count written out at
+    ``dim`` (``total``) made ``n``; a count read from ``size()`` follows the rewritten tensor."""
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        shape = list(args[1])
+        if len(shape) > dim and _static(shape[dim]) == total and not isinstance(shape[dim], fx.Node):
+            shape[dim] = n
+        return (args[0], type(args[1])(shape))
+    shape = list(args[1:])
+    if len(shape) > dim and _static(shape[dim]) == total and not isinstance(shape[dim], fx.Node):
+        shape[dim] = n
+    return (args[0], *shape)
