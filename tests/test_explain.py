@@ -3,6 +3,7 @@ replacements, rejections with reasons, readers, graph breaks), dict/JSON, unifie
 ``qvg`` ops, no side effects on the caller's model and tensors, clear notes for models without
 a cache, and the CLI on a model built by a factory in a Python file."""
 
+import inspect
 import json
 import textwrap
 
@@ -275,5 +276,8 @@ def test_explain_names_the_compiler_disabled_function_a_cache_hides_in():
     cache = {"k": torch.randn(1, 1, 8, 16), "v": torch.randn(1, 1, 8, 16)}
     report = qvg_compile.explain(_DisabledAttention(), torch.randn(1, 8, 16), cache)
     assert not report.sites and cache["k"].shape == (1, 1, 8, 16)  # the caller's cache untouched
-    assert any("`_sequence_parallel_attention`" in note and "stays dense" in note for note in report.notes)
+    # Named where it is defined (the first line of the decorated function).
+    line = inspect.unwrap(_sequence_parallel_attention).__code__.co_firstlineno
+    note = next(n for n in report.notes if "`_sequence_parallel_attention`" in n)
+    assert "stays dense" in note and f"test_explain.py:{line}" in note
     assert any("torch.compiler.disable" in b for b in report.graph_breaks)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import gc
+import inspect
 import json
 import re
 from dataclasses import dataclass, field
@@ -66,8 +69,20 @@ def graph_break_reasons() -> dict[str, int]:
 
 # Dynamo's reason for a call it skips: "... Skip calling function `<function f at 0x...>` since it
 # was wrapped with `torch.compiler.disable` ...".
-_DISABLED = re.compile(r"calling function `<function ([\w.<>]+) at ")
+_DISABLED = re.compile(r"calling function `<function ([\w.<>]+) at (0x[0-9a-fA-F]+)>")
 _DISABLED_NOTE = "Calls to compiler-disabled functions"
+
+
+@functools.lru_cache(maxsize=64)
+def _where_defined(name: str, address: str) -> str:
+    """``name at file:line`` for the function Dynamo's reason names by its address, when that
+    function is still alive (found among the live objects by id and name, never dereferenced;
+    one scan per function: the report is rebuilt at every compile); else ``name``."""
+    ident = int(address, 16)
+    fn = next((o for o in gc.get_objects() if id(o) == ident and callable(o)
+               and getattr(o, "__qualname__", "").endswith(name.rsplit(".", 1)[-1])), None)
+    code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    return f"`{name}` at {code.co_filename}:{code.co_firstlineno}" if code is not None else f"`{name}`"
 
 
 @dataclass
@@ -92,10 +107,10 @@ class Report:
         new = {reason: count - before.get(reason, 0) for reason, count in graph_break_reasons().items()
                if count > before.get(reason, 0)}
         self.graph_breaks = [f"{first_line(reason)} (x{count})" for reason, count in new.items()]
-        disabled = sorted({m.group(1) for reason in new if (m := _DISABLED.search(reason))})
+        disabled = sorted({m.groups() for reason in new if (m := _DISABLED.search(reason))})
         self.notes = [n for n in self.notes if not n.startswith(_DISABLED_NOTE)]
         if disabled:
-            names = ", ".join(f"`{name}`" for name in disabled)
+            names = ", ".join(sorted({_where_defined(name, address) for name, address in disabled}))
             self.notes.append(
                 f"{_DISABLED_NOTE} ({names}) ran eagerly, outside every graph. A cache appended to "
                 "before such a call and read by attention after it is found (idiom K); one created, "
