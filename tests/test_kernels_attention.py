@@ -1,7 +1,5 @@
 """Attention over packed history + dense tail: Triton kernels (interpreter, CPU) against the reference."""
 
-import os
-
 
 import math
 
@@ -14,12 +12,9 @@ from qvg_compile.kernels.attention import (qvg_attention, reference_attention, s
                                            streamed_attention)
 from qvg_compile.quant.qvg import encode_qvg
 from qvg_compile.quant.packed import PackedStore
+from interpreter import INTERPRETER_ONLY
 
-# Triton decides at import whether its kernels run in the interpreter; with a GPU and without
-# TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton interpreter tests on CPU tensors: set TRITON_INTERPRET=1 "
-                                       "(the README's test command does)")
+pytestmark = INTERPRETER_ONLY
 
 
 def rel(a, b):

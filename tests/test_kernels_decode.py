@@ -1,7 +1,5 @@
 """Triton decode (interpreter, CPU) against `PackedStore.dequantize`, and the ``qvg::decode`` op."""
 
-import os
-
 import pytest
 import torch
 
@@ -10,12 +8,9 @@ from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into, pa
 from qvg_compile.kernels.decode import dequantize_segment, dequantize_store, segment_as_store
 from qvg_compile.quant.qvg import encode_qvg
 from qvg_compile.quant.packed import PackedStore
+from interpreter import INTERPRETER_ONLY
 
-# Triton decides at import whether its kernels run in the interpreter; with a GPU and without
-# TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton interpreter tests on CPU tensors: set TRITON_INTERPRET=1 "
-                                       "(the README's test command does)")
+pytestmark = INTERPRETER_ONLY
 
 
 def make_store(seed, b=1, h=2, n=(37, 29), d=32, cfg=None, role="key", cdtype="fp16"):

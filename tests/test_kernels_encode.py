@@ -1,7 +1,5 @@
 """Triton encode kernels (interpreter, CPU) against the math layer, and the ``qvg::`` encode ops."""
 
-import os
-
 import pytest
 import torch
 
@@ -14,12 +12,9 @@ from qvg_compile.quant.lloyd import update as ref_update
 from qvg_compile.quant.group import group_quantize
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
 from qvg_compile.quant.segment import gather_centroids
+from interpreter import INTERPRETER_ONLY
 
-# Triton decides at import whether its kernels run in the interpreter; with a GPU and without
-# TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton interpreter tests on CPU tensors: set TRITON_INTERPRET=1 "
-                                       "(the README's test command does)")
+pytestmark = INTERPRETER_ONLY
 
 
 def rand(*shape, seed=0):

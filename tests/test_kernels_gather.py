@@ -1,8 +1,6 @@
 """`kernels.gather`: the Triton gather (interpreter, CPU) against `gather_reference`, and the
 block table it runs from."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,12 +9,9 @@ from hypothesis import strategies as st
 from qvg_compile import QVGConfig
 from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair, gather_reference, gather_supported
 from test_kernels_decode import make_store
+from interpreter import INTERPRETER_ONLY
 
-# Triton decides at import whether its kernels run in the interpreter; with a GPU and without
-# TRITON_INTERPRET=1 these CPU-tensor tests cannot run (the GPU suite covers the kernels there).
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton interpreter tests on CPU tensors: set TRITON_INTERPRET=1 "
-                                       "(the README's test command does)")
+pytestmark = INTERPRETER_ONLY
 
 
 def runs_and_tails(seed):

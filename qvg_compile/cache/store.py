@@ -34,6 +34,7 @@ from ..kernels.decode import dequantize_store
 from ..quant.segment import QVGSegment
 from ..quant.packed import PackedStore
 from . import tally
+from .codec import lead_sel
 from .encode import encode_segment
 from .seal_flags import flags_for, known_flags
 from .spec import (COUNTERS_AT, CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, POS_MAP_AT, STAMP, UID, USES, StoreSpec,
@@ -79,6 +80,11 @@ _row_writes: dict[tuple[int, int, int, int], int] = {}
 ROW_WRITES_SIZE = 4096
 
 
+def sel_slices(sel: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+    """``((offset, length), ...)`` as the slices of the leading dims they select."""
+    return tuple(slice(o, o + n) for o, n in sel)
+
+
 def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Tensor], parts: Sequence[int],
                       start: int, lead: Sequence[int], spec: StoreSpec) -> bool:
     """``qvg::cache_write`` of ``values`` at ``[start, start + n)`` as a copy into the tail rows a
@@ -90,10 +96,10 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
     r0 = _row_writes.get((id(arrays[POS_MAP_AT]), arrays[COUNTERS_AT].tolist()[STAMP], start, n))
     if r0 is None:
         return False
-    sel = tuple(slice(lead[i], lead[i] + lead[i + 1]) for i in range(0, len(lead), 2))
+    sel = lead_sel(lead)
     for p, v in zip(parts, values):
         tail = arrays[spec.tail_at[p]]
-        (tail[sel] if sel else tail)[..., r0:r0 + n, :].copy_(v)
+        (tail if sel is None else tail[sel_slices(sel)])[..., r0:r0 + n, :].copy_(v)
     tally.fast_write()
     return True
 
@@ -160,7 +166,7 @@ class Store:
     def _lead(self, sel: LeadSel) -> tuple[slice, ...]:
         if sel is None:
             return tuple(slice(None) for _ in self.lead)
-        return tuple(slice(o, o + n) for o, n in sel)
+        return sel_slices(sel)
 
     def rows_view(self, part: int, sel: LeadSel) -> torch.Tensor:
         return self.array("tail", part)[self._lead(sel)]

@@ -138,8 +138,7 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
         if _is_last_rows(node, dim, total, n) and node.args[0] in seen:
             slices.append(node)
             continue
-        if _is_size(node) or (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
-                              and _is_size(node.args[0])):
+        if _is_size_value(node):
             # Sizes of a padded tensor: taken again from the rewritten one (its token count is n).
             chain.append(node)
             todo.extend(node.users)
