@@ -1,16 +1,22 @@
-"""Train the tiny AR video model shipped with qvg-compile (the recipe; reproducible from a seed).
+"""Train a video model shipped with qvg-compile (the recipe; reproducible from a seed).
 
     pip install -e ".[train]"                      # scikit-image: its bundled photos are the data
     python examples/train_tiny.py --out runs/tiny  # one GPU, about 5 minutes on an H100
     cp runs/tiny/tiny_video.safetensors qvg_compile/tiny/
+    python examples/train_tiny.py --model proxy --out runs/proxy --time-limit 230   # Wan geometry
 
-Data (`qvg_compile.tiny.data`): clips of 24 frames, 32x32 RGB, camera pans / zooms / oscillations
-over 12 photographs of scikit-image plus up to 3 bouncing sprites, made on the GPU from a seed.
+``--model`` picks a named model of `qvg_compile.tiny.zoo` (architecture, checkpoint file name and
+the defaults of every option below). Data (`qvg_compile.tiny.data`): clips (tiny: 24 frames of
+32x32 RGB; proxy: 12 frames of 64x64) of camera pans / zooms / oscillations over 12 photographs of
+scikit-image plus up to 3 bouncing sprites, made on the GPU from a seed; without scikit-image or
+Pillow (``--data auto``) procedural 1/f textures stand in, and the recipe says so.
 Objective: flow matching (x_t = (1-t) x + t noise, target noise - x) with teacher forcing in the
-Self-Forcing layout: every chunk of 4 frames gets its own noise level and attends to the clean
-chunks before it and to itself (`TinyVideoModel.forward_train`), exactly what chunk-by-chunk
-generation with a KV cache shows it. AdamW, bf16 autocast, EMA weights are saved.
-At the end the EMA model continues held-out clips (photos never seen in training) from their
+Self-Forcing layout: every chunk gets its own noise level and attends to the clean chunks before it
+and to itself (`TinyVideoModel.forward_train`), exactly what chunk-by-chunk generation with a KV
+cache shows it. AdamW, bf16 autocast, EMA weights are saved. The learning rate follows a cosine
+over the planned ``--steps``, or over ``--time-limit`` seconds when that comes first; the loop
+stops at whichever ends first and logs why, so a slow machine still writes an annealed checkpoint.
+At the end the EMA model continues held-out clips (images never seen in training) from their
 first chunk, and the PSNR of that continuation against the true clip is stored in the recipe.
 """
 
@@ -26,11 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qvg_compile.tiny.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from qvg_compile.tiny.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, ClipSampler, load_photos, prompt_clips, to_uint8
-from qvg_compile.tiny.model import TinyVideoConfig, TinyVideoModel, generate
+from qvg_compile.tiny.checkpoint import save_checkpoint
+from qvg_compile.tiny.data import (HELD_OUT_PHOTOS, TRAIN_PHOTOS, ClipSampler, load_photos, photos_available,
+                                   procedural_photos, prompt_clips, to_uint8)
+from qvg_compile.tiny.model import TinyVideoModel, generate
+from qvg_compile.tiny.zoo import MODELS, get_model_spec
 
-SHIPPED = TinyVideoConfig(size=32, patch=4, dim=256, heads=4, layers=4, frames_per_chunk=4, steps=4)
+# Procedural textures: training and held-out images come from disjoint seeds.
+PROCEDURAL_TRAIN_SEED, PROCEDURAL_HELD_OUT_SEED = 100, 200
 
 
 def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -38,59 +47,108 @@ def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def images(data: str, held_out: bool, side: int, device: torch.device) -> torch.Tensor:
+    """The training (or held-out) images ``[P, 3, side, side]`` on ``device``."""
+    if data == "photos":
+        return load_photos(HELD_OUT_PHOTOS if held_out else TRAIN_PHOTOS, side=side).to(device)
+    count = len(HELD_OUT_PHOTOS) if held_out else len(TRAIN_PHOTOS)
+    return procedural_photos(count, side, PROCEDURAL_HELD_OUT_SEED if held_out else PROCEDURAL_TRAIN_SEED).to(device)
+
+
+def schedule(args: argparse.Namespace, step: int, elapsed: float) -> tuple[float, float]:
+    """``(progress in [0, 1], learning rate)``: warm-up, then a cosine from lr to lr/10 over the
+    planned steps or the time limit, whichever is nearer its end."""
+    progress = step / args.steps
+    if args.time_limit:
+        progress = max(progress, elapsed / args.time_limit)
+    progress = min(progress, 1.0)
+    lr = args.lr * min(1.0, step / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    return progress, lr
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SHIPPED
-    sampler = ClipSampler(load_photos(TRAIN_PHOTOS).to(device), size=cfg.size, frames=args.frames, seed=args.seed)
+    spec = get_model_spec(args.model)
+    cfg = spec.config
+    if args.frames % cfg.frames_per_chunk:
+        raise ValueError(f"--frames: expected a multiple of {cfg.frames_per_chunk}, got {args.frames}")
+    data = args.data if args.data != "auto" else ("photos" if photos_available() else "procedural")
+    sampler = ClipSampler(images(data, False, args.photo_side, device), size=cfg.size, frames=args.frames,
+                          seed=args.seed)
     model = TinyVideoModel(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     noise_gen = torch.Generator(device).manual_seed(args.seed + 1)
     chunks = args.frames // cfg.frames_per_chunk
-    log = []
+    log, stopped, step = [], "steps", 0
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+    while step < args.steps:
+        step += 1
+        progress, lr = schedule(args, step, time.perf_counter() - start)
         for group in opt.param_groups:
             group["lr"] = lr
-        clean = sampler.sample(args.batch)
-        noise = torch.randn(clean.shape, generator=noise_gen, device=device)
-        t = torch.rand(args.batch, chunks, generator=noise_gen, device=device)
-        t_frames = t.repeat_interleave(cfg.frames_per_chunk, dim=1)[:, :, None, None, None]
-        noisy = (1 - t_frames) * clean + t_frames * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            velocity = model.forward_train(clean, noisy, t)
-        loss = F.mse_loss(velocity.float(), noise - clean)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        if step % args.log_every == 0 or step == args.steps:
+        loss = train_step(model, ema, opt, sampler, noise_gen, args, chunks, step)
+        last = progress >= 1.0 or step == args.steps
+        if step % args.log_every == 0 or last:
             elapsed = time.perf_counter() - start
             log.append({"step": step, "loss": float(loss), "lr": lr, "seconds": elapsed})
             print(f"step {step:6d}  loss {float(loss):.4f}  lr {lr:.2e}  {elapsed:6.1f} s", flush=True)
+        if progress >= 1.0 and step < args.steps:
+            stopped = "time_limit"
+            print(f"stopped at step {step} of {args.steps}: time limit of {args.time_limit} s reached", flush=True)
+            break
     seconds = time.perf_counter() - start
+    return finish(args, spec, ema, data, log, seconds, step, stopped, device)
 
-    truth = prompt_clips(args.prompts, args.frames, size=cfg.size, photos=load_photos(HELD_OUT_PHOTOS).to(device))
-    prompts = to_uint8(truth[:, :cfg.frames_per_chunk])
+
+def train_step(model: TinyVideoModel, ema: TinyVideoModel, opt: torch.optim.Optimizer, sampler: ClipSampler,
+               noise_gen: torch.Generator, args: argparse.Namespace, chunks: int, step: int) -> torch.Tensor:
+    """One AdamW step on a fresh batch, then the EMA update; returns the loss (on the device)."""
+    device = next(model.parameters()).device
+    fpc = model.cfg.frames_per_chunk
+    clean = sampler.sample(args.batch)
+    noise = torch.randn(clean.shape, generator=noise_gen, device=device)
+    t = torch.rand(args.batch, chunks, generator=noise_gen, device=device)
+    t_frames = t.repeat_interleave(fpc, dim=1)[:, :, None, None, None]
+    noisy = (1 - t_frames) * clean + t_frames * noise
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        velocity = model.forward_train(clean, noisy, t)
+    loss = F.mse_loss(velocity.float(), noise - clean)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        decay = min(args.ema, (1 + step) / (10 + step))
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+    return loss.detach()
+
+
+def finish(args: argparse.Namespace, spec, ema: TinyVideoModel, data: str, log: list, seconds: float,
+           steps_done: int, stopped: str, device: torch.device) -> dict:
+    """Held-out continuation PSNR, then the checkpoint, log.json and samples.png in ``--out``."""
+    cfg, out = spec.config, Path(args.out)
+    fpc = cfg.frames_per_chunk
+    truth = prompt_clips(args.prompts, args.frames, size=cfg.size, photos=images(data, True, args.photo_side, device))
+    prompts = to_uint8(truth[:, :fpc])
     ema_bf16 = copy.deepcopy(ema).to(torch.bfloat16)
-    video = generate(ema_bf16, chunks, seed=0, prompt=truth[:, :cfg.frames_per_chunk].to(torch.bfloat16),
-                     progress=False)
-    held_out = psnr(truth[:, cfg.frames_per_chunk:], video[:, cfg.frames_per_chunk:])
-    recipe = {"script": "examples/train_tiny.py", "args": vars(args), "config": cfg.to_dict(),
-              "train_photos": list(TRAIN_PHOTOS), "held_out_photos": list(HELD_OUT_PHOTOS),
-              "train_seconds": round(seconds, 1), "final_loss": log[-1]["loss"],
-              "held_out_continuation_psnr_db": round(held_out, 2),
+    video = generate(ema_bf16, args.frames // fpc, seed=0, prompt=truth[:, :fpc].to(torch.bfloat16), progress=False)
+    held_out = psnr(truth[:, fpc:], video[:, fpc:])
+    recipe = {"script": "examples/train_tiny.py", "model": spec.name, "args": vars(args), "config": cfg.to_dict(),
+              "data": data, "train_photos": list(TRAIN_PHOTOS), "held_out_photos": list(HELD_OUT_PHOTOS),
+              "train_seconds": round(seconds, 1), "steps_done": steps_done, "stopped": stopped,
+              "final_loss": log[-1]["loss"], "held_out_continuation_psnr_db": round(held_out, 2),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters())}
-    path = save_checkpoint(ema, out / CHECKPOINT_NAME, prompts, recipe)
+              "torch": torch.__version__, "params": sum(p.numel() for p in ema.parameters())}
+    if data == "procedural":
+        recipe.update(train_photos=f"procedural_photos(seed={PROCEDURAL_TRAIN_SEED})",
+                      held_out_photos=f"procedural_photos(seed={PROCEDURAL_HELD_OUT_SEED})")
+    path = save_checkpoint(ema, out / spec.checkpoint, prompts, recipe)
     (out / "log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     _save_samples(truth, video, out / "samples.png")
     print(json.dumps({k: v for k, v in recipe.items() if k != "args"}, indent=1))
@@ -110,20 +168,37 @@ def _save_samples(truth: torch.Tensor, video: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid.numpy()).save(path)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Options; those left unset take the named model's defaults (`qvg_compile.tiny.zoo`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="which named model to train")
     parser.add_argument("--out", required=True, help="folder for the checkpoint, log.json and samples.png")
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--frames", type=int, default=24, help="frames per training clip (6 chunks of 4)")
-    parser.add_argument("--lr", type=float, default=8e-4)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--steps", type=int, help="planned optimizer steps (tiny: 6000, proxy: 1200)")
+    parser.add_argument("--batch", type=int, help="clips per step (tiny: 32, proxy: 8)")
+    parser.add_argument("--frames", type=int, help="frames per training clip (tiny: 24, proxy: 12)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--ema", type=float)
+    parser.add_argument("--photo-side", type=int, help="side the images are resized to before the camera moves")
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds of training at most: the schedule anneals over it and the loop stops")
+    parser.add_argument("--data", choices=["auto", "photos", "procedural"], default="auto",
+                        help="scikit-image photos, procedural textures, or photos when installed (auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompt clips stored with the weights")
-    parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train(parser.parse_args())
+    args = parser.parse_args(argv)
+    for key, value in get_model_spec(args.model).train.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
+    return args
+
+
+def main(argv=None) -> dict:
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ def _quant_bench(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     if args.kv:
-        data = load_kv(args.kv)
+        data = load_kv(args.kv, layer=args.layer)
+    elif args.layer is not None:
+        raise ValueError("--layer: needs --kv (a file captured from several layers)")
     else:
         data = video_like_kv(heads=args.heads, frames=args.frames, height=args.height,
                              width=args.width, head_dim=args.head_dim, seed=args.seed)
@@ -59,35 +61,96 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_table(records: list) -> str:
+    table = tabulate([[r["label"], r["via"], f"{r['bits_per_element']:.3f}", f"{r['sealed_bits_per_element']:.3f}",
+                       f"{r['compression']:.2f}x", f"{r['psnr_db']:.2f}", f"{r['ssim']:.3f}",
+                       f"{r['psnr_last_chunk_db']:.2f}", f"{r['seconds']:.1f}"] for r in records],
+                     headers=["cache", "how", "bits/elem", "sealed bits", "vs dense", "PSNR dB", "SSIM",
+                              "PSNR last chunk", "s"], tablefmt="github")
+    with_layers = [r for r in records if r.get("layers")]
+    if not with_layers:
+        return table
+    count = len(with_layers[0]["layers"])
+    errors = tabulate([[r["label"]] + [f"{row[f'{n}_rel_mse']:.4f}" for row in r["layers"] for n in "kv"]
+                       for r in with_layers],
+                      headers=["K/V rel-MSE"] + [f"{n.upper()} L{i}" for i in range(count) for n in "kv"],
+                      tablefmt="github")
+    return f"{table}\n\n{errors}"
+
+
+def _load_eval_checkpoint(args: argparse.Namespace):
+    from .tiny.checkpoint import load_checkpoint
+
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint)
+    try:
+        return load_checkpoint(name=args.model)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def _eval(args: argparse.Namespace) -> int:
     import math
 
     import torch
 
-    from .tiny.checkpoint import load_checkpoint
     from .tiny.evaluate import evaluate
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    records, videos = evaluate(load_checkpoint(), chunks=args.chunks, prompts=args.prompts,
+    records_so_far: list = []
+
+    def clean(r: dict) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()}
+
+    def keep(record: dict) -> None:
+        # Written after every method, so a run cut short by a time-out keeps what it measured.
+        records_so_far.append(record)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump([clean(r) for r in records_so_far], f, indent=1)
+
+    ckpt = _load_eval_checkpoint(args)
+    records, videos = evaluate(ckpt, chunks=args.chunks, prompts=args.prompts,
                                methods=args.methods.split(","), bits=args.bits, seed=args.seed, via=args.via,
-                               device=args.device, dtype=dtype, progress=not args.json)
+                               device=args.device, dtype=dtype, progress=not args.json,
+                               settings=args.settings.split(","), layer_errors=args.layer_errors,
+                               time_limit=args.time_limit, on_record=keep)
     if args.json:
-        finite = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in records]
-        print(json.dumps(finite, indent=1))
+        print(json.dumps([clean(r) for r in records], indent=1))
     else:
-        print(tabulate([[r["label"], r["via"], f"{r['bits_per_element']:.3f}", f"{r['compression']:.2f}x",
-                         f"{r['psnr_db']:.2f}", f"{r['ssim']:.3f}", f"{r['psnr_last_chunk_db']:.2f}",
-                         f"{r['seconds']:.1f}"] for r in records],
-                       headers=["cache", "how", "bits/elem", "vs dense", "PSNR dB", "SSIM", "PSNR last chunk", "s"],
-                       tablefmt="github"))
+        print(_eval_table(records))
+    note = sys.stderr if args.json else sys.stdout
     if args.plot:
         from .tiny.media import save_psnr_plot
-        path = save_psnr_plot(records, args.plot, title=f"{args.chunks} chunks, {args.prompts} prompt(s), {args.dtype}")
-        print(f"plot: {path}", file=sys.stderr if args.json else sys.stdout)
+        name = args.checkpoint or args.model
+        path = save_psnr_plot(records, args.plot, title=f"{name}: {args.chunks} chunks, {args.prompts} prompt(s), "
+                                                        f"{args.dtype}")
+        print(f"plot: {path}", file=note)
     if args.gif:
         from .tiny.media import save_strip
         path = save_strip([v[0] for v in videos.values()], [r["label"] for r in records], args.gif)
-        print(f"video strip: {path}", file=sys.stderr if args.json else sys.stdout)
+        print(f"video strip: {path}", file=note)
+    return 0
+
+
+def _capture_kv(args: argparse.Namespace) -> int:
+    import torch
+
+    from .tiny.capture import capture_kv, save_kv
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    ckpt = _load_eval_checkpoint(args)
+    layers = [int(x) for x in args.layers.split(",")]
+    heads = [int(x) for x in args.heads.split(",")]
+    tensors = capture_kv(ckpt, chunks=args.chunks, frames=args.frames, layers=layers, heads=heads,
+                         queries=args.queries, seed=args.seed, device=args.device, dtype=dtype)
+    cfg = ckpt.model.cfg
+    info = {"model": args.checkpoint or args.model, "config": cfg.to_dict(), "chunks": args.chunks,
+            "frames": args.frames, "layers": layers, "heads": heads, "queries": args.queries, "seed": args.seed,
+            "device": args.device, "recipe_model": ckpt.recipe.get("model")}
+    path = save_kv(tensors, args.out, info)
+    print(f"{path}: {', '.join(f'{n} {list(t.shape)}' for n, t in tensors.items())} {str(dtype)[6:]}, "
+          f"{path.stat().st_size / 2**20:.2f} MiB")
     return 0
 
 
@@ -162,6 +225,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    from .tiny.zoo import MODELS
+
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="which shipped model (tiny: the CPU demo's; proxy: Wan latent geometry)")
+    parser.add_argument("--checkpoint", help="a checkpoint file to use instead of the shipped one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvg-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--height", type=int, default=32, help="built-in generator: tokens per frame, vertically")
     qb.add_argument("--width", type=int, default=32, help="built-in generator: tokens per frame, horizontally")
     qb.add_argument("--head-dim", type=int, default=128, help="built-in generator: channels per head")
+    qb.add_argument("--layer", type=int, help="--kv from capture-kv: this layer only (default: all, stacked on heads)")
     qb.add_argument("--json", action="store_true", help="print a JSON list of records")
     qb.set_defaults(func=_quant_bench)
 
@@ -187,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="video quality of QVG and baseline caches against the dense-cache rollout")
+    _model_options(ev)
     ev.add_argument("--chunks", type=int, default=12, help="chunks per video, the prompt chunk included")
     ev.add_argument("--prompts", type=int, default=2, help="held-out prompt clips to continue")
     ev.add_argument("--methods", default="qvg,qvg_asym,qvg_pro,qvg_pro_asym,rtn,kivi,quarot",
@@ -199,8 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="model and cache dtype")
     ev.add_argument("--plot", help="write a PNG of PSNR per frame here (matplotlib)")
     ev.add_argument("--gif", help="write the first prompt's videos side by side here (Pillow)")
+    ev.add_argument("--settings", default="published",
+                    help="comma-separated: published (each method's own setting), matched (2.3-2.5 bits each)")
+    ev.add_argument("--layer-errors", action="store_true",
+                    help="also each method's per-layer K/V rel-MSE on the dense rollout's K/V")
+    ev.add_argument("--time-limit", type=float, help="seconds after which no further method starts")
+    ev.add_argument("--json-out", help="write the records as JSON here (rewritten after every method)")
     ev.add_argument("--json", action="store_true", help="print the records as JSON")
     ev.set_defaults(func=_eval)
+
+    cap = sub.add_parser("capture-kv", help="save K/V (and queries) of a model's dense rollout for quant-bench --kv")
+    _model_options(cap)
+    cap.add_argument("--out", required=True, help="the .safetensors file to write")
+    cap.add_argument("--chunks", type=int, default=3, help="chunks to roll out, the prompt chunk included")
+    cap.add_argument("--frames", type=int, default=4, help="last frames of the history to keep")
+    cap.add_argument("--layers", default="0,-1", help="comma-separated layer indices")
+    cap.add_argument("--heads", default="0", help="comma-separated head indices")
+    cap.add_argument("--queries", type=int, default=256, help="queries of the last clean pass to keep")
+    cap.add_argument("--seed", type=int, default=0, help="noise seed of the rollout")
+    cap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    cap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="model and file dtype")
+    cap.set_defaults(func=_capture_kv)
 
     ins = sub.add_parser("inspect", help="what the QVG backend finds and rewrites in a model built by FILE.py:FACTORY")
     ins.add_argument("target", metavar="FILE.py:FACTORY",

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from qvg_compile import QVGConfig
-from qvg_compile.tiny.checkpoint import load_checkpoint
+import dataclasses
+import json
+
+from qvg_compile.cli import main
+from qvg_compile.tiny import zoo
+from qvg_compile.tiny.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qvg_compile.tiny.data import from_uint8
 from qvg_compile.tiny.evaluate import DEFAULT_METHODS, SimulatedCache, evaluate, method_config, rollout
 from qvg_compile.tiny.media import save_psnr_plot
@@ -67,3 +72,45 @@ def test_two_chunk_eval_returns_sane_records_for_every_method(tmp_path):
     assert {r["via"] for r in records if r["method"] in ("kivi", "quarot")} == {"simulated"}
     assert set(videos) == {r["method"] for r in records}
     assert save_psnr_plot(records, tmp_path / "psnr.png").stat().st_size > 1000
+
+
+def test_cli_eval_of_a_checkpoint_at_matched_and_published_bits(tmp_path, capsys):
+    torch.manual_seed(0)
+    # 64 tokens per frame: KIVI's key groups of 64 tokens fill every chunk.
+    m = TinyVideoModel(dataclasses.replace(zoo.MODELS["proxy"].config, size=16, layers=2)).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    prompts = torch.randint(0, 256, (1, 3, 3, 16, 16), dtype=torch.uint8)
+    path = save_checkpoint(m, tmp_path / "proxy.safetensors", prompts)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(path), "--chunks", "3", "--prompts", "1", "--methods", "qvg,rtn,kivi",
+                 "--settings", "matched,published", "--layer-errors", "--json-out", str(out),
+                 "--plot", str(tmp_path / "psnr.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "K/V rel-MSE" in printed and "RTN (matched)" in printed and (tmp_path / "psnr.png").is_file()
+    records = {r["key"]: r for r in json.loads(out.read_text())}
+    assert list(records) == ["bf16", "qvg@matched", "rtn@matched", "kivi@matched", "qvg", "rtn", "kivi"]
+    assert records["kivi@matched"]["sealed_bits_per_element"] == 2.5 and records["kivi"]["sealed_bits_per_element"] == 3
+    assert records["qvg@matched"]["psnr_db"] == records["qvg"]["psnr_db"]     # one config, one rollout
+    for r in list(records.values())[1:]:
+        assert [row["layer"] for row in r["layers"]] == [0, 1] and all(0 < row["k_rel_mse"] < 1 for row in r["layers"])
+        assert r["bits_per_element"] > r["sealed_bits_per_element"] > 2
+
+
+def test_a_model_whose_checkpoint_is_not_shipped_names_the_file(monkeypatch, capsys):
+    spec = dataclasses.replace(zoo.MODELS["proxy"], checkpoint="absent_video.safetensors")
+    monkeypatch.setitem(zoo.MODELS, "proxy", spec)
+    with pytest.raises(FileNotFoundError, match="absent_video.safetensors.*--model proxy"):
+        load_checkpoint(name="proxy")
+    assert main(["eval", "--model", "proxy", "--chunks", "2", "--prompts", "1"]) == 2
+    assert "absent_video.safetensors" in capsys.readouterr().err
+
+
+def test_evaluate_stops_starting_methods_past_its_time_limit():
+    ckpt = Checkpoint(TinyVideoModel(TinyVideoConfig()).eval(), torch.zeros(1, 2, 3, 16, 16, dtype=torch.uint8))
+    with pytest.warns(UserWarning, match="skipped"):
+        records, _ = evaluate(ckpt, chunks=2, prompts=1, methods=("rtn", "kivi"), dtype=torch.float32,
+                              progress=False, time_limit=1e-9)
+    assert [r["method"] for r in records] == ["bf16"]
+    with pytest.raises(ValueError, match="settings"):
+        evaluate(ckpt, chunks=2, prompts=1, settings=("budget",))

@@ -2,8 +2,8 @@
 
 Layout: the model's ``state_dict`` (bf16) plus ``prompts`` ``[P, F, 3, size, size]`` uint8 (the
 first chunk of held-out clips, to start videos from); the metadata holds ``config`` and ``recipe``
-as JSON. The file lives inside the package (``qvg_compile/tiny/tiny_video.safetensors``) so that
-non-editable installs have it.
+as JSON. The files live inside the package (``qvg_compile/tiny/<name>_video.safetensors``, one per
+model of `qvg_compile.tiny.zoo`) so that non-editable installs have them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Optional, Union
 import torch
 
 from .model import TinyVideoConfig, TinyVideoModel
+from .zoo import get_model_spec
 
 FORMAT = "qvg-compile-tiny-video/1"
-CHECKPOINT_NAME = "tiny_video.safetensors"
 
 
 @dataclass
@@ -32,9 +32,9 @@ class Checkpoint:
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
-def default_path() -> Path:
-    """The checkpoint shipped inside the package."""
-    return Path(str(resources.files("qvg_compile.tiny").joinpath(CHECKPOINT_NAME)))
+def default_path(name: str = "tiny") -> Path:
+    """Where the package ships the checkpoint of model ``name`` (the file may be missing)."""
+    return Path(str(resources.files("qvg_compile.tiny").joinpath(get_model_spec(name).checkpoint)))
 
 
 def save_checkpoint(model: TinyVideoModel, path: Union[str, Path], prompts: torch.Tensor,
@@ -56,12 +56,18 @@ def save_checkpoint(model: TinyVideoModel, path: Union[str, Path], prompts: torc
 
 
 def load_checkpoint(path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a checkpoint (default: the shipped one) with safetensors (no pickle); the model is
-    built from the stored config, cast to ``dtype`` on ``device``, in eval mode."""
+                    dtype: torch.dtype = torch.float32, name: str = "tiny") -> Checkpoint:
+    """Load a checkpoint with safetensors (no pickle): ``path``, or else the one the package ships
+    for model ``name`` (`qvg_compile.tiny.zoo`); the model is built from the stored config, cast
+    to ``dtype`` on ``device``, in eval mode."""
     from safetensors import safe_open
 
-    path = default_path() if path is None else Path(path)
+    if path is None:
+        path = default_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model {name!r}: its checkpoint {path.name} is not in the package ({path.parent}); "
+                                    f"train it with examples/train_tiny.py --model {name} and copy it there")
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tiny-video checkpoint at {path}: train one with examples/train_tiny.py")
     with safe_open(str(path), framework="pt") as f:

@@ -3,7 +3,9 @@ and oscillations over natural photographs, with moving sprites on top.
 
 The photographs are the sample images that ship inside scikit-image's wheel (``skimage/data``);
 they are read with Pillow from the installed package without importing scikit-image, and nothing
-is downloaded. Install them with ``pip install "qvg-compile[train]"``. Frames are ``[-1, 1]``.
+is downloaded. Install them with ``pip install "qvg-compile[train]"``. Where scikit-image or
+Pillow is missing (a bare GPU machine), `procedural_photos` stands in: deterministic textures with
+a natural image's 1/f spectrum and a few flat-coloured shapes. Frames are ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,44 @@ import torch.nn.functional as F
 TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "ihc", "motorcycle_left", "retina",
                 "camera", "brick", "grass", "gravel", "moon", "coins")
 HELD_OUT_PHOTOS = ("chelsea", "rocket")
+
+
+def photos_available() -> bool:
+    """Whether scikit-image's photos and Pillow (which reads them) are installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("skimage", "PIL"))
+
+
+def procedural_photos(count: int, side: int = 160, seed: int = 0) -> torch.Tensor:
+    """``count`` textures ``[count, 3, side, side]`` float32 in [-1, 1], deterministic from ``seed``.
+
+    Each is coloured noise with a 1/f amplitude spectrum (the statistics of natural photographs:
+    edges and smooth regions at every scale) under 4-8 flat-coloured discs and boxes with soft
+    edges, so that tokens fall into regions as they do on photos."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count: expected a positive int, got {count!r}")
+    if not isinstance(side, int) or side < 8:
+        raise ValueError(f"side: expected an int >= 8, got {side!r}")
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.fft.fftfreq(side)
+    radius = torch.hypot(f[:, None], f[None, :]).clamp_min(1.0 / side)
+    spectrum = torch.randn(count, 3, side, side, generator=gen) / radius ** 1.5
+    noise = torch.fft.ifft2(spectrum * torch.exp(2j * torch.pi * torch.rand(count, 3, side, side, generator=gen))).real
+    noise = noise / noise.flatten(1).std(dim=1)[:, None, None, None]
+    # Mostly shared luminance, a little independent chroma, as in photographs.
+    mix = 0.5 + torch.randn(count, 3, 3, generator=gen) * 0.25 + 0.3 * torch.eye(3)
+    out = torch.einsum("pij,pjhw->pihw", mix, noise) * 0.3
+    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    for p in range(count):
+        for _ in range(int(torch.randint(4, 9, (1,), generator=gen))):
+            cx, cy, r = (torch.rand(3, generator=gen) * torch.tensor([side, side, side / 4.0])).tolist()
+            r += side / 16
+            d = torch.hypot(xx - cx, yy - cy) if torch.rand(1, generator=gen) < 0.5 else \
+                torch.maximum((xx - cx).abs(), (yy - cy).abs())
+            alpha = (r - d + 1.0).clamp(0, 1)
+            colour = torch.rand(3, 1, 1, generator=gen) * 1.6 - 0.8
+            out[p] = out[p] * (1 - alpha) + (colour + 0.15 * out[p]) * alpha
+    return out.clamp(-1, 1)
 
 
 def photo_dir() -> Path:
@@ -111,17 +151,18 @@ class ClipSampler:
 
     def _sprites(self, frames: torch.Tensor) -> torch.Tensor:
         """Paint up to ``max_sprites`` discs and squares moving at constant speed, bouncing off
-        the borders, with anti-aliased edges."""
+        the borders, with anti-aliased edges. Sizes and speeds are in units of a 32-pixel frame."""
         b, n = frames.shape[0], self.max_sprites
         if n == 0:
             return frames
         size = float(self.size)
+        unit = size / 32
         live = torch.arange(n)[None, :] < torch.randint(0, n + 1, (b, 1), generator=self.generator)
-        radius = self._u(b, n, low=2.0, high=5.0)
+        radius = self._u(b, n, low=2.0, high=5.0) * unit
         square = self._u(b, n) < 0.5
         colour = self._u(b, n, 3, low=-1.0, high=1.0)
         start = radius[..., None] + self._u(b, n, 2) * (size - 2 * radius[..., None])
-        velocity = self._u(b, n, 2, low=-1.5, high=1.5)
+        velocity = self._u(b, n, 2, low=-1.5, high=1.5) * unit
         t = torch.arange(self.frames, dtype=torch.float32)
         span = (size - 2 * radius)[:, :, None, None]
         travel = (start[:, :, None, :] - radius[:, :, None, None] + velocity[:, :, None, :] * t[None, None, :, None])

@@ -12,22 +12,30 @@ wall time of the rollout.
 after each chunk's clean pass its K/V slot is replaced by ``quantize(...).dequantize()`` of the
 math layer, which is what the cache does when it seals a chunk (the open chunk stays dense in
 both). Their bits are the segments' own accounting plus the dense open chunk.
+
+``settings`` runs each method at its published setting and/or at a matched budget of bits per
+element (`qvg_compile.tiny.budget`); ``sealed_bits_per_element`` is what the budget counts (all
+but the open chunk). ``layer_errors=True`` adds each method's per-layer K/V rel-MSE on the dense
+rollout's K/V (`qvg_compile.tiny.kv_error`).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..backend import backend
-from ..cache import compress, memory_report
+from ..cache import compress, memory_report, seal
 from ..quant.api import quantize
 from ..quant.config import QVGConfig
+from .budget import SETTINGS, in_budget, matched_setting
 from .checkpoint import Checkpoint
 from .data import from_uint8
+from .kv_error import layer_errors as replay_layer_errors
 from .metrics import psnr_per_frame, ssim_per_frame
 from .model import TinyVideoModel, allocate_cache, generate
 
@@ -84,6 +92,11 @@ class SimulatedCache:
         held = sum(self.chunk_bytes[:-1]) + open_bytes
         return 8 * held / elements, elements * itemsize / held
 
+    def sealed_bits(self, cache: list[dict]) -> float:
+        """Bits per element with every chunk quantized (the video sealed)."""
+        elements = sum(layer[name].numel() for layer in cache for name in ("k", "v"))
+        return 8 * sum(self.chunk_bytes) / elements
+
 
 def rollout(model: TinyVideoModel, chunks: int, prompt: torch.Tensor, seed: int,
             config: Optional[QVGConfig] = None, via: str = "compress", progress: bool = False,
@@ -124,17 +137,68 @@ def cache_bits(cache: list[dict]) -> tuple[float, float]:
 def evaluate(ckpt: Checkpoint, chunks: int = 24, prompts: int = 4, methods: Sequence[str] = DEFAULT_METHODS,
              bits: int = 2, seed: int = 0, via: str = "compress", device: str = "cpu",
              dtype: torch.dtype = torch.bfloat16, progress: bool = True,
-             cache_options: Optional[dict] = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Roll out ``prompts`` shipped prompts for ``chunks`` chunks with every method.
+             cache_options: Optional[dict] = None, settings: Sequence[str] = ("published",),
+             layer_errors: bool = False, time_limit: Optional[float] = None,
+             on_record: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Roll out ``prompts`` shipped prompts for ``chunks`` chunks with every method, at every
+    setting of ``settings`` (``"published"``, ``"matched"``: `qvg_compile.tiny.budget`).
 
-    Returns ``(records, videos)``: one record per method, the BF16 reference first (``method``,
-    ``label``, ``bits_per_element``, ``compression``, ``psnr_db``, ``ssim``, ``psnr_last_chunk_db``,
+    Returns ``(records, videos)``: one record per method and setting, the BF16 reference first
+    (``key``, ``method``, ``setting``, ``label``, ``bits_per_element``, ``sealed_bits_per_element``,
+    ``in_budget``, ``compression``, ``psnr_db``, ``ssim``, ``psnr_last_chunk_db``,
     ``per_frame_psnr_db``, ``per_frame_ssim``, ``first_frame``, ``seconds``, ``frames``, ``via``,
-    ``config``), and the videos ``[B, T, C, H, W]`` by method. KIVI and QuaRot run simulated
-    (``via="simulated"``, see the module docstring); the rest through ``via``.
+    ``config``, and with ``layer_errors`` ``layers``: per-layer ``k_rel_mse``/``v_rel_mse``), and the
+    videos ``[B, T, C, H, W]`` by record ``key``. KIVI and QuaRot run simulated (``via="simulated"``,
+    see the module docstring); the rest through ``via``. A setting whose config equals one already
+    run reuses its rollout. Past ``time_limit`` seconds no further method starts (a warning names
+    the ones skipped); ``on_record`` gets each record as soon as it is made.
     """
     from tqdm.auto import tqdm
 
+    _check_evaluate(ckpt, chunks, prompts, methods, settings, time_limit)
+    begin = time.perf_counter()
+    model = ckpt.model.to(device=device, dtype=dtype)
+    prompt = from_uint8(ckpt.prompts[:prompts])
+    options = dict(cache_options or {})
+    reference, ref_cache, seconds = rollout(model, chunks, prompt, seed, progress=progress)
+    first = prompt.shape[1]
+    records = [_record("bf16", None, reference, reference, first, seconds, float(torch.finfo(dtype).bits), 1.0, via)]
+    records[0].update(sealed_bits_per_element=records[0]["bits_per_element"], in_budget=None)
+    videos = {"bf16": reference.float().cpu()}
+    if on_record is not None:
+        on_record(records[0])
+    plan = [(setting, name) for setting in settings for name in methods]
+    done: dict[tuple, tuple[dict, torch.Tensor]] = {}
+    for i, (setting, name) in enumerate(tqdm(plan, desc="methods", unit="method", disable=not progress)):
+        if time_limit is not None and time.perf_counter() - begin > time_limit:
+            warnings.warn(f"time limit of {time_limit} s reached: skipped {[f'{n} ({s})' for s, n in plan[i:]]}")
+            break
+        config, extra = method_config(name, model.cfg.head_dim, bits), {}
+        if setting == "matched":
+            config, extra = matched_setting(config, name, model.cfg.head_dim)
+        run_options = {**options, **extra}
+        same = (config, tuple(sorted(run_options.items())))
+        if same in done:
+            record, video = dict(done[same][0]), done[same][1]
+        else:
+            record, video = _run_method(model, name, config, chunks, prompt, seed, via, run_options, reference, first)
+            if layer_errors:
+                record["layers"] = replay_layer_errors(ref_cache, config, model.cfg.chunk_tokens,
+                                                       simulated=name in SIMULATED, cache_options=run_options)
+            record["cache_options"] = run_options
+            done[same] = (record, video)
+        key = name if setting == "published" else f"{name}@{setting}"
+        record.update(key=key, setting=setting, in_budget=in_budget(record["sealed_bits_per_element"]),
+                      label=LABELS[name] + ("" if setting == "published" else f" ({setting})"))
+        records.append(record)
+        videos[key] = video
+        if on_record is not None:
+            on_record(record)
+    return records, videos
+
+
+def _check_evaluate(ckpt: Checkpoint, chunks: int, prompts: int, methods: Sequence[str], settings: Sequence[str],
+                    time_limit: Optional[float]) -> None:
     if not isinstance(chunks, int) or chunks < 2:
         raise ValueError(f"chunks: expected an int >= 2 (a prompt chunk and a generated one), got {chunks!r}")
     if not isinstance(prompts, int) or not 1 <= prompts <= len(ckpt.prompts):
@@ -142,26 +206,28 @@ def evaluate(ckpt: Checkpoint, chunks: int = 24, prompts: int = 4, methods: Sequ
     unknown = [m for m in methods if m not in LABELS or m == "bf16"]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(DEFAULT_METHODS)}")
-    model = ckpt.model.to(device=device, dtype=dtype)
-    cfg = model.cfg
-    prompt = from_uint8(ckpt.prompts[:prompts])
-    first = prompt.shape[1]
-    options = dict(cache_options or {})
-    reference, _, seconds = rollout(model, chunks, prompt, seed, progress=progress)
-    records = [_record("bf16", None, reference, reference, first, seconds, float(torch.finfo(dtype).bits), 1.0, via)]
-    videos = {"bf16": reference.float().cpu()}
-    for name in tqdm(methods, desc="methods", unit="method", disable=not progress):
-        config = method_config(name, cfg.head_dim, bits)
-        if name in SIMULATED:
-            hook = SimulatedCache(config)
-            video, cache, seconds = rollout(model, chunks, prompt, seed, after_chunk=hook)
-            (bpe, compression), how = hook.bits(cache), "simulated"
-        else:
-            video, cache, seconds = rollout(model, chunks, prompt, seed, config, via, **options)
-            (bpe, compression), how = cache_bits(cache), via
-        records.append(_record(name, config, reference, video, first, seconds, bpe, compression, how))
-        videos[name] = video.float().cpu()
-    return records, videos
+    if not settings or any(s not in SETTINGS for s in settings):
+        raise ValueError(f"settings: expected some of {list(SETTINGS)}, got {list(settings)}")
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f"time_limit: expected a positive number of seconds or None, got {time_limit!r}")
+
+
+def _run_method(model: TinyVideoModel, name: str, config: QVGConfig, chunks: int, prompt: torch.Tensor, seed: int,
+                via: str, options: dict, reference: torch.Tensor, first: int) -> tuple[dict, torch.Tensor]:
+    """One method's rollout and its record (bits while generating and once sealed)."""
+    if name in SIMULATED:
+        hook = SimulatedCache(config)
+        video, cache, seconds = rollout(model, chunks, prompt, seed, after_chunk=hook)
+        (bpe, compression), how = hook.bits(cache), "simulated"
+        sealed = hook.sealed_bits(cache)
+    else:
+        video, cache, seconds = rollout(model, chunks, prompt, seed, config, via, **options)
+        (bpe, compression), how = cache_bits(cache), via
+        seal(cache)
+        sealed = cache_bits(cache)[0]
+    record = _record(name, config, reference, video, first, seconds, bpe, compression, how)
+    record["sealed_bits_per_element"] = round(sealed, 4)
+    return record, video.float().cpu()
 
 
 def _record(name: str, config: Optional[QVGConfig], reference: torch.Tensor, video: torch.Tensor,
@@ -172,7 +238,8 @@ def _record(name: str, config: Optional[QVGConfig], reference: torch.Tensor, vid
     last = psnr[-first:]
     finite = torch.isfinite(psnr)
     mean_psnr = float(psnr[finite].mean()) if bool(finite.all()) else float("inf")
-    return {"method": name, "label": LABELS[name], "bits_per_element": round(bpe, 4),
+    return {"key": name, "method": name, "setting": "published", "label": LABELS[name],
+            "bits_per_element": round(bpe, 4),
             "compression": round(compression, 3), "psnr_db": mean_psnr, "ssim": float(ssim.mean()),
             "psnr_last_chunk_db": float(last.mean()) if bool(torch.isfinite(last).all()) else float("inf"),
             "per_frame_psnr_db": [float(x) for x in psnr], "per_frame_ssim": [float(x) for x in ssim],

@@ -10,8 +10,10 @@ the later chunks attend to (docs/design.md §5, idiom A):
 
 Positions are 3D RoPE (frame, row, column) as in Wan 2.1; queries and keys are RMS-normalised;
 the timestep modulates every block (adaLN with a shared projection). For training the same
-blocks run on a whole clip at once with a block-causal mask instead of the cache (`forward_train`).
-Nothing here knows about QVG.
+blocks run on a whole clip at once, block-causally, instead of the cache (`forward_train`): one
+unmasked SDPA call per chunk, so flash attention runs and no masked score is computed.
+Nothing here knows about QVG. Named configs (the shipped tiny model, the Wan-geometry proxy) are in
+`qvg_compile.tiny.zoo`.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ class TinyVideoConfig:
     frames_per_chunk: int = 2
     steps: int = 3
     rope_theta: float = 10000.0
+    mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("channels", "size", "patch", "dim", "heads", "layers", "frames_per_chunk", "steps"):
+        for name in ("channels", "size", "patch", "dim", "heads", "layers", "frames_per_chunk", "steps",
+                     "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TinyVideoConfig.{name}: expected a positive int, got {value!r}")
@@ -111,25 +115,25 @@ class Block(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * cfg.dim, cfg.dim))
+        hidden = cfg.mlp_ratio * cfg.dim
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(6, cfg.dim))
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, angles: torch.Tensor,
-                cache: Optional[dict] = None, start: int = 0,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x ``[B, N, dim]``, mod ``[B, 1 or N, 6, dim]``, angles ``[N, D/2]``. With ``cache``
-        (``{"k", "v": [B, S, H, D]}``) the tokens are written at ``[start, start+N)`` and attend to
-        ``[0, start+N)``; without it they attend to each other under ``mask`` ``[N, N]`` bool."""
+                cache: Optional[dict] = None, start: int = 0, chunks: int = 0) -> torch.Tensor:
+        """x ``[B, N, dim]``, mod ``[B, G, 6, dim]`` (one modulation per run of N/G consecutive
+        tokens), angles ``[N, D/2]``. With ``cache`` (``{"k", "v": [B, S, H, D]}``) the tokens are
+        written at ``[start, start+N)`` and attend to ``[0, start+N)``; without it x is a clip's
+        ``[clean; noisy]`` tokens of ``chunks`` chunks each, attending as `block_causal_attention`."""
         b, n, _ = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(-2)
-        h = self.norm1(x) * (1 + scale1) + shift1
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation)[:, :, None].unbind(-2)
+        h = _modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(b, n, 3, self.cfg.heads, self.cfg.head_dim).unbind(2)
         q = apply_rope(self.q_norm(q), angles)
         k = apply_rope(self.k_norm(k), angles)
         if cache is None:
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  attn_mask=mask)
+            attn = block_causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), chunks)
         else:
             end = start + n
             cache["k"][:, start:end] = k
@@ -137,13 +141,53 @@ class Block(nn.Module):
             keys = cache["k"][:, :end]
             values = cache["v"][:, :end]
             attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-        x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, -1))
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        x = x + _gate(self.proj(attn.transpose(1, 2).reshape(b, n, -1)), gate1)
+        return x + _gate(self.mlp(_modulate(self.norm2(x), shift2, scale2)), gate2)
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, N, dim]`` -> ``[B, G, N/G, dim]`` (a view): per-chunk modulation broadcasts over
+    its tokens without a per-token copy of the modulation."""
+    b, n, d = x.shape
+    return x.view(b, groups, n // groups, d)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with shift/scale ``[B, G, 1, dim]`` per group of tokens."""
+    return (_grouped(x, shift.shape[1]) * (1 + scale) + shift).flatten(1, 2)
+
+
+def _gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return (_grouped(x, gate.shape[1]) * gate).flatten(1, 2)
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Teacher-forcing attention over a clip's tokens ``[clean; noisy]``: q, k, v ``[B, H, 2N, D]``
+    with N = ``chunks`` equal chunks; returns ``[B, H, 2N, D]``.
+
+    Clean chunk i attends clean chunks <= i; noisy chunk i attends clean chunks < i and itself
+    (what generation with a cache shows it). Both rows of chunk i see (i+1) chunks of keys, so
+    they run as one unmasked SDPA call with clean and noisy rows stacked on the batch: flash
+    attention applies and the masked half of the scores is never computed."""
+    if not isinstance(chunks, int) or chunks < 1 or q.shape[2] % (2 * chunks):
+        raise ValueError(f"chunks: expected a positive int dividing half of {q.shape[2]} tokens, got {chunks!r}")
+    n = q.shape[2] // 2
+    size = n // chunks
+    clean_out, noisy_out = [], []
+    for i in range(chunks):
+        s, e = i * size, (i + 1) * size
+        rows = torch.cat([q[:, :, s:e], q[:, :, n + s:n + e]])
+        keys = torch.cat([k[:, :, :e], torch.cat([k[:, :, :s], k[:, :, n + s:n + e]], dim=2)])
+        values = torch.cat([v[:, :, :e], torch.cat([v[:, :, :s], v[:, :, n + s:n + e]], dim=2)])
+        clean, noisy = F.scaled_dot_product_attention(rows, keys, values).chunk(2)
+        clean_out.append(clean)
+        noisy_out.append(noisy)
+    return torch.cat(clean_out + noisy_out, dim=2)
 
 
 class TinyVideoModel(nn.Module):
     """Predicts the flow-matching velocity ``noise - clean`` of a chunk of frames given the cached
-    history (`forward`), or of a whole clip under a block-causal mask (`forward_train`)."""
+    history (`forward`), or of a whole clip block-causally (`forward_train`)."""
 
     def __init__(self, cfg: TinyVideoConfig = TinyVideoConfig()) -> None:
         super().__init__()
@@ -185,8 +229,8 @@ class TinyVideoModel(nn.Module):
         return out.reshape(-1, frames, cfg.channels, cfg.size, cfg.size)
 
     def modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps ``[B, N]`` in [0, 1] -> block modulation ``[B, N, 6, dim]`` and the time
-        embedding ``[B, N, dim]``."""
+        """Timesteps ``[B, G]`` in [0, 1] (one per group of tokens) -> block modulation
+        ``[B, G, 6, dim]`` and the time embedding ``[B, G, dim]``."""
         half = 32
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         arg = t.float()[..., None] * 1000.0 * freqs
@@ -195,8 +239,9 @@ class TinyVideoModel(nn.Module):
         return mod, temb
 
     def head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.out_mod + temb[..., None, :]).unbind(-2)
-        return self.out(self.norm_out(x) * (1 + scale) + shift)
+        """x ``[B, N, dim]``, temb ``[B, G, dim]`` -> patches ``[B, N, C*p*p]``."""
+        shift, scale = (self.out_mod + temb[..., None, :])[:, :, None].unbind(-2)
+        return self.out(_modulate(self.norm_out(x), shift, scale))
 
     def forward(self, frames: torch.Tensor, t: torch.Tensor, cache: list[dict], start: int) -> torch.Tensor:
         """One chunk: frames ``[B, F, C, H, W]`` (noisy at level ``t`` ``[B]``), cache as made by
@@ -223,24 +268,11 @@ class TinyVideoModel(nn.Module):
         chunks = frames // cfg.frames_per_chunk
         n = frames * cfg.tokens_per_frame
         x = self.embed(self.patchify(torch.cat([clean, noisy], dim=1)))
-        t_tok = torch.cat([torch.zeros_like(t), t], dim=1).repeat_interleave(cfg.chunk_tokens, dim=1)
-        mod, temb = self.modulation(t_tok)
+        mod, temb = self.modulation(torch.cat([torch.zeros_like(t), t], dim=1))
         angles = rope_angles(cfg, 0, frames, self._freqs, clean.device).repeat(2, 1)
-        mask = block_causal_mask(chunks, cfg.chunk_tokens, clean.device)
         for block in self.blocks:
-            x = block(x, mod, angles, mask=mask)
-        return self.unpatchify(self.head(x[:, n:], temb[:, n:]), frames)
-
-
-def block_causal_mask(chunks: int, chunk_tokens: int, device: torch.device) -> torch.Tensor:
-    """``[2N, 2N]`` bool (True = may attend) over ``[clean tokens, noisy tokens]``."""
-    c = torch.arange(chunks, device=device).repeat_interleave(chunk_tokens)
-    clean_clean = c[:, None] >= c[None, :]
-    noisy_clean = c[:, None] > c[None, :]
-    noisy_noisy = c[:, None] == c[None, :]
-    top = torch.cat([clean_clean, torch.zeros_like(clean_clean)], dim=1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
-    return torch.cat([top, bottom], dim=0)
+            x = block(x, mod, angles, chunks=chunks)
+        return self.unpatchify(self.head(x[:, n:], temb[:, chunks:]), frames)
 
 
 def allocate_cache(model: TinyVideoModel, num_frames: int, batch: int = 1,
