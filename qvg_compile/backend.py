@@ -40,6 +40,7 @@ from .passes.graph_ops import example_value
 from .passes.pad_slice import drop_query_padding
 from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
 from .quant.config import QVGConfig
+from .disabled import DisabledCalls
 from .swap import (EagerOnLayoutMismatch, Feed, QVGBackendWarning, Recording, SourceError, SwapOnFirstUse, Validated,
                    check_source_kind, eager_note)
 from .swap import ValidationError  # noqa: F401  (part of the backend's API)
@@ -69,13 +70,18 @@ class QVGBackend:
         validate: on the first compiled call of each graph over `QVGCache` inputs, also run the
             graph eagerly on copies of the caches and raise `ValidationError` on mismatch.
         rtol, atol: tolerances of that check.
+        roles: the role of caches read inside compiler-disabled functions, by the name of their
+            entry (``{"k_txt": "key", "v_txt": "value"}``); entries not named are read as attention
+            reads them (K or V).
         cache_options: forwarded to `QVGCache.from_dense` (segment length, dense chunks, sinks).
     """
 
     def __init__(self, config: Optional[QVGConfig] = None, validate: bool = False,
-                 rtol: float = 1e-3, atol: float = 1e-3, **cache_options: Any) -> None:
+                 rtol: float = 1e-3, atol: float = 1e-3, roles: Optional[dict[str, str]] = None,
+                 **cache_options: Any) -> None:
         if config is not None and not isinstance(config, QVGConfig):
             raise TypeError(f"config: expected a QVGConfig, got {type(config).__name__}")
+        check_roles(roles)
         for name, value in (("rtol", rtol), ("atol", atol)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
@@ -103,6 +109,8 @@ class QVGBackend:
         # Per Dynamo frame: input source -> the `Site` a later graph showed it to be (idiom K),
         # swapped by every compile of that frame that gets it dense.
         self._pending: dict[str, dict[str, Site]] = {}
+        # Caches read inside compiler-disabled functions (idiom L), replaced at their calls.
+        self._disabled = DisabledCalls(self.to_cache, self.warn_once, roles)
 
     def _known_of(self, node: fx.Node, fed_back: set[str] = frozenset()) -> Optional[Known]:
         value = node.meta.get("example_value")
@@ -157,6 +165,7 @@ class QVGBackend:
             self.report.graphs.append(graph_report)
             # Dynamo records a break before it compiles the graph that ends there.
             self.report.record_graph_breaks(self._breaks_before)
+            self._disabled.learn(list(graph_break_reasons()))
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             producers = {n.name: self._producer(x) for n, x in zip(placeholders, example_inputs)}
             fed_back = {name for name, p in producers.items() if p is not None}
@@ -214,6 +223,10 @@ class QVGBackend:
             return Recording(self, compiled, convert, gm, graph_report, pending, sources)
         return Recording(self, SwapOnFirstUse(self, gm, dense_sites, graph_report), convert, gm, graph_report,
                           pending, sources)
+
+    def arm_disabled(self, report: GraphReport) -> None:
+        """A graph of ours ran: watch the next call of a compiler-disabled function from its frame."""
+        self._disabled.arm(report)
 
     def _learn_crossings(self, producers: dict[str, Optional[tuple["Recording", int]]], rejected: list[Rejected],
                          graph_report: GraphReport) -> list[Rejected]:
@@ -329,6 +342,17 @@ class QVGBackend:
             # as a cache written from the start would.
             options.setdefault("chunk_tokens", known.tokens)
         return options
+
+
+def check_roles(roles: Any) -> None:
+    """Raise unless ``roles`` is None or a dict of entry names to ``"key"``/``"value"``."""
+    if roles is None:
+        return
+    if not isinstance(roles, dict):
+        raise TypeError(f"roles: expected a dict of cache names to 'key' or 'value', got {type(roles).__name__}")
+    for name, role in roles.items():
+        if not isinstance(name, str) or role not in ("key", "value"):
+            raise ValueError(f"roles: {name!r} -> {role!r}; expected a name (str) mapped to 'key' or 'value'")
 
 
 def _size_hint(size: Any) -> int:

@@ -41,6 +41,8 @@ class CacheMaker(Protocol):
 
     def record_outputs(self, producer: Any, outputs: Any, skip: frozenset[int] = frozenset()) -> None: ...
 
+    def arm_disabled(self, report: GraphReport) -> None: ...
+
 
 class ValidationError(AssertionError):
     """``validate=True`` found the compiled graph disagreeing with eager QVG execution."""
@@ -291,6 +293,7 @@ class Recording:
             self.handed_back = frozenset(i for i, t in enumerate(out if isinstance(out, (list, tuple)) else (out,))
                                          if id(t) in inputs)
         self.backend.record_outputs(self, out, self.handed_back)
+        self.backend.arm_disabled(self.report)
         return out
 
     def _swap_pending(self, args: list[Any]) -> Optional[list[Any]]:

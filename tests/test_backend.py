@@ -795,7 +795,8 @@ def test_summary_names_a_compiler_disabled_function_that_hides_a_cache():
     fn = torch.compile(step, backend=qvg)
     cache = {"k": chunk(60, (B, H, 8, D))}
     fn(chunk(61, (B, H, C, D)), cache)
-    assert type(cache["k"]) is torch.Tensor and cache["k"].shape[2] == 8 + C  # dense, as eager
+    # Read from a dict argument inside the disabled function: replaced at the call (idiom L).
+    assert isinstance(cache["k"], QVGCache) and cache["k"].shape[2] == 8 + C
     assert qvg.report.graph_breaks and "graph break(s)" in qvg.report.summary()
     assert any("`_attention_out_of_sight`" in note for note in qvg.report.notes)
     assert "0 graph break(s)" not in qvg.report.summary()

@@ -126,3 +126,61 @@ def test_pipeline_graphs_settle_like_bf16_and_stay_under_the_recompile_limit():
     # Every read of the grown caches went to the compressed attention (K and V appended pieces
     # are sized by symbols of their own; the graphs guard on their equality).
     assert qvg_compile.stats()["fallback_total"] == 0 and qvg_compile.stats()["attention_calls"] > 0
+
+
+# --- HY-WorldPlay's own rollout: attention in compiler-disabled functions (issue #23) ----------
+def make_ar(**overrides):
+    torch.manual_seed(0)
+    return wp.WorldPlayAR(wp.tiny_config(num_layers=1, memory_frames=4, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def ar_run():
+    """The real rollout's convention, eager on caches compressed where the pipeline rebinds its
+    lists, and compiled with the backend (no hook): 3 chunks, CFG, text and vision caches."""
+    m = make_ar()
+    qvg_compile.reset_stats()
+    expected = wp.rollout(m, 3, seed=1, progress=False, cache_hook=compress)
+    eager_fallbacks = qvg_compile.stats()["fallback_total"]
+    torch._dynamo.reset()
+    qvg_compile.reset_stats()
+    qvg = qvg_compile.backend(CFG)
+    caches = {}
+    got = wp.rollout(torch.compile(m, backend=qvg), 3, seed=1, progress=False,
+                     on_chunk=lambda i, kv: caches.__setitem__(i, kv))
+    stats = qvg_compile.stats()
+    torch._dynamo.reset()
+    return got, expected, caches, qvg.report, stats, eager_fallbacks
+
+
+def test_ar_rollout_eager_is_deterministic_and_keeps_the_real_cache_layout():
+    m = make_ar()
+    seen = {}
+    a = wp.rollout(m, 2, seed=3, progress=False, on_chunk=lambda i, kv: seen.__setitem__(i, kv))
+    assert a.shape == (1, 16, 4, 2, 2) and torch.isfinite(a).all()
+    assert torch.equal(a, wp.rollout(m, 2, seed=3, progress=False))
+    layer = seen[1][0][0]
+    assert set(layer) == set(wp.CACHE_NAMES)
+    assert tuple(layer["k_txt"].shape) == (1, 2, 8, 64) and tuple(layer["k_vision"].shape) == (2, 2, 8, 64)
+    assert seen[0][1][0]["k_vision"] is None and seen[1][0] is not seen[0][0]  # rebound lists
+
+
+def test_ar_rollout_compiled_replaces_every_cache_of_both_branches(ar_run):
+    got, expected, caches, report, stats, eager_fallbacks = ar_run
+    for branch in caches[2]:
+        for name in wp.CACHE_NAMES:
+            cache = branch[0][name]
+            assert isinstance(cache, QVGCache)
+            assert cache._handle.spec.roles == (("value",) if name.startswith("v_") else ("key",))
+    assert stats["fallback_total"] == 0 and eager_fallbacks == 0
+    assert {s.idioms[0] for s in report.sites} == {"L"} and len({s.source for s in report.sites}) == 4
+    assert "attention_vision" in report.summary() and "replaced by QVGCache" in report.summary()
+    # fp32: the compiled rollout computes what eager computes on the same compressed caches.
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def test_backend_roles_option_is_validated():
+    with pytest.raises(ValueError, match="roles"):
+        qvg_compile.backend(CFG, roles={"k_txt": "keys"})
+    with pytest.raises(TypeError, match="roles"):
+        qvg_compile.backend(CFG, roles=["k_txt"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -314,7 +315,7 @@ class WorldPlayModel(nn.Module):
 def _config_of(model: nn.Module) -> WorldPlayConfig:
     cfg = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not isinstance(cfg, WorldPlayConfig):
-        raise TypeError("model must be a WorldPlayModel (optionally wrapped by torch.compile)")
+        raise TypeError("model must be a WorldPlayModel or WorldPlayAR (optionally wrapped by torch.compile)")
     return cfg
 
 
@@ -400,3 +401,260 @@ def generate(
         if on_chunk is not None:
             on_chunk(chunk, kv_cache)
     return output
+
+
+# ------------------------------------------------------------------------------------------------
+# HY-WorldPlay's own AR rollout (``worldplay_1_5_transformer.py``, ``modules/attention.py``,
+# ``worldplay_video_pipeline.py``): the calling convention the public pipeline uses.
+#
+# * The attention functions are ``@torch.compiler.disable``d (sequence parallelism and custom
+#   kernels live there): they create, concatenate and read the caches, so no compiled graph holds
+#   a cache.
+# * Per-layer cache dicts ``{k_vision, v_vision, k_txt, v_txt}`` start as ``None``, one list per
+#   CFG branch. A text pass writes ``k_txt``/``v_txt`` ``[B, H, L, D]`` once; for every chunk after
+#   the first a context pass (``cache_vision=True``) re-encodes the memory frames and returns a
+#   NEW list the pipeline rebinds: ``k_vision``/``v_vision`` ``[2B, H, S, D]`` (RoPE rows, then
+#   camera rows, concatenated along the batch; keys after their positions).
+# * Denoising calls read ``cat([repeat(k_txt), cat([k_vision, k_new], 2)], 2)`` into SDPA.
+# ------------------------------------------------------------------------------------------------
+ARCache = list[dict[str, torch.Tensor | None]]
+"""One dict per layer: ``k_vision``, ``v_vision`` ``[2B, H, S, D]`` (None before the first context
+pass), ``k_txt``, ``v_txt`` ``[B, H, L, D]`` (None before the text pass); the model dtype."""
+
+CACHE_NAMES = ("k_vision", "v_vision", "k_txt", "v_txt")
+
+
+def empty_ar_cache(num_layers: int) -> ARCache:
+    """The pipeline's ``init_kv_cache``: one dict of ``None`` per layer."""
+    return [dict.fromkeys(CACHE_NAMES) for _ in range(num_layers)]
+
+
+@torch.compiler.disable
+def attention_txt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cache_txt: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Text self-attention of ``q, k, v [B, L, H, D]`` -> (``[B, L, H*D]``, ``{k_txt, v_txt}`` as
+    ``[B, H, L, D]`` transposed views when ``cache_txt``, else ``{}``)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    t_kv = {"k_txt": k, "v_txt": v} if cache_txt else {}
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2), t_kv
+
+
+@torch.compiler.disable
+def attention_vision(
+    q: tuple[torch.Tensor, torch.Tensor],
+    k: tuple[torch.Tensor, torch.Tensor],
+    v: tuple[torch.Tensor, torch.Tensor],
+    block_idx: int,
+    kv_cache: ARCache,
+    cache_vision: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Vision attention of the (RoPE, camera) variants of ``q, k, v [B, n, H, D]`` over
+    ``[text ; cached vision ; new]``. Returns the two outputs ``[B, n, H*D]`` and, with
+    ``cache_vision``, this call's ``{k_vision, v_vision}`` ``[2B, H, n, D]`` (the history is not
+    read then: the context pass re-encodes every memory frame)."""
+    query = torch.cat(q, dim=0).transpose(1, 2)
+    key = torch.cat(k, dim=0).transpose(1, 2)
+    value = torch.cat(v, dim=0).transpose(1, 2)
+    layer = kv_cache[block_idx]
+    vision_kv = {"k_vision": key, "v_vision": value} if cache_vision else {}
+    if not cache_vision and layer["k_vision"] is not None:
+        key = torch.cat([layer["k_vision"], key], dim=2)
+        value = torch.cat([layer["v_vision"], value], dim=2)
+    # einops' "B H S D -> (B R) H S D": each text row repeated for both variants.
+    text_k = layer["k_txt"].unsqueeze(1).expand(-1, 2, -1, -1, -1).flatten(0, 1)
+    text_v = layer["v_txt"].unsqueeze(1).expand(-1, 2, -1, -1, -1).flatten(0, 1)
+    key = torch.cat([text_k, key], dim=2)
+    value = torch.cat([text_v, value], dim=2)
+    out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).flatten(2)
+    out, out_cam = torch.chunk(out, 2, dim=0)
+    return out, out_cam, vision_kv
+
+
+class ARBlock(nn.Module):
+    """A double-stream block as HY-WorldPlay runs it autoregressively: a text path and a vision
+    path, each calling its compiler-disabled attention."""
+
+    def __init__(self, cfg: WorldPlayConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.txt_qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.txt_o = nn.Linear(cfg.dim, cfg.dim)
+        self.img_qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.img_o = nn.Linear(cfg.dim, cfg.dim)
+        self.img_o_cam = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.head_dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.head_dim, cfg.eps)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+
+    def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        q, k, v = proj(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        return self.norm_q(q), self.norm_k(k), v
+
+    def forward_txt(self, txt: torch.Tensor, cache_txt: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``txt [B, L, dim]`` -> (``[B, L, dim]``, ``{k_txt, v_txt}`` when ``cache_txt``)."""
+        q, k, v = self._qkv(self.txt_qkv, txt)
+        out, t_kv = attention_txt(q, k, v, cache_txt)
+        return txt + self.txt_o(out), t_kv
+
+    def forward_vision(self, img: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, ...],
+                       kv_cache: ARCache, block_idx: int, cache_vision: bool):
+        """``img [B, n, dim]``, ``e [B, F, dim]``, ``rope`` = (cos, sin, cam_cos, cam_sin)
+        ``[n, 1, D]`` -> (``[B, n, dim]``, ``{k_vision, v_vision}`` when ``cache_vision``)."""
+        cos, sin, cam_cos, cam_sin = rope
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(e)).chunk(6, dim=-1)
+        q, k, v = self._qkv(self.img_qkv, modulate(self.norm1(img), shift1, scale1))
+        cam = [apply_rope_real(x, cam_cos, cam_sin) for x in (q, k, v)]
+        q, k = apply_rope_real(q, cos, sin), apply_rope_real(k, cos, sin)
+        out, out_cam, vision_kv = attention_vision((q, cam[0]), (k, cam[1]), (v, cam[2]), block_idx=block_idx,
+                                                   kv_cache=kv_cache, cache_vision=cache_vision)
+        # The camera rows' values were rotated forward: rotate the output back (ProPE's apply_fn_o).
+        out_cam = apply_rope_real(out_cam.unflatten(-1, (self.num_heads, -1)), cam_cos, -cam_sin).flatten(2)
+        img = img + gate(self.img_o(out) + self.img_o_cam(out_cam), gate1)
+        return img + gate(self.ffn(modulate(self.norm2(img), shift2, scale2)), gate2), vision_kv
+
+
+class WorldPlayAR(nn.Module):
+    """HY-WorldPlay's AR transformer as its pipeline calls it: ``model(ar_txt_inference=True,
+    text_states=..., kv_cache=..., cache_txt=True)`` returns a new :data:`ARCache` holding the text
+    K/V; ``model(hidden_states=..., timestep=..., poses=..., kv_cache=..., cache_vision=True,
+    rope_start=0)`` returns a new one holding the vision K/V of those frames (the text K/V carried
+    over); with ``cache_vision=False`` it returns the flow ``[B, C, F, H, W]``."""
+
+    def __init__(self, config: WorldPlayConfig) -> None:
+        super().__init__()
+        if not isinstance(config, WorldPlayConfig):
+            raise TypeError(f"config must be a WorldPlayConfig, got {type(config).__name__}")
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
+        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
+        self.pose_embedding = nn.Linear(3, dim)
+        self.double_blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
+        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.head_ada = nn.Linear(dim, 2 * dim)
+        pt, ph, pw = config.patch_size
+        self.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+
+    def forward(self, ar_txt_inference: bool = False, **kwargs: Any):
+        return self.forward_txt(**kwargs) if ar_txt_inference else self.forward_vision(**kwargs)
+
+    def forward_txt(self, text_states: torch.Tensor, kv_cache: ARCache, cache_txt: bool = True) -> ARCache:
+        """Text pass over ``text_states [B, L, text_dim]``: a new cache list with ``k_txt``/``v_txt``."""
+        new_cache = empty_ar_cache(len(self.double_blocks))
+        txt = self.text_embedding(text_states)
+        for index, block in enumerate(self.double_blocks):
+            txt, t_kv = block.forward_txt(txt, cache_txt)
+            if cache_txt:
+                new_cache[index]["k_txt"] = t_kv["k_txt"]
+                new_cache[index]["v_txt"] = t_kv["v_txt"]
+        return new_cache
+
+    def _rope(self, poses: torch.Tensor, f: int, h: int, w: int, start: int, device: torch.device):
+        cfg = self.config
+        axes = wan_rope_axes(cfg.head_dim)
+        frame_pos = torch.arange(start, start + f, device=device)
+        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
+        cam_cos, cam_sin = rope_cos_sin(camera_angles(poses, h, w, axes, cfg.rope_theta))
+        return tuple(x.unsqueeze(1) for x in (cos, sin, cam_cos, cam_sin))
+
+    def forward_vision(self, hidden_states: torch.Tensor, timestep: torch.Tensor, poses: torch.Tensor,
+                       kv_cache: ARCache, cache_vision: bool = False, rope_start: int = 0):
+        """Vision pass over latents ``[B, C, F, H, W]`` with timesteps ``[B, F]`` and poses ``[F, 3]``
+        fp32, frames placed from ``rope_start``: the flow, or (``cache_vision``) a new cache list."""
+        if cache_vision:
+            new_cache = [{"k_vision": None, "v_vision": None, "k_txt": layer["k_txt"], "v_txt": layer["v_txt"]}
+                         for layer in kv_cache]
+        tokens, (f, h, w) = self.patch_embedding(hidden_states)
+        rope = self._rope(poses, f, h, w, rope_start, hidden_states.device)
+        e = self.time_embedding(timestep) + self.pose_embedding(poses.to(tokens.dtype))
+        for index, block in enumerate(self.double_blocks):
+            tokens, vision_kv = block.forward_vision(tokens, e, rope, kv_cache, index, cache_vision)
+            if cache_vision:
+                new_cache[index]["k_vision"] = vision_kv["k_vision"]
+                new_cache[index]["v_vision"] = vision_kv["v_vision"]
+        if cache_vision:
+            return new_cache
+        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
+        return unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
+                          self.config.patch_size, self.config.in_channels)
+
+
+ARHook = Callable[[ARCache], ARCache]
+
+
+def _memory_frames(chunk: int, cfg: WorldPlayConfig) -> list[int]:
+    """The frames the context pass re-encodes before ``chunk``: the last ``memory_frames`` generated
+    (all of them when None), standing in for the pipeline's camera-aligned selection."""
+    start = chunk * cfg.chunk_frames
+    first = 0 if cfg.memory_frames is None else max(0, start - cfg.memory_frames)
+    return list(range(first, start))
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    num_chunks: int,
+    seed: int,
+    *,
+    guidance_scale: float = 3.0,
+    context_timestep: float = 14.0,
+    progress: bool = True,
+    cache_hook: ARHook | None = None,
+    on_chunk: Callable[[int, list[ARCache]], None] | None = None,
+) -> torch.Tensor:
+    """Generate ``num_chunks`` chunks (batch 1) the way ``worldplay_video_pipeline``'s
+    ``_ar_rollout_inner`` does: a text pass per CFG branch, then per chunk a context pass per
+    branch over the memory frames (after the first chunk; the returned lists are rebound) and
+    ``config.num_steps`` Euler steps of two denoising calls combined by classifier-free guidance.
+
+    Args:
+        model: a :class:`WorldPlayAR`, eager or ``torch.compile``d.
+        num_chunks: chunks of ``config.chunk_frames`` latent frames.
+        seed: seeds the noise, the stand-in prompt embeddings and the camera path.
+        guidance_scale: CFG scale.
+        context_timestep: the timestep of the context pass (the pipeline's stabilization level).
+        progress: show a tqdm bar over chunks.
+        cache_hook: applied to each cache list the model returns, before it is read (e.g.
+            ``lambda kv: qvg_compile.compress(kv, config, seq_dim=2)``).
+        on_chunk: called after each chunk with ``(chunk_index, [positive cache, negative cache])``.
+
+    Returns:
+        Latents ``[1, C, num_chunks * chunk_frames, H, W]`` in the model dtype.
+    """
+    cfg = _config_of(model)
+    check_int("num_chunks", num_chunks)
+    device, dtype = model_device_dtype(model)
+    gen = new_generator(device, seed)
+    f = cfg.chunk_frames
+    prompts = [randn((1, cfg.text_len, cfg.text_dim), gen, dtype) for _ in range(2)]
+    poses = camera_trajectory(num_chunks * f, gen).to(device)
+    hook = cache_hook or (lambda kv: kv)
+    caches = [hook(model(ar_txt_inference=True, text_states=p, kv_cache=empty_ar_cache(cfg.num_layers),
+                         cache_txt=True)) for p in prompts]
+    latents = torch.zeros((1, cfg.in_channels, num_chunks * f, cfg.latent_height, cfg.latent_width),
+                          dtype=dtype, device=device)
+    sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
+    for chunk in tqdm(range(num_chunks), desc="worldplay", unit="chunk", disable=not progress):
+        memory = _memory_frames(chunk, cfg)
+        if memory:
+            t_ctx = torch.full((1, len(memory)), context_timestep, device=device)
+            caches = [hook(model(hidden_states=latents[:, :, memory], timestep=t_ctx, poses=poses[memory],
+                                 kv_cache=kv, cache_vision=True, rope_start=0)) for kv in caches]
+        frames = slice(chunk * f, (chunk + 1) * f)
+        noisy = randn((1, cfg.in_channels, f, cfg.latent_height, cfg.latent_width), gen, dtype)
+        for i in range(cfg.num_steps):
+            t = timesteps_for(sigmas[i], (1, f), device)
+            cond, uncond = (model(hidden_states=noisy, timestep=t, poses=poses[frames], kv_cache=kv,
+                                  rope_start=len(memory)).float() for kv in caches)
+            flow = uncond + guidance_scale * (cond - uncond)
+            noisy = (noisy.float() + (sigmas[i + 1] - sigmas[i]) * flow).to(dtype)
+        latents[:, :, frames] = noisy
+        if on_chunk is not None:
+            on_chunk(chunk, caches)
+    return latents

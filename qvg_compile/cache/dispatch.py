@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_map
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
 from . import tally
 from .codec import flat_lead, flat_pieces, flat_sel
+from .joined import JoinedCache, join
 from .spec import StoreSpec
 from .store import regrow
 from .tensor import QVGCache, StoreHandle
@@ -417,6 +418,8 @@ def _functional_write(func, args, kwargs):
 def _cat(func, args, kwargs):
     tensors = [t for t in args[0] if not (t.dim() == 1 and t.shape[0] == 0)]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if any(isinstance(t, JoinedCache) for t in tensors):
+        return join(tensors, dim)
     head = next(t for t in tensors if isinstance(t, QVGCache))
     dim %= head.dim()
     if head._view.dims[dim] != SEQ or head._view.bcast:
@@ -429,6 +432,8 @@ def _cat(func, args, kwargs):
             dense.append(head._view.to_normalised(t.to(device=head.device, dtype=head.dtype)))
             continue
         if t._handle is not head._handle or not t._view.same_layout(head._view):
+            if _joinable(tensors, dim):
+                return join(tensors, dim)
             raise Unsupported("cat of caches with different stores or layouts")
         for kind, a, n in t._view.pieces:
             if kind == DENSE:
@@ -457,6 +462,13 @@ def _cat(func, args, kwargs):
     if grows and [kind for kind, _, _ in out._view.pieces] == [RUN, DENSE]:
         _mark_growing(out)
     return out
+
+
+def _joinable(tensors: Sequence[torch.Tensor], dim: int) -> bool:
+    """Eager caches of different stores joined along their sequence dim (`joined.JoinedCache`)."""
+    caches = [t for t in tensors if isinstance(t, QVGCache)]
+    return all(t._handle.concrete and t._view.dims[dim] == SEQ for t in caches) and \
+        all(type(t) is torch.Tensor or isinstance(t, (QVGCache, JoinedCache)) for t in tensors)
 
 
 def _mark_growing(t: QVGCache) -> None:
@@ -516,12 +528,29 @@ def _sdpa(func, args, kwargs):
     if a["attn_mask"] is not None or a["dropout_p"] or a["is_causal"]:
         raise Unsupported("attention masks, dropout or is_causal")
     _fusable(q, k, v, a["enable_gqa"])
-    sides = []
+    return torch.ops.qvg.cache_attention(q, *_read_sides(k, v), a["scale"])
+
+
+def _read_sides(k: QVGCache, v: QVGCache) -> list[Any]:
+    """The K and V arguments of ``qvg::cache_attention`` (and its log-sum-exp variant)."""
+    sides: list[Any] = []
     for t in (k, v):
         dense = _dense_concat(t)
         sides += [t._handle.arrays, [] if dense is None else [dense], flat_pieces(t._view), flat_lead(t._view),
                   t._view.parts[0], t._handle.spec.json]
-    return torch.ops.qvg.cache_attention(q, *sides, a["scale"])
+    return sides
+
+
+@JoinedCache.pair_reader
+def _read_pair_with_lse(q: torch.Tensor, k: QVGCache, v: QVGCache,
+                        scale: Optional[float]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """One cache piece of a joined K and V (`joined`): SDPA with its log-sum-exp, or None when
+    the views are not ones ``qvg::cache_attention`` reads."""
+    try:
+        _fusable(q, k, v, False)
+    except Unsupported:
+        return None
+    return torch.ops.qvg.cache_attention_lse(q, *_read_sides(k, v), scale)
 
 
 def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> None:

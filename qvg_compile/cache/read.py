@@ -78,9 +78,11 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float], ke
     return attend_general(q, k, v, scale)
 
 
-def attend_general(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float]) -> torch.Tensor:
+def attend_general(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float],
+                   return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The general read: sealed tokens both sides hold at the same positions are read by
-    ``qvg::attention`` from packed storage, everything else through a decoded dense tail."""
+    ``qvg::attention`` from packed storage, everything else through a decoded dense tail. With
+    ``return_lse`` also the fp32 log-sum-exp ``[B*tile, Hq, M]`` (to merge with other reads)."""
     ranges, rest_k, rest_v = plan(k, v)
     tile = k.lead[0].tile
     b = q.shape[0] // tile
@@ -89,17 +91,19 @@ def attend_general(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[fl
     tally.add(attention_calls=1, general_reads=1, fused_tokens=fused_tokens,
               tail_tokens=sum(e - s for s, e in rest_k) + dense_tokens)
     if k.dense is not None or tile != v.lead[0].tile:
-        return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale)
+        return _attend_by_rows(q, k, v, ranges, (_positions(rest_k), _positions(rest_v)), scale, return_lse)
     tails = [side.store.decode(_positions(runs), [side.part], side.sel())[0]
              for side, runs in ((k, rest_k), (v, rest_v))]
     ks, vs = k.store.packed(k.part, k.sel()), v.store.packed(v.part, v.sel())
     if tile == 1:
-        return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale)
+        return attention_impl(q, ks, vs, ranges, tails[0], tails[1], scale=scale, return_lse=return_lse)
     # [tile*B, H, M, D] -> [B, H, tile*M, D]: every copy of the batch reads the store once.
     hq, m, d = q.shape[1:]
     folded = q.reshape(tile, b, hq, m, d).permute(1, 2, 0, 3, 4).reshape(b, hq, tile * m, d)
-    out = attention_impl(folded, ks, vs, ranges, tails[0], tails[1], scale=scale)
-    return out.reshape(b, hq, tile, m, -1).permute(2, 0, 1, 3, 4).reshape(tile * b, hq, m, -1)
+    out = attention_impl(folded, ks, vs, ranges, tails[0], tails[1], scale=scale, return_lse=True)
+    out, lse = (x.reshape(b, hq, tile, m, *x.shape[3:]).transpose(0, 2).transpose(1, 2)
+                .reshape(tile * b, hq, m, *x.shape[3:]) for x in out)
+    return (out, lse) if return_lse else out
 
 
 def _expand_batch(store: PackedStore, rows: int) -> PackedStore:
@@ -113,7 +117,8 @@ def _expand_batch(store: PackedStore, rows: int) -> PackedStore:
 
 
 def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tuple[int, int]],
-                    tail_positions: tuple[torch.Tensor, torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+                    tail_positions: tuple[torch.Tensor, torch.Tensor], scale: Optional[float],
+                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention for views whose batch copies cannot share one folded call: dense pieces
     appended by ``cat`` (their rows differ per copy) and keys and values repeated differently
     along the batch (HY-WorldPlay: keys stored for both CFG copies, values stored once and
@@ -144,5 +149,7 @@ def _attend_by_rows(q: torch.Tensor, k: ReadSide, v: ReadSide, ranges: list[tupl
                 tail = torch.cat([tail, side.dense[r0:r0 + g].to(tail.dtype)], dim=-2)
             packed.append(store_view)
             tails.append(tail)
-        outs.append(attention_impl(q[r0:r0 + g], packed[0], packed[1], ranges, tails[0], tails[1], scale=scale))
-    return torch.cat(outs)
+        outs.append(attention_impl(q[r0:r0 + g], packed[0], packed[1], ranges, tails[0], tails[1], scale=scale,
+                                   return_lse=True))
+    out, lse = torch.cat([o for o, _ in outs]), torch.cat([l for _, l in outs])
+    return (out, lse) if return_lse else out

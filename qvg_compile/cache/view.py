@@ -262,14 +262,8 @@ class View:
             shape[shape.index(-1)] = math.prod(cur) // known
         if len(shape) == len(cur) and all(statically_known_true(a == b) for a, b in zip(shape, cur)):
             return self
-        real = [i for i, s in enumerate(cur) if not statically_known_true(s == 1)]
-        new_real = [s for s in shape if not statically_known_true(s == 1)]
-        if len(real) == len(new_real) and all(statically_known_true(cur[i] == s) for i, s in zip(real, new_real)):
-            v = self.squeeze([i for i in range(len(cur)) if i not in real], part_dims)
-            for i, s in enumerate(shape):
-                if statically_known_true(s == 1):
-                    v = v.unsqueeze(i)
-            return v
+        # A lead dim merged with the broadcast dim after it first: a batch of 1 expanded and
+        # flattened (einops' repeat) becomes a repeated lead, which attention reads, not a broadcast.
         for i in range(len(self.dims) - 1):
             d, nxt = self.dims[i], self.dims[i + 1]
             if d >= 0 and nxt == BCAST and self.lead[d].tile == 1:
@@ -278,11 +272,23 @@ class View:
                     nb = sum(1 for x in self.dims[:i + 1] if x == BCAST)
                     g = self.bcast[nb]
                     lead = list(self.lead)
-                    lead[d] = replace(lead[d], interleave=lead[d].interleave * g)
+                    if statically_known_true(lead[d].length == 1) and lead[d].interleave == 1:
+                        # One stored row: repeating it is tiling it (the read folds tiles).
+                        lead[d] = replace(lead[d], tile=g)
+                    else:
+                        lead[d] = replace(lead[d], interleave=lead[d].interleave * g)
                     bcast = self.bcast[:nb] + self.bcast[nb + 1:]
                     mode = EXPANDED if self.mode == VIEW else self.mode
                     return replace(self, dims=self.dims[:i + 1] + self.dims[i + 2:], lead=tuple(lead),
                                    bcast=bcast, mode=mode)
+        real = [i for i, s in enumerate(cur) if not statically_known_true(s == 1)]
+        new_real = [s for s in shape if not statically_known_true(s == 1)]
+        if len(real) == len(new_real) and all(statically_known_true(cur[i] == s) for i, s in zip(real, new_real)):
+            v = self.squeeze([i for i in range(len(cur)) if i not in real], part_dims)
+            for i, s in enumerate(shape):
+                if statically_known_true(s == 1):
+                    v = v.unsqueeze(i)
+            return v
         raise Unsupported(f"a view from {cur} to {shape} that mixes store dims")
 
     def same_layout(self, other: "View") -> bool:

@@ -9,6 +9,7 @@ import gc
 import inspect
 import json
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -74,15 +75,36 @@ _DISABLED_NOTE = "Calls to compiler-disabled functions"
 
 
 @functools.lru_cache(maxsize=64)
-def _where_defined(name: str, address: str) -> str:
-    """``name at file:line`` for the function Dynamo's reason names by its address, when that
-    function is still alive (found among the live objects by id and name, never dereferenced;
-    one scan per function: the report is rebuilt at every compile); else ``name``."""
+def _function_at(name: str, address: str) -> Optional[weakref.ref]:
+    """The function Dynamo's reason names by its address, when it is still alive (found among
+    the live objects by id and name, never dereferenced; one scan per function)."""
     ident = int(address, 16)
     fn = next((o for o in gc.get_objects() if id(o) == ident and callable(o)
                and getattr(o, "__qualname__", "").endswith(name.rsplit(".", 1)[-1])), None)
+    try:
+        return weakref.ref(fn) if fn is not None else None
+    except TypeError:
+        return None
+
+
+def _where_defined(name: str, address: str) -> str:
+    """``name at file:line`` for the function Dynamo's reason names by its address; else ``name``."""
+    ref = _function_at(name, address)
+    fn = ref() if ref is not None else None
     code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
     return f"`{name}` at {code.co_filename}:{code.co_firstlineno}" if code is not None else f"`{name}`"
+
+
+def disabled_functions(reasons: list[str]) -> list[tuple[Any, str]]:
+    """The live compiler-disabled functions Dynamo's graph-break ``reasons`` name, each with
+    ``name at file:line``."""
+    out = []
+    for name, address in sorted({m.groups() for reason in reasons if (m := _DISABLED.search(reason))}):
+        ref = _function_at(name, address)
+        fn = ref() if ref is not None else None
+        if fn is not None:
+            out.append((fn, _where_defined(name, address)))
+    return out
 
 
 @dataclass
@@ -113,8 +135,10 @@ class Report:
             names = ", ".join(sorted({_where_defined(name, address) for name, address in disabled}))
             self.notes.append(
                 f"{_DISABLED_NOTE} ({names}) ran eagerly, outside every graph. A cache appended to "
-                "before such a call and read by attention after it is found (idiom K); one created, "
-                "extended and read inside it is not seen by the backend and stays dense.")
+                "before such a call and read by attention after it is found (idiom K); one the "
+                "function reads from a list, dict or tuple argument is replaced at the call (idiom L, "
+                "listed above when it happened); one it only receives as a bare tensor argument, or "
+                "one read in a frame no graph of the backend runs in, stays dense.")
 
     def compiles_per_frame(self) -> dict[str, int]:
         """Graphs compiled per Dynamo frame (a graph break starts a new frame)."""
