@@ -3,9 +3,11 @@
 One layer's K and V history at ``--frames`` latent frames (1,560 tokens each, 12 x 128 heads),
 packed with the ``qvg`` preset's layout (2-bit codes, FP8 scales per 64 channels, one codebook of
 256 centroids per 3-frame chunk), decoded into a BF16 workspace by `_gather_pair_kernel` with
-every combination of tokens per program, warps and per-group scale loads. Prints microseconds per
-launch (median of ``--reps`` CUDA-event timings), the HBM bandwidth that implies (packed bytes
-read + workspace written), and checks that every setting writes the same workspace.
+every combination of tile (2-D ``[tokens, channels]``, the same with per-group scale loads, or
+split ``[tokens, groups, bytes, codes per byte]``), tokens per program and warps. Prints
+microseconds per launch (median of ``--reps`` CUDA-event timings), the HBM bandwidth that implies
+(packed bytes read + workspace written), checks that every setting writes the same workspace, and
+times ``zero_`` of the two workspaces: the write traffic alone, the floor of any gather.
 
     python benchmarks/gather_launch.py --frames 60
 """
@@ -67,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     read = sum(t.numel() * t.element_size() for s in (k, v) for t in (s.codes, s.scales, s.assignments))
     written = 2 * H * n * D * 2
     rows, ref = [], None
-    for block, warps, grouped in itertools.product((32, 64, 128), (2, 4, 8), (False, True)):
-        launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, grouped=grouped)
+    tiles = {"2d": dict(), "2d grouped": dict(grouped=True), "split": dict(split=True)}
+    for tile, block, warps in itertools.product(tiles, (32, 64, 128, 256), (1, 2, 4, 8)):
+        if tile == "2d grouped" and (block, warps) != (64, 2):
+            continue
+        launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, **tiles[tile])
         table, blocks = block_table(runs, runs, torch.device(dev), block=block)
         outs = [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
         launch(table, blocks, *outs)
@@ -77,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             ref = [o.clone() for o in outs]
         same = all(torch.equal(a, b) for a, b in zip(outs, ref))
         us = statistics.median(times)
-        rows.append([block, warps, grouped, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
+        rows.append([tile, block, warps, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
                      f"{(read + written) / us / 1e3:.0f}", "yes" if same else "NO"])
     print(f"gather of K and V, {args.frames} frames ({n:,} tokens x {H} heads x {D}), "
           f"{(read + written) / 1e6:.0f} MB moved per launch")
-    print(tabulate(rows, headers=["tokens/program", "warps", "grouped scales", "us (median)", "range",
-                                  "GB/s", "same output"]))
+    floor = [timed(lambda: [o.zero_() for o in outs], dev) for _ in range(args.reps)]
+    rows.append(["zero_ of the workspaces", "-", "-", f"{statistics.median(floor):.0f}",
+                 f"{min(floor):.0f}-{max(floor):.0f}", f"{written / statistics.median(floor) / 1e3:.0f}", "-"])
+    print(tabulate(rows, headers=["tile", "tokens/program", "warps", "us (median)", "range", "GB/s", "same output"]))
     return 0
 
 

@@ -6,7 +6,8 @@ the first device event to the last, is *idle*. The host thread that launched the
 split into segments by its innermost running event, and each idle microsecond is charged to
 the host work running at that moment:
 
-* by category: inside ``qvg::cache_attention`` (a read), ``qvg::cache_write`` (a write), another
+* by category: inside ``qvg::cache_attention`` (a read), ``qvg::cache_write`` (a write; a write
+  that seals, told by the encode's CUDA graph launched inside it, apart from one that does not), another
   ``qvg::`` op, inside a compiled region but outside the cache ops (AOTAutograd's wrappers,
   Inductor's generated code: ``Torch-Compiled Region``), or outside every compiled region
   (Dynamo's guards, the model's eager code between graphs, the pipeline's own loop);
@@ -97,11 +98,30 @@ def category(stack: Sequence[str]) -> str:
     return "outside compiled regions (guards, eager code)"
 
 
+SEALING = "write op, sealing (qvg::cache_write + encode graph)"
+
+
+def sealing_writes(events: Sequence[dict[str, Any]]) -> list[Interval]:
+    """The ``qvg::cache_write`` spans that launch a CUDA graph (a seal's replayed encode)."""
+    writes = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
+                    if e.get("cat") in HOST_CATS and "dur" in e and e["name"].startswith("qvg::cache_write"))
+    graphs = sorted(float(e["ts"]) for e in events if e.get("name", "").startswith("cudaGraphLaunch"))
+    return [(a, b) for a, b in writes
+            if bisect.bisect_left(graphs, a) < len(graphs) and graphs[bisect.bisect_left(graphs, a)] <= b]
+
+
+def _inside(spans: Sequence[Interval], starts: Sequence[float], t: float) -> bool:
+    i = bisect.bisect_right(starts, t) - 1
+    return i >= 0 and spans[i][0] <= t <= spans[i][1]
+
+
 def attribute(events: Sequence[dict[str, Any]], top: int = 12) -> dict[str, Any]:
     """Idle microseconds by category and by innermost host event (see the module docstring)."""
     idle = idle_intervals(events)
     segments = host_segments(events)
     starts = [s[0] for s in segments]
+    seals = sealing_writes(events)
+    seal_starts = [a for a, _ in seals]
     by_cat: collections.Counter[str] = collections.Counter()
     by_leaf: collections.Counter[str] = collections.Counter()
     for a, b in idle:
@@ -112,7 +132,10 @@ def attribute(events: Sequence[dict[str, Any]], top: int = 12) -> dict[str, Any]
             overlap = min(b, e) - max(a, s)
             if overlap > 0:
                 covered += overlap
-                by_cat[category(stack)] += overlap
+                cat = category(stack)
+                if cat.startswith("write op") and _inside(seals, seal_starts, max(a, s)):
+                    cat = SEALING
+                by_cat[cat] += overlap
                 by_leaf[stack[-1] if stack else "(no host event)"] += overlap
             i += 1
         if b - a > covered:

@@ -65,3 +65,13 @@ def test_a_device_never_idle_gives_zeros(tmp_path):
     got = gpu_idle.attribute(gpu_idle.load_events(path))
     assert got["idle_us"] == 0.0 and got["by_category"] == {}
     assert "idle 0.0 ms" in gpu_idle.table(got)
+
+
+def test_a_write_that_launches_the_encode_graph_is_charged_as_sealing():
+    events = EVENTS + [span("cpu_op", "qvg::cache_write", 200, 30), span("cuda_runtime", "cudaGraphLaunch", 205, 5),
+                       span("kernel", "k6", 260, 10, tid=7)]
+    got = gpu_idle.attribute(events)
+    # 160-200 outside everything, 200-230 in the sealing write, 230-260 outside again.
+    assert got["by_category"][gpu_idle.SEALING] == pytest.approx(30.0)
+    assert got["by_category"]["write op (qvg::cache_write)"] == pytest.approx(20.0)
+    assert gpu_idle.sealing_writes(events) == [(200.0, 230.0)]
