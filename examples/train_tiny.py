@@ -55,6 +55,20 @@ def images(data: str, held_out: bool, side: int, device: torch.device) -> torch.
     return procedural_photos(count, side, PROCEDURAL_HELD_OUT_SEED if held_out else PROCEDURAL_TRAIN_SEED).to(device)
 
 
+def resolve_data(data: str, side: int) -> str:
+    """``"auto"`` -> ``"photos"`` when scikit-image's photos load here, else ``"procedural"``
+    (some scikit-image installs fetch their sample images on demand and lack them offline)."""
+    if data != "auto":
+        return data
+    if photos_available():
+        try:
+            load_photos(TRAIN_PHOTOS + HELD_OUT_PHOTOS, side=side)
+            return "photos"
+        except (ImportError, OSError, ValueError) as exc:
+            print(f"--data auto: the photos do not load ({exc}); using procedural textures", flush=True)
+    return "procedural"
+
+
 def schedule(args: argparse.Namespace, step: int, elapsed: float) -> tuple[float, float]:
     """``(progress in [0, 1], learning rate)``: warm-up, then a cosine from lr to lr/10 over the
     planned steps or the time limit, whichever is nearer its end."""
@@ -76,7 +90,7 @@ def train(args: argparse.Namespace) -> dict:
     cfg = spec.config
     if args.frames % cfg.frames_per_chunk:
         raise ValueError(f"--frames: expected a multiple of {cfg.frames_per_chunk}, got {args.frames}")
-    data = args.data if args.data != "auto" else ("photos" if photos_available() else "procedural")
+    data = resolve_data(args.data, args.photo_side)
     sampler = ClipSampler(images(data, False, args.photo_side, device), size=cfg.size, frames=args.frames,
                           seed=args.seed)
     model = TinyVideoModel(cfg).to(device)

@@ -59,7 +59,7 @@ def save_strip(videos: Sequence[torch.Tensor], labels: Sequence[str], path: Unio
 
 def save_psnr_plot(records: Sequence[dict], path: Union[str, Path], title: str = "") -> Path:
     """PNG of per-frame PSNR (``per_frame_psnr_db`` against frame index) for every record with
-    finite values."""
+    finite values; the legend gives each record's sealed bits per element when it has them."""
     matplotlib = _need("matplotlib", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,13 +70,15 @@ def save_psnr_plot(records: Sequence[dict], path: Union[str, Path], title: str =
         if not all(v != float("inf") for v in values):
             continue
         frames = list(range(r["first_frame"], r["first_frame"] + len(values)))
-        ax.plot(frames, values, label=f"{r['label']} ({r['bits_per_element']:.2f} bits)")
+        # Sealed bits (what a matched budget counts) where the eval recorded them.
+        bits = r.get("sealed_bits_per_element", r["bits_per_element"])
+        ax.plot(frames, values, label=f"{r['label']} ({bits:.2f} bits)")
     ax.set_xlabel("frame")
     ax.set_ylabel("PSNR vs BF16-cache rollout (dB)")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(records) > 8 else None)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
