@@ -64,6 +64,27 @@ def test_a_plan_is_built_once_per_state_and_rebuilt_when_a_chunk_seals(monkeypat
     assert stats()["fast_reads"] >= 24
 
 
+def test_layers_in_the_same_state_share_one_device_table(monkeypatch):
+    made = []
+    original = read_plan.block_table
+    monkeypatch.setattr(read_plan, "block_table", lambda *a, **kw: made.append(1) or original(*a, **kw))
+    read_plan.clear_plans()
+    torch.manual_seed(0)
+    layers = [(empty("key"), empty("value")) for _ in range(3)]
+    q = torch.randn(B, H, L, D)
+    outs = []
+    for c in range(2):
+        for kb, vb in layers:
+            kb[:, c * L:(c + 1) * L] = torch.randn(B, L, H, D)
+            vb[:, c * L:(c + 1) * L] = torch.randn(B, L, H, D)
+            outs.append(read(q, kb[:, :(c + 1) * L], vb[:, :(c + 1) * L], "auto"))
+            assert torch.allclose(outs[-1], read(q, kb[:, :(c + 1) * L], vb[:, :(c + 1) * L], "general"), atol=ATOL)
+    # Three layers, two states (one open chunk; one sealed chunk + one open): two tables.
+    assert len(made) == 2
+    tables = [plan.blocks[0].table[0] for _, _, plan in read_plan._plans.values() if plan.blocks]
+    assert len({t.data_ptr() for t in tables}) == 2
+
+
 def test_views_the_fast_read_does_not_take_are_counted_with_the_reason(monkeypatch):
     monkeypatch.setenv("QVG_READ_PATH", "auto")
     torch.manual_seed(1)

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvg_compile import QVGConfig
-from qvg_compile.kernels import gather
 from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair, gather_reference, gather_supported
 from test_kernels_decode import make_store
 from interpreter import INTERPRETER_ONLY
@@ -30,9 +29,7 @@ def runs_and_tails(seed):
                                      dict(stages=0), dict(code_mode="symmetric", value_code_mode="symmetric_full")],
                          ids=["default", "v4bit", "asym", "rtn", "modes_per_role"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("split", [False, True], ids=["tile2d", "split"])
-def test_triton_gather_equals_reference(changes, out_dtype, split, monkeypatch):
-    monkeypatch.setattr(gather, "GATHER_SPLIT", split)
+def test_triton_gather_equals_reference(changes, out_dtype):
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16").replace(**changes)
     k, v = make_store(3, cfg=cfg, role="key"), make_store(4, cfg=cfg, role="value")
     k_tail, v_tail, k_runs, v_runs = runs_and_tails(0)
@@ -83,9 +80,8 @@ def test_block_table_rejects_bad_runs():
         block_table([], [(SEALED, -1, 0, 4)], torch.device("cpu"))
 
 
-@pytest.mark.parametrize("block,warps,grouped,split", [(16, 4, True, False), (32, 8, False, False),
-                                                       (32, 2, True, False), (16, 2, False, True)])
-def test_every_launch_setting_equals_reference(block, warps, grouped, split):
+@pytest.mark.parametrize("block,warps,grouped", [(16, 4, True), (32, 8, False), (32, 2, True)])
+def test_every_launch_setting_equals_reference(block, warps, grouped):
     from qvg_compile.kernels._triton_gather import GatherLaunch
 
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16",
@@ -94,7 +90,7 @@ def test_every_launch_setting_equals_reference(block, warps, grouped, split):
     k_tail, v_tail, k_runs, v_runs = runs_and_tails(1)
     table, blocks = block_table(k_runs, v_runs, torch.device("cpu"), block=block)
     outs = [torch.full((1, 2, 85, 32), float("nan")) for _ in range(4)]
-    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, grouped=grouped, split=split)(table, blocks, outs[0], outs[1])
+    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, grouped=grouped)(table, blocks, outs[0], outs[1])
     gather_reference(k, k_tail, k_runs, outs[2])
     gather_reference(v, v_tail, v_runs, outs[3])
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])

@@ -11,56 +11,8 @@ import triton.language as tl
 
 from ..quant.packed import PackedStore
 from ._common import kernel_store_args
-from ._jit import MODE_IDS, decode_tile, load_scale
+from ._jit import MODE_IDS, decode_tile
 from .launch import Prebound
-
-
-@triton.jit
-def _decode_split(
-    codes, s_cn, s_cd,
-    scales, s_sn, s_sg,
-    zeros, s_zn, s_zg,
-    assign, s_as, s_an,
-    cents, s_xk, s_xs, s_xc, s_xd,
-    seg_ids, out, s_on, s_od,
-    src, dst, n,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr,
-):
-    """`_jit.decode_tile` of tokens ``[src, src + n)`` stored to rows ``[dst, dst + n)`` of ``out``,
-    on a ``[BLOCK_N, groups, bytes per group, codes per byte]`` tile: each code byte and each
-    scale is loaded once (the 2-D tile loads a byte per code and a scale per channel). Same
-    arithmetic in the same order, so the same bits."""
-    PER: tl.constexpr = 8 // BITS
-    NG: tl.constexpr = D // GROUP
-    GB: tl.constexpr = GROUP // PER
-    offs = tl.arange(0, BLOCK_N)
-    mask = offs < n
-    tok = (src + offs)[:, None, None, None]
-    m4 = mask[:, None, None, None]
-    g = tl.arange(0, NG)[None, :, None, None]
-    j = tl.arange(0, GB)[None, None, :, None]
-    e = tl.arange(0, PER)[None, None, None, :]
-    byte = tl.load(codes + tok * s_cn + (g * GB + j) * s_cd, mask=m4, other=0)
-    q = ((byte.to(tl.int32) >> (e * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    s = load_scale(scales + tok * s_sn + g * s_sg, m4, SCALE_FP8)
-    if MODE == 0:
-        x = (q - ((1 << (BITS - 1)) - 1)) * s
-    elif MODE == 1:
-        x = (q - ((1 << (BITS - 1)) - 0.5)) * s
-    else:
-        x = q * s + load_scale(zeros + tok * s_zn + g * s_zg, m4, SCALE_FP8)
-    chan = g * GROUP + j * PER + e
-    if STAGES > 0:
-        seg = tl.load(seg_ids + src + offs, mask=mask, other=0).to(tl.int64)
-        base = cents + seg * s_xk
-        for i in tl.static_range(STAGES):
-            st = STAGES - 1 - i
-            a = tl.load(assign + st * s_as + (src + offs) * s_an, mask=mask, other=0).to(tl.int64)
-            row = (base + st * s_xs + a * s_xc)[:, None, None, None]
-            x += tl.load(row + chan * s_xd, mask=m4, other=0.0).to(tl.float32)
-    ptrs = out + (dst + offs)[:, None, None, None] * s_on + chan * s_od
-    tl.store(ptrs, x.to(out.dtype.element_ty), mask=m4)
 
 
 @triton.jit
@@ -76,7 +28,6 @@ def _gather_block(
     side_table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     """Block ``program_id(0)`` of one side's runs ``(kind, src, dst, n, first block)``, for one
     (batch, head): up to ``BLOCK_N`` tokens decoded from store positions (kind 0) or copied from
@@ -100,25 +51,16 @@ def _gather_block(
     offs_d = tl.arange(0, D)
     ptrs = out + b * s_ob + h * s_oh + (dst + offs)[:, None] * s_on + offs_d[None, :] * s_od
     if kind == 0:
-        if SPLIT:
-            _decode_split(codes + b * s_cb + h * s_ch, s_cn, s_cd,
-                          scales + b * s_sb + h * s_sh, s_sn, s_sg,
-                          zeros + b * s_zb + h * s_zh, s_zn, s_zg,
-                          assign + b * s_ab + h * s_ah, s_as, s_an,
-                          cents + b * s_xb + h * s_xh, s_xk, s_xs, s_xc, s_xd,
-                          seg_ids, out + b * s_ob + h * s_oh, s_on, s_od, src, dst, n,
-                          D, BLOCK_N, BITS, GROUP, MODE, STAGES, SCALE_FP8)
-        else:
-            decoded = decode_tile(
-                codes + b * s_cb + h * s_ch, s_cn, s_cd,
-                scales + b * s_sb + h * s_sh, s_sn, s_sg,
-                zeros + b * s_zb + h * s_zh, s_zn, s_zg,
-                assign + b * s_ab + h * s_ah, s_as, s_an,
-                cents + b * s_xb + h * s_xh, s_xk, s_xs, s_xc, s_xd,
-                seg_ids, src + offs, mask, offs_d,
-                BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED,
-            )
-            tl.store(ptrs, decoded.to(out.dtype.element_ty), mask=mask[:, None])
+        decoded = decode_tile(
+            codes + b * s_cb + h * s_ch, s_cn, s_cd,
+            scales + b * s_sb + h * s_sh, s_sn, s_sg,
+            zeros + b * s_zb + h * s_zh, s_zn, s_zg,
+            assign + b * s_ab + h * s_ah, s_as, s_an,
+            cents + b * s_xb + h * s_xh, s_xk, s_xs, s_xc, s_xd,
+            seg_ids, src + offs, mask, offs_d,
+            BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED,
+        )
+        tl.store(ptrs, decoded.to(out.dtype.element_ty), mask=mask[:, None])
     else:
         rows = tail + b * s_tb + h * s_th + (src + offs)[:, None] * s_tn + offs_d[None, :] * s_td
         copied = tl.load(rows, mask=mask[:, None], other=0.0)
@@ -146,7 +88,7 @@ def _gather_pair_kernel(
     table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, STAGES: tl.constexpr,
-    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr, SPLIT: tl.constexpr,
+    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
 ):
     # Grid: (blocks, batch * heads, 2); axis 2 picks K or V, whose runs may differ.
     side = tl.program_id(2)
@@ -156,13 +98,13 @@ def _gather_pair_kernel(
                       k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
                       k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
                       k_tail, k_s_tb, k_s_th, k_s_tn, k_s_td, k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
-                      side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, SPLIT)
+                      side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED)
     else:
         _gather_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
                       v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
                       v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
                       v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td, v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
-                      side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, SPLIT)
+                      side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED)
 
 
 class GatherLaunch:
@@ -171,7 +113,7 @@ class GatherLaunch:
     it passes only the outputs and the run table (its host cost is Triton's launch alone)."""
 
     def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
-                 block_tokens: int, num_warps: int = 4, grouped: bool = False, split: bool = False) -> None:
+                 block_tokens: int, num_warps: int = 4, grouped: bool = False) -> None:
         self.heads = k_store.codes.shape[1]
         self.rows = k_store.codes.shape[0] * self.heads
         self.args = [*kernel_store_args(k_store), k_tail, *k_tail.stride(),
@@ -180,7 +122,7 @@ class GatherLaunch:
                          GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode],
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
                          SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped,
-                         SPLIT=split, num_warps=num_warps)
+                         num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
         """Fill ``k_out``/``v_out`` from ``table`` ``[2, R, 5]`` int32 with ``blocks`` programs per

@@ -28,8 +28,6 @@ SEALED, ROWS = 0, 1
 # 32 or 128 tokens and per-group scale loads were no faster.
 BLOCK_TOKENS = 64
 GATHER_WARPS = 2
-# Decode sealed tokens on a [tokens, groups, bytes, codes per byte] tile (`_triton_gather._decode_split`).
-GATHER_SPLIT = False
 Run = tuple[int, int, int, int]
 
 
@@ -90,7 +88,7 @@ class Gather:
         if use_triton:
             from ._triton_gather import GatherLaunch
 
-            self.launch = GatherLaunch(k_store, v_store, k_tail, v_tail, BLOCK_TOKENS, GATHER_WARPS, split=GATHER_SPLIT)
+            self.launch = GatherLaunch(k_store, v_store, k_tail, v_tail, BLOCK_TOKENS, GATHER_WARPS)
 
     def __call__(self, k_runs: Sequence[Run], v_runs: Sequence[Run], table: tuple[torch.Tensor, int],
                  k_out: torch.Tensor, v_out: torch.Tensor) -> None:
