@@ -27,11 +27,14 @@ PNG when matplotlib is present); a short table is printed last.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import datetime
+import io
 import json
 import math
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -206,6 +209,23 @@ def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str
     return shares
 
 
+def cprofile_chunk(video: Video, clock: Clock, path: Path) -> str:
+    """cProfile of one more chunk (without torch.profiler, which inflates some host paths more
+    than others): the Python functions by own time, written to ``path``; returns the top 15."""
+    profiler = cProfile.Profile()
+    clock.sync()
+    profiler.enable()
+    video.chunk()
+    clock.sync()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
+    lines = text.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+    return "\n".join(lines[start:start + 16])
+
+
 # ----------------------------------------------------------------------------- one backend
 
 
@@ -238,7 +258,7 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
     # Dynamo's counters outlive reset(): count this backend's graphs from here.
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     cfg: sf.SelfForcingConfig = model.config
-    capacity = max(contexts) + timed_chunks * cfg.chunk_frames + (cfg.chunk_frames if profile_at else 0)
+    capacity = max(contexts) + timed_chunks * cfg.chunk_frames + (2 * cfg.chunk_frames if profile_at else 0)
     cuda = clock.cuda
     if cuda:
         torch.cuda.empty_cache()
@@ -288,6 +308,8 @@ def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.n
             idle = out / f"profile_{name}_{context}.idle.txt"
             if idle.exists():
                 log(f"[{name}] context {context:4d}, where the device waits for the host:\n{idle.read_text()}")
+            top = cprofile_chunk(video, clock, out / f"cprofile_{name}_{context}.txt")
+            log(f"[{name}] context {context:4d}, one more chunk under cProfile (own time):\n{top}")
         rows.append(row)
         log(f"[{name}] context {context:4d}: {row.s_per_chunk:.3f} s/chunk (chunks {[round(t, 3) for t in times]}), "
             f"prefill {prefill_s:.1f} s, KV {row.kv_bytes / GB:.3f} GB, peak {peak / GB:.2f} GB, "
