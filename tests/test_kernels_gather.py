@@ -80,8 +80,9 @@ def test_block_table_rejects_bad_runs():
         block_table([], [(SEALED, -1, 0, 4)], torch.device("cpu"))
 
 
-@pytest.mark.parametrize("block,warps,grouped", [(16, 4, True), (32, 8, False), (32, 2, True)])
-def test_every_launch_setting_equals_reference(block, warps, grouped):
+@pytest.mark.parametrize("block,warps,grouped,stream", [(16, 4, True, False), (32, 8, False, False),
+                                                        (32, 2, True, False), (16, 2, False, True)])
+def test_every_launch_setting_equals_reference(block, warps, grouped, stream):
     from qvg_compile.kernels._triton_gather import GatherLaunch
 
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16",
@@ -90,7 +91,7 @@ def test_every_launch_setting_equals_reference(block, warps, grouped):
     k_tail, v_tail, k_runs, v_runs = runs_and_tails(1)
     table, blocks = block_table(k_runs, v_runs, torch.device("cpu"), block=block)
     outs = [torch.full((1, 2, 85, 32), float("nan")) for _ in range(4)]
-    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, grouped=grouped)(table, blocks, outs[0], outs[1])
+    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, grouped=grouped, stream=stream)(table, blocks, outs[0], outs[1])
     gather_reference(k, k_tail, k_runs, outs[2])
     gather_reference(v, v_tail, v_runs, outs[3])
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
