@@ -39,16 +39,13 @@ from tabulate import tabulate  # noqa: E402
 import qvg_compile  # noqa: E402
 from end_to_end import GB, Clock, Video  # noqa: E402
 from examples.distributed import parallel  # noqa: E402
+from examples.distributed.cli import compile_model  # noqa: E402
 from examples.distributed import tp_self_forcing as tp  # noqa: E402
 from examples.distributed import ulysses_worldplay as uw  # noqa: E402
 from examples.models import worldplay as wp  # noqa: E402
 
 MODELS = ("tp", "ulysses")
 CACHES = ("bf16", "qvg")
-
-
-def _compile(model: torch.nn.Module, cache: str) -> Any:
-    return torch.compile(model, backend=qvg_compile.backend()) if cache == "qvg" else torch.compile(model)
 
 
 def _kv_bytes(caches: Any) -> tuple[int, int]:
@@ -70,7 +67,7 @@ def run_tp(cache: str, args: argparse.Namespace, device: torch.device, clock: Cl
     cfg = model.config
     history = args.history // cfg.chunk_frames * cfg.chunk_frames
     capacity = max(history, 3 * cfg.chunk_frames) + args.timed_chunks * cfg.chunk_frames
-    video = Video(model, _compile(model, cache), capacity, args.seed,
+    video = Video(model, compile_model(model, cache == "qvg"), capacity, args.seed,
                   kv=tp.init_kv_cache(model, 1, capacity), cross=tp.init_crossattn_cache(model, 1))
     t0 = time.perf_counter()
     video.clean_pass()
@@ -97,7 +94,7 @@ def run_ulysses(cache: str, args: argparse.Namespace, device: torch.device, cloc
     model = uw.build(args.config, device, group, seed=args.seed, layers=args.layers)
     cfg = model.config
     chunks = max(args.history // cfg.chunk_frames, 2) + args.timed_chunks
-    fn = _compile(model, cache)
+    fn = compile_model(model, cache == "qvg")
     marks: list[float] = []
     last: list[Any] = []
 

@@ -7,36 +7,22 @@ compressed the same way (max abs diff <= 1e-5, fp32) once the backend has seen o
 with and without offload and CFG batch repeat, and the steady-state cost of a cached token is
 >= 6.5x below BF16."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import qvg_compile
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import longcat as lc  # noqa: E402
-
-CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
-TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+from example_models import CFG, STEADY_POLICY, TOL, bytes_ratio, compress_seq2, fresh_dynamo, seeded  # noqa: F401
+from examples.models import longcat as lc
 
 
 def make(**overrides):
-    torch.manual_seed(0)
-    return lc.LongCatModel(lc.tiny_config(**overrides)).eval()
+    return seeded(lc.LongCatModel, lc.tiny_config(**overrides))
 
 
-def compress(kv):
-    return qvg_compile.compress(kv, CFG, seq_dim=2)
+compress = compress_seq2
 
 
 def test_eager_shapes_determinism_and_cache_pass():
@@ -108,21 +94,15 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # caches are sealed whole by from_dense, with codebooks sized by the policy's bit budget; at
     # this toy length (<= 224 tokens) the default budget (0.25 bit) plus its spare codebook slot
     # cost 0.5 bit per element (5.8x), while at real lengths C saturates at 256 and the cost
-    # falls to ~0.2 bit. A read-only cache needs no spare slot; a 0.125-bit budget stands in
-    # for the real-length amortisation.
-    policy = {"codebook_bits": 0.125, "spare_segments": 0}
-    held, bf16 = [], []
+    # falls to ~0.2 bit (`STEADY_POLICY`).
+    runs = []
     for n in (4, 8):
         torch.manual_seed(0)
         m = lc.LongCatModel(lc.tiny_config(num_layers=1, dim=1024, num_heads=8, latent_height=8,
                                            latent_width=8, num_steps=1)).to(torch.bfloat16).eval()
         last = {}
-        lc.generate(m, n, seed=1, progress=False,
-                    cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2, **policy),
+        lc.generate(m, n, seed=1, progress=False, cache_hook=lambda kv: compress_seq2(kv, **STEADY_POLICY),
                     on_chunk=lambda i, kv: last.__setitem__(0, kv))
-        caches = [t for layer in last[0].values() for t in layer]
-        assert all(isinstance(c, QVGCache) for c in caches)
-        held.append(sum(c.nbytes() for c in caches))
-        bf16.append(sum(c.numel() * 2 for c in caches))
-    marginal = (bf16[1] - bf16[0]) / (held[1] - held[0])
-    assert marginal >= 6.5, (marginal, bf16[1] / held[1])
+        runs.append([t for layer in last[0].values() for t in layer])
+    marginal, whole = bytes_ratio(*runs)
+    assert marginal >= 6.5, (marginal, whole)

@@ -4,25 +4,19 @@ and moved into QVGCache, the compiled loop equals the eager loop run on caches c
 same way (max abs diff <= 1e-5, fp32), and the steady-state cost of a cached token is >= 6.5x
 below BF16."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import qvg_compile
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import magi as mg  # noqa: E402
-
-CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
-TOL = 1e-5
+from example_models import CFG, TOL, bytes_ratio, seeded
+from examples.models import magi as mg
 
 
 def make(**overrides):
-    torch.manual_seed(0)
-    return mg.MagiModel(mg.tiny_config(**overrides)).eval()
+    return seeded(mg.MagiModel, mg.tiny_config(**overrides))
 
 
 def compress(params):
@@ -97,16 +91,13 @@ def test_packed_kv_is_recognised_as_two_parts(compiled_run):
 
 def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # Steady state = the bytes each further chunk adds (capacity = the video's length).
-    held, bf16 = [], []
+    runs = []
     for n in (4, 8):
         torch.manual_seed(0)
         m = mg.MagiModel(mg.tiny_config(num_layers=1, dim=2048, num_heads=16, num_kv_heads=8,
                                         latent_height=8, latent_width=8, chunk_frames=3)).to(torch.bfloat16).eval()
         params = mg.InferenceParams(n * m.config.chunk_tokens)
         mg.generate(m, n, seed=1, progress=False, cache_hook=compress, inference_params=params)
-        caches = list(params.key_value_memory_dict.values())
-        assert all(isinstance(c, QVGCache) for c in caches)
-        held.append(sum(c.nbytes() for c in caches))
-        bf16.append(sum(c.numel() * 2 for c in caches))
-    marginal = (bf16[1] - bf16[0]) / (held[1] - held[0])
-    assert marginal >= 6.5, (marginal, bf16[1] / held[1])
+        runs.append(list(params.key_value_memory_dict.values()))
+    marginal, whole = bytes_ratio(*runs)
+    assert marginal >= 6.5, (marginal, whole)

@@ -3,35 +3,22 @@ and the QVG backend on it: every self-attention K/V buffer becomes a QVGCache, t
 left alone, the compiled loop equals the eager loop run on caches compressed the same way
 (max abs diff <= 1e-5, fp32), and the steady-state cost of a cached token is >= 6.5x below BF16."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
 
 import qvg_compile
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache
 
 from graph_counting import graphs_compiled
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import self_forcing as sf  # noqa: E402
-
-CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
-TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+from example_models import CFG, TOL, fresh_dynamo, seeded  # noqa: F401
+from examples.models import self_forcing as sf
 
 
 def make(**overrides):
-    torch.manual_seed(0)
-    return sf.SelfForcingModel(sf.tiny_config(**overrides)).eval()
+    return seeded(sf.SelfForcingModel, sf.tiny_config(**overrides))
 
 
 def compressed_cache(model, frames=None):

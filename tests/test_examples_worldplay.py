@@ -3,31 +3,24 @@ both positional layouts, and the QVG backend on it: every layer's K and V cache 
 cache pass, appended by the pipeline, concatenated after the text K/V at read) is found and moved
 into QVGCache."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
 
 import qvg_compile
-from qvg_compile import QVGCache, QVGConfig
+from qvg_compile import QVGCache
 
 from graph_counting import graphs_compiled
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import worldplay as wp  # noqa: E402
-
-CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
-TOL = 1e-5
+from example_models import CFG, STEADY_POLICY, TOL, bytes_ratio, compress_seq2, seeded
+from examples.models import worldplay as wp
 
 def make(**overrides):
-    torch.manual_seed(0)
-    return wp.WorldPlayModel(wp.tiny_config(**overrides)).eval()
+    return seeded(wp.WorldPlayModel, wp.tiny_config(**overrides))
 
 
-def compress(kv):
-    return qvg_compile.compress(kv, CFG, seq_dim=2)
+compress = compress_seq2
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +88,16 @@ def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
 
 def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # Same knobs as the LongCat test (read-only history, toy-length codebook amortisation).
-    policy = {"codebook_bits": 0.125, "spare_segments": 0}
-    held, bf16 = [], []
+    runs = []
     for n in (4, 8):
         torch.manual_seed(0)
         m = wp.WorldPlayModel(wp.tiny_config(num_layers=1, dim=1024, num_heads=8, latent_height=4,
                                              latent_width=4, num_steps=1)).to(torch.bfloat16).eval()
         last = {}
-        wp.generate(m, n, seed=1, progress=False,
-                    cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2, **policy),
+        wp.generate(m, n, seed=1, progress=False, cache_hook=lambda kv: compress_seq2(kv, **STEADY_POLICY),
                     on_chunk=lambda i, kv: last.__setitem__(0, kv))
-        caches = [layer[name] for layer in last[0] for name in ("k", "v")]
-        held.append(sum(c.nbytes() for c in caches))
-        bf16.append(sum(c.numel() * 2 for c in caches))
-    assert (bf16[1] - bf16[0]) / (held[1] - held[0]) >= 6.5
+        runs.append([layer[name] for layer in last[0] for name in ("k", "v")])
+    assert bytes_ratio(*runs)[0] >= 6.5
 
 
 def test_pipeline_graphs_settle_like_bf16_and_stay_under_the_recompile_limit():

@@ -19,11 +19,10 @@ a cache saved per rank (`parallel.save_caches` / `parallel.load_caches`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from examples.models import self_forcing as sf
@@ -33,15 +32,15 @@ from examples.models.common import (
     new_generator,
     randn,
     shifted_sigma,
-    timesteps_for,
 )
 
+from . import cli
+from .cli import compile_model, print_memory, rank_device, seeded_model
 from .parallel import (
     Group,
     RowParallelLinear,
     ShardedRMSNorm,
     column_shard,
-    launch,
     rank_and_size,
     save_caches,
     split_evenly,
@@ -90,20 +89,13 @@ def init_kv_cache(model: nn.Module, batch_size: int, max_frames: int) -> sf.KVCa
     cfg = model.config
     check_int("batch_size", batch_size)
     check_int("max_frames", max_frames)
-    device, dtype = model_device_dtype(model)
-    shape = (batch_size, max_frames * cfg.frame_tokens, local_heads(model), cfg.head_dim)
-    return [{"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
-             "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
-             "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
-            for _ in range(cfg.num_layers)]
+    return sf.kv_buffers(model, (batch_size, max_frames * cfg.frame_tokens, local_heads(model), cfg.head_dim))
 
 
 def init_crossattn_cache(model: nn.Module, batch_size: int) -> sf.CrossAttnCache:
+    """The text K/V cache for this rank's heads (layout of `sf.init_crossattn_cache`)."""
     cfg = model.config
-    device, dtype = model_device_dtype(model)
-    shape = (batch_size, cfg.text_len, local_heads(model), cfg.head_dim)
-    return [{"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device),
-             "is_init": False} for _ in range(cfg.num_layers)]
+    return sf.crossattn_buffers(model, (batch_size, cfg.text_len, local_heads(model), cfg.head_dim))
 
 
 @torch.no_grad()
@@ -147,22 +139,11 @@ def generate(
     cross = init_crossattn_cache(model, batch_size)
     context = randn((batch_size, cfg.text_len, cfg.text_dim), new_generator(device, seed), dtype)
     sigmas = [shifted_sigma(float(s), shift) for s in denoising_steps]
-    shape = (batch_size, cfg.in_channels, cfg.chunk_frames, cfg.latent_height, cfg.latent_width)
-    t_shape = (batch_size, cfg.chunk_frames)
     chunks = []
     for chunk in range(first_chunk, first_chunk + num_chunks):
         gen = new_generator(device, seed * CHUNK_SEED_STRIDE + chunk + 1)
         start = chunk * cfg.chunk_frames * cfg.frame_tokens
-        noisy = randn(shape, gen, dtype)
-        for i, sigma in enumerate(sigmas):
-            flow = model(noisy, timesteps_for(sigma, t_shape, device), context, kv_cache, cross, start)
-            x0 = noisy.float() - sigma * flow.float()
-            if i + 1 < len(sigmas):
-                nxt = sigmas[i + 1]
-                noisy = ((1.0 - nxt) * x0 + nxt * randn(shape, gen, torch.float32)).to(dtype)
-        denoised = x0.to(dtype)
-        chunks.append(denoised)
-        model(denoised, timesteps_for(0.0, t_shape, device), context, kv_cache, cross, start)
+        chunks.append(sf.sample_chunk(model, sigmas, gen, context, kv_cache, cross, start))
         if on_chunk is not None:
             on_chunk(chunk, kv_cache)
     return torch.cat(chunks, dim=2), kv_cache
@@ -176,51 +157,22 @@ def build(config: str, device: torch.device, group: Group, seed: int = 0,
     """The same full model on every rank (seeded), then this rank's shard of it. ``layers``
     overrides the config's number of layers (real widths, shorter compiles)."""
     cfg = sf.real_config() if config == "real" else sf.tiny_config(dim=128, num_heads=2, ffn_dim=128)
-    if layers is not None:
-        cfg = dataclasses.replace(cfg, num_layers=layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = sf.SelfForcingModel(cfg)
-    return shard_(model.to(dtype).eval().requires_grad_(False), group)
+    return shard_(seeded_model(sf.SelfForcingModel, cfg, device, seed, dtype, layers), group)
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
-    import qvg_compile
-    local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun over several hosts
-    device = torch.device("cuda", local) if args.backend == "nccl" else torch.device("cpu")
-    model = build(args.config, device, dist.group.WORLD)
-    fn = torch.compile(model, backend=qvg_compile.backend()) if args.qvg else torch.compile(model)
+    model = build(args.config, rank_device(rank, args.backend), dist.group.WORLD)
+    fn = compile_model(model, args.qvg)
     latents, cache = generate(fn, args.chunks, args.seed)
-    report = qvg_compile.memory_report(cache)
-    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.3g} MiB "
-          f"of {report['dense_bytes'] / 2**20:.3g} MiB dense ({report['compression']:.2f}x)", flush=True)
+    print_memory(rank, world, latents, cache)
     if args.save:
         save_caches(cache, args.save, rank)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="tensor-parallel Self-Forcing-style generation")
-    parser.add_argument("--config", choices=("tiny", "real"), default="tiny")
-    parser.add_argument("--chunks", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--qvg", action="store_true", help="compile with the QVG backend")
-    parser.add_argument("--nproc", type=int, default=None, help="spawn this many processes (else torchrun)")
-    parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with GPUs)")
+    parser = cli.parser("tensor-parallel Self-Forcing-style generation")
     parser.add_argument("--save", default=None, help="directory for per-rank caches")
-    args = parser.parse_args(argv)
-    args.backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if args.nproc:
-        launch(_worker, args.nproc, args, backend=args.backend)
-    else:
-        from .parallel import init_from_env
-        rank, world, _ = init_from_env(args.backend)
-        import torch.distributed as dist
-        try:
-            _worker(rank, world, args)
-        finally:
-            dist.destroy_process_group()
+    cli.run(_worker, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,17 +22,25 @@ same seed and gets the whole video back.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from examples.models import worldplay as wp
-from examples.models.common import check_tensor, modulate, rope_angles_3d, rope_cos_sin, unpatchify, wan_rope_axes
+from examples.models.common import check_tensor, unpatchify
+from examples.models.dit import head_tokens
 
-from .parallel import Group, all_gather, heads_to_seq, launch, rank_and_size, seq_to_heads, split_evenly
+from . import cli
+from .cli import compile_model, print_memory, rank_device, seeded_model
+from .parallel import (
+    Group,
+    all_gather,
+    heads_to_seq,
+    rank_and_size,
+    seq_to_heads,
+    split_evenly,
+)
 
 
 def _frame_order(x: torch.Tensor, frames: int, size: int) -> torch.Tensor:
@@ -78,12 +86,9 @@ class UlyssesSelfAttention(wp.SelfAttention):
         """``x [B, n, dim]`` (this rank's tokens), ``rope`` tables ``[n, D]`` of those tokens,
         ``text_kv`` and ``kv_cache`` of this rank's heads. Returns ``[B, n, dim]`` and, with
         ``return_kv``, this chunk's cache entries for this rank's heads."""
-        b, n, _ = x.shape
         _, size = rank_and_size(self.group)
         frames = self.frames
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = self.positions(self.norm_q(q), rope)
-        k = self.positions(self.norm_k(k), rope)
+        q, k, v = self.project(x, rope)
         q, k, v = (_frame_order(seq_to_heads(t, self.group), frames, size) for t in (q, k, v))
         out, new_kv = self.attend(q, k, v, text_kv, kv_cache, return_kv)
         out = heads_to_seq(_rank_order(out, frames, size), self.group)
@@ -143,31 +148,20 @@ class UlyssesWorldPlay(wp.WorldPlayModel):
         """`wp.WorldPlayModel.forward` with this rank's tokens; the flow is gathered from every
         rank, so each returns the whole ``[B, C, F, H, W]``."""
         cfg = self.config
-        for name, cache in (("text_kv", text_kv), ("kv_cache", kv_cache)):
-            if cache is not None and len(cache) != cfg.num_layers:
-                raise ValueError(f"{name} must hold {cfg.num_layers} layers, got {len(cache)}")
-        tokens, (f, h, w) = self.patch_embedding(x)
+        self.check_caches(text_kv, kv_cache)
+        tokens, grid = self.patch_embedding(x)
+        f = grid[0]
         if f != cfg.chunk_frames:
             raise ValueError(f"x must hold one chunk of {cfg.chunk_frames} frames, got {f}")
         check_tensor("poses", poses, (f, 3))
-        hist_frames = 0 if kv_cache is None else kv_cache[0]["v"].shape[2] // (h * w)
-        axes = wan_rope_axes(cfg.head_dim)
-        frame_pos = torch.arange(hist_frames, hist_frames + f, device=x.device)
-        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
-        cam_cos, cam_sin = rope_cos_sin(wp.camera_angles(poses, h, w, axes, cfg.rope_theta))
-        rope = tuple(self._tokens(r, f) for r in (cos, sin, cam_cos, cam_sin))
+        tables = wp.rope_tables(cfg, poses, grid, wp.history_frames(kv_cache, grid), x.device)
+        rope = tuple(self._tokens(r, f) for r in tables)
         e = self.time_embedding(t) + self.pose_embedding(poses.to(tokens.dtype))
-        tokens = self._tokens(tokens, f)
-        new_cache: wp.KVCache = []
-        for i, block in enumerate(self.blocks):
-            tokens, new_kv = block(tokens, e, rope, text_kv[i], None if kv_cache is None else kv_cache[i], return_kv)
-            if return_kv:
-                new_cache.append(new_kv)
-        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        local = self.head(modulate(self.head_norm(tokens), shift, scale))
+        tokens, new_cache = self.run_blocks(self._tokens(tokens, f), e, rope, text_kv, kv_cache, return_kv)
+        local = head_tokens(self, tokens, e)
         _, size = rank_and_size(self.group)
         gathered = _frame_order(all_gather(local, 1, self.group), f, size)
-        out = unpatchify(gathered, (f, h, w), cfg.patch_size, cfg.in_channels)
+        out = unpatchify(gathered, grid, cfg.patch_size, cfg.in_channels)
         return (out, new_cache) if return_kv else out
 
 
@@ -179,49 +173,20 @@ def build(config: str, device: torch.device, group: Group, seed: int = 0,
     """The same full model on every rank (seeded), as this rank's Ulysses view. ``layers``
     overrides the config's number of layers (real widths, shorter compiles)."""
     cfg = wp.real_config() if config == "real" else wp.tiny_config()
-    if layers is not None:
-        cfg = dataclasses.replace(cfg, num_layers=layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = wp.WorldPlayModel(cfg)
-    return UlyssesWorldPlay.from_model(model.to(dtype).eval().requires_grad_(False), group)
+    return UlyssesWorldPlay.from_model(seeded_model(wp.WorldPlayModel, cfg, device, seed, dtype, layers), group)
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
-    import qvg_compile
-    local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun over several hosts
-    device = torch.device("cuda", local) if args.backend == "nccl" else torch.device("cpu")
-    model = build(args.config, device, dist.group.WORLD)
-    fn = torch.compile(model, backend=qvg_compile.backend()) if args.qvg else torch.compile(model)
+    model = build(args.config, rank_device(rank, args.backend), dist.group.WORLD)
+    fn = compile_model(model, args.qvg)
     caches = []
     latents = wp.generate(fn, args.chunks, args.seed, progress=False, on_chunk=lambda i, kv: caches.append(kv))
-    report = qvg_compile.memory_report(caches[-1])
-    print(f"rank {rank}/{world}: latents {list(latents.shape)}, KV held {report['held_bytes'] / 2**20:.3g} MiB "
-          f"of {report['dense_bytes'] / 2**20:.3g} MiB dense ({report['compression']:.2f}x)", flush=True)
+    print_memory(rank, world, latents, caches[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Ulysses sequence-parallel HY-WorldPlay-style generation")
-    parser.add_argument("--config", choices=("tiny", "real"), default="tiny")
-    parser.add_argument("--chunks", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--qvg", action="store_true", help="compile with the QVG backend")
-    parser.add_argument("--nproc", type=int, default=None, help="spawn this many processes (else torchrun)")
-    parser.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with GPUs)")
-    args = parser.parse_args(argv)
-    args.backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if args.nproc:
-        launch(_worker, args.nproc, args, backend=args.backend)
-    else:
-        from .parallel import init_from_env
-        rank, world, _ = init_from_env(args.backend)
-        import torch.distributed as dist
-        try:
-            _worker(rank, world, args)
-        finally:
-            dist.destroy_process_group()
+    parser = cli.parser("Ulysses sequence-parallel HY-WorldPlay-style generation")
+    cli.run(_worker, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -269,7 +269,8 @@ def timesteps_for(sigma: float, shape: Sequence[int], device: torch.device) -> t
 
 class LatentGeometry:
     """Shared by the model configs: heads and the per-frame token grid, and their checks. Needs the
-    fields ``dim``, ``num_heads``, ``patch_size`` (t, h, w), ``latent_height``, ``latent_width``."""
+    fields ``dim``, ``num_heads``, ``patch_size`` (t, h, w), ``in_channels``, ``latent_height``,
+    ``latent_width``."""
 
     def check_geometry(self, cache: str = "the cache") -> None:
         """Heads divide ``dim``, the head dim fits Wan's 3D RoPE, one latent frame per patch in
@@ -285,6 +286,10 @@ class LatentGeometry:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    def latent_shape(self, batch: int, frames: int) -> tuple[int, int, int, int, int]:
+        """Shape ``[B, C, F, H, W]`` of ``frames`` latent frames for ``batch`` videos."""
+        return (batch, self.in_channels, frames, self.latent_height, self.latent_width)
 
     @property
     def frame_tokens(self) -> int:

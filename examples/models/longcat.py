@@ -37,7 +37,6 @@ model is a faithful cache workload, not a video generator.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,13 +47,10 @@ from tqdm.auto import tqdm
 
 from .common import (
     LatentGeometry,
-    PatchEmbed3d,
     RMSNorm,
     SwiGLUFFN,
-    TimestepEmbedding,
     apply_rope_real,
     check_int,
-    check_tensor,
     gate,
     model_device_dtype,
     modulate,
@@ -64,9 +60,10 @@ from .common import (
     rope_cos_sin,
     sigma_schedule,
     timesteps_for,
-    unpatchify,
     wan_rope_axes,
 )
+from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
+    check_int_fields, config_of, head_out, prompt_states, time_projection, tiny)
 
 KVCacheDict = dict[int, tuple[torch.Tensor, torch.Tensor]]
 """Layer index -> ``(k, v)``, each ``[B, H, N, D]`` pre-RoPE K and V of the conditioning frames,
@@ -98,10 +95,7 @@ class LongCatConfig(LatentGeometry):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "dim", "num_heads", "ffn_dim", "text_dim", "text_len",
-                     "latent_height", "latent_width", "in_channels", "freq_dim", "chunk_frames",
-                     "num_steps"):
-            check_int(name, getattr(self, name))
+        check_int_fields(self, "num_steps")
         if self.cond_frames is not None:
             check_int("cond_frames", self.cond_frames)
         self.check_geometry()
@@ -110,20 +104,13 @@ class LongCatConfig(LatentGeometry):
 def tiny_config(**overrides: object) -> LongCatConfig:
     """A 2-layer model, 2 heads x 64, on ``[B, 16, F, 4, 4]`` latents (4 tokens per frame), chunks of
     2 frames and 2 sampling steps: seconds on CPU."""
-    cfg = LongCatConfig(
-        num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=24, text_len=8,
-        latent_height=4, latent_width=4, freq_dim=32, chunk_frames=2, num_steps=2,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return tiny(LongCatConfig, overrides, latent_height=4, latent_width=4, chunk_frames=2, num_steps=2)
 
 
 def real_config(**overrides: object) -> LongCatConfig:
     """LongCat-Video at its real width: 48 layers, 32 heads x 128, 480p latents (60 x 104)."""
-    cfg = LongCatConfig(
-        num_layers=48, dim=4096, num_heads=32, ffn_dim=11008, text_dim=4096, text_len=512,
-        latent_height=60, latent_width=104,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return build_config(LongCatConfig, overrides, num_layers=48, dim=4096, num_heads=32, ffn_dim=11008,
+                        text_dim=4096, text_len=512, latent_height=60, latent_width=104)
 
 
 @torch.compiler.disable
@@ -270,9 +257,7 @@ class LongCatBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
-        # Per-block offsets on the shared time projection (Wan-style): a 6 x dim x dim Linear per
-        # block would add ~100M parameters per layer at the real width.
-        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = block_modulation(cfg.dim)
 
     def forward(self, x, y, e, y_seqlens, latent_shape, num_cond_latents, return_kv, kv_cache, skip_crs_attn):
         """``x [B, n, dim]``, ``e [B, F, 6, dim]`` per-frame modulation -> ``[B, n, dim]`` (and, with
@@ -298,19 +283,12 @@ class LongCatModel(nn.Module):
 
     def __init__(self, config: LongCatConfig) -> None:
         super().__init__()
-        if not isinstance(config, LongCatConfig):
-            raise TypeError(f"config must be a LongCatConfig, got {type(config).__name__}")
+        check_config(config, LongCatConfig)
         self.config = config
-        dim = config.dim
-        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
-        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_stem(self, config)
+        self.time_projection = time_projection(config.dim)
         self.blocks = nn.ModuleList(LongCatBlock(config) for _ in range(config.num_layers))
-        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.head_ada = nn.Linear(dim, 2 * dim)
-        pt, ph, pw = config.patch_size
-        self.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+        add_head(self, config)
 
     def forward(
         self,
@@ -369,17 +347,12 @@ class LongCatModel(nn.Module):
                     kv_cache_dict_ret[i] = (kv[0].contiguous(), kv[1].contiguous())
             else:
                 tokens = out
-        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        out = unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), grid,
-                         cfg.patch_size, cfg.in_channels).float()
+        out = head_out(self, tokens, e, grid).float()
         return (out, kv_cache_dict_ret) if return_kv else out
 
 
 def _config_of(model: nn.Module) -> LongCatConfig:
-    cfg = getattr(model, "config", None)
-    if not isinstance(model, nn.Module) or not isinstance(cfg, LongCatConfig):
-        raise TypeError("model must be a LongCatModel (optionally wrapped by torch.compile)")
-    return cfg
+    return config_of(model, LongCatConfig, "LongCatModel")
 
 
 class _Pipeline:
@@ -442,10 +415,7 @@ def generate(
     guided = cfg.guidance_scale > 1
     device, dtype = model_device_dtype(model)
     gen = new_generator(device, seed)
-    if context is None:
-        context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
-    check_tensor("context", context, (batch_size, None, cfg.text_dim))
-    context = context.to(device=device, dtype=dtype)
+    context = prompt_states(context, cfg, batch_size, gen, device, dtype)
     text_len = context.shape[1]
     prompt_embeds = (torch.cat([torch.zeros_like(context), context]) if guided else context).unsqueeze(1)
     prompt_mask = torch.ones(prompt_embeds.shape[0], 1, 1, text_len, device=device, dtype=torch.long)
@@ -454,8 +424,8 @@ def generate(
     pipe = _Pipeline(model, offload_kv)
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
     f = cfg.chunk_frames
-    shape = (batch_size, cfg.in_channels, f, cfg.latent_height, cfg.latent_width)
-    output = torch.zeros(shape[:2] + (num_chunks * f,) + shape[3:], dtype=dtype, device=device)
+    shape = cfg.latent_shape(batch_size, f)
+    output = torch.zeros(cfg.latent_shape(batch_size, num_chunks * f), dtype=dtype, device=device)
     for chunk in tqdm(range(num_chunks), desc="longcat", unit="chunk", disable=not progress):
         kv_cache_dict, num_cond_latents = None, 0
         if chunk:

@@ -23,7 +23,6 @@ workload, not a video generator.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,13 +33,10 @@ from tqdm.auto import tqdm
 
 from .common import (
     LatentGeometry,
-    PatchEmbed3d,
     RMSNorm,
     SwiGLUFFN,
-    TimestepEmbedding,
     apply_rope_real,
     check_int,
-    check_tensor,
     gate,
     model_device_dtype,
     modulate,
@@ -49,9 +45,10 @@ from .common import (
     rope_angles_3d,
     rope_cos_sin,
     sigma_schedule,
-    unpatchify,
     wan_rope_axes,
 )
+from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
+    check_int_fields, config_of, head_out, prompt_states, time_projection, tiny)
 
 
 @dataclass(frozen=True)
@@ -79,10 +76,7 @@ class MagiConfig(LatentGeometry):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "dim", "num_heads", "num_kv_heads", "ffn_dim", "text_dim",
-                     "text_len", "latent_height", "latent_width", "in_channels", "freq_dim",
-                     "chunk_frames", "window", "steps"):
-            check_int(name, getattr(self, name))
+        check_int_fields(self, "num_kv_heads", "window", "steps")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.steps % self.window:
@@ -102,20 +96,14 @@ class MagiConfig(LatentGeometry):
 def tiny_config(**overrides: object) -> MagiConfig:
     """A 2-layer model, 6 query / 2 K/V heads x 64, on ``[B, 16, F, 4, 4]`` latents (4 tokens per
     frame), chunks of 2 frames, 2 steps with 2 chunks in flight: seconds on CPU."""
-    cfg = MagiConfig(
-        num_layers=2, dim=384, num_heads=6, num_kv_heads=2, ffn_dim=256, text_dim=24, text_len=8,
-        latent_height=4, latent_width=4, freq_dim=32, chunk_frames=2, window=2, steps=2,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return tiny(MagiConfig, overrides, dim=384, num_heads=6, num_kv_heads=2, latent_height=4, latent_width=4,
+                chunk_frames=2, window=2, steps=2)
 
 
 def real_config(**overrides: object) -> MagiConfig:
     """MAGI-1 at its real width: 48 layers, 48 query / 8 K/V heads x 128, 1,560 tokens per frame."""
-    cfg = MagiConfig(
-        num_layers=48, dim=6144, num_heads=48, num_kv_heads=8, ffn_dim=16384, text_dim=4096,
-        text_len=800, latent_height=60, latent_width=104,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return build_config(MagiConfig, overrides, num_layers=48, dim=6144, num_heads=48, num_kv_heads=8,
+                        ffn_dim=16384, text_dim=4096, text_len=800, latent_height=60, latent_width=104)
 
 
 @dataclass
@@ -202,9 +190,7 @@ class MagiBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
-        # Per-block offsets on the shared time projection (Wan-style): a 6 x dim x dim Linear per
-        # block would add ~100M parameters per layer at the real width.
-        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = block_modulation(cfg.dim)
 
     def forward(self, x, e, context, cos, sin, mask, params, start):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
@@ -218,19 +204,12 @@ class MagiModel(nn.Module):
 
     def __init__(self, config: MagiConfig) -> None:
         super().__init__()
-        if not isinstance(config, MagiConfig):
-            raise TypeError(f"config must be a MagiConfig, got {type(config).__name__}")
+        check_config(config, MagiConfig)
         self.config = config
-        dim = config.dim
-        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
-        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_stem(self, config)
+        self.time_projection = time_projection(config.dim)
         self.blocks = nn.ModuleList(MagiBlock(config, i) for i in range(config.num_layers))
-        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.head_ada = nn.Linear(dim, 2 * dim)
-        pt, ph, pw = config.patch_size
-        self.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+        add_head(self, config)
 
     def forward(
         self,
@@ -276,16 +255,11 @@ class MagiModel(nn.Module):
         ctx = self.text_embedding(context)
         for block in self.blocks:
             tokens = block(tokens, e0, ctx, cos, sin, mask, inference_params, start)
-        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        return unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
-                          cfg.patch_size, cfg.in_channels)
+        return head_out(self, tokens, e, (f, h, w))
 
 
 def _config_of(model: nn.Module) -> MagiConfig:
-    cfg = getattr(model, "config", None)
-    if not isinstance(model, nn.Module) or not isinstance(cfg, MagiConfig):
-        raise TypeError("model must be a MagiModel (optionally wrapped by torch.compile)")
-    return cfg
+    return config_of(model, MagiConfig, "MagiModel")
 
 
 def schedule(num_chunks: int, config: MagiConfig) -> list[list[tuple[int, int]]]:
@@ -333,15 +307,12 @@ def generate(
     plan = schedule(num_chunks, cfg)
     device, dtype = model_device_dtype(model)
     gen = new_generator(device, seed)
-    if context is None:
-        context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
-    check_tensor("context", context, (batch_size, None, cfg.text_dim))
-    context = context.to(device=device, dtype=dtype)
+    context = prompt_states(context, cfg, batch_size, gen, device, dtype)
     if inference_params is None:
         inference_params = InferenceParams(num_chunks * cfg.chunk_tokens)
     sigmas = sigma_schedule(cfg.steps, cfg.shift)
     f = cfg.chunk_frames
-    shape = (batch_size, cfg.in_channels, f, cfg.latent_height, cfg.latent_width)
+    shape = cfg.latent_shape(batch_size, f)
     latents: dict[int, torch.Tensor] = {}
     for active in tqdm(plan, desc="magi", unit="forward", disable=not progress):
         for c, k in active:

@@ -30,7 +30,6 @@ Weights are random; the model is a faithful cache workload, not a video generato
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,17 +39,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
-    LatentGeometry,
     GeluFFN,
-    PatchEmbed3d,
+    LatentGeometry,
     RMSNorm,
-    TimestepEmbedding,
     apply_rope_complex,
     check_int,
-    check_tensor,
     gate,
-    modulate,
     model_device_dtype,
+    modulate,
     new_generator,
     randn,
     rope_angles_3d,
@@ -60,6 +56,8 @@ from .common import (
     unpatchify,
     wan_rope_axes,
 )
+from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
+    check_int_fields, config_of, prompt_states, time_projection, tiny)
 
 KVCache = list[dict[str, torch.Tensor]]
 """Self-attention cache: one dict per layer, ``k``/``v`` ``[B, S, H, D]`` in the model dtype,
@@ -92,9 +90,7 @@ class SelfForcingConfig(LatentGeometry):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "dim", "num_heads", "ffn_dim", "text_dim", "text_len",
-                     "latent_height", "latent_width", "in_channels", "freq_dim", "chunk_frames"):
-            check_int(name, getattr(self, name))
+        check_int_fields(self)
         check_int("sink_size", self.sink_size, minimum=0)
         self.check_geometry("the causal cache")
         if self.local_attn_size != -1:
@@ -110,20 +106,13 @@ class SelfForcingConfig(LatentGeometry):
 
 def tiny_config(**overrides: object) -> SelfForcingConfig:
     """A 2-layer model, 2 heads x 64, on ``[B, 16, F, 4, 4]`` latents (4 tokens per frame): seconds on CPU."""
-    cfg = SelfForcingConfig(
-        num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=24, text_len=8,
-        latent_height=4, latent_width=4, freq_dim=32,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return tiny(SelfForcingConfig, overrides, latent_height=4, latent_width=4)
 
 
 def real_config(**overrides: object) -> SelfForcingConfig:
     """Wan 2.1 1.3B at 480x832 (latents 60x104, 1,560 tokens per latent frame)."""
-    cfg = SelfForcingConfig(
-        num_layers=30, dim=1536, num_heads=12, ffn_dim=8960, text_dim=4096, text_len=512,
-        latent_height=60, latent_width=104,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return build_config(SelfForcingConfig, overrides, num_layers=30, dim=1536, num_heads=12, ffn_dim=8960,
+                        text_dim=4096, text_len=512, latent_height=60, latent_width=104)
 
 
 class CausalSelfAttention(nn.Module):
@@ -237,7 +226,7 @@ class CausalWanBlock(nn.Module):
         self.cross_attn = CachedCrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = block_modulation(cfg.dim)
 
     def forward(
         self,
@@ -263,18 +252,14 @@ class SelfForcingModel(nn.Module):
 
     def __init__(self, config: SelfForcingConfig) -> None:
         super().__init__()
-        if not isinstance(config, SelfForcingConfig):
-            raise TypeError(f"config must be a SelfForcingConfig, got {type(config).__name__}")
+        check_config(config, SelfForcingConfig)
         self.config = config
-        dim = config.dim
-        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
-        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_stem(self, config)
+        self.time_projection = time_projection(config.dim)
         self.blocks = nn.ModuleList(CausalWanBlock(config) for _ in range(config.num_layers))
-        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.head = nn.Linear(dim, config.in_channels * config.patch_size[0] * config.patch_size[1] * config.patch_size[2])
-        self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, dim) / dim**0.5)
+        # Wan's head takes its shift and scale from learnt offsets on the time embedding, no Linear.
+        add_head(self, config, ada=False)
+        self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, config.dim) / config.dim**0.5)
 
     def forward(
         self,
@@ -324,10 +309,7 @@ class SelfForcingModel(nn.Module):
 
 def _config_of(model: nn.Module) -> SelfForcingConfig:
     """The config of a :class:`SelfForcingModel`, also through a ``torch.compile`` wrapper."""
-    cfg = getattr(model, "config", None)
-    if not isinstance(model, nn.Module) or not isinstance(cfg, SelfForcingConfig):
-        raise TypeError("model must be a SelfForcingModel (optionally wrapped by torch.compile)")
-    return cfg
+    return config_of(model, SelfForcingConfig, "SelfForcingModel")
 
 
 def init_kv_cache(model: nn.Module, batch_size: int, max_frames: int | None = None) -> KVCache:
@@ -347,8 +329,13 @@ def init_kv_cache(model: nn.Module, batch_size: int, max_frames: int | None = No
         if max_frames is None:
             raise ValueError("max_frames is required for a global-attention cache")
         frames = check_int("max_frames", max_frames)
+    return kv_buffers(model, (batch_size, frames * cfg.frame_tokens, cfg.num_heads, cfg.head_dim))
+
+
+def kv_buffers(model: nn.Module, shape: tuple[int, int, int, int]) -> KVCache:
+    """One fresh :data:`KVCache` entry per layer: zero ``k``/``v`` of ``shape`` ``[B, S, H, D]`` in
+    the model's dtype and device, both end indices at 0."""
     device, dtype = model_device_dtype(model)
-    shape = (batch_size, frames * cfg.frame_tokens, cfg.num_heads, cfg.head_dim)
     return [
         {
             "k": torch.zeros(shape, dtype=dtype, device=device),
@@ -356,7 +343,7 @@ def init_kv_cache(model: nn.Module, batch_size: int, max_frames: int | None = No
             "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
             "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
         }
-        for _ in range(cfg.num_layers)
+        for _ in range(model.config.num_layers)
     ]
 
 
@@ -364,13 +351,18 @@ def init_crossattn_cache(model: nn.Module, batch_size: int) -> CrossAttnCache:
     """Allocate the text K/V cache ``[B, text_len, H, D]`` per layer, not yet initialised."""
     cfg = _config_of(model)
     check_int("batch_size", batch_size)
+    return crossattn_buffers(model, (batch_size, cfg.text_len, cfg.num_heads, cfg.head_dim))
+
+
+def crossattn_buffers(model: nn.Module, shape: tuple[int, int, int, int]) -> CrossAttnCache:
+    """One :data:`CrossAttnCache` entry per layer: zero ``k``/``v`` of ``shape`` ``[B, L, H, D]``,
+    not yet initialised."""
     device, dtype = model_device_dtype(model)
-    shape = (batch_size, cfg.text_len, cfg.num_heads, cfg.head_dim)
     return [
         {"k": torch.zeros(shape, dtype=dtype, device=device),
          "v": torch.zeros(shape, dtype=dtype, device=device),
          "is_init": False}
-        for _ in range(cfg.num_layers)
+        for _ in range(model.config.num_layers)
     ]
 
 
@@ -427,10 +419,7 @@ def generate(
     if cfg.local_attn_size == -1 and max_frames is None:
         max_frames = total_frames
     gen = new_generator(device, seed)
-    if context is None:
-        context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
-    check_tensor("context", context, (batch_size, None, cfg.text_dim))
-    context = context.to(device=device, dtype=dtype)
+    context = prompt_states(context, cfg, batch_size, gen, device, dtype)
 
     if kv_cache is None:
         kv_cache = init_kv_cache(model, batch_size, max_frames)
@@ -439,21 +428,33 @@ def generate(
     if len(kv_cache) != cfg.num_layers or len(crossattn_cache) != cfg.num_layers:
         raise ValueError(f"kv_cache and crossattn_cache must hold {cfg.num_layers} layers, got "
                          f"{len(kv_cache)} and {len(crossattn_cache)}")
-    shape = (batch_size, cfg.in_channels, cfg.chunk_frames, cfg.latent_height, cfg.latent_width)
-    output = torch.zeros(shape[:2] + (total_frames,) + shape[3:], dtype=dtype, device=device)
-    t_shape = (batch_size, cfg.chunk_frames)
+    output = torch.zeros(cfg.latent_shape(batch_size, total_frames), dtype=dtype, device=device)
     for chunk in tqdm(range(num_chunks), desc="self_forcing", unit="chunk", disable=not progress):
         current_start = chunk * cfg.chunk_frames * cfg.frame_tokens
-        noisy = randn(shape, gen, dtype)
-        for i, sigma in enumerate(sigmas):
-            flow = model(noisy, timesteps_for(sigma, t_shape, device), context, kv_cache, crossattn_cache, current_start)
-            x0 = noisy.float() - sigma * flow.float()
-            if i + 1 < len(sigmas):
-                nxt = sigmas[i + 1]
-                noisy = ((1.0 - nxt) * x0 + nxt * randn(shape, gen, torch.float32)).to(dtype)
-        denoised = x0.to(dtype)
+        denoised = sample_chunk(model, sigmas, gen, context, kv_cache, crossattn_cache, current_start)
         output[:, :, chunk * cfg.chunk_frames:(chunk + 1) * cfg.chunk_frames] = denoised
-        model(denoised, timesteps_for(0.0, t_shape, device), context, kv_cache, crossattn_cache, current_start)
         if on_chunk is not None:
             on_chunk(chunk, kv_cache)
     return output
+
+
+def sample_chunk(model: nn.Module, sigmas: Sequence[float], gen: torch.Generator, context: torch.Tensor,
+                 kv_cache: KVCache, crossattn_cache: CrossAttnCache, current_start: int) -> torch.Tensor:
+    """One chunk of Self-Forcing's few-step sampler from noise drawn from ``gen``: per noise level a
+    forward (x0 prediction, then re-noising to the next level), then the clean forward at t=0 that
+    rewrites the chunk's cache slot. Returns the chunk's latents ``[B, C, chunk_frames, H, W]``."""
+    cfg = model.config
+    device, dtype = model_device_dtype(model)
+    batch_size = context.shape[0]
+    shape = cfg.latent_shape(batch_size, cfg.chunk_frames)
+    t_shape = (batch_size, cfg.chunk_frames)
+    noisy = randn(shape, gen, dtype)
+    for i, sigma in enumerate(sigmas):
+        flow = model(noisy, timesteps_for(sigma, t_shape, device), context, kv_cache, crossattn_cache, current_start)
+        x0 = noisy.float() - sigma * flow.float()
+        if i + 1 < len(sigmas):
+            nxt = sigmas[i + 1]
+            noisy = ((1.0 - nxt) * x0 + nxt * randn(shape, gen, torch.float32)).to(dtype)
+    denoised = x0.to(dtype)
+    model(denoised, timesteps_for(0.0, t_shape, device), context, kv_cache, crossattn_cache, current_start)
+    return denoised

@@ -26,7 +26,6 @@ workload, not a world model.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +36,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
-    LatentGeometry,
     GeluFFN,
-    PatchEmbed3d,
+    LatentGeometry,
     RMSNorm,
-    TimestepEmbedding,
     apply_rope_real,
     check_int,
     check_tensor,
@@ -54,9 +51,10 @@ from .common import (
     rope_cos_sin,
     sigma_schedule,
     timesteps_for,
-    unpatchify,
     wan_rope_axes,
 )
+from .dit import (add_head, add_stem, build_config, check_config, check_int_fields, config_of,
+    head_out, prompt_states, tiny)
 
 KVCache = list[dict[str, torch.Tensor]]
 """One dict per layer: ``k`` (``[2B, H, N, D]`` for ``pos_layout="batch"``, ``[B, H, N, 2D]``
@@ -93,10 +91,7 @@ class WorldPlayConfig(LatentGeometry):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "dim", "num_heads", "ffn_dim", "text_dim", "text_len",
-                     "latent_height", "latent_width", "in_channels", "freq_dim", "chunk_frames",
-                     "num_steps"):
-            check_int(name, getattr(self, name))
+        check_int_fields(self, "num_steps")
         if self.memory_frames is not None:
             check_int("memory_frames", self.memory_frames)
         if self.pos_layout not in POS_LAYOUTS:
@@ -107,20 +102,13 @@ class WorldPlayConfig(LatentGeometry):
 def tiny_config(**overrides: object) -> WorldPlayConfig:
     """A 2-layer model, 2 heads x 64, on ``[B, 16, F, 2, 2]`` latents (4 tokens per frame), chunks of
     2 frames and 2 sampling steps: seconds on CPU."""
-    cfg = WorldPlayConfig(
-        num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=24, text_len=8,
-        latent_height=2, latent_width=2, freq_dim=32, chunk_frames=2, num_steps=2,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return tiny(WorldPlayConfig, overrides, latent_height=2, latent_width=2, chunk_frames=2, num_steps=2)
 
 
 def real_config(**overrides: object) -> WorldPlayConfig:
     """HY-WorldPlay at its real width: 54 layers, 16 heads x 128, 1,560 tokens per latent frame."""
-    cfg = WorldPlayConfig(
-        num_layers=54, dim=2048, num_heads=16, ffn_dim=8192, text_dim=3584, text_len=256,
-        latent_height=30, latent_width=52, in_channels=32,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return build_config(WorldPlayConfig, overrides, num_layers=54, dim=2048, num_heads=16, ffn_dim=8192,
+                        text_dim=3584, text_len=256, latent_height=30, latent_width=52, in_channels=32)
 
 
 def camera_trajectory(frames: int, gen: torch.Generator) -> torch.Tensor:
@@ -148,6 +136,18 @@ def camera_angles(poses: torch.Tensor, h: int, w: int, axes: tuple[int, int, int
     return torch.cat([t_ang, h_ang, w_ang], dim=-1).reshape(f * h * w, -1)
 
 
+def rope_tables(cfg: WorldPlayConfig, poses: torch.Tensor, grid: tuple[int, int, int], start: int,
+                device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Both positional variants of a chunk on ``grid = (f, h, w)`` whose frames stand from ``start``:
+    (cos, sin, cam_cos, cam_sin) ``[f*h*w, D]`` fp32, 3D RoPE then the camera variant."""
+    f, h, w = grid
+    axes = wan_rope_axes(cfg.head_dim)
+    frame_pos = torch.arange(start, start + f, device=device)
+    cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
+    cam_cos, cam_sin = rope_cos_sin(camera_angles(poses, h, w, axes, cfg.rope_theta))
+    return cos, sin, cam_cos, cam_sin
+
+
 class SelfAttention(nn.Module):
     """Joint attention of new tokens over ``[text ; cached history ; new]`` (idioms D, F)."""
 
@@ -168,6 +168,13 @@ class SelfAttention(nn.Module):
         dim = 0 if self.pos_layout == "batch" else -1
         return torch.cat([apply_rope_real(x, cos, sin), apply_rope_real(x, cam_cos, cam_sin)], dim=dim)
 
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, n, dim]`` -> ``q``, ``k`` (normed, both positional variants) and ``v`` ``[B, H, n, D]``."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.positions(self.norm_q(q), rope), self.positions(self.norm_k(k), rope), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -178,10 +185,7 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """``x [B, n, dim]``; ``rope`` = (cos, sin, cam_cos, cam_sin) ``[n, D]`` fp32 of the new
         tokens. Returns ``[B, n, dim]`` and, with ``return_kv``, this chunk's cache entries."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = self.positions(self.norm_q(q), rope)
-        k = self.positions(self.norm_k(k), rope)
+        q, k, v = self.project(x, rope)
         out, new_kv = self.attend(q, k, v, text_kv, kv_cache, return_kv)
         return self.o(out.transpose(1, 2).flatten(2)), new_kv
 
@@ -241,19 +245,12 @@ class WorldPlayModel(nn.Module):
 
     def __init__(self, config: WorldPlayConfig) -> None:
         super().__init__()
-        if not isinstance(config, WorldPlayConfig):
-            raise TypeError(f"config must be a WorldPlayConfig, got {type(config).__name__}")
+        check_config(config, WorldPlayConfig)
         self.config = config
-        dim = config.dim
-        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
-        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
-        self.pose_embedding = nn.Linear(3, dim)
+        add_stem(self, config)
+        self.pose_embedding = nn.Linear(3, config.dim)
         self.blocks = nn.ModuleList(WorldPlayBlock(config) for _ in range(config.num_layers))
-        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.head_ada = nn.Linear(dim, 2 * dim)
-        pt, ph, pw = config.patch_size
-        self.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+        add_head(self, config)
 
     def encode_text(self, context: torch.Tensor) -> TextKV:
         """Per-layer text K/V ``[B, H, L, D]`` of ``context [B, L, text_dim]`` (once per video)."""
@@ -288,35 +285,40 @@ class WorldPlayModel(nn.Module):
         Returns:
             The flow ``[B, C, F, H, W]``; with ``return_kv``, ``(flow, new_entries)``.
         """
-        cfg = self.config
-        for name, cache in (("text_kv", text_kv), ("kv_cache", kv_cache)):
-            if cache is not None and len(cache) != cfg.num_layers:
-                raise ValueError(f"{name} must hold {cfg.num_layers} layers, got {len(cache)}")
-        tokens, (f, h, w) = self.patch_embedding(x)
-        check_tensor("poses", poses, (f, 3))
-        hist_frames = 0 if kv_cache is None else kv_cache[0]["v"].shape[2] // (h * w)
-        axes = wan_rope_axes(cfg.head_dim)
-        frame_pos = torch.arange(hist_frames, hist_frames + f, device=x.device)
-        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
-        cam_cos, cam_sin = rope_cos_sin(camera_angles(poses, h, w, axes, cfg.rope_theta))
-        rope = (cos, sin, cam_cos, cam_sin)
+        self.check_caches(text_kv, kv_cache)
+        tokens, grid = self.patch_embedding(x)
+        check_tensor("poses", poses, (grid[0], 3))
+        rope = rope_tables(self.config, poses, grid, history_frames(kv_cache, grid), x.device)
         e = self.time_embedding(t) + self.pose_embedding(poses.to(tokens.dtype))
+        tokens, new_cache = self.run_blocks(tokens, e, rope, text_kv, kv_cache, return_kv)
+        out = head_out(self, tokens, e, grid)
+        return (out, new_cache) if return_kv else out
+
+    def check_caches(self, text_kv: TextKV, kv_cache: KVCache | None) -> None:
+        """Both caches must hold one entry per layer."""
+        layers = self.config.num_layers
+        for name, cache in (("text_kv", text_kv), ("kv_cache", kv_cache)):
+            if cache is not None and len(cache) != layers:
+                raise ValueError(f"{name} must hold {layers} layers, got {len(cache)}")
+
+    def run_blocks(self, tokens: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, ...], text_kv: TextKV,
+                   kv_cache: KVCache | None, return_kv: bool) -> tuple[torch.Tensor, KVCache]:
+        """Every block over ``tokens [B, n, dim]``: the output and (with ``return_kv``) the new entries."""
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
             tokens, new_kv = block(tokens, e, rope, text_kv[i], None if kv_cache is None else kv_cache[i], return_kv)
             if return_kv:
                 new_cache.append(new_kv)
-        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        out = unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
-                         cfg.patch_size, cfg.in_channels)
-        return (out, new_cache) if return_kv else out
+        return tokens, new_cache
+
+
+def history_frames(kv_cache: KVCache | None, grid: tuple[int, int, int]) -> int:
+    """Latent frames ``kv_cache`` holds (0 without one): where the next chunk's frames stand."""
+    return 0 if kv_cache is None else kv_cache[0]["v"].shape[2] // (grid[1] * grid[2])
 
 
 def _config_of(model: nn.Module) -> WorldPlayConfig:
-    cfg = getattr(model, "config", None)
-    if not isinstance(model, nn.Module) or not isinstance(cfg, WorldPlayConfig):
-        raise TypeError("model must be a WorldPlayModel or WorldPlayAR (optionally wrapped by torch.compile)")
-    return cfg
+    return config_of(model, WorldPlayConfig, "WorldPlayModel or WorldPlayAR")
 
 
 def append_cache(cache: KVCache | None, new: KVCache, memory_tokens: int | None) -> KVCache:
@@ -372,18 +374,16 @@ def generate(
     gen = new_generator(device, seed)
     f = cfg.chunk_frames
     total = num_chunks * f
-    if context is None:
-        context = randn((batch_size, cfg.text_len, cfg.text_dim), gen, dtype)
-    check_tensor("context", context, (batch_size, None, cfg.text_dim))
+    context = prompt_states(context, cfg, batch_size, gen, device, dtype)
     if poses is None:
         poses = camera_trajectory(total, gen)
     check_tensor("poses", poses, (total, 3))
     poses = poses.to(device=device, dtype=torch.float32)
-    text_kv = model.encode_text(context.to(device=device, dtype=dtype))
+    text_kv = model.encode_text(context)
     memory_tokens = None if cfg.memory_frames is None else cfg.memory_frames * cfg.frame_tokens
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
-    shape = (batch_size, cfg.in_channels, f, cfg.latent_height, cfg.latent_width)
-    output = torch.zeros(shape[:2] + (total,) + shape[3:], dtype=dtype, device=device)
+    shape = cfg.latent_shape(batch_size, f)
+    output = torch.zeros(cfg.latent_shape(batch_size, total), dtype=dtype, device=device)
     kv_cache: KVCache | None = None
     t_shape = (batch_size, f)
     for chunk in tqdm(range(num_chunks), desc="worldplay", unit="chunk", disable=not progress):
@@ -527,19 +527,12 @@ class WorldPlayAR(nn.Module):
 
     def __init__(self, config: WorldPlayConfig) -> None:
         super().__init__()
-        if not isinstance(config, WorldPlayConfig):
-            raise TypeError(f"config must be a WorldPlayConfig, got {type(config).__name__}")
+        check_config(config, WorldPlayConfig)
         self.config = config
-        dim = config.dim
-        self.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
-        self.time_embedding = TimestepEmbedding(config.freq_dim, dim)
-        self.pose_embedding = nn.Linear(3, dim)
+        add_stem(self, config)
+        self.pose_embedding = nn.Linear(3, config.dim)
         self.double_blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
-        self.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.head_ada = nn.Linear(dim, 2 * dim)
-        pt, ph, pw = config.patch_size
-        self.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+        add_head(self, config)
 
     def forward(self, ar_txt_inference: bool = False, **kwargs: Any):
         return self.forward_txt(**kwargs) if ar_txt_inference else self.forward_vision(**kwargs)
@@ -555,14 +548,6 @@ class WorldPlayAR(nn.Module):
                 new_cache[index]["v_txt"] = t_kv["v_txt"]
         return new_cache
 
-    def _rope(self, poses: torch.Tensor, f: int, h: int, w: int, start: int, device: torch.device):
-        cfg = self.config
-        axes = wan_rope_axes(cfg.head_dim)
-        frame_pos = torch.arange(start, start + f, device=device)
-        cos, sin = rope_cos_sin(rope_angles_3d(frame_pos, h, w, axes, cfg.rope_theta))
-        cam_cos, cam_sin = rope_cos_sin(camera_angles(poses, h, w, axes, cfg.rope_theta))
-        return tuple(x.unsqueeze(1) for x in (cos, sin, cam_cos, cam_sin))
-
     def forward_vision(self, hidden_states: torch.Tensor, timestep: torch.Tensor, poses: torch.Tensor,
                        kv_cache: ARCache, cache_vision: bool = False, rope_start: int = 0):
         """Vision pass over latents ``[B, C, F, H, W]`` with timesteps ``[B, F]`` and poses ``[F, 3]``
@@ -570,8 +555,8 @@ class WorldPlayAR(nn.Module):
         if cache_vision:
             new_cache = [{"k_vision": None, "v_vision": None, "k_txt": layer["k_txt"], "v_txt": layer["v_txt"]}
                          for layer in kv_cache]
-        tokens, (f, h, w) = self.patch_embedding(hidden_states)
-        rope = self._rope(poses, f, h, w, rope_start, hidden_states.device)
+        tokens, grid = self.patch_embedding(hidden_states)
+        rope = tuple(x.unsqueeze(1) for x in rope_tables(self.config, poses, grid, rope_start, hidden_states.device))
         e = self.time_embedding(timestep) + self.pose_embedding(poses.to(tokens.dtype))
         for index, block in enumerate(self.double_blocks):
             tokens, vision_kv = block.forward_vision(tokens, e, rope, kv_cache, index, cache_vision)
@@ -580,9 +565,7 @@ class WorldPlayAR(nn.Module):
                 new_cache[index]["v_vision"] = vision_kv["v_vision"]
         if cache_vision:
             return new_cache
-        shift, scale = self.head_ada(F.silu(e)).chunk(2, dim=-1)
-        return unpatchify(self.head(modulate(self.head_norm(tokens), shift, scale)), (f, h, w),
-                          self.config.patch_size, self.config.in_channels)
+        return head_out(self, tokens, e, grid)
 
 
 ARHook = Callable[[ARCache], ARCache]
@@ -637,8 +620,7 @@ def rollout(
     hook = cache_hook or (lambda kv: kv)
     caches = [hook(model(ar_txt_inference=True, text_states=p, kv_cache=empty_ar_cache(cfg.num_layers),
                          cache_txt=True)) for p in prompts]
-    latents = torch.zeros((1, cfg.in_channels, num_chunks * f, cfg.latent_height, cfg.latent_width),
-                          dtype=dtype, device=device)
+    latents = torch.zeros(cfg.latent_shape(1, num_chunks * f), dtype=dtype, device=device)
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
     for chunk in tqdm(range(num_chunks), desc="worldplay", unit="chunk", disable=not progress):
         memory = _memory_frames(chunk, cfg)
@@ -647,7 +629,7 @@ def rollout(
             caches = [hook(model(hidden_states=latents[:, :, memory], timestep=t_ctx, poses=poses[memory],
                                  kv_cache=kv, cache_vision=True, rope_start=0)) for kv in caches]
         frames = slice(chunk * f, (chunk + 1) * f)
-        noisy = randn((1, cfg.in_channels, f, cfg.latent_height, cfg.latent_width), gen, dtype)
+        noisy = randn(cfg.latent_shape(1, f), gen, dtype)
         for i in range(cfg.num_steps):
             t = timesteps_for(sigmas[i], (1, f), device)
             cond, uncond = (model(hidden_states=noisy, timestep=t, poses=poses[frames], kv_cache=kv,

@@ -1,0 +1,120 @@
+"""The DiT scaffolding the four reference models share: their config builders, the embeddings in
+front of the blocks, the AdaLN head behind them, the per-block modulation and the prompt stand-in.
+
+Each helper creates its layers in the order the models always did, so a model seeded with
+``torch.manual_seed`` draws the same weights as before; the models keep their own attribute
+names (``blocks``, ``double_blocks``, ...) and their cache code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import (
+    PatchEmbed3d,
+    TimestepEmbedding,
+    check_int,
+    check_tensor,
+    modulate,
+    randn,
+    unpatchify,
+)
+
+C = TypeVar("C")
+
+TINY_WIDTH: dict[str, int] = dict(num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=24, text_len=8,
+                                  freq_dim=32)
+"""The CPU-sized width of every ``tiny_config``: 2 layers, 2 heads x 64, an 8-token prompt."""
+
+SHARED_INT_FIELDS = ("num_layers", "dim", "num_heads", "ffn_dim", "text_dim", "text_len", "latent_height",
+                     "latent_width", "in_channels", "freq_dim", "chunk_frames")
+"""The integer fields every model config has, each checked ``>= 1``."""
+
+
+def build_config(cls: type[C], overrides: dict[str, Any], **fields: Any) -> C:
+    """``cls(**fields)`` with ``overrides`` replaced on top (each config checked as built)."""
+    return dataclasses.replace(cls(**fields), **overrides)
+
+
+def tiny(cls: type[C], overrides: dict[str, Any], **fields: Any) -> C:
+    """A ``tiny_config``: :data:`TINY_WIDTH` with the model's own ``fields`` on top, then ``overrides``."""
+    return build_config(cls, overrides, **{**TINY_WIDTH, **fields})
+
+
+def check_int_fields(config: object, *extra: str) -> None:
+    """Check :data:`SHARED_INT_FIELDS` and the model's ``extra`` integer fields are ints ``>= 1``."""
+    for name in SHARED_INT_FIELDS + extra:
+        check_int(name, getattr(config, name))
+
+
+def check_config(config: object, cls: type) -> None:
+    """A model constructor's argument check: ``config`` must be a ``cls``."""
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+
+
+def config_of(model: nn.Module, cls: type[C], models: str) -> C:
+    """The ``cls`` config of ``model`` (one of ``models``), also through a ``torch.compile`` wrapper."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not isinstance(cfg, cls):
+        raise TypeError(f"model must be a {models} (optionally wrapped by torch.compile)")
+    return cfg
+
+
+def add_stem(model: nn.Module, config: Any) -> None:
+    """Give ``model`` its inputs: ``patch_embedding``, ``text_embedding`` (Linear-GELU-Linear) and
+    ``time_embedding``."""
+    dim = config.dim
+    model.patch_embedding = PatchEmbed3d(config.in_channels, dim, config.patch_size)
+    model.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU("tanh"), nn.Linear(dim, dim))
+    model.time_embedding = TimestepEmbedding(config.freq_dim, dim)
+
+
+def time_projection(dim: int) -> nn.Sequential:
+    """Wan's shared projection of the time embedding to the six per-block modulations."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+
+def block_modulation(dim: int) -> nn.Parameter:
+    """A block's learnt offsets ``[1, 1, 6, dim]`` on the shared time projection (Wan-style): a
+    6 x dim x dim Linear per block would add ~100M parameters per layer at the real width."""
+    return nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+
+
+def add_head(model: nn.Module, config: Any, ada: bool = True) -> None:
+    """Give ``model`` its output: ``head_norm``, with ``ada`` a ``head_ada`` Linear for the shift
+    and scale, and ``head`` to one patch of latents per token."""
+    dim = config.dim
+    model.head_norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+    if ada:
+        model.head_ada = nn.Linear(dim, 2 * dim)
+    pt, ph, pw = config.patch_size
+    model.head = nn.Linear(dim, config.in_channels * pt * ph * pw)
+
+
+def head_tokens(model: nn.Module, tokens: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The AdaLN head (:func:`add_head` with ``ada``) on ``tokens [B, N, dim]`` with the time
+    embedding ``e [B, F, dim]`` -> per-token patches ``[B, N, pt*ph*pw*C]``."""
+    shift, scale = model.head_ada(F.silu(e)).chunk(2, dim=-1)
+    return model.head(modulate(model.head_norm(tokens), shift, scale))
+
+
+def head_out(model: nn.Module, tokens: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """:func:`head_tokens` put back on the latent ``grid`` -> ``[B, C, F, H, W]``."""
+    cfg = model.config
+    return unpatchify(head_tokens(model, tokens, e), grid, cfg.patch_size, cfg.in_channels)
+
+
+def prompt_states(context: torch.Tensor | None, config: Any, batch_size: int, gen: torch.Generator,
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``context [B, L, text_dim]`` on ``device`` in ``dtype``, or random stand-in prompt states
+    drawn from ``gen`` when None (the first draw of a generation, so the noise after it is fixed)."""
+    if context is None:
+        context = randn((batch_size, config.text_len, config.text_dim), gen, dtype)
+    check_tensor("context", context, (batch_size, None, config.text_dim))
+    return context.to(device=device, dtype=dtype)

@@ -1,0 +1,56 @@
+"""Setup the reference-model tests (``tests/test_examples_*``) share: the repository root on
+``sys.path`` (for ``examples``), the QVG config and tolerance they compare with, a seeded tiny
+model, the Dynamo reset around a test, and the steady-state bytes ratio of a compressed cache."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import qvg_compile
+from qvg_compile import QVGCache, QVGConfig
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+CFG = QVGConfig.preset("qvg", centroids=32, kmeans_iters=2)
+TOL = 1e-5
+
+STEADY_POLICY = {"codebook_bits": 0.125, "spare_segments": 0}
+"""A read-only history needs no spare codebook slot, and a 0.125-bit budget stands in for the
+real-length amortisation of the codebooks (at toy lengths the default 0.25 bit plus its spare
+slot cost 0.5 bit per element)."""
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo reset before and after each test. Autouse where a test module imports it."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def seeded(model_cls: Callable[[Any], torch.nn.Module], config: Any) -> torch.nn.Module:
+    """``model_cls(config)`` from ``torch.manual_seed(0)``, in eval mode."""
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def compress_seq2(kv: Any, **policy: Any) -> Any:
+    """``qvg_compile.compress`` of caches whose sequence is dim 2 (``[B, H, N, D]``)."""
+    return qvg_compile.compress(kv, CFG, seq_dim=2, **policy)
+
+
+def bytes_ratio(short: Sequence[QVGCache], long: Sequence[QVGCache]) -> tuple[float, float]:
+    """Given the caches after a short and a long run: (BF16 bytes over held bytes of what the
+    extra chunks added, the same for the whole long cache). All must be QVG caches."""
+    assert all(isinstance(c, QVGCache) for c in (*short, *long))
+    held = [sum(c.nbytes() for c in caches) for caches in (short, long)]
+    bf16 = [sum(c.numel() * 2 for c in caches) for caches in (short, long)]
+    return (bf16[1] - bf16[0]) / (held[1] - held[0]), bf16[1] / held[1]
