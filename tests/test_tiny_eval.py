@@ -17,24 +17,15 @@ from qvg_compile.tiny.data import from_uint8
 from qvg_compile.tiny.evaluate import DEFAULT_METHODS, SimulatedCache, evaluate, method_config, rollout
 from qvg_compile.tiny.media import save_psnr_plot
 from qvg_compile.tiny.metrics import psnr_per_frame
-from qvg_compile.tiny.model import TinyVideoConfig, TinyVideoModel, allocate_cache
+from qvg_compile.tiny.model import TinyVideoConfig, TinyVideoModel
+from tiny_rollout import teacher_forced_and_chunkwise
 
 
 def test_teacher_forcing_equals_chunkwise_generation_with_a_cache():
     torch.manual_seed(0)
     m = TinyVideoModel(TinyVideoConfig()).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.1)
-    clean, noisy, t = torch.randn(1, 6, 3, 16, 16), torch.randn(1, 6, 3, 16, 16), torch.rand(1, 3)
-    with torch.no_grad():
-        expected = m.forward_train(clean, noisy, t)
-        cache = allocate_cache(m, 6)
-        got = []
-        for c in range(3):
-            start = c * m.cfg.chunk_tokens
-            got.append(m(noisy[:, 2 * c:2 * c + 2], t[:, c], cache, start))
-            m(clean[:, 2 * c:2 * c + 2], torch.zeros(1), cache, start)
-    assert (torch.cat(got, 1) - expected).abs().max() < 1e-4
+    expected, got, _ = teacher_forced_and_chunkwise(m, (1, 6, 3, 16, 16), chunks=3, scale=0.1)
+    assert (got - expected).abs().max() < 1e-4
 
 
 def test_method_configs():

@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from qvg_compile.tiny.model import TinyVideoModel, allocate_cache, generate
+from qvg_compile.tiny.model import TinyVideoModel, generate
 from qvg_compile.tiny.zoo import MODELS, get_model_spec
+from tiny_rollout import teacher_forced_and_chunkwise
 
 
 def test_proxy_has_wan_latent_geometry_and_fits_the_file_budget():
@@ -25,18 +26,8 @@ def test_reduced_proxy_generates_as_it_trains():
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_model_spec("proxy").config, size=8, layers=2)
     m = TinyVideoModel(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.05)
-    clean, noisy, t = torch.randn(1, 6, 3, 8, 8), torch.randn(1, 6, 3, 8, 8), torch.rand(1, 2)
-    with torch.no_grad():
-        expected = m.forward_train(clean, noisy, t)
-        cache = allocate_cache(m, 6)
-        got = []
-        for c in range(2):
-            start = c * cfg.chunk_tokens
-            got.append(m(noisy[:, 3 * c:3 * c + 3], t[:, c], cache, start))
-            m(clean[:, 3 * c:3 * c + 3], torch.zeros(1), cache, start)
+    expected, got, cache = teacher_forced_and_chunkwise(m, (1, 6, 3, 8, 8), chunks=2, scale=0.05)
     assert cache[0]["k"].shape == (1, 6 * 16, 3, 128)
-    assert (torch.cat(got, 1) - expected).abs().max() < 1e-4
+    assert (got - expected).abs().max() < 1e-4
     video = generate(m, 2, seed=0, progress=False)
     assert video.shape == (1, 6, 3, 8, 8) and torch.isfinite(video).all()
