@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import tally
 from ..kernels.attention import merge_partial, sdpa_with_lse
@@ -30,6 +29,7 @@ from .read import attend_general
 from .read_plan import ReadSide
 from .spec import StoreSpec
 from .tensor import QVGCache, contiguous_strides
+from .torch_function import route_sdpa
 
 Tensor = torch.Tensor
 # (q, k piece, v piece, scale) -> (out [B, H, M, Dv], lse [B, H, M] fp32), or None when the pair
@@ -96,11 +96,7 @@ class JoinedCache(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return torch.ops.qvg.sdpa(*args, **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return route_sdpa(func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..quant.config import QVGConfig
 from ..quant.segment import normalise_seq_dim
@@ -34,6 +33,7 @@ from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
 from .spec import HOLE, POS_MAP_AT, StoreSpec, is_dense, is_sealed
 from .store import Store, regrow
+from .torch_function import route_sdpa
 from .view import CHAN, DENSE, RUN, SEQ, VIEW, Lead, Unsupported, View
 
 Handler = Callable[[Any, tuple, dict], Any]
@@ -355,11 +355,7 @@ class QVGCache(torch.Tensor):
     # --- dispatch ------------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return torch.ops.qvg.sdpa(*args, **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+        return route_sdpa(func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
