@@ -8,6 +8,7 @@ code is read in one place per family.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -296,3 +297,20 @@ class LatentGeometry:
         """Tokens per latent frame after patchify (1,560 for the real configs)."""
         return (self.latent_height // self.patch_size[1]) * (self.latent_width // self.patch_size[2])
 
+
+@dataclass(frozen=True)
+class DiTConfig(LatentGeometry):
+    """The fields every reference model's config starts with: width, prompt and latent frame size.
+    Each model's config adds its own sampler and cache fields after these."""
+
+    num_layers: int
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    text_dim: int
+    text_len: int
+    latent_height: int
+    latent_width: int
+    in_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
-    LatentGeometry,
+    DiTConfig,
     RMSNorm,
     SwiGLUFFN,
     apply_rope_real,
@@ -71,21 +71,10 @@ in the model dtype (on the host when offloaded): what the cache pass returns."""
 
 
 @dataclass(frozen=True)
-class LongCatConfig(LatentGeometry):
+class LongCatConfig(DiTConfig):
     """Architecture, sample geometry and sampler. ``cond_frames=None`` conditions every chunk on
     the whole history; an int keeps only the last ``cond_frames`` latent frames."""
 
-    num_layers: int
-    dim: int
-    num_heads: int
-    ffn_dim: int
-    text_dim: int
-    text_len: int
-    latent_height: int
-    latent_width: int
-    in_channels: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    freq_dim: int = 256
     chunk_frames: int = 4
     cond_frames: int | None = None
     num_steps: int = 4

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
-    LatentGeometry,
+    DiTConfig,
     RMSNorm,
     SwiGLUFFN,
     apply_rope_real,
@@ -51,23 +51,12 @@ from .dit import (add_head, add_stem, block_modulation, build_config, check_conf
     check_int_fields, config_of, head_out, prompt_states, time_projection, tiny)
 
 
-@dataclass(frozen=True)
-class MagiConfig(LatentGeometry):
+@dataclass(frozen=True, kw_only=True)
+class MagiConfig(DiTConfig):
     """Architecture, sample geometry and the staggered sampler (``steps`` per chunk, ``window``
     chunks in flight; ``window`` must divide ``steps``)."""
 
-    num_layers: int
-    dim: int
-    num_heads: int
     num_kv_heads: int
-    ffn_dim: int
-    text_dim: int
-    text_len: int
-    latent_height: int
-    latent_width: int
-    in_channels: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    freq_dim: int = 256
     chunk_frames: int = 6
     window: int = 4
     steps: int = 8

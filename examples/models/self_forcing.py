@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    DiTConfig,
     GeluFFN,
-    LatentGeometry,
     RMSNorm,
     apply_rope_complex,
     check_int,
@@ -68,21 +68,10 @@ CrossAttnCache = list[dict[str, torch.Tensor | bool]]
 
 
 @dataclass(frozen=True)
-class SelfForcingConfig(LatentGeometry):
+class SelfForcingConfig(DiTConfig):
     """Architecture and sample geometry. ``local_attn_size``/``sink_size`` are in latent frames;
     ``local_attn_size=-1`` means global attention over a cache sized by ``generate(max_frames=)``."""
 
-    num_layers: int
-    dim: int
-    num_heads: int
-    ffn_dim: int
-    text_dim: int
-    text_len: int
-    latent_height: int
-    latent_width: int
-    in_channels: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    freq_dim: int = 256
     chunk_frames: int = 3
     local_attn_size: int = -1
     sink_size: int = 0

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .common import (
+    DiTConfig,
     GeluFFN,
-    LatentGeometry,
     RMSNorm,
     apply_rope_real,
     check_int,
@@ -68,20 +68,10 @@ POS_LAYOUTS = ("batch", "head_dim")
 
 
 @dataclass(frozen=True)
-class WorldPlayConfig(LatentGeometry):
+class WorldPlayConfig(DiTConfig):
     """Architecture, sample geometry and sampler. ``memory_frames=None`` keeps the whole history."""
 
-    num_layers: int
-    dim: int
-    num_heads: int
-    ffn_dim: int
-    text_dim: int
-    text_len: int
-    latent_height: int
-    latent_width: int
-    in_channels: int = 16
     patch_size: tuple[int, int, int] = (1, 1, 1)
-    freq_dim: int = 256
     chunk_frames: int = 4
     memory_frames: int | None = None
     num_steps: int = 4
