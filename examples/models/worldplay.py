@@ -230,17 +230,24 @@ class WorldPlayBlock(nn.Module):
         return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2), new_kv
 
 
+def build_worldplay(model: nn.Module, config: WorldPlayConfig, blocks: str, block: type[nn.Module]) -> None:
+    """The layers both WorldPlay transformers have, created in the order that fixes their seeded
+    weights: the stem, the camera-pose embedding, ``config.num_layers`` ``block``s under the
+    attribute ``blocks``, the AdaLN head."""
+    check_config(config, WorldPlayConfig)
+    model.config = config
+    add_stem(model, config)
+    model.pose_embedding = nn.Linear(3, config.dim)
+    setattr(model, blocks, nn.ModuleList(block(config) for _ in range(config.num_layers)))
+    add_head(model, config)
+
+
 class WorldPlayModel(nn.Module):
     """Camera-conditioned DiT predicting the flow ``noise - x0`` of one chunk."""
 
     def __init__(self, config: WorldPlayConfig) -> None:
         super().__init__()
-        check_config(config, WorldPlayConfig)
-        self.config = config
-        add_stem(self, config)
-        self.pose_embedding = nn.Linear(3, config.dim)
-        self.blocks = nn.ModuleList(WorldPlayBlock(config) for _ in range(config.num_layers))
-        add_head(self, config)
+        build_worldplay(self, config, "blocks", WorldPlayBlock)
 
     def encode_text(self, context: torch.Tensor) -> TextKV:
         """Per-layer text K/V ``[B, H, L, D]`` of ``context [B, L, text_dim]`` (once per video)."""
@@ -517,12 +524,7 @@ class WorldPlayAR(nn.Module):
 
     def __init__(self, config: WorldPlayConfig) -> None:
         super().__init__()
-        check_config(config, WorldPlayConfig)
-        self.config = config
-        add_stem(self, config)
-        self.pose_embedding = nn.Linear(3, config.dim)
-        self.double_blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
-        add_head(self, config)
+        build_worldplay(self, config, "double_blocks", ARBlock)
 
     def forward(self, ar_txt_inference: bool = False, **kwargs: Any):
         return self.forward_txt(**kwargs) if ar_txt_inference else self.forward_vision(**kwargs)

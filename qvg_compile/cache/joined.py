@@ -29,7 +29,7 @@ from .read import attend_general
 from .read_plan import ReadSide
 from .spec import StoreSpec
 from .tensor import QVGCache, contiguous_strides
-from .torch_function import route_sdpa
+from .torch_function import RoutesSdpa
 
 Tensor = torch.Tensor
 # (q, k piece, v piece, scale) -> (out [B, H, M, Dv], lse [B, H, M] fp32), or None when the pair
@@ -59,7 +59,7 @@ def _(q, k, k_dense, k_pieces, k_lead, k_part, k_spec, v, v_dense, v_pieces, v_l
     return q.new_empty((*q.shape[:-1], dv)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-class JoinedCache(torch.Tensor):
+class JoinedCache(RoutesSdpa):
     """Pieces (`QVGCache` views and dense tensors of one rank, dtype and device) joined along
     ``dim``: the tensor ``cat(pieces, dim)`` without the copy."""
 
@@ -93,10 +93,6 @@ class JoinedCache(torch.Tensor):
         """Register how one cache piece of K and its V are read with their log-sum-exp."""
         cls._PAIR_READER = fn
         return fn
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        return route_sdpa(func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:

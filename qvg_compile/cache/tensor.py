@@ -33,7 +33,7 @@ from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
 from .spec import HOLE, POS_MAP_AT, StoreSpec, is_dense, is_sealed
 from .store import Store, regrow
-from .torch_function import route_sdpa
+from .torch_function import RoutesSdpa
 from .view import CHAN, DENSE, RUN, SEQ, VIEW, Lead, Unsupported, View
 
 Handler = Callable[[Any, tuple, dict], Any]
@@ -81,7 +81,7 @@ def contiguous_strides(shape: Sequence[Any]) -> list[Any]:
     return strides[::-1]
 
 
-class QVGCache(torch.Tensor):
+class QVGCache(RoutesSdpa):
     """A KV cache tensor (``[B, S, H, D]``, ``[B, H, N, D]``, any layout with a sequence dim and
     the head dim last) whose written tokens are stored as QVG codes.
 
@@ -353,10 +353,6 @@ class QVGCache(torch.Tensor):
         return QVGCache(StoreHandle(spec, arrays), _restore_lengths(view, dense, outer_size[view.seq_dim()]), dense)
 
     # --- dispatch ------------------------------------------------------------------------------
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        return route_sdpa(func, args, kwargs)
-
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
