@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import dataclasses
 import datetime
 import io
 import json
 import math
+import os
 import platform
 import pstats
 import statistics
@@ -244,6 +246,21 @@ class Row:
     stats: dict[str, Any]
     workspace_bytes: int = 0
     shares: dict[str, float] | None = None
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """Set ``env`` for the block, then restore what was there."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_backend(name: str, model: torch.nn.Module, compile_fn: Callable[[torch.nn.Module], Callable],
@@ -510,16 +527,17 @@ def summary_tables(results: dict[str, Any]) -> str:
     runs = {run["backend"]: run for run in results["runs"]}
     base, qvg = runs.get("bf16"), runs.get("qvg")
     pairs = [(b, q) for b in results["runs"] for q in results["runs"]
-             if b["backend"] == "bf16" and q["backend"] == "qvg" and b.get("pair", 0) == q.get("pair", 0)]
+             if b["backend"] == "bf16" and q["backend"].startswith("qvg") and b.get("pair", 0) == q.get("pair", 0)]
     lines = []
     if base and qvg:
         table = []
-        for pair, b, q in ((pq.get("pair", 0), b, q) for pb, pq in pairs for b, q in zip(pb["rows"], pq["rows"])):
+        for pair, variant, b, q in ((pq.get("pair", 0), pq["backend"], b, q) for pb, pq in pairs
+                                    for b, q in zip(pb["rows"], pq["rows"])):
             shares = q.get("shares") or {}
             share = "/".join(f"{100 * shares[k] / q['s_per_chunk']:.1f}" for k in ("quantize", "dequantize", "attention")) \
                 if shares else "-"
             bshares = b.get("shares") or {}
-            table.append([b["context"], pair, f"{b['s_per_chunk']:.3f}", f"{q['s_per_chunk']:.3f}",
+            table.append([b["context"], pair, variant, f"{b['s_per_chunk']:.3f}", f"{q['s_per_chunk']:.3f}",
                           f"{100 * (q['s_per_chunk'] / b['s_per_chunk'] - 1):+.1f}",
                           f"{b['kv_bytes'] / GB:.3g}", f"{q['kv_bytes'] / GB:.3g}",
                           f"{b['kv_bytes'] / max(1, q['kv_bytes']):.2f}",
@@ -529,7 +547,7 @@ def summary_tables(results: dict[str, Any]) -> str:
                           f"{100 * bshares['attention'] / b['s_per_chunk']:.1f}" if bshares else "-", share,
                           busy(bshares, b), busy(shares, q)])
         lines.append(tabulate(table, headers=[
-            "history frames", "pair", "bf16 s/chunk", "qvg s/chunk", "overhead %", "KV GB bf16", "KV GB qvg",
+            "history frames", "pair", "qvg run", "bf16 s/chunk", "qvg s/chunk", "overhead %", "KV GB bf16", "KV GB qvg",
             "KV x", "read workspace GB", "KV x with workspace", "peak GB bf16", "peak GB qvg", "bf16 attn %", "qvg quant/deq/attn %",
             "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github", disable_numparse=True)
             + f"\nKV once the video ends (qvg_compile.seal): {qvg['kv_sealed_bytes'] / GB:.3g} GB, "
@@ -591,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--longcat-min-time", type=float, default=120.0,
                         help="start the LongCat run only with this many seconds left before --time-limit")
     parser.add_argument("--pairs", type=int, default=1, help="times the BF16/QVG pair runs (each reported)")
+    parser.add_argument("--qvg-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="one more QVG run per pair with these environment variables set (e.g. "
+                             "QVG_READ_PREFETCH=off), reported as qvg[...]; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)
@@ -621,18 +642,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"{results['model']} on {name}, torch {torch.__version__}, weights {weight_bytes / GB:.2f} GB")
     qvg = qvg_compile.backend()
     results["qvg_config"] = dataclasses.asdict(qvg.config)
-    compilers = {"bf16": lambda m: torch.compile(m),
-                 "qvg": lambda m: torch.compile(m, backend=qvg)}
+    compilers: list[tuple[str, Callable, dict[str, str]]] = [
+        ("bf16", lambda m: torch.compile(m), {}), ("qvg", lambda m: torch.compile(m, backend=qvg), {})]
+    for variant in args.qvg_env:
+        env = dict(item.split("=", 1) for item in variant.split(","))
+        compilers.append((f"qvg[{variant}]", lambda m: torch.compile(m, backend=qvg), env))
     profile_at = args.profile_at if args.profile_at in contexts else None
     outputs = {}
     # The host is shared and noisy: the BF16/QVG pair runs --pairs times, alternating, and every
     # pair is reported (profiles only in the first).
     for pair in range(args.pairs):
-        for backend_name, compile_fn in compilers.items():
+        for backend_name, compile_fn, env in compilers:
             deadline = time.perf_counter() + args.backend_time_limit
-            run, outputs[backend_name] = run_backend(backend_name, model, compile_fn, contexts, args.timed_chunks,
-                                                     profile_at if pair == 0 else None, args.seed, clock, out, log,
-                                                     deadline)
+            with environment(env):
+                run, outputs[backend_name] = run_backend(backend_name, model, compile_fn, contexts,
+                                                         args.timed_chunks, profile_at if pair == 0 else None,
+                                                         args.seed, clock, out, log, deadline)
             run["pair"] = pair
             results["runs"].append(run)
             (out / "end_to_end.json").write_text(json.dumps(results, indent=1, default=str))
