@@ -16,6 +16,8 @@ import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.backend import QVGBackend, QVGBackendWarning, ValidationError
 
+from flash_ops import flash_attn_op
+
 CFG = QVGConfig.preset("qvg", centroids=8, kmeans_iters=2, group_size=16)
 B, H, D, C = 1, 2, 16, 4  # batch, heads, head dim, tokens per chunk
 N = 24  # cache capacity (tokens)
@@ -253,6 +255,22 @@ def denoise(state, x):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def quantize_kv(k, v):
+    """The eager reference's cache: both halves as QVGCache of the same config (sequence dim 2)."""
+    return QVGCache.from_dense(k, 2, CFG, role="key"), QVGCache.from_dense(v, 2, CFG, role="value")
+
+
+def eager_and_compiled(video):
+    """``video(run_pass, run_denoise, convert)`` eagerly with ``convert`` = `quantize_kv`, then with
+    both steps compiled by one QVG backend and the caches left dense: (expected, got, final state,
+    backend)."""
+    expected, _ = video(cache_pass, denoise, quantize_kv)
+    qvg = qvg_compile.backend(CFG)
+    got, state = video(torch.compile(cache_pass, backend=qvg, fullgraph=True),
+                       torch.compile(denoise, backend=qvg, fullgraph=True), lambda k, v: (k, v))
+    return expected, got, state, qvg
+
+
 def test_idiom_d_history_recomputed_each_chunk_returns_qvgcache_and_compiles_boundedly():
     frames = [chunk(i) for i in range(8)]
 
@@ -263,13 +281,7 @@ def test_idiom_d_history_recomputed_each_chunk_returns_qvgcache_and_compiles_bou
             outs += [run_denoise(state, frames[i]) for _ in range(2)]  # two denoising steps
         return outs, state
 
-    def quantize(k, v):
-        return QVGCache.from_dense(k, 2, CFG, role="key"), QVGCache.from_dense(v, 2, CFG, role="value")
-
-    expected, _ = video(cache_pass, denoise, quantize)
-    qvg = qvg_compile.backend(CFG)
-    got, state = video(torch.compile(cache_pass, backend=qvg, fullgraph=True),
-                       torch.compile(denoise, backend=qvg, fullgraph=True), lambda k, v: (k, v))
+    expected, got, state, qvg = eager_and_compiled(video)
     assert max_diff(got, expected) <= TOL
     assert isinstance(state["k"], QVGCache) and isinstance(state["v"], QVGCache)
     report = qvg.report
@@ -294,13 +306,7 @@ def test_idiom_d_pieces_appended_by_the_caller_stay_dense_and_join_the_qvg_cache
             outs += [run_denoise(state, frames[i + 1]) for _ in range(2)]
         return outs, state
 
-    def quantize(k, v):
-        return QVGCache.from_dense(k, 2, CFG, role="key"), QVGCache.from_dense(v, 2, CFG, role="value")
-
-    expected, _ = video(cache_pass, denoise, quantize)
-    qvg = qvg_compile.backend(CFG)
-    got, state = video(torch.compile(cache_pass, backend=qvg, fullgraph=True),
-                       torch.compile(denoise, backend=qvg, fullgraph=True), lambda k, v: (k, v))
+    expected, got, state, qvg = eager_and_compiled(video)
     assert max_diff(got, expected) <= TOL
     assert isinstance(state["k"], QVGCache) and state["k"].shape[2] == C * (len(frames) - 1)
     assert sum(len(g.swapped) for g in qvg.report.graphs) == 2
@@ -436,15 +442,7 @@ def aten_sdpa(state, x, s: int, e: int):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, state["k"][:, :, :e], state["v"][:, :, :e])[0]
 
 
-@torch.library.custom_op("qvg_test_flash_attn::_flash_attn_forward", mutates_args=())
-def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Stands in for flash-attn's forward op: ``[B, N, H, D]`` operands."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-@flash_attn_forward.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
+flash_attn_forward = flash_attn_op("qvg_test_flash_attn::_flash_attn_forward")  # [B, N, H, D] operands
 
 
 def flash_attn(state, x, s: int, e: int):

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from qvg_compile.passes.readers import find_readers
 from qvg_compile.passes.sites import Known, find_sites
 
+from flash_ops import flash_attn_op
+
 B, H, D = 1, 2, 16
 
 
@@ -313,15 +315,7 @@ def test_aten_sdpa_variants_are_readers():
     assert [r.kind for r in readers] == ["sdpa"] and len(sites) == 2 and all(s.seq_dim == 2 for s in sites)
 
 
-@torch.library.custom_op("qvg_sites_flash_attn::flash_attn_varlen_forward", mutates_args=())
-def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Stands in for flash-attn's varlen op: ``[total, H, D]`` operands."""
-    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
-
-
-@varlen_forward.register_fake
-def _(q, k, v):
-    return torch.empty_like(q)
+varlen_forward = flash_attn_op("qvg_sites_flash_attn::flash_attn_varlen_forward")  # [total, H, D] operands
 
 
 def test_flash_attn_varlen_reader_reads_token_major_caches():
