@@ -1,25 +1,13 @@
 """benchmarks/multi_gpu.py's report: slowest rank, per-rank KV bytes, ratios (no processes)."""
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("multi_gpu", ROOT / "benchmarks" / "multi_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["multi_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mg = load_benchmark()
+mg = load_benchmark("multi_gpu")
 
 
 def row(cache, rank, s, kv, peak=0, fallbacks=0):
