@@ -1,6 +1,7 @@
 """Setup the reference-model tests (``tests/test_examples_*``) share: the repository root on
 ``sys.path`` (for ``examples``), the QVG config and tolerance they compare with, a seeded tiny
-model, the Dynamo reset around a test, and the steady-state bytes ratio of a compressed cache."""
+model, the Dynamo reset around a test, and the steady-state bytes ratio of a compressed cache
+measured over a short and a long run."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def bytes_ratio(short: Sequence[QVGCache], long: Sequence[QVGCache]) -> tuple[fl
     held = [sum(c.nbytes() for c in caches) for caches in (short, long)]
     bf16 = [sum(c.numel() * 2 for c in caches) for caches in (short, long)]
     return (bf16[1] - bf16[0]) / (held[1] - held[0]), bf16[1] / held[1]
+
+
+def steady_state_ratio(model_cls: Callable[[Any], torch.nn.Module], config: Any,
+                       run: Callable[[torch.nn.Module, int], Sequence[QVGCache]]) -> tuple[float, float]:
+    """:func:`bytes_ratio` of a 4-chunk and an 8-chunk run. Each run builds ``model_cls(config)``
+    from ``torch.manual_seed(0)`` in BF16; ``run(model, chunks)`` generates and returns the
+    compressed caches it ends with."""
+    runs = []
+    for chunks in (4, 8):
+        torch.manual_seed(0)
+        runs.append(run(model_cls(config).to(torch.bfloat16).eval(), chunks))
+    return bytes_ratio(*runs)
+
+
+def last_steady_cache(generate: Callable[..., Any], model: torch.nn.Module, chunks: int) -> Any:
+    """The cache ``generate`` hands its last ``on_chunk`` after ``chunks`` chunks (seed 1), each
+    cache compressed by :func:`compress_seq2` with :data:`STEADY_POLICY` before it is read."""
+    last = {}
+    generate(model, chunks, seed=1, progress=False, cache_hook=lambda kv: compress_seq2(kv, **STEADY_POLICY),
+             on_chunk=lambda i, kv: last.__setitem__(0, kv))
+    return last[0]

@@ -14,7 +14,8 @@ import torch
 import qvg_compile
 from qvg_compile import QVGCache
 
-from example_models import CFG, STEADY_POLICY, TOL, bytes_ratio, compress_seq2, fresh_dynamo, seeded  # noqa: F401
+from example_models import (CFG, TOL, compress_seq2, fresh_dynamo, last_steady_cache,  # noqa: F401
+    seeded, steady_state_ratio)
 from examples.models import longcat as lc
 
 
@@ -95,14 +96,8 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # this toy length (<= 224 tokens) the default budget (0.25 bit) plus its spare codebook slot
     # cost 0.5 bit per element (5.8x), while at real lengths C saturates at 256 and the cost
     # falls to ~0.2 bit (`STEADY_POLICY`).
-    runs = []
-    for n in (4, 8):
-        torch.manual_seed(0)
-        m = lc.LongCatModel(lc.tiny_config(num_layers=1, dim=1024, num_heads=8, latent_height=8,
-                                           latent_width=8, num_steps=1)).to(torch.bfloat16).eval()
-        last = {}
-        lc.generate(m, n, seed=1, progress=False, cache_hook=lambda kv: compress_seq2(kv, **STEADY_POLICY),
-                    on_chunk=lambda i, kv: last.__setitem__(0, kv))
-        runs.append([t for layer in last[0].values() for t in layer])
-    marginal, whole = bytes_ratio(*runs)
+    config = lc.tiny_config(num_layers=1, dim=1024, num_heads=8, latent_height=8, latent_width=8, num_steps=1)
+    marginal, whole = steady_state_ratio(
+        lc.LongCatModel, config,
+        lambda m, n: [t for layer in last_steady_cache(lc.generate, m, n).values() for t in layer])
     assert marginal >= 6.5, (marginal, whole)

@@ -11,7 +11,7 @@ import torch
 import qvg_compile
 from qvg_compile import QVGCache
 
-from example_models import CFG, TOL, bytes_ratio, seeded
+from example_models import CFG, TOL, seeded, steady_state_ratio
 from examples.models import magi as mg
 
 
@@ -91,13 +91,12 @@ def test_packed_kv_is_recognised_as_two_parts(compiled_run):
 
 def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     # Steady state = the bytes each further chunk adds (capacity = the video's length).
-    runs = []
-    for n in (4, 8):
-        torch.manual_seed(0)
-        m = mg.MagiModel(mg.tiny_config(num_layers=1, dim=2048, num_heads=16, num_kv_heads=8,
-                                        latent_height=8, latent_width=8, chunk_frames=3)).to(torch.bfloat16).eval()
+    def run(m, n):
         params = mg.InferenceParams(n * m.config.chunk_tokens)
         mg.generate(m, n, seed=1, progress=False, cache_hook=compress, inference_params=params)
-        runs.append(list(params.key_value_memory_dict.values()))
-    marginal, whole = bytes_ratio(*runs)
+        return list(params.key_value_memory_dict.values())
+
+    config = mg.tiny_config(num_layers=1, dim=2048, num_heads=16, num_kv_heads=8, latent_height=8, latent_width=8,
+                            chunk_frames=3)
+    marginal, whole = steady_state_ratio(mg.MagiModel, config, run)
     assert marginal >= 6.5, (marginal, whole)
