@@ -1,5 +1,6 @@
 """The DiT scaffolding the four reference models share: their config builders, the embeddings in
-front of the blocks, the AdaLN head behind them, the per-block modulation and the prompt stand-in.
+front of the blocks, the block base with its modulated FFN half, the per-block modulation, the
+AdaLN head behind the blocks and the prompt stand-in.
 
 Each helper creates its layers in the order the models always did, so a model seeded with
 ``torch.manual_seed`` draws the same weights as before; the models keep their own attribute
@@ -9,6 +10,7 @@ names (``blocks``, ``double_blocks``, ...) and their cache code.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +22,7 @@ from .common import (
     TimestepEmbedding,
     check_int,
     check_tensor,
+    gate,
     modulate,
     randn,
     unpatchify,
@@ -46,10 +49,14 @@ def tiny(cls: type[C], overrides: dict[str, Any], **fields: Any) -> C:
     return build_config(cls, overrides, **{**TINY_WIDTH, **fields})
 
 
-def check_int_fields(config: object, *extra: str) -> None:
-    """Check :data:`SHARED_INT_FIELDS` and the model's ``extra`` integer fields are ints ``>= 1``."""
+def check_int_fields(config: object, *extra: str, optional: tuple[str, ...] = ()) -> None:
+    """Check :data:`SHARED_INT_FIELDS` and the model's ``extra`` integer fields are ints ``>= 1``;
+    the ``optional`` fields too unless None."""
     for name in SHARED_INT_FIELDS + extra:
         check_int(name, getattr(config, name))
+    for name in optional:
+        if getattr(config, name) is not None:
+            check_int(name, getattr(config, name))
 
 
 def check_config(config: object, cls: type) -> None:
@@ -75,6 +82,26 @@ def add_stem(model: nn.Module, config: Any) -> None:
     model.time_embedding = TimestepEmbedding(config.freq_dim, dim)
 
 
+def build_wan_dit(model: nn.Module, config: Any, cls: type, block: Callable[[int], nn.Module],
+                  ada_head: bool = True) -> None:
+    """The layers of the transformers modulated Wan's way (Self-Forcing, LongCat, MAGI), created in
+    the order that fixes their seeded weights: the stem, the shared ``time_projection``,
+    ``config.num_layers`` ``blocks`` (``block(layer_index)``), the head (:func:`add_head`)."""
+    check_config(config, cls)
+    model.config = config
+    add_stem(model, config)
+    model.time_projection = time_projection(config.dim)
+    model.blocks = nn.ModuleList(block(i) for i in range(config.num_layers))
+    add_head(model, config, ada_head)
+
+
+def time_modulations(model: nn.Module, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps ``t [B, F]`` fp32 -> the time embedding ``e [B, F, dim]`` and, through the shared
+    projection of :func:`build_wan_dit`, every block's six modulations ``e0 [B, F, 6, dim]``."""
+    e = model.time_embedding(t)
+    return e, model.time_projection(e).unflatten(2, (6, model.config.dim))
+
+
 def time_projection(dim: int) -> nn.Sequential:
     """Wan's shared projection of the time embedding to the six per-block modulations."""
     return nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -84,6 +111,30 @@ def block_modulation(dim: int) -> nn.Parameter:
     """A block's learnt offsets ``[1, 1, 6, dim]`` on the shared time projection (Wan-style): a
     6 x dim x dim Linear per block would add ~100M parameters per layer at the real width."""
     return nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+
+
+class ModulatedBlock(nn.Module):
+    """Base of the reference models' blocks. Every one ends with the same half: an FFN on the
+    AdaLN-modulated ``norm2`` of its input, gated, added back; LongCat's and MAGI's blocks also
+    share their attention layers' names (:meth:`add_attention`)."""
+
+    def add_attention(self, cfg: Any, attn: nn.Module, cross_attn: nn.Module) -> None:
+        """``norm1`` (no affine), ``attn``, ``norm_cross`` (affine), ``cross_attn``, in that order."""
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.attn = attn
+        self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.cross_attn = cross_attn
+
+    def add_ffn(self, cfg: Any, ffn_cls: Callable[[int, int], nn.Module]) -> None:
+        """``norm2`` (no affine) and ``ffn = ffn_cls(dim, ffn_dim)``, after the attention layers."""
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = ffn_cls(cfg.dim, cfg.ffn_dim)
+
+    def ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     g: torch.Tensor) -> torch.Tensor:
+        """``x [B, N, dim]`` plus the FFN of its ``norm2`` modulated by per-frame ``shift``/``scale``
+        and gated by ``g`` (each ``[B, F, dim]``)."""
+        return x + gate(self.ffn(modulate(self.norm2(x), shift, scale)), g)
 
 
 def add_head(model: nn.Module, config: Any, ada: bool = True) -> None:

@@ -62,8 +62,8 @@ from .common import (
     timesteps_for,
     wan_rope_axes,
 )
-from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
-    check_int_fields, config_of, head_out, prompt_states, time_projection, tiny)
+from .dit import (ModulatedBlock, block_modulation, build_config, build_wan_dit, check_int_fields, config_of,
+    head_out, prompt_states, time_modulations, tiny)
 
 KVCacheDict = dict[int, tuple[torch.Tensor, torch.Tensor]]
 """Layer index -> ``(k, v)``, each ``[B, H, N, D]`` pre-RoPE K and V of the conditioning frames,
@@ -84,9 +84,7 @@ class LongCatConfig(DiTConfig):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        check_int_fields(self, "num_steps")
-        if self.cond_frames is not None:
-            check_int("cond_frames", self.cond_frames)
+        check_int_fields(self, "num_steps", optional=("cond_frames",))
         self.check_geometry()
 
 
@@ -235,17 +233,13 @@ class CrossAttention(nn.Module):
         return self.proj(torch.cat(outs).transpose(1, 2).flatten(2))
 
 
-class LongCatBlock(nn.Module):
+class LongCatBlock(ModulatedBlock):
     """AdaLN-modulated self-attention, cross-attention, AdaLN-modulated SwiGLU FFN."""
 
     def __init__(self, cfg: LongCatConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.attn = SelfAttention(cfg)
-        self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.cross_attn = CrossAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
+        self.add_attention(cfg, SelfAttention(cfg), CrossAttention(cfg))
+        self.add_ffn(cfg, SwiGLUFFN)
         self.modulation = block_modulation(cfg.dim)
 
     def forward(self, x, y, e, y_seqlens, latent_shape, num_cond_latents, return_kv, kv_cache, skip_crs_attn):
@@ -263,7 +257,7 @@ class LongCatBlock(nn.Module):
         x = x + gate(y_attn, gate1)
         if not skip_crs_attn:
             x = x + self.cross_attn(self.norm_cross(x), y, y_seqlens)
-        x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+        x = self.ffn_residual(x, shift2, scale2, gate2)
         return (x, kv_cache) if return_kv else x
 
 
@@ -272,12 +266,7 @@ class LongCatModel(nn.Module):
 
     def __init__(self, config: LongCatConfig) -> None:
         super().__init__()
-        check_config(config, LongCatConfig)
-        self.config = config
-        add_stem(self, config)
-        self.time_projection = time_projection(config.dim)
-        self.blocks = nn.ModuleList(LongCatBlock(config) for _ in range(config.num_layers))
-        add_head(self, config)
+        build_wan_dit(self, config, LongCatConfig, lambda _: LongCatBlock(config))
 
     def forward(
         self,
@@ -314,8 +303,7 @@ class LongCatModel(nn.Module):
             timestep = timestep.unsqueeze(1).expand(-1, frames)
         dtype = self.head.weight.dtype
         tokens, grid = self.patch_embedding(hidden_states.to(dtype))
-        e = self.time_embedding(timestep.float())
-        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
+        e, e0 = time_modulations(self, timestep.float())
         y = self.text_embedding(encoder_hidden_states.to(dtype))
         if encoder_attention_mask is not None:
             mask = encoder_attention_mask.squeeze(1).squeeze(1)

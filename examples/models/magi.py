@@ -47,8 +47,8 @@ from .common import (
     sigma_schedule,
     wan_rope_axes,
 )
-from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
-    check_int_fields, config_of, head_out, prompt_states, time_projection, tiny)
+from .dit import (ModulatedBlock, block_modulation, build_config, build_wan_dit, check_int_fields, config_of,
+    head_out, prompt_states, time_modulations, tiny)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,24 +168,20 @@ class CrossAttention(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
-class MagiBlock(nn.Module):
+class MagiBlock(ModulatedBlock):
     """AdaLN-modulated self-attention, cross-attention and SwiGLU FFN."""
 
     def __init__(self, cfg: MagiConfig, layer_idx: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.attn = SelfAttention(cfg, layer_idx)
-        self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.cross_attn = CrossAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = SwiGLUFFN(cfg.dim, cfg.ffn_dim)
+        self.add_attention(cfg, SelfAttention(cfg, layer_idx), CrossAttention(cfg))
+        self.add_ffn(cfg, SwiGLUFFN)
         self.modulation = block_modulation(cfg.dim)
 
     def forward(self, x, e, context, cos, sin, mask, params, start):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
         x = x + gate(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, params, start), gate1)
         x = x + self.cross_attn(self.norm_cross(x), context)
-        return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+        return self.ffn_residual(x, shift2, scale2, gate2)
 
 
 class MagiModel(nn.Module):
@@ -193,12 +189,7 @@ class MagiModel(nn.Module):
 
     def __init__(self, config: MagiConfig) -> None:
         super().__init__()
-        check_config(config, MagiConfig)
-        self.config = config
-        add_stem(self, config)
-        self.time_projection = time_projection(config.dim)
-        self.blocks = nn.ModuleList(MagiBlock(config, i) for i in range(config.num_layers))
-        add_head(self, config)
+        build_wan_dit(self, config, MagiConfig, lambda i: MagiBlock(config, i))
 
     def forward(
         self,
@@ -239,8 +230,7 @@ class MagiModel(nn.Module):
         q_chunk = torch.arange(n, device=x.device) // chunk_tokens + start_chunk
         k_chunk = torch.arange(start + n, device=x.device) // chunk_tokens
         mask = k_chunk[None, :] <= q_chunk[:, None]
-        e = self.time_embedding(t)
-        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
+        e, e0 = time_modulations(self, t)
         ctx = self.text_embedding(context)
         for block in self.blocks:
             tokens = block(tokens, e0, ctx, cos, sin, mask, inference_params, start)

@@ -56,8 +56,8 @@ from .common import (
     unpatchify,
     wan_rope_axes,
 )
-from .dit import (add_head, add_stem, block_modulation, build_config, check_config,
-    check_int_fields, config_of, prompt_states, time_projection, tiny)
+from .dit import (ModulatedBlock, block_modulation, build_config, build_wan_dit, check_int_fields, config_of,
+    prompt_states, time_modulations, tiny)
 
 KVCache = list[dict[str, torch.Tensor]]
 """Self-attention cache: one dict per layer, ``k``/``v`` ``[B, S, H, D]`` in the model dtype,
@@ -104,21 +104,30 @@ def real_config(**overrides: object) -> SelfForcingConfig:
                         text_dim=4096, text_len=512, latent_height=60, latent_width=104)
 
 
-class CausalSelfAttention(nn.Module):
-    """Self-attention of one block, reading and writing the pipeline's KV cache (idioms A, B, G)."""
+class WanAttention(nn.Module):
+    """The layers of Wan's attention: q/k/v/o projections and RMS norms of q and k over all heads
+    at once. Wan's cross-attention is its self-attention class with another forward, so both
+    attentions here start from these."""
 
     def __init__(self, cfg: SelfForcingConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.local_attn_size = cfg.local_attn_size
-        self.sink_size = cfg.sink_size
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.k = nn.Linear(cfg.dim, cfg.dim)
         self.v = nn.Linear(cfg.dim, cfg.dim)
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+
+class CausalSelfAttention(WanAttention):
+    """Self-attention of one block, reading and writing the pipeline's KV cache (idioms A, B, G)."""
+
+    def __init__(self, cfg: SelfForcingConfig) -> None:
+        super().__init__(cfg)
+        self.local_attn_size = cfg.local_attn_size
+        self.sink_size = cfg.sink_size
 
     def forward(
         self,
@@ -176,19 +185,8 @@ class CausalSelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class CachedCrossAttention(nn.Module):
+class CachedCrossAttention(WanAttention):
     """Cross-attention to the text tokens, whose K/V are computed once per video and cached."""
-
-    def __init__(self, cfg: SelfForcingConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, crossattn_cache: dict) -> torch.Tensor:
         """``x [B, N, dim]``, ``context [B, L, dim]`` (embedded text) -> ``[B, N, dim]``."""
@@ -204,7 +202,7 @@ class CachedCrossAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class CausalWanBlock(nn.Module):
+class CausalWanBlock(ModulatedBlock):
     """Wan block: AdaLN-modulated self-attention, cross-attention to text, AdaLN-modulated FFN."""
 
     def __init__(self, cfg: SelfForcingConfig) -> None:
@@ -213,8 +211,7 @@ class CausalWanBlock(nn.Module):
         self.self_attn = CausalSelfAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.cross_attn = CachedCrossAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
+        self.add_ffn(cfg, GeluFFN)
         self.modulation = block_modulation(cfg.dim)
 
     def forward(
@@ -233,7 +230,7 @@ class CausalWanBlock(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), shift1, scale1), freqs, kv_cache, current_start, frame_tokens)
         x = x + gate(y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
-        return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+        return self.ffn_residual(x, shift2, scale2, gate2)
 
 
 class SelfForcingModel(nn.Module):
@@ -241,13 +238,8 @@ class SelfForcingModel(nn.Module):
 
     def __init__(self, config: SelfForcingConfig) -> None:
         super().__init__()
-        check_config(config, SelfForcingConfig)
-        self.config = config
-        add_stem(self, config)
-        self.time_projection = time_projection(config.dim)
-        self.blocks = nn.ModuleList(CausalWanBlock(config) for _ in range(config.num_layers))
         # Wan's head takes its shift and scale from learnt offsets on the time embedding, no Linear.
-        add_head(self, config, ada=False)
+        build_wan_dit(self, config, SelfForcingConfig, lambda _: CausalWanBlock(config), ada_head=False)
         self.head_modulation = nn.Parameter(torch.randn(1, 1, 2, config.dim) / config.dim**0.5)
 
     def forward(
@@ -286,8 +278,7 @@ class SelfForcingModel(nn.Module):
         frame_pos = torch.arange(start_frame, start_frame + f, device=x.device)
         freqs = rope_complex(rope_angles_3d(frame_pos, h, w, wan_rope_axes(cfg.head_dim), cfg.rope_theta))
 
-        e = self.time_embedding(t)
-        e0 = self.time_projection(e).unflatten(2, (6, cfg.dim))
+        e, e0 = time_modulations(self, t)
         ctx = self.text_embedding(context)
         for block, kv, ca in zip(self.blocks, kv_cache, crossattn_cache):
             tokens = block(tokens, e0, ctx, freqs, kv, ca, current_start, frame_tokens)

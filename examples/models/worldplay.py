@@ -53,7 +53,7 @@ from .common import (
     timesteps_for,
     wan_rope_axes,
 )
-from .dit import (add_head, add_stem, build_config, check_config, check_int_fields, config_of,
+from .dit import (ModulatedBlock, add_head, add_stem, build_config, check_config, check_int_fields, config_of,
     head_out, prompt_states, tiny)
 
 KVCache = list[dict[str, torch.Tensor]]
@@ -81,9 +81,7 @@ class WorldPlayConfig(DiTConfig):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        check_int_fields(self, "num_steps")
-        if self.memory_frames is not None:
-            check_int("memory_frames", self.memory_frames)
+        check_int_fields(self, "num_steps", optional=("memory_frames",))
         if self.pos_layout not in POS_LAYOUTS:
             raise ValueError(f"pos_layout must be one of {POS_LAYOUTS}, got {self.pos_layout!r}")
         self.check_geometry()
@@ -209,15 +207,14 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v), new_kv
 
 
-class WorldPlayBlock(nn.Module):
+class WorldPlayBlock(ModulatedBlock):
     """AdaLN-modulated joint attention and GELU FFN."""
 
     def __init__(self, cfg: WorldPlayConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.attn = SelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
+        self.add_ffn(cfg, GeluFFN)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_kv = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.text_norm_k = RMSNorm(cfg.head_dim, cfg.eps)
@@ -227,7 +224,7 @@ class WorldPlayBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(e)).chunk(6, dim=-1)
         y, new_kv = self.attn(modulate(self.norm1(x), shift1, scale1), rope, text_kv, kv_cache, return_kv)
         x = x + gate(y, gate1)
-        return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2), new_kv
+        return self.ffn_residual(x, shift2, scale2, gate2), new_kv
 
 
 def build_worldplay(model: nn.Module, config: WorldPlayConfig, blocks: str, block: type[nn.Module]) -> None:
@@ -468,7 +465,7 @@ def attention_vision(
     return out, out_cam, vision_kv
 
 
-class ARBlock(nn.Module):
+class ARBlock(ModulatedBlock):
     """A double-stream block as HY-WorldPlay runs it autoregressively: a text path and a vision
     path, each calling its compiler-disabled attention."""
 
@@ -483,8 +480,7 @@ class ARBlock(nn.Module):
         self.norm_q = RMSNorm(cfg.head_dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.head_dim, cfg.eps)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = GeluFFN(cfg.dim, cfg.ffn_dim)
+        self.add_ffn(cfg, GeluFFN)
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
 
     def _qkv(self, proj: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -512,7 +508,7 @@ class ARBlock(nn.Module):
         # The camera rows' values were rotated forward: rotate the output back (ProPE's apply_fn_o).
         out_cam = apply_rope_real(out_cam.unflatten(-1, (self.num_heads, -1)), cam_cos, -cam_sin).flatten(2)
         img = img + gate(self.img_o(out) + self.img_o_cam(out_cam), gate1)
-        return img + gate(self.ffn(modulate(self.norm2(img), shift2, scale2)), gate2), vision_kv
+        return self.ffn_residual(img, shift2, scale2, gate2), vision_kv
 
 
 class WorldPlayAR(nn.Module):
