@@ -22,6 +22,9 @@ from .parallel import init_from_env, launch
 Worker = Callable[[int, int, argparse.Namespace], None]
 """``worker(rank, world_size, args)``, run once per rank inside its process group."""
 
+Build = Callable[[str, torch.device, dist.ProcessGroup], nn.Module]
+"""``build(config_name, device, group)``: an example's seeded model as this rank's part of it."""
+
 
 def seeded_model(model_cls: Callable[[Any], nn.Module], config: Any, device: torch.device, seed: int,
                  dtype: torch.dtype, layers: int | None) -> nn.Module:
@@ -39,6 +42,12 @@ def seeded_model(model_cls: Callable[[Any], nn.Module], config: Any, device: tor
 def compile_model(model: nn.Module, qvg: bool) -> Any:
     """``torch.compile`` with the QVG backend (compressed caches) or with Inductor (BF16 caches)."""
     return torch.compile(model, backend=qvg_compile.backend()) if qvg else torch.compile(model)
+
+
+def compiled_rank_model(build: Build, rank: int, args: argparse.Namespace) -> Any:
+    """What a parallel example's worker runs: ``build`` of the ``--config`` on this rank's device in
+    the default group, compiled with QVG when ``--qvg`` is set (`compile_model`)."""
+    return compile_model(build(args.config, rank_device(rank, args.backend), dist.group.WORLD), args.qvg)
 
 
 def rank_device(rank: int, backend: str) -> torch.device:

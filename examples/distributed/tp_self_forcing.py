@@ -22,7 +22,6 @@ import argparse
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from examples.models import self_forcing as sf
@@ -35,7 +34,7 @@ from examples.models.common import (
 )
 
 from . import cli
-from .cli import compile_model, print_memory, rank_device, seeded_model
+from .cli import compiled_rank_model, print_memory, seeded_model
 from .parallel import (
     Group,
     RowParallelLinear,
@@ -161,9 +160,7 @@ def build(config: str, device: torch.device, group: Group, seed: int = 0,
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
-    model = build(args.config, rank_device(rank, args.backend), dist.group.WORLD)
-    fn = compile_model(model, args.qvg)
-    latents, cache = generate(fn, args.chunks, args.seed)
+    latents, cache = generate(compiled_rank_model(build, rank, args), args.chunks, args.seed)
     print_memory(rank, world, latents, cache)
     if args.save:
         save_caches(cache, args.save, rank)

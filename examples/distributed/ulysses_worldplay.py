@@ -25,14 +25,13 @@ import argparse
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
 from examples.models import worldplay as wp
 from examples.models.common import check_tensor, unpatchify
 from examples.models.dit import head_tokens
 
 from . import cli
-from .cli import compile_model, print_memory, rank_device, seeded_model
+from .cli import compiled_rank_model, print_memory, seeded_model
 from .parallel import (
     Group,
     all_gather,
@@ -43,22 +42,21 @@ from .parallel import (
 )
 
 
+def _swap_blocks(x: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """Tokens ``[..., outer*inner*m, D]`` as ``outer`` x ``inner`` blocks of ``m`` -> ``inner`` x ``outer``."""
+    lead, d = x.shape[:-2], x.shape[-1]
+    y = x.reshape(*lead, outer, inner, -1, d).transpose(-4, -3)
+    return y.reshape(*lead, -1, d)
+
+
 def _frame_order(x: torch.Tensor, frames: int, size: int) -> torch.Tensor:
     """``[..., P*n, D]`` with rank-major tokens (each rank: ``frames`` x ``T/P``) -> frame-major."""
-    if size == 1:
-        return x
-    lead, d = x.shape[:-2], x.shape[-1]
-    y = x.reshape(*lead, size, frames, -1, d).transpose(-4, -3)
-    return y.reshape(*lead, -1, d)
+    return x if size == 1 else _swap_blocks(x, size, frames)
 
 
 def _rank_order(x: torch.Tensor, frames: int, size: int) -> torch.Tensor:
     """Inverse of `_frame_order`."""
-    if size == 1:
-        return x
-    lead, d = x.shape[:-2], x.shape[-1]
-    y = x.reshape(*lead, frames, size, -1, d).transpose(-4, -3)
-    return y.reshape(*lead, -1, d)
+    return x if size == 1 else _swap_blocks(x, frames, size)
 
 
 class UlyssesSelfAttention(wp.SelfAttention):
@@ -177,10 +175,8 @@ def build(config: str, device: torch.device, group: Group, seed: int = 0,
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
-    model = build(args.config, rank_device(rank, args.backend), dist.group.WORLD)
-    fn = compile_model(model, args.qvg)
     caches = []
-    latents = wp.generate(fn, args.chunks, args.seed, progress=False, on_chunk=lambda i, kv: caches.append(kv))
+    latents = wp.generate(compiled_rank_model(build, rank, args), args.chunks, args.seed, progress=False, on_chunk=lambda i, kv: caches.append(kv))
     print_memory(rank, world, latents, caches[-1])
 
 
