@@ -523,6 +523,19 @@ def busy(shares: dict[str, float], row: dict[str, Any]) -> str:
     return f"{100 * shares['device_busy'] / row['s_per_chunk']:.0f}" if shares.get("device_busy") else "-"
 
 
+def overhead_medians(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """Median and range of each QVG run's overhead over the BF16 run of its pair, per history."""
+    overheads: dict[tuple[int, str], list[float]] = {}
+    for b_run, q_run in pairs:
+        for b, q in zip(b_run["rows"], q_run["rows"]):
+            overheads.setdefault((b["context"], q_run["backend"]), []).append(
+                100 * (q["s_per_chunk"] / b["s_per_chunk"] - 1))
+    rows = [[context, name, len(v), f"{statistics.median(v):+.1f}", f"{min(v):+.1f} to {max(v):+.1f}"]
+            for (context, name), v in sorted(overheads.items())]
+    return tabulate(rows, headers=["history frames", "qvg run", "pairs", "median overhead %", "range %"],
+                    tablefmt="github", disable_numparse=True)
+
+
 def summary_tables(results: dict[str, Any]) -> str:
     runs = {run["backend"]: run for run in results["runs"]}
     base, qvg = runs.get("bf16"), runs.get("qvg")
@@ -552,6 +565,7 @@ def summary_tables(results: dict[str, Any]) -> str:
             "bf16 GPU busy %", "qvg GPU busy %"], tablefmt="github", disable_numparse=True)
             + f"\nKV once the video ends (qvg_compile.seal): {qvg['kv_sealed_bytes'] / GB:.3g} GB, "
               f"{base['kv_sealed_bytes'] / max(1, qvg['kv_sealed_bytes']):.2f}x below BF16")
+        lines.append(overhead_medians(pairs))
     fit = results.get("fit")
     if fit:
         rows = [[f["kind"], f["frames"], f"{f['reserve_bytes'] / GB:.2f}", "yes" if f["hit_limit"] else "no"]
@@ -652,7 +666,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The host is shared and noisy: the BF16/QVG pair runs --pairs times, alternating, and every
     # pair is reported (profiles only in the first).
     for pair in range(args.pairs):
-        for backend_name, compile_fn, env in compilers:
+        # QVG variants alternate their order from pair to pair: none always runs right after BF16.
+        order = compilers if pair % 2 == 0 else compilers[:1] + compilers[:0:-1]
+        for backend_name, compile_fn, env in order:
             deadline = time.perf_counter() + args.backend_time_limit
             with environment(env):
                 run, outputs[backend_name] = run_backend(backend_name, model, compile_fn, contexts,

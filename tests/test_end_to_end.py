@@ -83,3 +83,4 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     assert saved["runs"][1]["rows"][0]["kv_bytes"] == qvg["kv_bytes"]
     table = (tmp_path / "end_to_end_table.md").read_text()
     assert "overhead %" in table and "KV once the video ends" in table and "qvg[QVG_READ_PREFETCH=on]" in table
+    assert "median overhead %" in table
