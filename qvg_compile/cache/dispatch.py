@@ -17,180 +17,34 @@ Native ops (no dense copy of the history):
 
 Everything else decodes the caches it touches, runs the dense op and, for in-place ops, writes
 the result back: correct, counted in `stats` and warned about once per op.
+
+The entries map ops onto the modules below: writes, copies and clones are `cache_writes`, the
+results of view ops are built by `view_results`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
-from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
 from . import tally
-from .codec import flat_lead, flat_pieces, flat_sel
+from .cache_writes import clone_cache, copy_cache, ensure_slots, make_writable, write_dense
+from .codec import flat_lead, flat_pieces
 from .joined import JoinedCache, join
 from .spec import StoreSpec
-from .store import regrow
 from .tensor import QVGCache, StoreHandle
-from .view import CHAN, COW, DENSE, EXPANDED, RUN, SEQ, Lead, Unsupported, View, merge_pieces
+from .view import CHAN, COW, DENSE, RUN, SEQ, Lead, Unsupported, View, merge_pieces
+from .view_results import dense_concat, make_view, no_dense, spec_dims, view_result
 
 aten = torch.ops.aten
 implements = QVGCache.implements
 
 
-# --- helpers -----------------------------------------------------------------------------------
-def _parts_range(view: View) -> range:
-    return range(view.parts[0], view.parts[0] + view.parts[1])
-
-
-def _split_parts(x: torch.Tensor, spec: StoreSpec, view: View) -> list[torch.Tensor]:
-    return list(torch.split(x, [spec.part_dims[p] for p in _parts_range(view)], dim=-1))
-
-
-def _make(like: QVGCache, view: View, dense: Optional[Sequence[torch.Tensor]] = None,
-          handle: Optional[StoreHandle] = None) -> QVGCache:
-    dense = like._dense if dense is None else dense
-    used = sorted({a for k, a, _ in view.pieces if k == DENSE})
-    if used != list(range(len(dense))):
-        remap = {old: new for new, old in enumerate(used)}
-        view = View(view.dims, view.lead, tuple((k, remap[a], n) if k == DENSE else (k, a, n)
-                                                for k, a, n in view.pieces), view.parts, view.bcast, view.mode)
-        dense = [dense[i] for i in used]
-    return QVGCache(handle or like._handle, view, dense)
-
-
-def _dense_concat(t: QVGCache) -> Optional[torch.Tensor]:
-    """The view's dense pieces, in order, as one ``[*lead sizes, m, D]`` tensor (None if none)."""
-    order = [a for k, a, _ in t._view.pieces if k == DENSE]
-    if not order:
-        return None
-    parts = [t._dense[i] for i in order]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-
-
-def _no_dense(t: QVGCache, what: str) -> None:
-    if t._dense:
-        raise Unsupported(f"{what} of a cache with tokens appended by cat")
-
-
-def _ensure_slots(t: QVGCache, tokens: Any) -> None:
-    """Eager only: allocate the dense slots at the first write (of the policy's slot length, or
-    the write's when the policy leaves it open), or at the first write after `QVGCache.seal`
-    released them."""
-    handle = t._handle
-    if handle.spec.slot_tokens or not isinstance(tokens, int) or tokens <= 0:
-        return
-    if not handle.concrete:
-        raise RuntimeError(
-            "QVGCache: the cache has no dense slots to write into (no write has happened yet, or "
-            "seal(release=True) freed them); pass chunk_tokens= when creating the cache, or run "
-            "one write eagerly before the compiled function writes")
-    store = handle.store
-    sized = handle.spec.sized_for(handle.spec.policy.chunk_tokens or tokens, store.capacity)
-    handle.replace(sized, regrow(store, sized))
-
-
-def _writable(t: QVGCache) -> None:
-    """Make ``t`` safe to write: caches that share a store they do not own (``repeat``, ``cat``
-    results) get their own copy first; expanded views refuse, as dense tensors do."""
-    if t._view.mode == COW and any(not statically_known_true(b == 1) for b in t._view.bcast):
-        raise RuntimeError("QVGCache: writing into a copy of an expanded cache is not supported; "
-                           "write into .dequantize() instead")
-    if t._view.mode == EXPANDED or any(not statically_known_true(b == 1) for b in t._view.bcast):
-        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers "
-                           "to a single memory location. Please clone() the tensor before performing "
-                           "the operation.")
-    if t._view.mode == COW:
-        own = _clone_cache(t)
-        t._handle, t._view, t._dense = own._handle, own._view, own._dense
-
-
-def write_dense(dst: QVGCache, src: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
-    """``dst[...] = src`` (``src`` broadcastable to ``dst``; with ``index``, ``src`` holds the tokens
-    for the sequence positions ``index`` of ``dst``, as ``index_copy_``)."""
-    _writable(dst)
-    view = dst._view
-    if index is None:
-        src = src.expand(dst.shape)
-    norm = view.to_normalised(src.to(device=dst.device, dtype=dst.dtype))
-    _ensure_slots(dst, norm.shape[-2] if index is None else index.numel())
-    spec, arrays = dst._handle.spec, dst._handle.arrays
-    parts = list(_parts_range(view))
-    values = _split_parts(norm, spec, view)
-    sel = flat_sel(view, arrays[0].shape[:-2])
-    if index is not None:
-        (kind, start, _), = view.pieces
-        torch.ops.qvg.cache_write(arrays, values, parts, 0, index + start, sel, spec.json, False)
-        return
-    pos = 0
-    for kind, start, n in view.pieces:
-        chunk = [v[..., pos:pos + n, :] for v in values]
-        torch.ops.qvg.cache_write(arrays, chunk, parts, start, None, sel, spec.json, False)
-        pos = pos + n
-
-
-def copy_cache(dst: QVGCache, src: QVGCache) -> None:
-    """``dst.copy_(src)`` between caches: whole stores copy array by array (AOTAutograd's
-    input-mutation epilogue); views of compatible stores move packed tokens; else decode."""
-    if dst._handle is src._handle and dst._view == src._view:
-        return
-    if tuple(dst.shape) != tuple(src.shape):
-        write_dense(dst, src.dequantize())
-        return
-    _writable(dst)
-    dspec, sspec = dst._handle.spec, src._handle.spec
-    if dst.is_whole() and src.is_whole() and dspec == sspec and dst._view.dims == src._view.dims \
-            and [a.shape for a in dst._handle.arrays] == [a.shape for a in src._handle.arrays]:
-        for a, b in zip(dst._handle.arrays, src._handle.arrays):
-            if a is not b:
-                a.copy_(b)
-        return
-    compatible = (dspec.config == sspec.config and dspec.part_dims == sspec.part_dims and dspec.roles == sspec.roles
-                  and dst._view.parts == (0, len(dspec.part_dims)) and src._view.parts == dst._view.parts
-                  and dst._view.dims == src._view.dims and not src._dense and src._view.plain_lead
-                  and dst._view.lead_sel(dst._handle.arrays[0].shape[:-2]) is None
-                  and src._view.lead_sel(src._handle.arrays[0].shape[:-2]) is None
-                  and len(dst._view.pieces) == 1)
-    if not compatible:
-        tally.fallback("copy_ (cache to cache)", "layouts or configs differ")
-        write_dense(dst, src.dequantize())
-        return
-    (_, start, _), = dst._view.pieces
-    same = dst._handle is src._handle
-    torch.ops.qvg.cache_copy(dst._handle.arrays, [] if same else src._handle.arrays,
-                             flat_pieces(src._view), start, dspec.json, sspec.json)
-
-
-def _clone_cache(t: QVGCache) -> QVGCache:
-    view = t._view
-    if any(not statically_known_true(b == 1) for b in view.bcast):
-        # repeat_interleave is unsqueeze + expand + clone + view: keep sharing the store; the
-        # view folds the broadcast dim into the leading dim before it.
-        return _make(t, dataclasses.replace(view, mode=COW))
-    spec = t._handle.spec
-    dense = _dense_concat(t)
-    dense_parts = [] if dense is None else _split_parts(dense, spec, view)
-    arrays = torch.ops.qvg.cache_clone(t._handle.arrays, dense_parts, flat_pieces(view), flat_lead(view),
-                                       list(view.parts), spec.json)
-    new_spec = spec.for_parts(view.parts)
-    new_view = View(view.dims, tuple(Lead(0, ax.size) for ax in view.lead), ((RUN, 0, view.length()),),
-                    (0, view.parts[1]), view.bcast)
-    return QVGCache(StoreHandle(new_spec, arrays), new_view)
-
-
 # --- views -------------------------------------------------------------------------------------
-def _spec_dims(t: QVGCache) -> tuple[int, ...]:
-    return t._handle.spec.part_dims
-
-
-def _view_result(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
-    return return_and_correct_aliasing(func, args, kwargs, out)
-
-
 @implements(aten.slice.Tensor)
 def _slice(func, args, kwargs):
     t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
@@ -200,15 +54,15 @@ def _slice(func, args, kwargs):
         raise Unsupported("slices with a step")
     dim %= t.dim()
     if t._dense and t._view.dims[dim] != SEQ:
-        _no_dense(t, "slicing a leading or channel dim")
-    return _view_result(func, args, kwargs, _make(t, t._view.slice(dim, start, end, _spec_dims(t))))
+        no_dense(t, "slicing a leading or channel dim")
+    return view_result(func, args, kwargs, make_view(t, t._view.slice(dim, start, end, spec_dims(t))))
 
 
 @implements(aten.select.int)
 def _select(func, args, kwargs):
     t, dim, index = args
-    _no_dense(t, "select")
-    return _view_result(func, args, kwargs, _make(t, t._view.select(dim % t.dim(), index, _spec_dims(t))))
+    no_dense(t, "select")
+    return view_result(func, args, kwargs, make_view(t, t._view.select(dim % t.dim(), index, spec_dims(t))))
 
 
 @implements(aten.split.Tensor, aten.split_with_sizes.default)
@@ -221,67 +75,67 @@ def _split(func, args, kwargs):
     out, pos = [], 0
     for n in sizes:
         if t._dense and t._view.dims[dim] != SEQ:
-            _no_dense(t, "split of a leading or channel dim")
-        out.append(_make(t, t._view.slice(dim, pos, pos + n, _spec_dims(t))))
+            no_dense(t, "split of a leading or channel dim")
+        out.append(make_view(t, t._view.slice(dim, pos, pos + n, spec_dims(t))))
         pos = pos + n
-    return _view_result(func, args, kwargs, out)
+    return view_result(func, args, kwargs, out)
 
 
 @implements(aten.unbind.int)
 def _unbind(func, args, kwargs):
     t = args[0]
     dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % t.dim()
-    _no_dense(t, "unbind")
-    out = [_make(t, t._view.select(dim, i, _spec_dims(t))) for i in range(t.shape[dim])]
-    return _view_result(func, args, kwargs, out)
+    no_dense(t, "unbind")
+    out = [make_view(t, t._view.select(dim, i, spec_dims(t))) for i in range(t.shape[dim])]
+    return view_result(func, args, kwargs, out)
 
 
 @implements(aten.transpose.int)
 def _transpose(func, args, kwargs):
     t, a, b = args
-    return _view_result(func, args, kwargs, _make(t, t._view.transpose(a, b)))
+    return view_result(func, args, kwargs, make_view(t, t._view.transpose(a, b)))
 
 
 @implements(aten.permute.default)
 def _permute(func, args, kwargs):
     t, order = args
-    return _view_result(func, args, kwargs, _make(t, t._view.permute(order)))
+    return view_result(func, args, kwargs, make_view(t, t._view.permute(order)))
 
 
 @implements(aten.unsqueeze.default)
 def _unsqueeze(func, args, kwargs):
     t, dim = args
     if t._dense:
-        _no_dense(t, "unsqueeze")
-    return _view_result(func, args, kwargs, _make(t, t._view.unsqueeze(dim)))
+        no_dense(t, "unsqueeze")
+    return view_result(func, args, kwargs, make_view(t, t._view.unsqueeze(dim)))
 
 
 @implements(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def _squeeze(func, args, kwargs):
     t = args[0]
     dims = list(range(t.dim())) if len(args) == 1 else ([args[1]] if isinstance(args[1], int) else list(args[1]))
-    return _view_result(func, args, kwargs, _make(t, t._view.squeeze(dims, _spec_dims(t))))
+    return view_result(func, args, kwargs, make_view(t, t._view.squeeze(dims, spec_dims(t))))
 
 
 @implements(aten.view.default, aten._unsafe_view.default)
 def _reshape(func, args, kwargs):
     t, shape = args
-    _no_dense(t, "view")
-    out = _make(t, t._view.reshape(shape, _spec_dims(t)))
-    return _view_result(func, args, kwargs, out) if func is aten.view.default else out
+    no_dense(t, "view")
+    out = make_view(t, t._view.reshape(shape, spec_dims(t)))
+    return view_result(func, args, kwargs, out) if func is aten.view.default else out
 
 
 @implements(aten.expand.default)
 def _expand(func, args, kwargs):
     t, sizes = args[0], args[1]
-    _no_dense(t, "expand")
-    return _view_result(func, args, kwargs, _make(t, t._view.expand(sizes, _spec_dims(t))))
+    no_dense(t, "expand")
+    return view_result(func, args, kwargs, make_view(t, t._view.expand(sizes, spec_dims(t))))
 
 
 @implements(aten.alias.default, aten.detach.default)
 def _alias(func, args, kwargs):
     t = args[0]
-    return _view_result(func, args, kwargs, _make(t, t._view))
+    return view_result(func, args, kwargs, make_view(t, t._view))
 
 
 @implements(aten.repeat.default)
@@ -289,16 +143,16 @@ def _repeat(func, args, kwargs):
     """Repeats along leading dims (CFG batch doubling) tile the view; tokens appended by cat are
     small and dense, so they are repeated for real, in the view's lead order."""
     t, reps = args
-    view = t._view.repeat(reps, _spec_dims(t))
+    view = t._view.repeat(reps, spec_dims(t))
     if not t._dense:
-        return _make(t, view)
+        return make_view(t, view)
     if len(reps) != len(t._view.dims) or t._view.bcast:
         raise Unsupported("repeat that adds dims to, or tiles a broadcast dim of, a cache with tokens appended by cat")
     lead_reps = [1] * len(t._view.lead)
     for d, r in zip(t._view.dims, reps):
         if d >= 0:
             lead_reps[d] = r
-    return _make(t, view, [x.repeat(*lead_reps, 1, 1) for x in t._dense])
+    return make_view(t, view, [x.repeat(*lead_reps, 1, 1) for x in t._dense])
 
 
 # --- data ops ----------------------------------------------------------------------------------
@@ -317,7 +171,7 @@ def _copy(func, args, kwargs):
 
 @implements(aten.clone.default)
 def _clone(func, args, kwargs):
-    return _clone_cache(args[0])
+    return clone_cache(args[0])
 
 
 @implements(aten._to_copy.default)
@@ -346,14 +200,14 @@ def _to_copy(func, args, kwargs):
 def _fill(func, args, kwargs):
     t = args[0]
     value = 0 if func is aten.zero_.default else args[1]
-    _writable(t)
+    make_writable(t)
     view = t._view
     if isinstance(value, (int, float)) and value == 0 and t._view.lead_sel(t._handle.arrays[0].shape[:-2]) is None \
             and view.parts == (0, len(t._handle.spec.part_dims)):
         torch.ops.qvg.cache_release(t._handle.arrays, flat_pieces(view), t._handle.spec.json)
         if t._handle.concrete and t._handle.spec.policy.chunk_tokens:
             # An eager reset re-opens slots that seal() freed, so a compiled model can write next.
-            _ensure_slots(t, t._handle.spec.policy.chunk_tokens)
+            ensure_slots(t, t._handle.spec.policy.chunk_tokens)
     else:
         write_dense(t, torch.full((), value, dtype=t.dtype, device=t.device))
     return t
@@ -397,7 +251,7 @@ def _functional_write(func, args, kwargs):
     t = args[0]
     if not isinstance(t, QVGCache):
         raise Unsupported("a dense destination")
-    out = _clone_cache(t)
+    out = clone_cache(t)
     if func is aten.slice_scatter.default:
         names = ("src", "dim", "start", "end", "step")
         a = dict(zip(names, (None, 0, None, None, 1)))
@@ -405,7 +259,7 @@ def _functional_write(func, args, kwargs):
         a.update(kwargs)
         if a["step"] != 1:
             raise Unsupported("slices with a step")
-        target = _make(out, out._view.slice(a["dim"] % out.dim(), a["start"], a["end"], _spec_dims(out)))
+        target = make_view(out, out._view.slice(a["dim"] % out.dim(), a["start"], a["end"], spec_dims(out)))
         _copy(aten.copy_.default, (target, a["src"]), {})
     elif func is aten.index_copy.default:
         _index_copy_(aten.index_copy_.default, (out, *args[1:]), kwargs)
@@ -443,7 +297,7 @@ def _cat(func, args, kwargs):
                 pieces.append((kind, a, n))
     v = head._view
     merged = merge_pieces(tuple(pieces))
-    out = _make(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
+    out = make_view(head, View(v.dims, v.lead, merged, v.parts, v.bcast, COW), dense)
     grows = v.plain_lead and all(statically_known_true(b == 1) for b in v.bcast)
     if _grown_by_appends(merged) and grows:
         # A cache grown by repeated functional appends (``k = cat([k, k_new])``) would keep every
@@ -455,7 +309,7 @@ def _cat(func, args, kwargs):
         # Decided on the structure of the pieces alone (never their lengths) so compiled code
         # takes the same branch as eager.
         last = len(dense) - 1
-        history = _clone_cache(_make(out, View(v.dims, v.lead, merged[:-1], v.parts, v.bcast, COW), dense[:last]))
+        history = clone_cache(make_view(out, View(v.dims, v.lead, merged[:-1], v.parts, v.bcast, COW), dense[:last]))
         n = history._view.length()
         out = QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
                                              history._view.parts, v.bcast, COW), [dense[last]])
@@ -535,7 +389,7 @@ def _read_sides(k: QVGCache, v: QVGCache) -> list[Any]:
     """The K and V arguments of ``qvg::cache_attention`` (and its log-sum-exp variant)."""
     sides: list[Any] = []
     for t in (k, v):
-        dense = _dense_concat(t)
+        dense = dense_concat(t)
         sides += [t._handle.arrays, [] if dense is None else [dense], flat_pieces(t._view), flat_lead(t._view),
                   t._view.parts[0], t._handle.spec.json]
     return sides
