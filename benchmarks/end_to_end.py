@@ -625,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", type=int, default=1, help="times the BF16/QVG pair runs (each reported)")
     parser.add_argument("--qvg-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="one more QVG run per pair with these environment variables set (e.g. "
-                             "QVG_READ_PREFETCH=off), reported as qvg[...]; repeatable")
+                             "QVG_READ_PATH=general), reported as qvg[...]; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)

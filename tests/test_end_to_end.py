@@ -61,12 +61,12 @@ def fresh_dynamo():
 def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "1",
                         "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--longcat-layers", "0",
-                        "--qvg-env", "QVG_READ_PREFETCH=on", "--out", str(tmp_path)])
+                        "--qvg-env", "QVG_READ_PATH=general", "--out", str(tmp_path)])
     runs = {r["backend"]: r for r in results["runs"]}
-    # The variant ran with the read prefetch on (on the CPU it is off by default) and restored it.
-    prefetched = runs["qvg[QVG_READ_PREFETCH=on]"]["rows"][0]["stats"]
-    assert prefetched["prefetched_reads"] > 0 and runs["qvg"]["rows"][0]["stats"]["prefetched_reads"] == 0
-    assert "QVG_READ_PREFETCH" not in e2e.os.environ
+    # The variant ran with every read on the general path, and the setting was restored after it.
+    general = runs["qvg[QVG_READ_PATH=general]"]["rows"][0]["stats"]
+    assert general["general_reads"] > 0 and general["fast_reads"] == 0
+    assert "QVG_READ_PATH" not in e2e.os.environ
     assert runs["bf16"]["cache_types"] == ["Tensor"] and runs["qvg"]["cache_types"] == ["QVGCache"]
     bf16, qvg = runs["bf16"]["rows"][0], runs["qvg"]["rows"][0]
     assert bf16["kv_dense_bytes"] == bf16["kv_bytes"] == qvg["kv_dense_bytes"]
@@ -82,5 +82,5 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     saved = json.loads((tmp_path / "end_to_end.json").read_text())
     assert saved["runs"][1]["rows"][0]["kv_bytes"] == qvg["kv_bytes"]
     table = (tmp_path / "end_to_end_table.md").read_text()
-    assert "overhead %" in table and "KV once the video ends" in table and "qvg[QVG_READ_PREFETCH=on]" in table
+    assert "overhead %" in table and "KV once the video ends" in table and "qvg[QVG_READ_PATH=general]" in table
     assert "median overhead %" in table

@@ -73,7 +73,7 @@ def attend(q: torch.Tensor, k: ReadSide, v: ReadSide, scale: Optional[float], ke
         fast = plan_for(k, v, q, key)
         if fast.reason is None:
             tally.fast_read(fast.sealed, fast.tokens - fast.sealed)
-            return attend_planned(q, k, v, fast, scale, key)
+            return attend_planned(q, k, v, fast, scale)
         tally.general_read(fast.reason)
     return attend_general(q, k, v, scale)
 

@@ -5,9 +5,7 @@ block unless the history passes the workspace cap): one `kernels.gather.Gather` 
 that decodes the sealed K and V of the view and copies its dense rows into a workspace shared
 by every read on the device, then one fused SDPA (cuDNN or flash on CUDA, the CPU flash kernel
 elsewhere) over it. Several blocks are merged by log-sum-exp. Nothing here reads the token
-state or plans: the host cost is the launches. A one-block read whose successor is known
-prefetches that successor's sealed history (`read_prefetch`): the successor then only copies
-its open rows before its SDPA.
+state or plans: the host cost is the launches.
 
 The workspace holds ``2 * B * H * tokens * D`` elements in the queries' dtype; it lives until
 `release_workspace` and is reused by the next read on the same device (reads are ordered on the
@@ -18,14 +16,14 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..kernels.attention import merge_partial, sdpa_with_lse
-from ..kernels.gather import ROWS, SEALED, Gather
-from . import read_prefetch, tally
-from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled, plan_by_key, shared_table
+from ..kernels.gather import Gather
+from . import tally
+from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled
 from .spec import POS_MAP_AT
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -37,9 +35,7 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
         if buf is not None:
-            # Replays hold views of the old buffer: let it go now, not when they are next used;
-            # a prefetch may still be writing it.
-            read_prefetch.settle()
+            # Replays hold views of the old buffer: let it go now, not when they are next used.
             drop_replays()
         _workspaces.pop(key, None)
         buf = torch.empty(numel, dtype=dtype, device=device)
@@ -54,7 +50,6 @@ def workspace_bytes() -> int:
 
 def release_workspace() -> None:
     """Free the read workspaces (the next read allocates what it needs)."""
-    read_prefetch.settle()
     drop_replays()
     _workspaces.clear()
 
@@ -115,30 +110,6 @@ class BoundRead:
             wv = self.buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
             self.blocks.append((gather.prebind(block.k_runs, block.v_runs, block.table, wk, wv), wk, wv))
         self.sealed, self.rows = plan.sealed, plan.tokens - plan.sealed
-        self._gather, self._plan = gather, plan
-        self._split: Optional[tuple[Callable[[], None], Callable[[], None]]] = None
-
-    def _split_launches(self) -> Optional[tuple[Callable[[], None], Callable[[], None]]]:
-        """The one block's gather cut in two launches, its sealed runs and its dense rows (built
-        on the first prefetch); None for reads of several blocks or of nothing sealed."""
-        if self._split is None and len(self.blocks) == 1 and self.sealed:
-            block, (_, wk, wv) = self._plan.blocks[0], self.blocks[0]
-            device = wk.device
-            halves = []
-            for kind in (SEALED, ROWS):
-                kr = [r for r in block.k_runs if r[0] == kind]
-                vr = [r for r in block.v_runs if r[0] == kind]
-                halves.append(self._gather.prebind(kr, vr, shared_table(kr, vr, device), wk, wv))
-            self._split = (halves[0], halves[1])
-        return self._split
-
-    def sealed_launch(self) -> Optional[Callable[[], None]]:
-        """The launch that decodes this read's sealed runs into the workspace (`read_prefetch`),
-        or None when the read cannot be prefetched."""
-        if _workspaces.get((self.buf.device, self.buf.dtype)) is not self.buf:
-            return None
-        split = self._split_launches()
-        return None if split is None else split[0]
 
     def valid(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> bool:
         """Whether the op's array lists ``k``/``v`` are the arrays this read was bound to and its
@@ -149,22 +120,15 @@ class BoundRead:
                 and all(v[i] is sources[nk + j] for j, i in enumerate(self.v_at))
                 and _workspaces.get((self.buf.device, self.buf.dtype)) is self.buf)
 
-    def __call__(self, q: torch.Tensor, scale: Optional[float], key: Optional[tuple] = None) -> torch.Tensor:
-        """The attention output ``[B*tile, Hq, M, D]``; ``key`` (the plan's `read_plan.args_key`)
-        lets the read learn its successor and prefetch it."""
+    def __call__(self, q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """The attention output ``[B*tile, Hq, M, D]``."""
         m, d = q.shape[2], q.shape[3]
         qf = q if self.plain else fold_queries(q, self.tile, self.groups)
         sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
         acc: Optional[torch.Tensor] = None
         lse: Optional[torch.Tensor] = None
-        prefetched = read_prefetch.take(q.device, self)
-        if prefetched:
-            tally.add(prefetched_reads=1)
         for launch, wk, wv in self.blocks:
-            if prefetched and self._split is not None:
-                self._split[1]()
-            else:
-                launch()
+            launch()
             o, l = sdpa_with_lse(qf, wk, wv, sc)
             if len(self.blocks) == 1:
                 out = o
@@ -174,15 +138,7 @@ class BoundRead:
                 merge_partial(acc, lse, o, l)
         if acc is not None:
             out = acc.to(q.dtype)
-        if key is not None:
-            read_prefetch.follow(key, q.device, _bound_of)
         return out if self.plain else unfold_output(out, self.tile, self.groups, m)
-
-
-def _bound_of(key: tuple) -> Optional[BoundRead]:
-    """The `BoundRead` of the plan cached under ``key``, if there is one."""
-    plan = plan_by_key(key)
-    return None if plan is None else plan.replay
 
 
 def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
@@ -196,18 +152,16 @@ def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[t
     if bound is None or not bound.valid(k, v) or not fast_reads_enabled():
         return None
     tally.fast_read(bound.sealed, bound.rows, replayed=True)
-    return bound(q, scale, key)
+    return bound(q, scale)
 
 
-def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float],
-                   key: Optional[tuple] = None) -> torch.Tensor:
+def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float]) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``, by
-    the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale);
-    ``key``: the plan's `read_plan.args_key`."""
+    the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale)."""
     bound = plan.replay
     if bound is None or not bound.valid(*_array_lists(k, v)):
         bound = plan.replay = BoundRead(k, v, plan, q)
-    return bound(q, scale, key)
+    return bound(q, scale)
 
 
 def _array_lists(k: ReadSide, v: ReadSide) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -149,14 +149,6 @@ def cached_plan(key: tuple, k_pos: torch.Tensor, v_pos: torch.Tensor) -> Optiona
     return None
 
 
-def plan_by_key(key: tuple) -> Optional[ReadPlan]:
-    """The plan cached under ``key`` while both its stores live."""
-    hit = _plans.get(key)
-    if hit is None or hit[0]() is None or hit[1]() is None:
-        return None
-    return hit[2]
-
-
 def drop_replays() -> None:
     """Forget every plan's replay (they hold views of a workspace that is being replaced)."""
     for _, _, plan in _plans.values():

@@ -75,17 +75,15 @@ def stats() -> dict[str, Any]:
     ``fast_tokens`` and ``fast_rows`` (reads planned once per cache state: one gather launch and
     one SDPA; the sealed tokens they decoded and the dense rows they copied, per stored row),
     ``read_replays`` (fast reads run from their arguments alone, without building a store or
-    reading its token state: every read of a plan but its first), ``prefetches`` (sealed
-    histories decoded ahead of their read on a side stream: `read_prefetch`) and ``prefetched_reads``
-    (reads that found theirs in place and only copied their open rows), ``general_reads`` and ``general_why`` (the general path, and why per
+    reading its token state: every read of a plan but its first), ``general_reads`` and ``general_why`` (the general path, and why per
     reason), ``fast_writes`` (writes into an open chunk that only copied), ``fallbacks`` (per op
     name) and ``fallback_total``.
     """
     with _lock:
         out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens",
                                                "decoded_bytes", "attention_calls", "fused_tokens", "tail_tokens",
-                                               "fast_reads", "fast_tokens", "fast_rows", "read_replays", "prefetches",
-                                               "prefetched_reads", "general_reads", "fast_writes")}
+                                               "fast_reads", "fast_tokens", "fast_rows", "read_replays", "general_reads",
+                                               "fast_writes")}
         out.update(_counts)
         out["general_why"] = dict(_general)
         out["fallbacks"] = dict(_fallbacks)
