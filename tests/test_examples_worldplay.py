@@ -115,7 +115,7 @@ def test_pipeline_graphs_settle_like_bf16_and_stay_under_the_recompile_limit():
 # --- HY-WorldPlay's own rollout: attention in compiler-disabled functions (issue #23) ----------
 def make_ar(**overrides):
     torch.manual_seed(0)
-    return wp.WorldPlayAR(wp.tiny_config(num_layers=1, memory_frames=4, **overrides)).eval()
+    return wp.WorldPlayAR(wp.tiny_config(**({"num_layers": 1, "memory_frames": 4} | overrides))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,19 @@ def test_backend_roles_option_is_validated():
         qvg_compile.backend(CFG, roles={"k_txt": "keys"})
     with pytest.raises(TypeError, match="roles"):
         qvg_compile.backend(CFG, roles=["k_txt"])
+
+
+def test_ar_rollout_compiles_the_graphs_inductor_compiles_however_deep():
+    """Caches made inside the compiler-disabled attention are swapped for every layer at once and
+    where they are returned: the compiled frames see each cache change type once, so the backend
+    compiles what Inductor compiles (swapped layer by layer and at first read, 4 layers over 4
+    chunks compiled 19 graphs against Inductor's 17, and two frames reached Dynamo's recompile
+    limit: they ran eagerly from then on)."""
+    def run(backend) -> None:
+        wp.rollout(torch.compile(make_ar(num_layers=3), backend=backend), 3, seed=1, progress=False)
+
+    dense = graphs_compiled(run, compile_fx)
+    qvg_compile.reset_stats()
+    qvg = graphs_compiled(run, qvg_compile.backend(CFG))
+    assert qvg == dense
+    assert qvg_compile.stats()["fallback_total"] == 0

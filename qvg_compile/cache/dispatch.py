@@ -314,7 +314,7 @@ def _cat(func, args, kwargs):
         out = QVGCache(history._handle, View(v.dims, history._view.lead, ((RUN, 0, n), (DENSE, 0, merged[-1][2])),
                                              history._view.parts, v.bcast, COW), [dense[last]])
     if grows and [kind for kind, _, _ in out._view.pieces] == [RUN, DENSE]:
-        _mark_growing(out)
+        out.mark_growing()
     return out
 
 
@@ -323,23 +323,6 @@ def _joinable(tensors: Sequence[torch.Tensor], dim: int) -> bool:
     caches = [t for t in tensors if isinstance(t, QVGCache)]
     return all(t._handle.concrete and t._view.dims[dim] == SEQ for t in caches) and \
         all(type(t) is torch.Tensor or isinstance(t, (QVGCache, JoinedCache)) for t in tensors)
-
-
-def _mark_growing(t: QVGCache) -> None:
-    """Eager only: a cache grown by ``cat`` (stored history, then one appended piece) comes back
-    longer on the next call. Its sequence length and the store dims that grow with capacity are
-    marked ``maybe_mark_dynamic``, so the first graph that reads it is already symbolic in them
-    instead of compiling once static and again dynamic when the next chunk arrives."""
-    handle = t._handle
-    if not handle.concrete:
-        return
-    torch._dynamo.maybe_mark_dynamic(t, t._view.seq_dim())
-    store = handle.store
-    now, more = handle.spec.shapes(store.lead, store.capacity), handle.spec.shapes(store.lead, store.capacity + 1)
-    for name, array in zip(handle.spec.names(), handle.arrays):
-        dims = [d for d, (a, b) in enumerate(zip(now[name], more[name])) if a != b]
-        if dims:
-            torch._dynamo.maybe_mark_dynamic(array, dims)
 
 
 def _grown_by_appends(pieces: Sequence[tuple[str, Any, Any]]) -> bool:

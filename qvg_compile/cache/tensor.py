@@ -214,6 +214,23 @@ class QVGCache(RoutesSdpa):
         arrays = self._handle.arrays + list(self._dense)
         return sum(t.numel() * t.element_size() for t in arrays)
 
+    def mark_growing(self) -> None:
+        """Eager only: this cache comes back longer on the next call (a history grown by ``cat``,
+        a cache re-made each chunk). Its sequence length and the store dims that grow with
+        capacity are marked ``maybe_mark_dynamic``, so the first graph that reads it is already
+        symbolic in them instead of compiling once static and again dynamic when the next chunk
+        arrives."""
+        handle = self._handle
+        if not handle.concrete:
+            return
+        torch._dynamo.maybe_mark_dynamic(self, self._view.seq_dim())
+        store = handle.store
+        now, more = handle.spec.shapes(store.lead, store.capacity), handle.spec.shapes(store.lead, store.capacity + 1)
+        for name, array in zip(handle.spec.names(), handle.arrays):
+            dims = [d for d, (a, b) in enumerate(zip(now[name], more[name])) if a != b]
+            if dims:
+                torch._dynamo.maybe_mark_dynamic(array, dims)
+
     def memory(self) -> dict[str, float]:
         """Where this store's bytes go, in bits per element of the dense tensor it stands for
         (``[*lead, capacity, channels]``): ``codes``, ``scales`` (with zero points),
