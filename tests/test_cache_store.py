@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+import qvg_compile.cache.store as store_module
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
 from qvg_compile.cache.spec import UID, USES
@@ -154,3 +156,31 @@ def test_a_segment_that_does_not_fit_the_shared_codebook_gets_its_own(share_fit)
     else:
         assert stats()["share_misfits"] == 1 and c.token_counts()["segments"] == 2
         assert err[1] < 2 * err[0]
+
+
+def test_a_sealing_write_issues_a_pinned_number_of_host_ops(monkeypatch):
+    """With the encoder's own work left out (its outputs memoised, as a replayed CUDA graph hands
+    them back), a write that seals the open chunk issues at most 26 ATen ops on the host (23 with
+    a codebook of its own, 25 sharing one): the token state is read and written through NumPy
+    views made once per host array (not once per op call: ~4 ops each) and positions stay NumPy
+    arrays. It was 64-66 before, every one a dispatcher call on the GPU's critical path."""
+    encode, memo = store_module.encode_segment, {}
+
+    def memoised(x, config, role, c, init, shared, tag=0, fit=False):
+        key = (tuple(x.shape), c, shared, fit)
+        if key not in memo:
+            memo[key] = encode(x, config, role, c, init, shared, tag=tag, fit=fit)
+        return memo[key]
+    monkeypatch.setattr(store_module, "encode_segment", memoised)
+    c = cache()
+    x = torch.randn(1, L, 2, 64)
+    for i in range(4):
+        c[:, i * L:(i + 1) * L] = x
+    counts = []
+    reset_stats()
+    for i in range(4, 7):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            c[:, i * L:(i + 1) * L] = x
+        counts.append(sum(e.name.startswith("aten::") and e.cpu_parent is not None
+                          and e.cpu_parent.name.startswith("qvg::cache") for e in prof.events()))
+    assert stats()["seals"] == 3 and max(counts) <= 26, counts

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import uuid
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -115,9 +116,27 @@ def new_uid() -> int:
     return uuid.uuid4().int >> 66
 
 
+# NumPy views of host arrays by tensor id. A `Store` is built afresh by every op call that
+# plans, while its host arrays live as long as the cache: making each view once per array instead
+# of once per call saves ~4 ATen ops per view (`numpy()` resolves conj/neg and aliases) on every
+# sealing write.
+_numpy_views: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+def host_numpy(t: torch.Tensor) -> np.ndarray:
+    """The NumPy view of host tensor ``t`` (shares its memory), made once per tensor."""
+    key = id(t)
+    hit = _numpy_views.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    view = t.numpy()
+    _numpy_views[key] = (weakref.ref(t, lambda _, key=key: _numpy_views.pop(key, None)), view)
+    return view
+
+
 def _host_view(name: str) -> functools.cached_property:
-    """A `Store` attribute: the NumPy view of host array ``name``, made on first use."""
-    return functools.cached_property(lambda self: self.arrays[name].numpy())
+    """A `Store` attribute: the NumPy view of host array ``name``."""
+    return functools.cached_property(lambda self: host_numpy(self.arrays[name]))
 
 
 class Store:
@@ -179,11 +198,11 @@ class Store:
     @property
     def stamp(self) -> int:
         """The token state's stamp: equal stamps mean an unchanged ``pos_map``."""
-        return int(self.counters[STAMP])
+        return int(self.np_counters[STAMP])
 
     def changed(self) -> None:
         """Record that ``pos_map`` changed (every method that writes it calls this)."""
-        self.counters[STAMP] = next_stamp()
+        self.np_counters[STAMP] = next_stamp()
 
     def _expected_row(self, j: int, start: int, end: int) -> np.ndarray:
         """The tail rows of positions ``[start, end)`` in slot ``j`` (``pos_map``'s dtype)."""
@@ -191,11 +210,11 @@ class Store:
         return np.arange(start + offset, end + offset, dtype=self.np_pos.dtype)
 
     # --- release and state ---------------------------------------------------------------------
-    def release(self, positions: torch.Tensor) -> None:
+    def release(self, positions: "torch.Tensor | np.ndarray") -> None:
         """Forget what ``positions`` (host int64) hold: they become holes; codebooks lose them."""
-        if positions.numel() == 0:
+        pos = positions.numpy() if isinstance(positions, torch.Tensor) else positions
+        if pos.size == 0:
             return
-        pos = positions.numpy()
         v = self.np_pos[pos]
         sealed = is_sealed(v)
         if sealed.any():
@@ -278,15 +297,15 @@ class Store:
                     values: Sequence[Optional[torch.Tensor]], sel: LeadSel, full: bool) -> None:
         moving = self.np_pos[start:end] != rows
         if moving.any():
-            positions = torch.from_numpy(np.flatnonzero(moving) + start)
+            positions = np.flatnonzero(moving) + start
             if not full:
                 # Rows are shared by every leading index and part: fill the ones this write does
                 # not cover with what those positions hold now.
                 target = torch.from_numpy(rows[moving].astype(np.int64)).to(self.device)
-                for p, old in enumerate(self.decode(positions)):
+                for p, old in enumerate(self.decode(torch.from_numpy(positions))):
                     self.array("tail", p).index_copy_(-2, target, old)
             self.release(positions)
-            self.np_pos[positions.numpy()] = rows[moving]
+            self.np_pos[positions] = rows[moving]
             self.changed()
         r0 = int(rows[0])
         for p, v in enumerate(values):
@@ -335,7 +354,7 @@ class Store:
         if positions.size:
             # The encoder applies the NaN/Inf policy itself (see `seal_flags`): no check here.
             rows = self.np_pos[positions].astype(np.int64)
-            self._store_segment(torch.from_numpy(positions), [self._rows(p, rows) for p in range(self.parts)])
+            self._store_segment(positions, [self._rows(p, rows) for p in range(self.parts)])
         for j in slots:
             self.np_slots[j, 0] = -1
 
@@ -399,13 +418,13 @@ class Store:
         choices = np.flatnonzero(free)
         return int(choices[0]) if choices.size else None
 
-    def _store_segment(self, positions: torch.Tensor, xs: Sequence[torch.Tensor]) -> None:
+    def _store_segment(self, positions: "torch.Tensor | np.ndarray", xs: Sequence[torch.Tensor]) -> None:
         """Quantize ``xs[p]`` ``[*lead, n, D_p]`` as the tokens at ``positions`` (host, ascending).
         The token state changes only once every part is encoded, so on the CPU an input the
         encoder refuses (NaN/Inf under ``check_finite``, scales out of range) leaves the store
         unchanged; on the GPU the refusal is read back later (`seal_flags`). A segment that would
         share a codebook it does not fit (``policy.share_fit``) is encoded again with its own."""
-        n = positions.numel()
+        n = len(positions)
         cuda = self.device.type == "cuda"
         flags = flags_for(self.pos_map, self.device) if cuda else None
         if flags is not None:
