@@ -172,20 +172,21 @@ def host_ops(fn) -> list[str]:
 
 @pytest.mark.parametrize("chunks", [3, 12])
 def test_a_planned_read_and_a_rewrite_issue_a_pinned_number_of_host_ops(monkeypatch, chunks):
-    """With the gather's device work left out, a read replayed from its plan issues 5 host ops
-    (the two state stamps read by ``tolist``, two ops each, and one SDPA: the workspace views and
-    the gather's arguments are bound once per plan) and a rewrite of the open chunk 4 (its stamp,
-    the rows' view, one copy), at any history length: no planning, no per-token work."""
+    """With the gather's device work left out, a read replayed from its plan issues 1 host op
+    (the SDPA: the two state stamps are read through NumPy views of the counters, the workspace
+    views and the gather's arguments are bound once per plan) and a rewrite of the open chunk 2
+    (the rows' view, one copy), at any history length: no planning, no per-token work (it was 5
+    and 4 while the stamps were read with ``tolist``)."""
     monkeypatch.setattr(Gather, "__call__", lambda self, *args: None)
     k, v = filled(chunks, "key", 12, cap=256), filled(chunks, "value", 13, cap=256)
     q = torch.randn(B, H, 8, D)
     e = chunks * L
     kt, vt = k[:, :e].transpose(1, 2), v[:, :e].transpose(1, 2)
     read = host_ops(lambda: F.scaled_dot_product_attention(q, kt, vt))
-    assert len(read) == 5 and sum("attention" in name for name in read) == 1
+    assert len(read) == 1 and "attention" in read[0]
     x = torch.randn(B, L, H, D)
     rewrite = host_ops(lambda: k.__setitem__((slice(None), slice(e - L, e)), x))
-    assert len(rewrite) == 4 and rewrite.count("aten::copy_") == 1
+    assert len(rewrite) == 2 and rewrite.count("aten::copy_") == 1, rewrite
 
 
 def test_a_read_is_replayed_from_its_arguments_until_the_store_changes(launches):

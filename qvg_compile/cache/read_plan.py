@@ -28,8 +28,8 @@ import torch
 from ..kernels.gather import ROWS, SEALED, Gather, Run, block_table, gather_supported
 from ..quant.packed import PackedStore
 from .codec import PIECE_INTS, piece_tokens, run_pieces_only
-from .spec import COUNTERS_AT, POS_MAP_AT, STAMP, is_dense, is_sealed
-from .store import Store, runs_of
+from .spec import COUNTERS_AT, POS_MAP_AT, is_dense, is_sealed
+from .store import Store, runs_of, stamp_of
 from .view import Lead
 
 # The workspace (K and V of one read, in the queries' dtype) is shared by every read on a
@@ -136,7 +136,7 @@ def args_key(q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tenso
     """The key of a read's plan, from the arguments of ``qvg::cache_attention`` alone: the two
     token maps and their state stamps (unique in the process: a changed or new store never
     matches an old key), the views and the queries' layout."""
-    return (id(k[POS_MAP_AT]), k[COUNTERS_AT].tolist()[STAMP], id(v[POS_MAP_AT]), v[COUNTERS_AT].tolist()[STAMP],
+    return (id(k[POS_MAP_AT]), stamp_of(k[COUNTERS_AT]), id(v[POS_MAP_AT]), stamp_of(v[COUNTERS_AT]),
             tuple(k_pieces), tuple(v_pieces), tuple(k_lead), tuple(v_lead), k_part, v_part, q.dtype, q.shape,
             q.device)
 

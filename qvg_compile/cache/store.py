@@ -73,6 +73,30 @@ def masked_runs(positions: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, 
     return [(i, f, b - a) for i, f, a, b in zip(idx[heads].tolist(), values[heads].tolist(), bounds, bounds[1:])]
 
 
+# NumPy views of host arrays by tensor id. A `Store` is built afresh by every op call that
+# plans, while its host arrays live as long as the cache: making each view once per array instead
+# of once per call saves ~4 ATen ops per view (`numpy()` resolves conj/neg and aliases) on every
+# sealing write.
+_numpy_views: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+def host_numpy(t: torch.Tensor) -> np.ndarray:
+    """The NumPy view of host tensor ``t`` (shares its memory), made once per tensor."""
+    key = id(t)
+    hit = _numpy_views.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    view = t.numpy()
+    _numpy_views[key] = (weakref.ref(t, lambda _, key=key: _numpy_views.pop(key, None)), view)
+    return view
+
+
+def stamp_of(counters: torch.Tensor) -> int:
+    """The state stamp in a store's host ``counters`` array (`Store.stamp` without a `Store`):
+    read through its NumPy view, no ATen op on the read and rewrite paths."""
+    return int(host_numpy(counters)[STAMP])
+
+
 # Writes that landed inside an open slot without changing the token state, keyed by
 # ``(id(pos_map), stamp, start, n)`` -> first tail row: the same write again (the next denoising
 # step) is a plain copy of the rows (`replay_rows_write`). Stamps are unique in the process, so a
@@ -94,7 +118,7 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
     if not values:
         return False
     n = values[0].shape[-2]
-    r0 = _row_writes.get((id(arrays[POS_MAP_AT]), arrays[COUNTERS_AT].tolist()[STAMP], start, n))
+    r0 = _row_writes.get((id(arrays[POS_MAP_AT]), stamp_of(arrays[COUNTERS_AT]), start, n))
     if r0 is None:
         return False
     sel = lead_sel(lead)
@@ -114,24 +138,6 @@ CREATOR_FITS_SIZE = 4096
 def new_uid() -> int:
     """A random 62-bit codebook id: unique across caches, processes and saved files."""
     return uuid.uuid4().int >> 66
-
-
-# NumPy views of host arrays by tensor id. A `Store` is built afresh by every op call that
-# plans, while its host arrays live as long as the cache: making each view once per array instead
-# of once per call saves ~4 ATen ops per view (`numpy()` resolves conj/neg and aliases) on every
-# sealing write.
-_numpy_views: dict[int, tuple[weakref.ref, np.ndarray]] = {}
-
-
-def host_numpy(t: torch.Tensor) -> np.ndarray:
-    """The NumPy view of host tensor ``t`` (shares its memory), made once per tensor."""
-    key = id(t)
-    hit = _numpy_views.get(key)
-    if hit is not None and hit[0]() is t:
-        return hit[1]
-    view = t.numpy()
-    _numpy_views[key] = (weakref.ref(t, lambda _, key=key: _numpy_views.pop(key, None)), view)
-    return view
 
 
 def _host_view(name: str) -> functools.cached_property:
