@@ -266,7 +266,8 @@ class Store:
             return
         first = start
         full = sel is None and len(present) == self.parts
-        values = [None if v is None else v.to(device=self.device, dtype=self.spec.torch_dtype)
+        dtype = self.spec.torch_dtype
+        values = [v if v is None or (v.device == self.device and v.dtype == dtype) else v.to(self.device, dtype)
                   for v in values]
         sinks = self.sinks
         if start < sinks:
@@ -445,7 +446,7 @@ class Store:
         if own is not None:
             # The one host read of a shared seal (a sync on the GPU): whether the codebook fits
             # these tokens as well as it fitted the ones it was made from.
-            shared_fit, made_fit = torch.stack([torch.stack(fits).max(), creator]).tolist()
+            shared_fit, made_fit = torch.stack([_worst(fits), creator]).tolist()
             if shared_fit > policy.share_fit * made_fit:
                 slot, shared = own, False
                 c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
@@ -458,7 +459,7 @@ class Store:
             if fits:
                 if len(_creator_fit) >= CREATOR_FITS_SIZE:
                     _creator_fit.clear()
-                _creator_fit[uid] = torch.stack(fits).max()
+                _creator_fit[uid] = _worst(fits)
         self.np_segs[slot, USES] += 1
         self.np_segs[slot, LIVE] += n
         for _, first, length in runs:
@@ -678,6 +679,11 @@ class Store:
         if w > keep:
             self.write(keep, [v[..., keep:w, :] for v in values])
 
+
+
+def _worst(fits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest of the parts' fits (0-dim device tensors); one part's is itself."""
+    return fits[0] if len(fits) == 1 else torch.stack(fits).max()
 
 
 def regrow(store: Store, spec: StoreSpec) -> list[torch.Tensor]:
