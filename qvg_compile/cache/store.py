@@ -204,7 +204,7 @@ class Store:
     @property
     def stamp(self) -> int:
         """The token state's stamp: equal stamps mean an unchanged ``pos_map``."""
-        return int(self.np_counters[STAMP])
+        return stamp_of(self.counters)
 
     def changed(self) -> None:
         """Record that ``pos_map`` changed (every method that writes it calls this)."""
@@ -678,7 +678,6 @@ class Store:
             self._seal_direct(sinks, keep, [v[..., sinks:keep, :] for v in values], None, True)
         if w > keep:
             self.write(keep, [v[..., keep:w, :] for v in values])
-
 
 
 def _worst(fits: Sequence[torch.Tensor]) -> torch.Tensor:
