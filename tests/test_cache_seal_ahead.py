@@ -16,13 +16,15 @@ from qvg_compile.cache import seal_ahead
 H, D, CH, CHUNKS = 2, 64, 16, 5
 
 
-def caches(layers: int) -> list[tuple[QVGCache, QVGCache]]:
+def caches(layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[QVGCache, QVGCache]]:
     def one(role: str) -> QVGCache:
-        return QVGCache.empty((1, CH * CHUNKS, H, D), 1, QVGConfig.preset("qvg"), role=role, chunk_tokens=CH)
+        return QVGCache.empty((1, CH * CHUNKS, H, D), 1, QVGConfig.preset("qvg"), role=role, chunk_tokens=CH,
+                              device=device, dtype=dtype)
     return [(one("key"), one("value")) for _ in range(layers)]
 
 
-def run(monkeypatch, flag: str, actions) -> tuple[list[torch.Tensor], dict]:
+def run(monkeypatch, flag: str, actions, device: str = "cpu", dtype: torch.dtype = torch.float32
+        ) -> tuple[list[torch.Tensor], dict]:
     """Run ``actions`` (``("write", layer, chunk)``, ``("read", layer, chunk)``, ``("zero", layer,
     0)``) on fresh caches with seal ahead ``flag``; returns every read's output and the final
     caches, and the stats."""
@@ -30,17 +32,21 @@ def run(monkeypatch, flag: str, actions) -> tuple[list[torch.Tensor], dict]:
     seal_ahead.forget()
     qvg_compile.reset_stats()
     layers = 1 + max(a[1] for a in actions)
-    kv = caches(layers)
-    gen = torch.Generator().manual_seed(0)
+    kv = caches(layers, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
     outs = []
     for kind, layer, chunk in actions:
         kb, vb = kv[layer]
         s, e = chunk * CH, (chunk + 1) * CH
         if kind == "write":
-            kb[:, s:e] = torch.randn(1, CH, H, D, generator=gen)
-            vb[:, s:e] = torch.randn(1, CH, H, D, generator=gen)
+            kb[:, s:e] = randn(1, CH, H, D)
+            vb[:, s:e] = randn(1, CH, H, D)
         elif kind == "read":
-            q = torch.randn(1, H, CH, D, generator=gen)
+            q = randn(1, H, CH, D)
             outs.append(F.scaled_dot_product_attention(q, kb[:, :e].transpose(1, 2), vb[:, :e].transpose(1, 2)))
         else:
             kb.zero_()
@@ -55,9 +61,14 @@ def ar_loop(layers: int, passes: int) -> list[tuple[str, int, int]]:
             for kind in ("write", "read")]
 
 
-def test_ar_loop_seals_every_layer_but_the_first_ahead_and_changes_nothing(monkeypatch):
-    off, stats_off = run(monkeypatch, "off", ar_loop(3, 3))
-    on, stats_on = run(monkeypatch, "on", ar_loop(3, 3))
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])])
+def test_ar_loop_seals_every_layer_but_the_first_ahead_and_changes_nothing(monkeypatch, device):
+    # On CUDA the encodes are replayed CUDA graphs and refusals go through the seal flags.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    off, stats_off = run(monkeypatch, "off", ar_loop(3, 3), device, dtype)
+    on, stats_on = run(monkeypatch, "on", ar_loop(3, 3), device, dtype)
     assert all(torch.equal(a, b) for a, b in zip(off, on))
     assert stats_off["seals_ahead"] == 0
     # Chunk 1 seals chunk 0 and teaches each layer's read which seals follow it; from chunk 2 on,
