@@ -38,6 +38,7 @@ from .passes.fuse_attention import fuse_matmul_softmax
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
 from .passes.pad_slice import drop_query_padding
+from .passes.rope_read import rope_at_read
 from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
 from .quant.config import QVGConfig
 from .disabled import DisabledCalls
@@ -174,8 +175,9 @@ class QVGBackend:
             rejected = self._learn_crossings(producers, rejected, graph_report)
         graph_report.sites, graph_report.rejected = sites, rejected
         dropped = drop_query_padding(gm.graph)
-        if dropped:
-            graph_report.rewrites.extend(dropped)
+        rotated, left = rope_at_read(gm.graph)
+        graph_report.rewrites.extend(dropped + rotated + left)
+        if dropped or rotated:
             gm.recompile()
         for r in readers:
             graph_report.readers[r.kind] = graph_report.readers.get(r.kind, 0) + 1

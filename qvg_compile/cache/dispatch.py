@@ -13,7 +13,10 @@ Native ops (no dense copy of the history):
   views of the same store (shares the store, appended tokens stay dense), ``zeros_like``/
   ``empty_like`` (an empty cache);
 - ``qvg::sdpa`` (``F.scaled_dot_product_attention``): ``qvg::cache_attention`` over the packed
-  store.
+  store (``qvg::cache_attention_rope`` when the keys are a view rotated by RoPE);
+- ``qvg::rope`` (`rope`): a rotated view (`rotated`); on such a view the layout views above that
+  keep the tokens and channels (marked ``keeps_rope``) and the read run natively, anything else
+  decodes and rotates.
 
 Everything else decodes the caches it touches, runs the dense op and, for in-place ops, writes
 the result back: correct, counted in `stats` and warned about once per op.
@@ -28,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_map
 
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
@@ -35,6 +39,7 @@ from . import tally
 from .cache_writes import clone_cache, copy_cache, ensure_slots, make_writable, write_dense
 from .codec import flat_lead, flat_pieces
 from .joined import JoinedCache, join
+from .rotated import rotate_view, rotated_read, rotated_slice
 from .spec import StoreSpec
 from .tensor import QVGCache, StoreHandle
 from .view import CHAN, COW, DENSE, RUN, SEQ, Lead, Unsupported, View, merge_pieces
@@ -45,7 +50,7 @@ implements = QVGCache.implements
 
 
 # --- views -------------------------------------------------------------------------------------
-@implements(aten.slice.Tensor)
+@implements(aten.slice.Tensor, keeps_rope=True)
 def _slice(func, args, kwargs):
     t, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
     dim = kwargs.get("dim", dim)
@@ -55,10 +60,16 @@ def _slice(func, args, kwargs):
     dim %= t.dim()
     if t._dense and t._view.dims[dim] != SEQ:
         no_dense(t, "slicing a leading or channel dim")
-    return view_result(func, args, kwargs, make_view(t, t._view.slice(dim, start, end, spec_dims(t))))
+    view = t._view.slice(dim, start, end, spec_dims(t))
+    if t._rope is not None and view is not t._view and t._view.dims[dim] == CHAN:
+        raise Unsupported("slicing the channels of a view rotated by RoPE (the rotation mixes them)")
+    if t._rope is not None and view is not t._view and t._view.dims[dim] == SEQ:
+        # The tables have one row per token: a slice of the tokens slices them the same way.
+        return view_result(func, args, kwargs, rotated_slice(t, view, start, end))
+    return view_result(func, args, kwargs, make_view(t, view))
 
 
-@implements(aten.select.int)
+@implements(aten.select.int, keeps_rope=True)
 def _select(func, args, kwargs):
     t, dim, index = args
     no_dense(t, "select")
@@ -90,19 +101,19 @@ def _unbind(func, args, kwargs):
     return view_result(func, args, kwargs, out)
 
 
-@implements(aten.transpose.int)
+@implements(aten.transpose.int, keeps_rope=True)
 def _transpose(func, args, kwargs):
     t, a, b = args
     return view_result(func, args, kwargs, make_view(t, t._view.transpose(a, b)))
 
 
-@implements(aten.permute.default)
+@implements(aten.permute.default, keeps_rope=True)
 def _permute(func, args, kwargs):
     t, order = args
     return view_result(func, args, kwargs, make_view(t, t._view.permute(order)))
 
 
-@implements(aten.unsqueeze.default)
+@implements(aten.unsqueeze.default, keeps_rope=True)
 def _unsqueeze(func, args, kwargs):
     t, dim = args
     if t._dense:
@@ -110,7 +121,7 @@ def _unsqueeze(func, args, kwargs):
     return view_result(func, args, kwargs, make_view(t, t._view.unsqueeze(dim)))
 
 
-@implements(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@implements(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, keeps_rope=True)
 def _squeeze(func, args, kwargs):
     t = args[0]
     dims = list(range(t.dim())) if len(args) == 1 else ([args[1]] if isinstance(args[1], int) else list(args[1]))
@@ -125,20 +136,20 @@ def _reshape(func, args, kwargs):
     return view_result(func, args, kwargs, out) if func is aten.view.default else out
 
 
-@implements(aten.expand.default)
+@implements(aten.expand.default, keeps_rope=True)
 def _expand(func, args, kwargs):
     t, sizes = args[0], args[1]
     no_dense(t, "expand")
     return view_result(func, args, kwargs, make_view(t, t._view.expand(sizes, spec_dims(t))))
 
 
-@implements(aten.alias.default, aten.detach.default)
+@implements(aten.alias.default, aten.detach.default, keeps_rope=True)
 def _alias(func, args, kwargs):
     t = args[0]
     return view_result(func, args, kwargs, make_view(t, t._view))
 
 
-@implements(aten.repeat.default)
+@implements(aten.repeat.default, keeps_rope=True)
 def _repeat(func, args, kwargs):
     """Repeats along leading dims (CFG batch doubling) tile the view; tokens appended by cat are
     small and dense, so they are repeated for real, in the view's lead order."""
@@ -352,7 +363,7 @@ def _empty_like(func, args, kwargs):
     return QVGCache(StoreHandle(spec, arrays), view)
 
 
-@implements(torch.ops.qvg.sdpa.default)
+@implements(torch.ops.qvg.sdpa.default, keeps_rope=True)
 def _sdpa(func, args, kwargs):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     defaults = (None, None, None, None, 0.0, False, None, False)
@@ -360,12 +371,30 @@ def _sdpa(func, args, kwargs):
     a.update(zip(names, args))
     a.update(kwargs)
     q, k, v = a["query"], a["key"], a["value"]
+    if isinstance(q, QVGCache) and all(kind == DENSE for kind, _, _ in q._view.pieces):
+        # Queries padded with an empty cache to share one RoPE call (LongCat) and sliced back:
+        # no stored token is left in them, so the dense queries decode nothing.
+        q = q.dequantize()
     if isinstance(q, QVGCache) or not isinstance(k, QVGCache) or not isinstance(v, QVGCache):
         raise Unsupported("queries from a cache, or only one of keys and values cached")
     if a["attn_mask"] is not None or a["dropout_p"] or a["is_causal"]:
         raise Unsupported("attention masks, dropout or is_causal")
     _fusable(q, k, v, a["enable_gqa"])
+    if v._rope is not None:
+        raise Unsupported("values rotated by RoPE")
+    if k._rope is not None:
+        return rotated_read(q, k, _read_sides(k, v), a["scale"])
     return torch.ops.qvg.cache_attention(q, *_read_sides(k, v), a["scale"])
+
+
+@implements(torch.ops.qvg.rope.default)
+def _rope(func, args, kwargs):
+    names = ("x", "cos", "sin", "layout", "compute")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    if not isinstance(a["x"], QVGCache) or isinstance(a["cos"], QVGCache) or isinstance(a["sin"], QVGCache):
+        raise Unsupported("RoPE tables that are caches")
+    return rotate_view(a["x"], a["cos"], a["sin"], a["layout"], a["compute"])
 
 
 def _read_sides(k: QVGCache, v: QVGCache) -> list[Any]:
@@ -422,10 +451,20 @@ def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> Non
 
 
 # --- fallback ----------------------------------------------------------------------------------
+def _shape_only(args: tuple) -> bool:
+    """Whether the caches among ``args`` hold bare fake arrays: Dynamo propagating example values
+    through the frame it traces. That run only infers shapes; the backend may still rewrite the
+    op away (`passes.rope_read`), and an op it keeps is counted when AOTAutograd traces the
+    graph (functional arrays) or when it runs eagerly."""
+    caches = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, QVGCache)]
+    return bool(caches) and all(type(t._handle.arrays[0]) is FakeTensor for t in caches)
+
+
 @QVGCache.otherwise
 def fallback(func: Any, args: tuple, kwargs: dict, why: str) -> Any:
     """Decode the caches, run the dense op, write in-place results back into the caches."""
-    tally.fallback(str(func), why)
+    if not _shape_only(args):
+        tally.fallback(str(func), why)
     dense_args, dense_kwargs = tree_map(lambda t: t.dequantize() if isinstance(t, QVGCache) else t, (args, kwargs))
     out = func(*dense_args, **dense_kwargs)
     schema = func._schema

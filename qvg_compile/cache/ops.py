@@ -139,7 +139,7 @@ def cache_decode(arrays: list[Tensor], pieces: list[int], lead: list[int], parts
         axes = leads(lead)
         sel = tuple((ax.offset, ax.length) for ax in axes)
         outs = store.decode(positions(pieces), range(int(parts[0]), int(parts[0]) + int(parts[1])), sel)
-        return [_repeat_lead(x, axes).contiguous() for x in outs]
+        return [repeat_lead(x, axes).contiguous() for x in outs]
 
 
 @cache_decode.register_fake
@@ -211,7 +211,9 @@ def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def _repeat_lead(x: Tensor, axes: Sequence[Lead]) -> Tensor:
+def repeat_lead(x: Tensor, axes: Sequence[Lead]) -> Tensor:
+    """``x`` ``[*stored lead, n, D]`` repeated along each leading dim as its `Lead` says (interleave,
+    then tile): the rows a view of those leading dims shows."""
     for a, ax in enumerate(axes):
         if ax.interleave > 1:
             x = x.repeat_interleave(ax.interleave, dim=a)

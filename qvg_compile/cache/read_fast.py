@@ -24,7 +24,13 @@ from ..kernels.attention import merge_partial, sdpa_with_lse
 from ..kernels.gather import Gather
 from . import tally
 from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled
+from .rope import RopeSpec, rotate_rows_
 from .spec import POS_MAP_AT
+
+Tensor = torch.Tensor
+# RoPE applied to the gathered keys (`rope`): tables ``[tokens, D]`` over the read's tokens, in
+# view order, and how to rotate.
+Rotation = tuple[Tensor, Tensor, RopeSpec]
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -120,48 +126,62 @@ class BoundRead:
                 and all(v[i] is sources[nk + j] for j, i in enumerate(self.v_at))
                 and _workspaces.get((self.buf.device, self.buf.dtype)) is self.buf)
 
-    def __call__(self, q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-        """The attention output ``[B*tile, Hq, M, D]``."""
+    def __call__(self, q: Tensor, scale: Optional[float], rotate: Optional[Rotation] = None,
+                 return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The attention output ``[B*tile, Hq, M, D]``; with ``rotate``, the gathered keys are
+        rotated by RoPE in the workspace first; with ``return_lse``, also the fp32 log-sum-exp
+        ``[B*tile, Hq, M]``."""
         m, d = q.shape[2], q.shape[3]
         qf = q if self.plain else fold_queries(q, self.tile, self.groups)
         sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        acc: Optional[torch.Tensor] = None
-        lse: Optional[torch.Tensor] = None
+        acc: Optional[Tensor] = None
+        lse: Optional[Tensor] = None
+        first = 0
         for launch, wk, wv in self.blocks:
             launch()
+            if rotate is not None:
+                n = wk.shape[2]
+                rotate_rows_(wk, rotate[0][first:first + n], rotate[1][first:first + n], rotate[2])
+                first += n
             o, l = sdpa_with_lse(qf, wk, wv, sc)
             if len(self.blocks) == 1:
-                out = o
+                out, out_lse = o, l
             elif acc is None or lse is None:
                 acc, lse = o.float().contiguous(), l.float().contiguous()
             else:
                 merge_partial(acc, lse, o, l)
-        if acc is not None:
-            out = acc.to(q.dtype)
-        return out if self.plain else unfold_output(out, self.tile, self.groups, m)
+        if acc is not None and lse is not None:
+            out, out_lse = acc.to(q.dtype), lse
+        if not self.plain:
+            out = unfold_output(out, self.tile, self.groups, m)
+            if return_lse:
+                out_lse = unfold_output(out_lse.unsqueeze(-1), self.tile, self.groups, m).squeeze(-1)
+        return (out, out_lse.float()) if return_lse else out
 
 
-def replay(key: tuple, q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
-           scale: Optional[float]) -> Optional[torch.Tensor]:
+def replay(key: tuple, q: Tensor, k: Sequence[Tensor], v: Sequence[Tensor], scale: Optional[float],
+           rotate: Optional[Rotation] = None, return_lse: bool = False) -> Optional[Tensor | tuple[Tensor, Tensor]]:
     """The read of ``qvg::cache_attention``'s arguments by its plan's `BoundRead`, when the plan
     cached under ``key`` (`read_plan.args_key`) has one that is valid; else None (the op then
     runs in full). No `Store` is built and the token state is not read: the host cost is the
-    gather's launch and the SDPA call."""
+    gather's launch and the SDPA call. ``rotate``, ``return_lse``: as `BoundRead.__call__`."""
     plan = cached_plan(key, k[POS_MAP_AT], v[POS_MAP_AT])
     bound = None if plan is None else plan.replay
     if bound is None or not bound.valid(k, v) or not fast_reads_enabled():
         return None
     tally.fast_read(bound.sealed, bound.rows, replayed=True)
-    return bound(q, scale)
+    return bound(q, scale, rotate, return_lse)
 
 
-def attend_planned(q: torch.Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float]) -> torch.Tensor:
+def attend_planned(q: Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: Optional[float],
+                   rotate: Optional[Rotation] = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``, by
-    the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale)."""
+    the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale).
+    ``rotate``, ``return_lse``: as `BoundRead.__call__`."""
     bound = plan.replay
     if bound is None or not bound.valid(*_array_lists(k, v)):
         bound = plan.replay = BoundRead(k, v, plan, q)
-    return bound(q, scale)
+    return bound(q, scale, rotate, return_lse)
 
 
 def _array_lists(k: ReadSide, v: ReadSide) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

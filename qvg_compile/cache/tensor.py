@@ -31,12 +31,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .io import read_store, write_store
 from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
+from .rope import RopeSpec, apply as apply_rope
 from .spec import HOLE, POS_MAP_AT, StoreSpec, is_dense, is_sealed
 from .store import Store, regrow
 from .torch_function import RoutesSdpa
 from .view import CHAN, DENSE, RUN, SEQ, VIEW, Lead, Unsupported, View
 
 Handler = Callable[[Any, tuple, dict], Any]
+RopeTables = tuple[torch.Tensor, torch.Tensor]
 Fallback = Callable[[Any, tuple, dict, str], Any]
 
 # The dispatch rules of this package are traced into compiled graphs, which AOTAutograd caches on
@@ -92,21 +94,31 @@ class QVGCache(RoutesSdpa):
     """
 
     _OPS: dict[Any, Handler] = {}
+    # Ops whose handler keeps a rotated view's RoPE right (layout views that leave the sequence
+    # and channels as they are, the read); any other op on a rotated view takes the fallback.
+    _KEEPS_ROPE: set[Any] = set()
     _FALLBACK: Optional[Fallback] = None
     _handle: StoreHandle
     _view: View
     _dense: tuple[torch.Tensor, ...]
+    _rope: Optional[RopeSpec]
 
     @staticmethod
-    def __new__(cls, handle: StoreHandle, view: View, dense: Sequence[torch.Tensor] = ()) -> "QVGCache":
+    def __new__(cls, handle: StoreHandle, view: View, dense: Sequence[torch.Tensor] = (),
+                rope: Optional[tuple[RopeSpec, RopeTables]] = None) -> "QVGCache":
         shape = view.outer_shape(handle.spec.part_dims)
         self = torch.Tensor._make_wrapper_subclass(
             cls, shape, strides=contiguous_strides(shape), dtype=handle.spec.torch_dtype,
             device=handle.arrays[0].device, requires_grad=False)
         self._handle, self._view, self._dense = handle, view, tuple(dense)
-        self._flat: Optional[tuple[StoreSpec, tuple[list[str], tuple[StoreSpec, View]]]] = None
+        self._flat: Optional[tuple[Any, tuple[list[str], tuple]]] = None
         for i, d in enumerate(self._dense):
             setattr(self, f"_dense{i}", d)
+        # A rotated view (`cache.rope`): RoPE by the tables ``[n, D]`` (one row per token of the
+        # view, in view order) is part of what this tensor stands for, applied by its reads.
+        self._rope = None if rope is None else rope[0]
+        if rope is not None:
+            self._rope_cos, self._rope_sin = rope[1]
         handle.views.add(self)
         self._bind()
         return self
@@ -289,9 +301,20 @@ class QVGCache(RoutesSdpa):
             memo[id(self._handle)] = handle
         return QVGCache(handle, self._view, [d.clone() for d in self._dense])
 
+    @property
+    def rope(self) -> Optional[tuple[RopeSpec, RopeTables]]:
+        """``(spec, (cos, sin))`` of a rotated view (tables ``[n, D]``, one row per token of the
+        view), None for a plain one."""
+        return None if self._rope is None else (self._rope, (self._rope_cos, self._rope_sin))
+
     def dequantize(self) -> torch.Tensor:
-        """The dense tensor this cache (view) stands for (a new tensor)."""
-        return decode_view(self)
+        """The dense tensor this cache (view) stands for (a new tensor; rotated for a rotated view)."""
+        dense = decode_view(self)
+        if self._rope is None:
+            return dense
+        view = self._view
+        rows = view.to_normalised(dense)
+        return view.from_normalised(apply_rope(rows, self._rope_cos, self._rope_sin, self._rope)).contiguous()
 
     def seal(self, release: bool = True) -> "QVGCache":
         """End of a video: quantize the dense slots now (each chunk still once; sinks stay dense).
@@ -319,7 +342,7 @@ class QVGCache(RoutesSdpa):
         """Whether this tensor is its whole store, in store order along every store dim, with no
         appended dense tokens."""
         view, handle = self._view, self._handle
-        return (not self._dense and view.plain_lead and view.parts == (0, len(handle.spec.part_dims))
+        return (not self._dense and self._rope is None and view.plain_lead and view.parts == (0, len(handle.spec.part_dims))
                 and view.lead_sel(handle.arrays[0].shape[:-2]) is None and len(view.pieces) == 1
                 and statically_known_true(view.pieces[0][1] == 0)
                 and statically_known_true(view.pieces[0][2] == handle.arrays[POS_MAP_AT].shape[0]))
@@ -328,6 +351,8 @@ class QVGCache(RoutesSdpa):
         """Write this cache (a clone, when it is a view) to a safetensors file (`io.write_store`)."""
         if not isinstance(path, (str, Path)):
             raise TypeError(f"path: expected a str or Path, got {type(path).__name__}")
+        if self._rope is not None:
+            raise ValueError("save: a view rotated by RoPE has no store of its own; save the cache it was made from")
         cache = self if self.is_whole() and self._view.mode == VIEW else self.clone()
         write_store(str(path), cache._handle.spec, cache._handle.arrays, cache._view)
 
@@ -339,12 +364,14 @@ class QVGCache(RoutesSdpa):
         return cls(StoreHandle(spec, arrays), view)
 
     # --- torch.compile -------------------------------------------------------------------------
-    def __tensor_flatten__(self) -> tuple[list[str], tuple[StoreSpec, View]]:
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[StoreSpec, View, Optional[RopeSpec]]]:
         # Called by the guards and the unwrapping of every compiled call: built once per spec.
         spec = self._handle.spec
         if self._flat is None or self._flat[0] is not spec:
             names = list(spec.attr_names) + [f"_dense{i}" for i in range(len(self._dense))]
-            self._flat = (spec, (names, (spec, _symbolless(self._view))))
+            if self._rope is not None:
+                names += ["_rope_cos", "_rope_sin"]
+            self._flat = (spec, (names, (spec, _symbolless(self._view), self._rope)))
         names, meta = self._flat[1]
         return list(names), meta
 
@@ -356,18 +383,20 @@ class QVGCache(RoutesSdpa):
         same outer (symbolic) size with larger arrays. Without them a recompile for the larger
         store would reuse the compiled code of the smaller one, whose Inductor input asserts
         then fail at run time. The package's source fingerprint is part of it too."""
-        names, (spec, view) = self.__tensor_flatten__()
+        names, (spec, view, rope) = self.__tensor_flatten__()
         inner = [f"{n}:{t.dtype}:{tuple(t.shape)}:{t.stride()}" for n in names for t in (getattr(self, n),)]
-        key = "|".join([_SOURCE_FINGERPRINT, spec.json, repr(view), str(tuple(self.shape)), *inner])
+        key = "|".join([_SOURCE_FINGERPRINT, spec.json, repr(view), repr(rope), str(tuple(self.shape)), *inner])
         return hashlib.sha256(key.encode()).hexdigest()
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View],
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View, Optional[RopeSpec]],
                              outer_size: Sequence[Any], outer_stride: Sequence[Any]) -> "QVGCache":
-        spec, view = meta
+        spec, view, rope = meta
         arrays = [inner[f"_{n}"] for n in spec.names()]
         dense = [inner[f"_dense{i}"] for i in range(view.dense_count())]
-        return QVGCache(StoreHandle(spec, arrays), _restore_lengths(view, dense, outer_size[view.seq_dim()]), dense)
+        tables = None if rope is None else (rope, (inner["_rope_cos"], inner["_rope_sin"]))
+        return QVGCache(StoreHandle(spec, arrays), _restore_lengths(view, dense, outer_size[view.seq_dim()]), dense,
+                        tables)
 
     # --- dispatch ------------------------------------------------------------------------------
     @classmethod
@@ -375,6 +404,8 @@ class QVGCache(RoutesSdpa):
         kwargs = kwargs or {}
         handler = cls._OPS.get(func)
         why = "no compressed implementation"
+        if handler is not None and func not in cls._KEEPS_ROPE and _any_rotated(args):
+            handler, why = None, "an op other than a layout view or the read on a view rotated by RoPE"
         if handler is not None:
             try:
                 return handler(func, args, kwargs)
@@ -385,12 +416,16 @@ class QVGCache(RoutesSdpa):
         return cls._FALLBACK(func, args, kwargs, why)
 
     @classmethod
-    def implements(cls, *ops: Any) -> Callable[[Handler], Handler]:
+    def implements(cls, *ops: Any, keeps_rope: bool = False) -> Callable[[Handler], Handler]:
         """Register a handler ``(func, args, kwargs) -> result`` for ATen ops (torchao's pattern);
-        a handler raises `view.Unsupported` to send a call to the fallback."""
+        a handler raises `view.Unsupported` to send a call to the fallback. ``keeps_rope``: the
+        handler also serves views rotated by RoPE (it keeps their tables right, through
+        `view_results.make_view`); otherwise such views take the fallback."""
         def register(fn: Handler) -> Handler:
             for op in ops:
                 cls._OPS[op] = fn
+                if keeps_rope:
+                    cls._KEEPS_ROPE.add(op)
             return fn
         return register
 
@@ -399,6 +434,18 @@ class QVGCache(RoutesSdpa):
         """Register the fallback ``(func, args, kwargs, why) -> result`` for ops without a handler."""
         cls._FALLBACK = fn
         return fn
+
+
+def _any_rotated(args: tuple) -> bool:
+    """Whether a positional argument (or a tensor in a list of them, as ``cat`` takes) is a
+    rotated `QVGCache` view."""
+    for a in args:
+        if isinstance(a, QVGCache):
+            if a._rope is not None:
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, QVGCache) and t._rope is not None for t in a):
+            return True
+    return False
 
 
 def _symbolless(view: View) -> View:

@@ -18,7 +18,9 @@ from .view import DENSE, Unsupported, View
 
 def make_view(like: QVGCache, view: View, dense: Optional[Sequence[torch.Tensor]] = None) -> QVGCache:
     """A cache of ``like``'s store seen through ``view``, keeping only the dense pieces (``like``'s,
-    or ``dense``) that ``view`` refers to, renumbered in order."""
+    or ``dense``) that ``view`` refers to, renumbered in order. A view rotated by RoPE keeps its
+    rotation: the callers (layout views, `QVGCache.implements` with ``keeps_rope``) leave the
+    sequence, so the tables' rows, as they are."""
     dense = like._dense if dense is None else dense
     used = sorted({a for k, a, _ in view.pieces if k == DENSE})
     if used != list(range(len(dense))):
@@ -26,7 +28,7 @@ def make_view(like: QVGCache, view: View, dense: Optional[Sequence[torch.Tensor]
         view = View(view.dims, view.lead, tuple((k, remap[a], n) if k == DENSE else (k, a, n)
                                                 for k, a, n in view.pieces), view.parts, view.bcast, view.mode)
         dense = [dense[i] for i in used]
-    return QVGCache(like._handle, view, dense)
+    return QVGCache(like._handle, view, dense, like.rope)
 
 
 def dense_concat(t: QVGCache) -> Optional[torch.Tensor]:

@@ -56,12 +56,12 @@ def appended_inputs(graph: fx.Graph, output_index: int) -> list[Crossing]:
             continue
         if ph_value.dim() < 3 or not ph_value.dtype.is_floating_point:
             continue
-        if any(op not in _SAME_RANK for op in t.ops[:t.ops.index(f"cat(dim={t.via_cat})")]):
+        if any(op not in SAME_RANK for op in t.ops[:t.ops.index(f"cat(dim={t.via_cat})")]):
             continue
         found[ph] = Crossing(ph, t.via_cat % ph_value.dim(), t.rope)
     return list(found.values())
 
 
 # Ops between an input and the cat that keep every dim where it is (batch repeats only grow dim 0).
-_SAME_RANK = {"to", "_to_copy", "cuda", "cpu", "contiguous", "clone", "repeat", "expand", "float", "bfloat16", "half",
+SAME_RANK = {"to", "_to_copy", "cuda", "cpu", "contiguous", "clone", "repeat", "expand", "float", "bfloat16", "half",
               "type_as", "detach"}

@@ -14,6 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..cache import rope as _rope  # noqa: F401  (registers qvg::rope, a RoPE op K flows through)
+
 aten = torch.ops.aten
 
 SDPA_TARGETS = {
@@ -55,7 +57,7 @@ VIEW_FUNCTIONS = {
 # Elementwise ops of RoPE applied at read time (cache x cos/sin tables).
 ELEMENTWISE = {operator.mul, operator.add, operator.sub, torch.mul, torch.add, torch.sub,
                aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, torch.stack, torch.complex,
-               aten.stack.default}
+               aten.stack.default, torch.ops.qvg.rope.default}
 ELEMENTWISE_METHODS = {"mul", "add", "sub", "mul_", "add_"}
 MOVE_METHODS = {"to", "cuda", "cpu"}
 GQA_METHODS = {"repeat_interleave", "expand", "repeat"}
