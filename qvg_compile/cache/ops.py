@@ -27,8 +27,7 @@ from .lean_op import lean_op
 from .read import ReadSide, attend
 from .read_fast import replay
 from .read_plan import args_key
-from . import seal_ahead
-from .spec import POS_MAP_AT, StoreSpec
+from .spec import StoreSpec
 from .store import Store, replay_rows_write, runs_of
 from .view import Lead
 
@@ -177,20 +176,16 @@ def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces:
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
     """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
     key = args_key(q, k, v, k_pieces, v_pieces, k_lead, v_lead, k_part, v_part)
-    read = (id(k[POS_MAP_AT]), id(v[POS_MAP_AT]))
     if not k_dense and not v_dense:
         out = replay(key, q, k, v, scale)
         if out is not None:
-            seal_ahead.after_read(read, planned=False)
             return out.contiguous()
     with host_thread(q.device):
         def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
             return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
                             leads(lead), part)  # type: ignore[arg-type]
-        out = attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
-                     side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale, key).contiguous()
-        seal_ahead.after_read(read, planned=True)
-        return out
+        return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
+                      side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale, key).contiguous()
 
 
 @cache_attention.register_fake

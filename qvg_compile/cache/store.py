@@ -121,44 +121,12 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
     r0 = _row_writes.get((id(arrays[POS_MAP_AT]), stamp_of(arrays[COUNTERS_AT]), start, n))
     if r0 is None:
         return False
-    if _ahead:
-        _ahead.pop(id(arrays[POS_MAP_AT]), None)
     sel = lead_sel(lead)
     for p, v in zip(parts, values):
         tail = arrays[spec.tail_at[p]]
         (tail if sel is None else tail[sel_slices(sel)])[..., r0:r0 + n, :].copy_(v)
     tally.fast_write()
     return True
-
-
-# Seals encoded ahead of the write that makes them (`Store.seal_ahead`), by ``id(pos_map)``: the
-# encode has run and written the segment's codes at its positions (unread while the token state
-# says those positions are dense) and centroids into a free codebook slot; the token state is
-# untouched. The sealing write adopts the record when the store is as it was (same stamp, no row
-# written since, the same positions and codebook choice), else it encodes as usual.
-@dataclasses.dataclass
-class _EncodedAhead:
-    pos_map: weakref.ref
-    stamp: int
-    positions: np.ndarray
-    choice: tuple[int, int, bool, Optional[int]]
-    fits: list[torch.Tensor]
-    summaries: list[torch.Tensor]
-
-
-_ahead: dict[int, _EncodedAhead] = {}
-
-# The stores whose segments were sealed since `take_recent_seals` was last called, as (spec,
-# weak references to their arrays): what `seal_ahead` learns the order of seals from.
-_recent_seals: list[tuple[StoreSpec, tuple[weakref.ref, ...]]] = []
-RECENT_SEALS_SIZE = 16
-
-
-def take_recent_seals() -> list[tuple[StoreSpec, tuple[weakref.ref, ...]]]:
-    """The stores sealed since the last call (each once, in order), and forget them."""
-    global _recent_seals
-    taken, _recent_seals = _recent_seals, []
-    return taken
 
 
 # `residual_energy` of the tokens each codebook was fitted to, by codebook uid (0-dim device
@@ -334,8 +302,6 @@ class Store:
 
     def _write_rows(self, start: int, end: int, rows: np.ndarray,
                     values: Sequence[Optional[torch.Tensor]], sel: LeadSel, full: bool) -> None:
-        if _ahead:
-            _ahead.pop(id(self.pos_map), None)
         moving = self.np_pos[start:end] != rows
         if moving.any():
             positions = np.flatnonzero(moving) + start
@@ -367,13 +333,9 @@ class Store:
         free = np.flatnonzero(self.np_slots[:, 0] < 0)
         if free.size:
             return int(free[0])
-        oldest = self._oldest_slots()
+        oldest = np.argsort(self.np_slots[:, 1], kind="stable")[: self.spec.policy.seal_chunks].tolist()
         self._seal_slots(oldest)
         return oldest[0]
-
-    def _oldest_slots(self) -> list[int]:
-        """The slots a write that finds no free slot seals (the policy's ``seal_chunks`` oldest)."""
-        return np.argsort(self.np_slots[:, 1], kind="stable")[: self.spec.policy.seal_chunks].tolist()
 
     def _slot_positions(self, j: int) -> np.ndarray:
         """The positions slot ``j`` still holds (int64, ascending)."""
@@ -393,55 +355,15 @@ class Store:
                              "the last seal); one would poison a whole codebook. The cache is unchanged; "
                              "QVGConfig(check_finite=False) stores them anyway")
 
-    def _held(self, slots: list[int]) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """The positions ``slots`` hold (int64, ascending) and their tokens of every part."""
+    def _seal_slots(self, slots: list[int]) -> None:
         held = [self._slot_positions(j) for j in slots]
         positions = held[0] if len(held) == 1 else np.sort(np.concatenate(held))
-        rows = self.np_pos[positions].astype(np.int64)
-        return positions, [self._rows(p, rows) for p in range(self.parts)] if positions.size else []
-
-    def _seal_slots(self, slots: list[int]) -> None:
-        positions, xs = self._held(slots)
         if positions.size:
             # The encoder applies the NaN/Inf policy itself (see `seal_flags`): no check here.
-            self._store_segment(positions, xs)
+            rows = self.np_pos[positions].astype(np.int64)
+            self._store_segment(positions, [self._rows(p, rows) for p in range(self.parts)])
         for j in slots:
             self.np_slots[j, 0] = -1
-
-    def seal_ahead(self) -> bool:
-        """Encode now the segment the next write past the open slots would seal, leaving the token
-        state as it is (see `_EncodedAhead`); that write then only does the bookkeeping. Called
-        where the device has queued work to hide the host time under (after a read's attention is
-        launched). Returns whether an encode was launched: False when a slot is free, or the
-        encoder refuses the tokens (the sealing write will then encode them and report it)."""
-        if (self.np_slots[:, 0] < 0).any():
-            return False
-        positions, xs = self._held(self._oldest_slots())
-        if not positions.size:
-            return False
-        choice = self._choose_codebook(len(positions))
-        slot, c, shared, warm = choice
-        try:
-            fits, summaries = self._encode_parts(runs_of(positions), xs, slot, c, shared, warm, fit=self._guarded())
-        except ValueError:
-            return False
-        _ahead[id(self.pos_map)] = _EncodedAhead(weakref.ref(self.pos_map), self.stamp, positions, choice, fits,
-                                                 summaries)
-        return True
-
-    def _guarded(self) -> bool:
-        """Whether a shared codebook's fit is checked (`CachePolicy.share_fit`)."""
-        policy = self.spec.policy
-        return policy.share_fit is not None and policy.codebook_chunks > 1
-
-    def _encoded_ahead(self, positions: np.ndarray, choice: tuple[int, int, bool, Optional[int]]
-                       ) -> Optional[_EncodedAhead]:
-        """The encode `seal_ahead` made of exactly this segment, if the store has not changed since."""
-        ahead = _ahead.pop(id(self.pos_map), None)
-        if (ahead is None or ahead.pos_map() is not self.pos_map or ahead.stamp != self.stamp
-                or ahead.choice != choice or not np.array_equal(ahead.positions, positions)):
-            return None
-        return ahead
 
     def seal_all(self) -> None:
         """Seal every dense slot now (end of a video; sinks stay dense)."""
@@ -514,19 +436,11 @@ class Store:
         flags = flags_for(self.pos_map, self.device) if cuda else None
         if flags is not None:
             flags.check(self.spec.config)
-        choice = self._choose_codebook(n)
-        slot, c, shared, warm = choice
+        slot, c, shared, warm = self._choose_codebook(n)
         runs = runs_of(positions)
         policy = self.spec.policy
-        ahead = self._encoded_ahead(positions, choice) if _ahead else None
-        if ahead is not None:
-            fits, summaries = ahead.fits, ahead.summaries
-            tally.add(seals_ahead=1)
-        else:
-            fits, summaries = self._encode_parts(runs, xs, slot, c, shared, warm, fit=self._guarded())
-        if flags is not None:
-            for summary in summaries:
-                flags.add(summary)
+        guard = policy.share_fit is not None and policy.codebook_chunks > 1
+        fits = self._encode_parts(runs, xs, slot, c, shared, warm, flags, fit=guard)
         creator = _creator_fit.get(int(self.np_segs[slot, UID])) if shared and fits else None
         own = self._free_slot(slot) if creator is not None else None
         if own is not None:
@@ -536,10 +450,7 @@ class Store:
             if shared_fit > policy.share_fit * made_fit:
                 slot, shared = own, False
                 c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
-                fits, summaries = self._encode_parts(runs, xs, slot, c, False, None, fit=True)
-                if flags is not None:
-                    for summary in summaries:
-                        flags.add(summary)
+                fits = self._encode_parts(runs, xs, slot, c, False, None, flags, fit=True)
                 tally.add(share_misfits=1)
         if not shared:
             uid = new_uid()
@@ -556,19 +467,15 @@ class Store:
             self.seg_ids[first:first + length] = slot
         self.changed()
         tally.add(seals=1, sealed_tokens=n)
-        if len(_recent_seals) < RECENT_SEALS_SIZE:
-            _recent_seals.append((self.spec, tuple(weakref.ref(a) for a in self.arrays.values())))
 
     def _encode_parts(self, runs: list[tuple[int, int, int]], xs: Sequence[torch.Tensor], slot: int, c: int,
-                      shared: bool, warm: Optional[int], fit: bool
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      shared: bool, warm: Optional[int], flags, fit: bool) -> list[torch.Tensor]:
         """Encode every part's tokens with codebook ``slot`` (``c`` centroids; its own or, with
-        ``shared``, the one already there) and write them at ``runs``. Returns, with ``fit``, each
-        part's `residual_energy` (0-dim device tensors; else no entries), and each part's refusal
-        summary (see `encode_segment`) for the caller to hand to the cache's `SealFlags`."""
+        ``shared``, the one already there) and write them at ``runs``; with ``fit``, return each
+        part's `residual_energy` (0-dim device tensors)."""
         lead = len(self.lead)
         n = sum(length for _, _, length in runs)
-        fits, summaries = [], []
+        fits = []
         for p, x in enumerate(xs):
             cents = self.array("cents", p)
             init = None
@@ -601,8 +508,9 @@ class Store:
                 if seg.zeros is not None:
                     self.array("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
                 self.array("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
-            summaries.append(summary)
-        return fits, summaries
+            if flags is not None:
+                flags.add(summary)
+        return fits
 
     # --- reads ---------------------------------------------------------------------------------
     def packed(self, part: int, sel: LeadSel = None) -> PackedStore:

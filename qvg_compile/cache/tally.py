@@ -67,8 +67,7 @@ def general_read(why: str) -> None:
 def stats() -> dict[str, Any]:
     """Counters since the last `reset_stats`:
 
-    ``seals`` (segments quantized), ``sealed_tokens``, ``seals_ahead`` (seals whose encode a read
-    ran ahead of the sealing write: `cache.seal_ahead`), ``share_misfits`` (segments that would have
+    ``seals`` (segments quantized), ``sealed_tokens``, ``share_misfits`` (segments that would have
     shared a codebook they do not fit and got their own: `CachePolicy.share_fit`), ``decoded_tokens`` (sealed tokens decoded
     to dense outside the attention kernel), ``decoded_bytes`` (dense bytes those decodes and
     dense gathers produced), ``attention_calls``, ``fused_tokens`` (tokens the attention op read
@@ -81,7 +80,7 @@ def stats() -> dict[str, Any]:
     name) and ``fallback_total``.
     """
     with _lock:
-        out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "seals_ahead", "share_misfits", "decoded_tokens",
+        out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens",
                                                "decoded_bytes", "attention_calls", "fused_tokens", "tail_tokens",
                                                "fast_reads", "fast_tokens", "fast_rows", "read_replays", "general_reads",
                                                "fast_writes")}
