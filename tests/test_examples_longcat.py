@@ -2,7 +2,8 @@
 its DiT (cache pass returning ``{layer: (k, v)}``, ``kv_cache_dict=`` on every CFG call, attention
 behind compiler-disabled all-to-alls): eager shapes and determinism, and the QVG backend on it:
 the pre-RoPE K/V of the cache pass are found across the disabled call (idioms D, K, E), moved into
-QVGCache in the pipeline's own dict, the compiled loop equals the eager loop run on caches
+QVGCache in the pipeline's own dict, RoPE over the history is applied by the read (no fallback),
+the compiled loop equals the eager loop run on caches
 compressed the same way (max abs diff <= 1e-5, fp32) once the backend has seen one cached read,
 with and without offload and CFG batch repeat, and the steady-state cost of a cached token is
 >= 6.5x below BF16."""
@@ -69,6 +70,7 @@ def test_compiled_equals_eager_with_the_same_quantization(offload_kv, guidance):
     expected = lc.generate(m, 3, seed=1, offload_kv=offload_kv, progress=False, cache_hook=compress)
     qvg = qvg_compile.backend(CFG)
     compiled = torch.compile(m, backend=qvg)
+    qvg_compile.reset_stats()
     first = {}
     learning = lc.generate(compiled, 3, seed=1, offload_kv=offload_kv, progress=False,
                            on_chunk=lambda i, kv: first.__setitem__(i, kv))
@@ -79,6 +81,11 @@ def test_compiled_equals_eager_with_the_same_quantization(offload_kv, guidance):
                       on_chunk=lambda i, kv: caches.__setitem__(i, kv))
     assert (got - expected).abs().max().item() <= TOL
     assert all(isinstance(t, QVGCache) for i in (1, 2) for layer in caches[i].values() for t in layer)
+    # RoPE over the cached keys is applied at read (passes/rope_read.py): nothing falls back to a
+    # decoded copy, and every cached read is a compressed one.
+    stats = qvg_compile.stats()
+    assert stats["fallback_total"] == 0 and stats["fast_reads"] > 0, stats["fallbacks"]
+    assert any("RoPE" in line and "applied at read" in line for g in qvg.report.graphs for line in g.rewrites)
     # (The attention graphs also list the appended values they get as QVGCache, at ``___stack``.)
     sources = {s.source: s for s in qvg.report.sites if "___stack" not in s.source}
     assert set(sources) == {"L['kv_cache'][0]", "L['kv_cache'][1]"}
