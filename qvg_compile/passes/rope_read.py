@@ -34,7 +34,12 @@ from ..cache.rope import LAYOUTS, RopeSpec, apply
 from .boundary import SAME_RANK
 from .graph_ops import CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name
 
-_PADS = {"empty_like", "zeros_like"}
+# Queries padded with ``empty_like(cache)`` to share the keys' RoPE call become a rotated view
+# too (when `pad_slice` cannot drop the padding). Torch 2.11's Dynamo cannot build the shape
+# guards of the graph that receives such a view across a compiler-disabled call (an ephemeral
+# symbol reaches a guard: InternalTorchDynamoError, LongCat at real width on an H200), so before
+# 2.13, where it is tested, those queries stay dense and their RoPE is a counted fallback.
+_PADS = {"empty_like", "zeros_like"} if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13) else set()
 # Nodes looked at after a cache value when searching for the end of its RoPE chain.
 CHAIN_LIMIT = 64
 PROBE_TOKENS = 5
