@@ -176,7 +176,8 @@ class QVGBackend:
         graph_report.sites, graph_report.rejected = sites, rejected
         dropped = drop_query_padding(gm.graph)
         rotated, left = rope_at_read(gm.graph)
-        graph_report.rewrites.extend(dropped + rotated + left)
+        graph_report.rewrites.extend(dropped + rotated)
+        graph_report.untouched.extend(left)
         if dropped or rotated:
             gm.recompile()
         for r in readers:

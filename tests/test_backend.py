@@ -474,6 +474,8 @@ def test_reader_kinds(fn, layout, caches, extra, kind):
         assert stats["decoded_tokens"] == 0 and stats["attention_calls"] > 0
     elif fn is matmul_softmax:
         assert not any(g.rewrites for g in report.graphs)  # the fused read takes no mask
+        # ... and the matmuls over the cache are reported as left as written, not as rewrites.
+        assert any("left as written" in line for g in report.graphs for line in g.untouched)
 
 
 # --- negatives: stay dense, unchanged and correct ---------------------------------------------

@@ -37,6 +37,9 @@ class GraphReport:
     # Graph rewrites applied before compiling (hand-written attention fused into SDPA).
     rewrites: list[str] = field(default_factory=list)
     swap_errors: list[str] = field(default_factory=list)
+    # Computations over a cache value a pass looked at and left as written (they run on a
+    # decoded copy, counted as fallbacks), one line each with the reason.
+    untouched: list[str] = field(default_factory=list)
     # Why this graph (or some call of it) runs eagerly instead of through Inductor, if it does.
     eager: list[str] = field(default_factory=list)
     code_before: str = ""
@@ -207,7 +210,7 @@ class Report:
         if rewrites:
             lines.append(tabulate(rewrites, headers=["graph", "rewrite"], tablefmt="github"))
         rejected = [[g.index, readable(r.source), r.reason] for g in self.graphs for r in g.rejected]
-        errors = [[g.index, "-", e] for g in self.graphs for e in g.swap_errors]
+        errors = [[g.index, "-", e] for g in self.graphs for e in g.swap_errors + g.untouched]
         if rejected or errors:
             lines.append(tabulate(rejected + errors, headers=["graph", "left untouched", "why"],
                                   tablefmt="github"))
