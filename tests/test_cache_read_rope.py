@@ -64,3 +64,28 @@ def test_keys_appended_before_the_history_fall_back_correctly():
     want = F.scaled_dot_product_attention(q, apply(torch.cat([k_new, kc.dequantize()], 2), cos, sin, SPEC),
                                           torch.cat([v_new, vc.dequantize()], 2))
     assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rotated_fast_read_in_bf16_on_cuda_equals_dense():
+    # LongCat's head shape in BF16: the Triton gather, the rotation in the workspace and the fused
+    # SDPA with its log-sum-exp, against SDPA in fp32 over the same decoded, rotated keys.
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    cfg = QVGConfig.preset("qvg")
+    k, v = (torch.randn(1, 4, 3120, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = (QVGCache.from_dense(t, seq_dim=2, config=cfg).repeat(2, 1, 1, 1) for t in (k, v))
+    k_new, v_new = (torch.randn(2, 4, 1560, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ang = torch.rand(4680, 64, generator=gen, device="cuda") * 6
+    cos, sin = torch.cos(ang).repeat_interleave(2, -1), torch.sin(ang).repeat_interleave(2, -1)
+    q = torch.randn(2, 4, 1560, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+    dense_k = torch.cat([kc.dequantize(), k_new], 2).float()
+    dense_v = torch.cat([vc.dequantize(), v_new], 2).float()
+    want = F.scaled_dot_product_attention(q.float(), apply(dense_k, cos, sin, SPEC), dense_v)
+    reset_stats()
+    outs = [_read(kc, vc, q, k_new, v_new, cos, sin) for _ in range(2)]
+    s = stats()
+    assert s["fast_reads"] == 2 and s["read_replays"] == 1 and s["fallback_total"] == 0
+    for out in outs:
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - want).abs().max() <= 2e-2 * want.abs().max()
