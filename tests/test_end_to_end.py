@@ -84,3 +84,21 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     table = (tmp_path / "end_to_end_table.md").read_text()
     assert "overhead %" in table and "KV once the video ends" in table and "qvg[QVG_READ_PATH=general]" in table
     assert "median overhead %" in table
+
+
+def test_longcat_run_times_a_second_video_with_every_cache_compressed():
+    # The tiny LongCat replica through the benchmark's LongCat run: each backend generates the video
+    # twice and the second (nothing left to compile) is timed; QVG holds its cache compressed and
+    # reads it without a dense fallback (RoPE at read).
+    cpu = torch.device("cpu")
+    lines = []
+    out = e2e.run_longcat(1, 2, "tiny", cpu, 0, e2e.Clock(cpu), e2e.qvg_compile.backend(), lines.append,
+                          deadline=math.inf)
+    bf16, qvg = out["runs"]
+    assert [r["backend"] for r in out["runs"]] == ["bf16", "qvg"]
+    assert len(bf16["chunk_s"]) == len(qvg["chunk_s"]) == 2 and all(t > 0 for t in qvg["chunk_s"])
+    assert qvg["stats"]["seals"] > 0 and qvg["stats"]["fast_reads"] > 0
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+        assert qvg["stats"]["fallback_total"] == 0
+    assert bf16["kv_bytes"] > 3 * qvg["kv_bytes"] > 0
+    assert any("second video chunk times" in line for line in lines)
