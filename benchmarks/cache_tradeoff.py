@@ -9,6 +9,7 @@ The `CachePolicy` defaults come from this table (see README, "Choosing the cache
 
     python benchmarks/cache_tradeoff.py            # CPU, about a minute
     python benchmarks/cache_tradeoff.py --scene-change --per-chunk   # a cut half way, error per chunk
+    python benchmarks/cache_tradeoff.py --heads 12 --frames 21 --frame-shape 30x52 --scene-change --per-chunk  # Wan size
     python benchmarks/cache_tradeoff.py --device cuda --frames 48 --json
 """
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=int, default=24, help="latent frames of video-like K/V")
     parser.add_argument("--frame-tokens", type=int, default=24, help="h = w of a frame's token grid")
+    parser.add_argument("--frame-shape", default=None, metavar="HxW",
+                        help="a frame's token grid when not square (Wan-1.3B at 480x832: 30x52, 1,560 tokens)")
     parser.add_argument("--chunk-frames", type=int, default=3)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                              "configuration (8-chunk spans, C=256, symmetric codes) and per-token RTN")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    side = args.frame_tokens
-    data = video_like_kv(heads=args.heads, frames=args.frames, height=side, width=side, seed=args.seed)
+    height = width = args.frame_tokens
+    if args.frame_shape:
+        height, width = (int(n) for n in args.frame_shape.lower().split("x"))
+    data = video_like_kv(heads=args.heads, frames=args.frames, height=height, width=width, seed=args.seed)
     k, v = data["k"].to(args.device), data["v"].to(args.device)
-    chunk = args.chunk_frames * side * side
+    chunk = args.chunk_frames * height * width
     if args.scene_change:
-        cut = (args.frames // 2) * side * side
-        other = video_like_kv(heads=args.heads, frames=args.frames, height=side, width=side, seed=args.seed + 1)
+        cut = (args.frames // 2) * height * width
+        other = video_like_kv(heads=args.heads, frames=args.frames, height=height, width=width, seed=args.seed + 1)
         k = torch.cat([k[:, :, :cut], other["k"].to(args.device)[:, :, cut:]], dim=2)
         v = torch.cat([v[:, :, :cut], other["v"].to(args.device)[:, :, cut:]], dim=2)
     records = []
