@@ -23,7 +23,7 @@ from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig, quantize
 from qvg_compile.quant.metrics import rel_mse
-from qvg_compile.bench.synthetic import video_like_kv
+from qvg_compile.bench.synthetic import scene_cut_kv, video_like_kv
 
 VARIANTS = [
     # (name, CachePolicy overrides); every row states codebook_chunks (its default is 2)
@@ -104,14 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     height = width = args.frame_tokens
     if args.frame_shape:
         height, width = (int(n) for n in args.frame_shape.lower().split("x"))
-    data = video_like_kv(heads=args.heads, frames=args.frames, height=height, width=width, seed=args.seed)
+    make = scene_cut_kv if args.scene_change else video_like_kv
+    data = make(heads=args.heads, frames=args.frames, height=height, width=width, seed=args.seed)
     k, v = data["k"].to(args.device), data["v"].to(args.device)
     chunk = args.chunk_frames * height * width
-    if args.scene_change:
-        cut = (args.frames // 2) * height * width
-        other = video_like_kv(heads=args.heads, frames=args.frames, height=height, width=width, seed=args.seed + 1)
-        k = torch.cat([k[:, :, :cut], other["k"].to(args.device)[:, :, cut:]], dim=2)
-        v = torch.cat([v[:, :, :cut], other["v"].to(args.device)[:, :, cut:]], dim=2)
     records = []
     for name, overrides in VARIANTS:
         rec = {"variant": name, **overrides, **measure(k, v, chunk, overrides)}

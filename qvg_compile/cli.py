@@ -14,16 +14,21 @@ def _quant_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.compare import DEFAULT_METHODS, compare, load_kv
-    from .bench.synthetic import video_like_kv
+    from .bench.synthetic import scene_cut_kv, video_like_kv
 
     device = torch.device(args.device)
+    if args.kv and args.scene_change:
+        raise ValueError("--scene-change: applies to the built-in generator, not to --kv")
     if args.kv:
         data = load_kv(args.kv, layer=args.layer)
     elif args.layer is not None:
         raise ValueError("--layer: needs --kv (a file captured from several layers)")
+    elif args.scene_change and args.frames < 2:
+        raise ValueError(f"--scene-change: needs at least 2 frames, got --frames {args.frames}")
     else:
-        data = video_like_kv(heads=args.heads, frames=args.frames, height=args.height,
-                             width=args.width, head_dim=args.head_dim, seed=args.seed)
+        make = scene_cut_kv if args.scene_change else video_like_kv
+        data = make(heads=args.heads, frames=args.frames, height=args.height, width=args.width,
+                    head_dim=args.head_dim, seed=args.seed)
     data = {name: t.to(device) for name, t in data.items()}
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     records = compare(data["k"], data["v"], data.get("q"), methods=methods, seed=args.seed)
@@ -31,7 +36,9 @@ def _quant_bench(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2))
         return 0
     k = data["k"]
-    print(f"K/V {list(k.shape)} {k.dtype} on {device} ({'file ' + args.kv if args.kv else 'built-in video-like data'})")
+    source = ("file " + args.kv if args.kv else
+              "built-in video-like data" + (", a scene cut half way" if args.scene_change else ""))
+    print(f"K/V {list(k.shape)} {k.dtype} on {device} ({source})")
     rows = [[r["method"], f"{r['bits_per_element']:.3f}", f"{r['compression']:.2f}x",
              f"{r['k_rel_mse']:.4f}", f"{r['v_rel_mse']:.4f}",
              "-" if r["attn_rel_err"] is None else f"{r['attn_rel_err']:.4f}", f"{r['encode_ms']:.1f}"]
@@ -247,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--height", type=int, default=32, help="built-in generator: tokens per frame, vertically")
     qb.add_argument("--width", type=int, default=32, help="built-in generator: tokens per frame, horizontally")
     qb.add_argument("--head-dim", type=int, default=128, help="built-in generator: channels per head")
+    qb.add_argument("--scene-change", action="store_true",
+                    help="built-in generator: the second half of the frames from another video (a cut)")
     qb.add_argument("--layer", type=int, help="--kv from capture-kv: this layer only (default: all, stacked on heads)")
     qb.add_argument("--json", action="store_true", help="print a JSON list of records")
     qb.set_defaults(func=_quant_bench)

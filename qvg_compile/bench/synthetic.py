@@ -75,3 +75,16 @@ def video_like_kv(
     wq = torch.randn(heads, latent, head_dim, generator=gen) / math.sqrt(latent)
     q = torch.einsum("bne,hed->bhnd", z[:, q_idx], wq)
     return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
+
+
+def scene_cut_kv(frames: int = 6, height: int = 16, width: int = 16, seed: int = 0, **kwargs: object
+                 ) -> dict[str, torch.Tensor]:
+    """`video_like_kv` with a cut half way: frames ``[0, frames // 2)`` come from the video of
+    ``seed``, the rest from another video (``seed + 1``: new projections, objects and pan), as a
+    stream a cache seals chunk by chunk would see. ``q`` is the second video's. Other keyword
+    arguments as `video_like_kv`."""
+    first = video_like_kv(frames=frames, height=height, width=width, seed=seed, **kwargs)  # type: ignore[arg-type]
+    second = video_like_kv(frames=frames, height=height, width=width, seed=seed + 1, **kwargs)  # type: ignore[arg-type]
+    cut = (frames // 2) * height * width
+    return {"q": second["q"], **{name: torch.cat([first[name][:, :, :cut], second[name][:, :, cut:]], dim=2)
+                                 for name in ("k", "v")}}
