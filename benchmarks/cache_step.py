@@ -12,7 +12,8 @@ and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("erro
 ``--profile``, the host time of 10 compiled QVG steps by Python function (cProfile); with
 ``--plan-cost``, a rewriting step with its read plan cached against one that builds it; with
 ``--guard-ab N``, the compiled sealing step with the codebook-fit guard (the default
-``share_fit``) against the same step without it, interleaved, N repeats; with
+``share_fit``) against the same step without it, interleaved, N repeats; with ``--seal-kernels``,
+the device time of every kernel a sealing step launches (where a seal's encode time goes); with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-ab", type=int, default=0, metavar="N",
                         help="sealing step with and without the codebook-fit guard, interleaved, N repeats")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
+    parser.add_argument("--seal-kernels", action="store_true",
+                        help="device time of the kernels the sealing steps of the last 4 chunks launch (torch.profiler)")
     args = parser.parse_args(argv)
     device = "cuda"
     n = args.frames * 1560
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         trace(compiled, qvg, chunks, device, args.trace)
     if args.profile_seal:
         profile_seals(compiled, qvg, chunks, device)
+    if args.seal_kernels:
+        seal_kernels(compiled, qvg, chunks, device)
     if args.plan_cost:
         plan_cost(compiled, qvg, chunks, device)
     if args.guard_ab:
@@ -188,6 +193,32 @@ def profile_seals(compiled, make, chunks: int, device: str) -> None:
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumtime").print_stats(45)
+
+
+def seal_kernels(compiled, make, chunks: int, device: str, last: int = 4) -> None:
+    """Device time by kernel of the compiled sealing steps (first write of a chunk: the K and V
+    encodes replayed from their CUDA graphs, the copies out, the read) of the last ``last``
+    chunks, then of ``last`` rewriting steps of the final chunk, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kb, vb = make("key"), make("value")
+    gen = torch.Generator(device=device).manual_seed(3)
+    run(compiled, lambda r: kb if r == "key" else vb, chunks - last, device)
+    q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as sealing:
+        for c in range(chunks - last, chunks):
+            compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
+        torch.cuda.synchronize()
+    s = (chunks - 1) * CHUNK
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as rewriting:
+        for _ in range(last):
+            compiled(kb, vb, q, k, k, s, s + CHUNK)
+        torch.cuda.synchronize()
+    for name, prof in (("sealing", sealing), ("rewriting", rewriting)):
+        print(f"{last} {name} steps, by device time:")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
 
 
 def plan_cost(compiled, make, chunks: int, device: str, reps: int = 20) -> None:
