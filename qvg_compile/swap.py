@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+import weakref
 from types import FrameType
 from typing import Any, Callable, Optional, Protocol
 
@@ -208,6 +209,47 @@ def assign_by_identity(old: Any, new: Any, start: Optional[FrameType] = None) ->
     return done
 
 
+def holders_by_identity(old: torch.Tensor, start: Optional[FrameType] = None) -> list[tuple[str, Any, Any]]:
+    """``(name, slot, layers)`` for every local ``name`` of the model's frames whose value
+    ``layers`` is a dict or list of per-layer entries one of which holds ``old`` at ``slot``
+    (``kv_cache_dict[0][0]``: the local ``kv_cache_dict``, slot 0). Frames of torch and of this
+    package are not searched."""
+    found: list[tuple[str, Any, Any]] = []
+    frame = start or sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] not in _SKIPPED_MODULES:
+            for name, value in list(frame.f_locals.items()):
+                slot = _slot_of(value, old) if isinstance(value, (dict, list)) else None
+                if slot is not None:
+                    found.append((name, slot, value))
+        frame = frame.f_back
+    return found
+
+
+def _slot_of(layers: Any, old: torch.Tensor) -> Any:
+    """The key or index at which an entry of ``layers`` holds ``old`` (None when none does)."""
+    for entry in layers.values() if isinstance(layers, dict) else layers:
+        slots = entry.items() if isinstance(entry, dict) else enumerate(entry) if isinstance(entry, (tuple, list)) else ()
+        slot = next((k for k, v in slots if v is old), None)
+        if slot is not None:
+            return slot
+    return None
+
+
+def values_in_slot(layers: Any, slot: Any) -> list[Any]:
+    """The values at ``slot`` of the entries of the per-layer dict or list ``layers``, in order
+    (entries without that slot are left out)."""
+    found = []
+    for entry in layers.values() if isinstance(layers, dict) else layers:
+        if isinstance(entry, dict) and slot in entry:
+            found.append(entry[slot])
+        elif isinstance(entry, (tuple, list)) and isinstance(slot, int) and slot < len(entry):
+            found.append(entry[slot])
+    return found
+
+
 def _replace_in(container: Any, old: Any, new: Any, path: str, where: str, seen: set[int], done: list[str],
                 depth: int) -> bool:
     """Replace ``old`` inside ``container`` (a dict or list, or a tuple when returning True asks
@@ -256,6 +298,13 @@ class Feed:
     grows: bool = False
 
 
+# Per backend: where the model keeps per-layer caches a pending swap replaced, as (the name of
+# a frame's local holding a dict or list of per-layer entries, the slot of the cache in each
+# entry) -> the caches' `Site`. A cache pass re-makes those caches dense in a new dict under the
+# same name; every graph call swaps them there before a frame that reads them sees them dense.
+_PLACES: "weakref.WeakKeyDictionary[Any, dict[tuple[str, Any], Site]]" = weakref.WeakKeyDictionary()
+
+
 class Recording:
     """Calls a compiled graph, returns the outputs that feed caches as `QVGCache` (``convert``:
     output index -> `Feed`), and records its dense outputs (`CacheMaker.record_outputs`).
@@ -277,6 +326,9 @@ class Recording:
         self.handed_back: Optional[frozenset[int]] = None
 
     def __call__(self, *args: Any) -> Any:
+        places = _PLACES.get(self.backend)
+        if places:
+            self._swap_places(places, sys._getframe(1))
         swapped = self._swap_pending(list(args)) if self.pending else None
         out = self.fn(*args) if swapped is None else self.gm(*swapped)
         if self.convert and isinstance(out, (list, tuple)):
@@ -297,28 +349,75 @@ class Recording:
         return out
 
     def _swap_pending(self, args: list[Any]) -> Optional[list[Any]]:
-        """``args`` with the pending caches swapped in, or None when none was dense here."""
+        """``args`` with the pending caches swapped in, or None when none was dense here.
+
+        The same entry of the layers before it in the per-layer dict or list holding the cache
+        is swapped with it, and where that is is remembered (`_PLACES`): at the model's next call
+        the frames that pass those entries along see every layer's cache as a `QVGCache` (one
+        recompile, not one per layer), and the dense caches a later cache pass puts there are
+        swapped by the first graph that runs in a frame holding them (`_swap_places`), before a
+        frame that reads them sees them dense (a recompile at every chunk)."""
         swapped = False
         for source, site in list(self.pending.items()):
             position = self.positions.get(source)
             dense = args[position] if position is not None else None
             if type(dense) is not torch.Tensor:
                 continue
-            try:
-                cache = self.backend.to_cache(dense, site)
-            except (ValueError, TypeError) as exc:
+            cache = self._replace(dense, site)
+            if cache is None:
                 del self.pending[source]
-                self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: "
-                                       f"{first_line(str(exc))})")
-                continue
-            if not assign_by_identity(dense, cache):
-                del self.pending[source]
-                self.backend.warn_once(f"{site.source}: not replaced (no dict or list of the model's frames holds it)")
                 continue
             args[position] = cache
             swapped = True
-            self.report.record_swap(site.source, cache.memory())
+            places = _PLACES.setdefault(self.backend, {})
+            for name, slot, layers in holders_by_identity(cache):
+                places[(name, slot)] = site
+                values = values_in_slot(layers, slot)
+                # The layers before this one have read their cache in this call already; the
+                # ones after swap theirs at their own read, through this same graph (run
+                # eagerly): none of them meets a compiled frame with another cache type than
+                # this layer does in this call.
+                for sibling in values[:next(i for i, v in enumerate(values) if v is cache)]:
+                    if fits(sibling, site):
+                        self._replace(sibling, site)
         return args if swapped else None
+
+    def _swap_places(self, places: dict[tuple[str, Any], Site], frame: Optional[FrameType]) -> None:
+        """Swap the dense caches at the remembered places (`_PLACES`) among the locals of the
+        model's frames from ``frame`` up (only frames whose code has a local of that name)."""
+        names = {name for name, _ in places}
+        for _ in range(_MAX_FRAMES):
+            if frame is None:
+                return
+            code = frame.f_code
+            if (names.intersection(code.co_varnames)
+                    and str(frame.f_globals.get("__name__", "")).split(".")[0] not in _SKIPPED_MODULES):
+                local = frame.f_locals
+                for (name, slot), site in places.items():
+                    layers = local.get(name)
+                    values = values_in_slot(layers, slot) if isinstance(layers, (dict, list)) else []
+                    # A container some of whose caches are QVGCache already is the one a pending
+                    # swap is going through layer by layer (`_swap_pending`): left to it.
+                    if all(type(v) is torch.Tensor for v in values):
+                        for dense in values:
+                            if fits(dense, site):
+                                self._replace(dense, site)
+            frame = frame.f_back
+
+    def _replace(self, dense: torch.Tensor, site: Site) -> Optional[QVGCache]:
+        """``dense`` made a `QVGCache` wherever the model keeps it (None, warned, when it cannot
+        be quantized or no dict or list of the model's frames holds it)."""
+        try:
+            cache = self.backend.to_cache(dense, site)
+        except (ValueError, TypeError) as exc:
+            self.backend.warn_once(f"{site.source}: not replaced (it could not be quantized: "
+                                   f"{first_line(str(exc))})")
+            return None
+        if not assign_by_identity(dense, cache):
+            self.backend.warn_once(f"{site.source}: not replaced (no dict or list of the model's frames holds it)")
+            return None
+        self.report.record_swap(site.source, cache.memory())
+        return cache
 
 
 def fits(t: Any, site: Site) -> bool:

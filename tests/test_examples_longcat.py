@@ -9,14 +9,18 @@ with and without offload and CFG batch repeat, and the steady-state cost of a ca
 >= 6.5x below BF16."""
 
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 import qvg_compile
 from qvg_compile import QVGCache
 
 from example_models import (CFG, TOL, compress_seq2, fresh_dynamo, last_steady_cache,  # noqa: F401
     seeded, steady_state_ratio)
+from graph_counting import graphs_compiled
 from examples.models import longcat as lc
 
 
@@ -108,3 +112,28 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
         lc.LongCatModel, config,
         lambda m, n: [t for layer in last_steady_cache(lc.generate, m, n).values() for t in layer])
     assert marginal >= 6.5, (marginal, whole)
+
+
+def test_compiles_three_graphs_more_than_inductor_however_deep():
+    """Driven the real way (2 videos of 3 chunks, CFG), the backend compiles Inductor's graphs
+    plus three, however deep the model: the first cached chunk's caches become QVGCache at their
+    first read (idiom K's pending swap; the layers already past are swapped with the one read),
+    and every later cache pass's dense caches are swapped in the pipeline's dict by the first graph
+    that runs while a frame holds it (`swap._PLACES`), before a frame reads them. The three: the
+    attention and block frames compiled again over QVGCache in chunk 1, and the attention frame
+    again in chunk 2 (the cache's length turns symbolic and the padded queries become a rotated
+    view). Swapped one layer at a time and at every chunk's first read, 2 layers compiled 43
+    graphs and 3 layers 40 (Inductor: 36)."""
+    def run(layers: int) -> Callable[[Callable], None]:
+        def drive(backend: Callable) -> None:
+            compiled = torch.compile(make(num_layers=layers), backend=backend)
+            for _ in range(2):
+                lc.generate(compiled, 3, seed=1, progress=False)
+        return drive
+
+    dense = graphs_compiled(run(2), compile_fx)
+    qvg_compile.reset_stats()
+    qvg = graphs_compiled(run(2), qvg_compile.backend(CFG))
+    assert qvg_compile.stats()["fallback_total"] == 0
+    deeper = graphs_compiled(run(3), qvg_compile.backend(CFG))
+    assert (dense, qvg, deeper) == (36, 39, 39)
