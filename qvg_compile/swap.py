@@ -405,8 +405,8 @@ class Recording:
             frame = frame.f_back
 
     def _replace(self, dense: torch.Tensor, site: Site) -> Optional[QVGCache]:
-        """``dense`` made a `QVGCache` wherever the model keeps it (None, warned, when it cannot
-        be quantized or no dict or list of the model's frames holds it)."""
+        """``dense`` made a growing `QVGCache` wherever the model keeps it (None, warned, when it
+        cannot be quantized or no dict or list of the model's frames holds it)."""
         try:
             cache = self.backend.to_cache(dense, site)
         except (ValueError, TypeError) as exc:
@@ -416,6 +416,9 @@ class Recording:
         if not assign_by_identity(dense, cache):
             self.backend.warn_once(f"{site.source}: not replaced (no dict or list of the model's frames holds it)")
             return None
+        # Re-made longer by every cache pass: symbolic in its length from the first graph that
+        # reads it, so the next chunk's longer cache compiles nothing new.
+        cache.mark_growing()
         self.report.record_swap(site.source, cache.memory())
         return cache
 
