@@ -122,7 +122,7 @@ def test_compiles_at_most_two_graphs_more_than_inductor_however_deep():
     that runs while a frame holds it (`swap._PLACES`), before a frame reads them, and every one is
     marked growing (symbolic in its length from the first graph on). Over Inductor: the attention
     and block frames compiled again over QVGCache in chunk 1, and the attention frame again in
-    chunk 2 (the padded queries become a rotated view); under it: the block frame's recompile for
+    chunk 2 (the rotated keys' RoPE tables were static in the first); under it: the block frame's recompile for
     the cache's new length in chunk 2, already symbolic. Swapped one layer at a time and at every
     chunk's first read, 2 and 3 layers compiled 43 graphs (Inductor: 36)."""
     def run(layers: int) -> Callable[[Callable], None]:
