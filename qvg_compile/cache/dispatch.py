@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._pytree import tree_map
 
 from . import ops as _ops  # noqa: F401  (registers the qvg::cache_* ops)
@@ -452,10 +453,14 @@ def _fusable(q: torch.Tensor, k: QVGCache, v: QVGCache, enable_gqa: bool) -> Non
 
 # --- fallback ----------------------------------------------------------------------------------
 def _shape_only(args: tuple) -> bool:
-    """Whether the caches among ``args`` hold bare fake arrays: Dynamo propagating example values
-    through the frame it traces. That run only infers shapes; the backend may still rewrite the
-    op away (`passes.rope_read`), and an op it keeps is counted when AOTAutograd traces the
-    graph (functional arrays) or when it runs eagerly."""
+    """Whether the caches among ``args`` hold bare fake arrays outside a tracing proxy mode: Dynamo
+    propagating example values through the frame it traces. That run only infers shapes; the
+    backend may still rewrite the op away (`passes.rope_read`), and an op it keeps is counted when
+    AOTAutograd traces the graph (a proxy mode is active) or when it runs eagerly. A graph loaded
+    from a warm AOTAutograd cache is not traced: its fallbacks are not counted again (the decodes
+    they cause still are, in ``decoded_tokens``)."""
+    if get_proxy_mode() is not None:
+        return False  # AOTAutograd (or make_fx) is tracing: the op will run in the compiled graph
     caches = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, QVGCache)]
     return bool(caches) and all(type(t._handle.arrays[0]) is FakeTensor for t in caches)
 
