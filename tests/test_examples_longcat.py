@@ -114,17 +114,16 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     assert marginal >= 6.5, (marginal, whole)
 
 
-def test_compiles_at_most_two_graphs_more_than_inductor_however_deep():
+def test_compiles_one_graph_more_than_inductor_however_deep():
     """Driven the real way (2 videos of 3 chunks, CFG), the backend compiles Inductor's graphs
-    plus two, however deep the model: the first cached chunk's caches become QVGCache at their
+    plus one, however deep the model: the first cached chunk's caches become QVGCache at their
     first read (idiom K's pending swap; the layers already past are swapped with the one read),
     every later cache pass's dense caches are swapped in the pipeline's dict by the first graph
-    that runs while a frame holds it (`swap._PLACES`), before a frame reads them, and every one is
-    marked growing (symbolic in its length from the first graph on). Over Inductor: the attention
-    and block frames compiled again over QVGCache in chunk 1, and the attention frame again in
-    chunk 2 (the rotated keys' RoPE tables were static in the first); under it: the block frame's recompile for
-    the cache's new length in chunk 2, already symbolic. Swapped one layer at a time and at every
-    chunk's first read, 2 and 3 layers compiled 43 graphs (Inductor: 36)."""
+    that runs while a frame holds it (`swap._PLACES`), before a frame reads them, every one is
+    marked growing, and so are the RoPE tables of a rotated view made eagerly. Over Inductor: the
+    attention and block frames compiled again over QVGCache in chunk 1; under it: the block
+    frame's recompile for the cache's new length in chunk 2, already symbolic. Swapped one layer
+    at a time and at every chunk's first read, 2 and 3 layers compiled 43 graphs (Inductor: 36)."""
     def run(layers: int) -> Callable[[Callable], None]:
         def drive(backend: Callable) -> None:
             compiled = torch.compile(make(num_layers=layers), backend=backend)
@@ -137,4 +136,4 @@ def test_compiles_at_most_two_graphs_more_than_inductor_however_deep():
     qvg = graphs_compiled(run(2), qvg_compile.backend(CFG))
     assert qvg_compile.stats()["fallback_total"] == 0
     deeper = graphs_compiled(run(3), qvg_compile.backend(CFG))
-    assert (dense, qvg, deeper) == (36, 38, 38)
+    assert (dense, qvg, deeper) == (36, 37, 37)

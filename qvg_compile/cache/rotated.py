@@ -37,6 +37,12 @@ def rotate_view(x: QVGCache, cos: torch.Tensor, sin: torch.Tensor, layout: str, 
     except ValueError as exc:
         raise Unsupported(str(exc)) from exc
     tables = (token_table(x, cos), token_table(x, sin))
+    if all(type(t) is torch.Tensor for t in tables) and not torch.compiler.is_compiling():
+        # Made eagerly (the call that swaps a cache in runs its graph eagerly): the tables are as
+        # long as the view, which grows with the cache; a graph that receives the view is then
+        # symbolic in their rows from the first compile, as it is in the cache's length.
+        for t in tables:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     return QVGCache(x._handle, x._view, x._dense, (spec, tables))
 
 
