@@ -1,4 +1,4 @@
-"""Counting the graphs a whole pipeline run compiles (shared by the example-model tests)."""
+"""Counting the graphs a whole pipeline run compiles, and capturing the one graph of a function (shared by the tests)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,19 @@ def graphs_compiled(run: Callable[[Callable], None], backend: Callable) -> int:
     run(counting)
     torch._dynamo.reset()
     return count
+
+
+def traced_module(fn: Callable, *args: object) -> torch.fx.GraphModule:
+    """The one graph Dynamo traces from ``fn(*args)`` (``fullgraph=True``), as handed to a backend,
+    from a fresh Dynamo state."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1, f"expected one graph, Dynamo traced {len(graphs)}"
+    return graphs[0]

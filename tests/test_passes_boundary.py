@@ -3,23 +3,14 @@ moves, batch repeats and RoPE arithmetic; and which it must not name."""
 
 import torch
 
+from graph_counting import traced_module
 from qvg_compile.passes.boundary import Crossing, appended_inputs
 
 H, D = 2, 16
 
 
 def graph_of(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    assert len(graphs) == 1
-    return graphs[0].graph
+    return traced_module(fn, *args).graph
 
 
 def names(crossings):

@@ -6,6 +6,7 @@ written. The rewritten graph computes what the original does."""
 
 import torch
 
+from graph_counting import traced_module
 from qvg_compile.passes.rope_read import rope_at_read
 
 
@@ -25,19 +26,6 @@ def _not_rope(x, cos, sin):
     return x * cos + x.flip(-1) * sin
 
 
-def _capture(fn, *args):
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
-
-
 def _inputs(heads_table=False):
     gen = torch.Generator().manual_seed(0)
     cache, new = torch.randn(1, 2, 6, 8, generator=gen), torch.randn(1, 2, 3, 8, generator=gen)
@@ -52,7 +40,7 @@ def _rewrite(rope, *, extra_use=False, heads_table=False):
         return (out, full.float() * 2) if extra_use else out
 
     args = _inputs(heads_table)
-    gm = _capture(fn, *args)
+    gm = traced_module(fn, *args)
     want = gm(*args)
     done, _ = rope_at_read(gm.graph)
     gm.recompile()
@@ -82,5 +70,5 @@ def test_graphs_without_a_cache_value_are_untouched():
     def fn(x, cos, sin):
         return _pairs(x, cos, sin)
 
-    gm = _capture(fn, torch.randn(1, 2, 9, 8), torch.randn(9, 8), torch.randn(9, 8))
+    gm = traced_module(fn, torch.randn(1, 2, 9, 8), torch.randn(9, 8), torch.randn(9, 8))
     assert rope_at_read(gm.graph) == ([], [])
