@@ -1,4 +1,5 @@
-"""Counting the graphs a whole pipeline run compiles, and capturing the one graph of a function (shared by the tests)."""
+"""Counting the graphs a whole pipeline run compiles, and capturing the one graph of a function
+(shared by the tests)."""
 
 from __future__ import annotations
 
