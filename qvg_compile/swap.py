@@ -22,7 +22,7 @@ import sys
 import warnings
 import weakref
 from types import FrameType
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.fx as fx
@@ -196,17 +196,22 @@ def assign_by_identity(old: Any, new: Any, start: Optional[FrameType] = None) ->
     Returns where it was replaced (``"kv_cache_dict[0][0] in forward"``); empty when nowhere."""
     done: list[str] = []
     seen: set[int] = set()
-    frame = start or sys._getframe(1)
+    for frame in model_frames(start or sys._getframe(1)):
+        for name, value in list(frame.f_locals.items()):
+            if isinstance(value, (dict, list)):
+                _replace_in(value, old, new, name, frame.f_code.co_name, seen, done, _CONTAINER_DEPTH)
+    return done
+
+
+def model_frames(frame: Optional[FrameType]) -> Iterator[FrameType]:
+    """``frame`` and its callers, up to `_MAX_FRAMES`, without the frames of torch and of this
+    package (where the model's own dicts and lists of caches are not)."""
     for _ in range(_MAX_FRAMES):
         if frame is None:
-            break
-        module = str(frame.f_globals.get("__name__", ""))
-        if module.split(".")[0] not in _SKIPPED_MODULES:
-            for name, value in list(frame.f_locals.items()):
-                if isinstance(value, (dict, list)):
-                    _replace_in(value, old, new, name, frame.f_code.co_name, seen, done, _CONTAINER_DEPTH)
+            return
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] not in _SKIPPED_MODULES:
+            yield frame
         frame = frame.f_back
-    return done
 
 
 def holders_by_identity(old: torch.Tensor, start: Optional[FrameType] = None) -> list[tuple[str, Any, Any]]:
@@ -215,16 +220,11 @@ def holders_by_identity(old: torch.Tensor, start: Optional[FrameType] = None) ->
     (``kv_cache_dict[0][0]``: the local ``kv_cache_dict``, slot 0). Frames of torch and of this
     package are not searched."""
     found: list[tuple[str, Any, Any]] = []
-    frame = start or sys._getframe(1)
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            break
-        if str(frame.f_globals.get("__name__", "")).split(".")[0] not in _SKIPPED_MODULES:
-            for name, value in list(frame.f_locals.items()):
-                slot = _slot_of(value, old) if isinstance(value, (dict, list)) else None
-                if slot is not None:
-                    found.append((name, slot, value))
-        frame = frame.f_back
+    for frame in model_frames(start or sys._getframe(1)):
+        for name, value in list(frame.f_locals.items()):
+            slot = _slot_of(value, old) if isinstance(value, (dict, list)) else None
+            if slot is not None:
+                found.append((name, slot, value))
     return found
 
 
