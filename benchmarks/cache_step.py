@@ -14,6 +14,7 @@ and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("erro
 ``--guard-ab N``, the compiled sealing step with the codebook-fit guard (the default
 ``share_fit``) against the same step without it, interleaved, N repeats; with ``--seal-kernels``,
 the device time of every kernel a sealing step launches (where a seal's encode time goes); with
+``--seal-host``, the host time of each step of a compiled sealing write (wall clock); with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -33,7 +34,10 @@ from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache.policy import CachePolicy
+from qvg_compile.cache import encode as cache_encode
 from qvg_compile.cache.read_plan import clear_plans
+from qvg_compile.cache.seal_flags import SealFlags
+from qvg_compile.cache.store import Store
 
 H, D, CHUNK = 12, 128, 4680
 
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-ab", type=int, default=0, metavar="N",
                         help="sealing step with and without the codebook-fit guard, interleaved, N repeats")
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
+    parser.add_argument("--seal-host", action="store_true",
+                        help="host microseconds of each step of a compiled sealing write, wall clock (no profiler)")
     parser.add_argument("--seal-kernels", action="store_true",
                         help="device time of the kernels the sealing steps of the last 4 chunks launch (torch.profiler)")
     args = parser.parse_args(argv)
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         trace(compiled, qvg, chunks, device, args.trace)
     if args.profile_seal:
         profile_seals(compiled, qvg, chunks, device)
+    if args.seal_host:
+        seal_host(compiled, qvg, chunks, device)
     if args.seal_kernels:
         seal_kernels(compiled, qvg, chunks, device)
     if args.plan_cost:
@@ -193,6 +201,62 @@ def profile_seals(compiled, make, chunks: int, device: str) -> None:
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumtime").print_stats(45)
+
+
+SEAL_STEPS = (
+    (Store, "write"), (Store, "_write_rows"), (Store, "_take_slot"), (Store, "_seal_slots"), (Store, "_rows"),
+    (Store, "_store_segment"), (Store, "_choose_codebook"), (Store, "_encode_parts"), (Store, "release"),
+    (cache_encode, "encode_replayed"), (torch.cuda.CUDAGraph, "replay"), (SealFlags, "check"), (SealFlags, "add"),
+)
+
+
+def seal_host(compiled, make, chunks: int, device: str) -> None:
+    """Wall-clock host microseconds per call of the steps of a sealing write (inclusive), over the
+    compiled sealing steps of every chunk after the second, without a profiler: each step is
+    wrapped by a timer (~1 us of its own per call)."""
+    spent: dict[str, list[float]] = {}
+
+    def timed(owner, name):
+        fn = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent.setdefault(label, []).append(time.perf_counter() - t)
+        return fn, wrapper
+
+    originals = []
+    for owner, name in SEAL_STEPS:
+        fn, wrapper = timed(owner, name)
+        originals.append((owner, name, fn))
+        setattr(owner, name, wrapper)
+    kb, vb = make("key"), make("value")
+    gen = torch.Generator(device=device).manual_seed(4)
+    total = []
+    try:
+        for c in range(chunks):
+            q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+            torch.cuda.synchronize()
+            if c == 2:
+                spent.clear()
+            t = time.perf_counter()
+            compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
+            if c >= 2:
+                total.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    steps = len(total)
+    rows = [[label, f"{len(t) / steps:.1f}", f"{statistics.median(t) * 1e6:.0f}", f"{sum(t) / steps * 1e6:.0f}"]
+            for label, t in spent.items()]
+    print(f"{steps} compiled sealing steps, host to return {statistics.median(total) * 1e3:.2f} ms (median):")
+    print(tabulate(rows, headers=["step (inclusive)", "calls per sealing step", "us per call (median)",
+                                  "us per sealing step"], tablefmt="github"))
 
 
 def seal_kernels(compiled, make, chunks: int, device: str, last: int = 4) -> None:

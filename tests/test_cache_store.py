@@ -158,6 +158,25 @@ def test_a_segment_that_does_not_fit_the_shared_codebook_gets_its_own(share_fit)
         assert err[1] < 2 * err[0]
 
 
+def test_a_misfit_found_at_the_end_of_a_write_is_encoded_from_the_sealed_tokens():
+    """A write that seals reads the codebook fit back at its end (on the GPU, when the device has
+    caught up), after the new chunk has overwritten the sealed slot's rows: the misfit's second
+    encode must still see the sealed tokens. Chunk 1 decodes bit-equal to the same chunk sealed by
+    `QVGCache.seal` (fit read at once), and the seal is counted once."""
+    x = torch.cat([clustered(1, L), clustered(2, L), clustered(3, L)], 1)
+    by_write, by_seal = (cache(codebook_chunks=2, codebook_bits=8.0) for _ in range(2))
+    for c in (by_write, by_seal):
+        c[:, :L] = x[:, :L]
+        c[:, L:2 * L] = x[:, L:2 * L]
+    reset_stats()
+    by_write[:, 2 * L:3 * L] = x[:, 2 * L:3 * L]
+    assert stats()["seals"] == 1 and stats()["share_misfits"] == 1
+    assert by_write.token_counts()["segments"] == 2
+    by_seal.seal()
+    torch.testing.assert_close(by_write.dequantize()[:, :2 * L], by_seal.dequantize()[:, :2 * L], rtol=0, atol=0)
+    torch.testing.assert_close(by_write.dequantize()[:, 2 * L:3 * L], x[:, 2 * L:3 * L], rtol=0, atol=0)
+
+
 def test_a_sealing_write_issues_a_pinned_number_of_host_ops(monkeypatch):
     """With the encoder's own work left out (its outputs memoised, as a replayed CUDA graph hands
     them back), a write that seals the open chunk issues at most 20 ATen ops on the host (18 with

@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from examples import train_tiny
 from qvg_compile.tiny import zoo

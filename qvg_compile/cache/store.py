@@ -37,7 +37,7 @@ from ..quant.packed import PackedStore
 from . import tally
 from .codec import lead_sel
 from .encode import encode_segment
-from .seal_flags import flags_for, known_flags
+from .seal_flags import SealFlags, flags_for, known_flags
 from .spec import (COUNTERS_AT, CSIZE, HOLE, LATEST, LIVE, NEXT_AGE, POS_MAP_AT, STAMP, UID, USES, StoreSpec,
                    is_dense, is_sealed, next_stamp, sealed_code, slot_of)
 
@@ -162,6 +162,8 @@ class Store:
         self.lead = tuple(self.arrays["codes0"].shape[:-2])
         self.capacity = self.pos_map.shape[0]
         self.sinks = min(spec.sinks, self.capacity)
+        self._guard: Optional[_GuardCheck] = None
+        self._defer_guards = False
 
     # NumPy views of the host state (same memory), made when first used: the bookkeeping of a
     # write that moves rows or seals is dozens of scalar reads and small updates, well under a
@@ -253,7 +255,18 @@ class Store:
         ``relocate``: the values are dense tokens copied from another place of a cache; when no
         slot covers them and none is free they are sealed where they land instead of evicting
         (sealing) the slot being written.
+
+        The codebook-fit check of a seal onto a shared codebook is read back at the end of the
+        write (`settle_guard`), not right after its encode (on the GPU, a wait for it).
         """
+        self._defer_guards = True
+        try:
+            self._write(start, values, sel, relocate)
+        finally:
+            self._defer_guards = False
+        self.settle_guard()
+
+    def _write(self, start: int, values: Sequence[Optional[torch.Tensor]], sel: LeadSel, relocate: bool) -> None:
         present = [v for v in values if v is not None]
         if not present:
             return
@@ -302,8 +315,13 @@ class Store:
 
     def _write_rows(self, start: int, end: int, rows: np.ndarray,
                     values: Sequence[Optional[torch.Tensor]], sel: LeadSel, full: bool) -> None:
-        moving = self.np_pos[start:end] != rows
-        if moving.any():
+        held = self.np_pos[start:end]
+        moving = held != rows
+        if full and (held == HOLE).all():
+            # A fresh chunk (every write that follows a seal): no release, no index arrays.
+            held[:] = rows
+            self.changed()
+        elif moving.any():
             positions = np.flatnonzero(moving) + start
             if not full:
                 # Rows are shared by every leading index and part: fill the ones this write does
@@ -436,6 +454,7 @@ class Store:
         flags = flags_for(self.pos_map, self.device) if cuda else None
         if flags is not None:
             flags.check(self.spec.config)
+        self.settle_guard()
         slot, c, shared, warm = self._choose_codebook(n)
         runs = runs_of(positions)
         policy = self.spec.policy
@@ -443,15 +462,50 @@ class Store:
         fits = self._encode_parts(runs, xs, slot, c, shared, warm, flags, fit=guard)
         creator = _creator_fit.get(int(self.np_segs[slot, UID])) if shared and fits else None
         own = self._free_slot(slot) if creator is not None else None
-        if own is not None:
-            # The one host read of a shared seal (a sync on the GPU): whether the codebook fits
-            # these tokens as well as it fitted the ones it was made from.
-            shared_fit, made_fit = torch.stack([_worst(fits), creator]).tolist()
-            if shared_fit > policy.share_fit * made_fit:
-                slot, shared = own, False
-                c = min(self.spec.codebook, policy.codebook_size(self.spec.config, n))
-                fits = self._encode_parts(runs, xs, slot, c, False, None, flags, fit=True)
-                tally.add(share_misfits=1)
+        if own is None:
+            self._commit_segment(runs, n, slot, c, shared, fits)
+            return
+        check = _GuardCheck(runs, n, slot, own, _worst(fits), creator, xs, flags)
+        if self._defer_guards:
+            # On the GPU, reading the fit back waits for the encode: leave it to the end of the
+            # write, when the host has done the rest of its work and the device has caught up
+            # (on every device, so that the CPU runs the same path). The write reuses the rows
+            # being sealed, so the tokens are kept for a misfit's second encode.
+            check.xs = [x.clone() for x in xs]
+            self._commit_segment(runs, n, slot, c, True, fits)
+            self._guard = check
+            return
+        if self._misfit(check):
+            self._encode_own(check)
+        else:
+            self._commit_segment(runs, n, slot, c, True, fits)
+
+    def settle_guard(self) -> None:
+        """Decide a seal's deferred codebook-fit check (the one host read of a shared seal, a sync
+        on the GPU): a segment its shared codebook does not fit is encoded again with its own."""
+        check, self._guard = self._guard, None
+        if check is None or not self._misfit(check):
+            return
+        segs = self.np_segs
+        segs[check.slot, USES] -= 1
+        segs[check.slot, LIVE] -= check.n
+        self._encode_own(check, count=False)
+
+    def _misfit(self, check: "_GuardCheck") -> bool:
+        shared_fit, made_fit = torch.stack([check.fit, check.creator]).tolist()
+        return shared_fit > self.spec.policy.share_fit * made_fit
+
+    def _encode_own(self, check: "_GuardCheck", count: bool = True) -> None:
+        c = min(self.spec.codebook, self.spec.policy.codebook_size(self.spec.config, check.n))
+        fits = self._encode_parts(check.runs, check.xs, check.own, c, False, None, check.flags, fit=True)
+        tally.add(share_misfits=1)
+        self._commit_segment(check.runs, check.n, check.own, c, False, fits, count)
+
+    def _commit_segment(self, runs: list[tuple[int, int, int]], n: int, slot: int, c: int, shared: bool,
+                        fits: list[torch.Tensor], count: bool = True) -> None:
+        """The token state of a segment of ``n`` tokens at ``runs`` just encoded with codebook
+        ``slot`` (of ``c`` centroids; new unless ``shared``); ``count``: a seal for `tally`
+        (not when a deferred check moves a counted segment to its own codebook)."""
         if not shared:
             uid = new_uid()
             self.np_segs[slot] = (0, c, uid, 0)
@@ -466,7 +520,8 @@ class Store:
             self.np_pos[first:first + length] = sealed_code(slot)
             self.seg_ids[first:first + length] = slot
         self.changed()
-        tally.add(seals=1, sealed_tokens=n)
+        if count:
+            tally.add(seals=1, sealed_tokens=n)
 
     def _encode_parts(self, runs: list[tuple[int, int, int]], xs: Sequence[torch.Tensor], slot: int, c: int,
                       shared: bool, warm: Optional[int], flags, fit: bool) -> list[torch.Tensor]:
@@ -496,18 +551,25 @@ class Store:
                                  f"unchanged ({err})") from err
             if xp is not x:
                 seg = _first_tokens(seg, n)
+            # Copied out at once: a replayed encode's outputs are reused by the next one. One
+            # foreach call for all of them: five slicing assignments cost ~200 us of host per seal
+            # on the GPU's host, where the model waits for it.
+            dsts, srcs = [], []
             if fit:
-                fits.append(energy.clone())
-            # Written at once: a replayed encode's outputs are reused by the next one.
+                dsts.append(torch.empty_like(energy))
+                srcs.append(energy)
+                fits.append(dsts[-1])
             if not shared:
-                cents[slot, ..., :c, :] = seg.centroids
+                dsts.append(cents[slot].narrow(-2, 0, c))
+                srcs.append(seg.centroids)
             for i, first, length in runs:
-                dst, src = slice(first, first + length), slice(i, i + length)
-                self.array("codes", p)[..., dst, :] = seg.codes[..., src, :]
-                self.array("scales", p)[..., dst, :] = seg.scales[..., src, :]
-                if seg.zeros is not None:
-                    self.array("zeros", p)[..., dst, :] = seg.zeros[..., src, :]
-                self.array("assign", p)[(slice(None),) * (lead + 1) + (dst,)] = seg.assignments[..., src]
+                for name, out in (("codes", seg.codes), ("scales", seg.scales), ("zeros", seg.zeros)):
+                    if out is not None:
+                        dsts.append(self.array(name, p).narrow(-2, first, length))
+                        srcs.append(out.narrow(-2, i, length))
+                dsts.append(self.array("assign", p).narrow(lead + 1, first, length))
+                srcs.append(seg.assignments.narrow(lead + 1, i, length))
+            torch._foreach_copy_(dsts, srcs)
             if flags is not None:
                 flags.add(summary)
         return fits
@@ -678,6 +740,21 @@ class Store:
             self._seal_direct(sinks, keep, [v[..., sinks:keep, :] for v in values], None, True)
         if w > keep:
             self.write(keep, [v[..., keep:w, :] for v in values])
+
+
+@dataclasses.dataclass
+class _GuardCheck:
+    """A seal onto shared codebook ``slot`` whose fit is not read yet: ``n`` tokens at ``runs``,
+    their parts ``xs``, its fit and its codebook's fit at creation (0-dim device tensors), and the
+    free codebook slot ``own`` it moves to if the codebook does not fit them."""
+    runs: list[tuple[int, int, int]]
+    n: int
+    slot: int
+    own: int
+    fit: torch.Tensor
+    creator: torch.Tensor
+    xs: Sequence[torch.Tensor]
+    flags: Optional[SealFlags]
 
 
 def _worst(fits: Sequence[torch.Tensor]) -> torch.Tensor:
