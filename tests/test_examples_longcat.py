@@ -3,6 +3,7 @@ its DiT (cache pass returning ``{layer: (k, v)}``, ``kv_cache_dict=`` on every C
 behind compiler-disabled all-to-alls): eager shapes and determinism, and the QVG backend on it:
 the pre-RoPE K/V of the cache pass are found across the disabled call (idioms D, K, E), moved into
 QVGCache in the pipeline's own dict, RoPE over the history is applied by the read (no fallback),
+the queries' padding is dropped at every length (no rotated view of padded queries),
 the compiled loop equals the eager loop run on caches
 compressed the same way (max abs diff <= 1e-5, fp32) once the backend has seen one cached read,
 with and without offload and CFG batch repeat, and the steady-state cost of a cached token is
@@ -90,6 +91,13 @@ def test_compiled_equals_eager_with_the_same_quantization(offload_kv, guidance):
     stats = qvg_compile.stats()
     assert stats["fallback_total"] == 0 and stats["fast_reads"] > 0, stats["fallbacks"]
     assert any("RoPE" in line and "applied at read" in line for g in qvg.report.graphs for line in g.rewrites)
+    # The queries' padding is dropped in every graph, also once the cache's length is symbolic
+    # (passes/pad_slice.py): only the keys' RoPE is applied at read, so no rotated view of padded
+    # queries reaches attention (torch 2.11's Dynamo could not guard on one; before 2.13 its RoPE
+    # would be a fallback).
+    for g in qvg.report.graphs:
+        rope = [line for line in g.rewrites if "applied at read" in line]
+        assert len(rope) <= 1 and (not rope or any("queries padded" in line for line in g.rewrites)), g.rewrites
     # (The attention graphs also list the appended values they get as QVGCache, at ``___stack``.)
     sources = {s.source: s for s in qvg.report.sites if "___stack" not in s.source}
     assert set(sources) == {"L['kv_cache'][0]", "L['kv_cache'][1]"}

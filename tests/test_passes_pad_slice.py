@@ -1,6 +1,7 @@
 """`drop_query_padding`: queries padded with a cache's shape to share one RoPE call get the RoPE
 on their own rows (tables narrowed), values unchanged; anything not token-wise is left alone."""
 
+import pytest
 import torch
 
 from qvg_compile.passes.pad_slice import drop_query_padding
@@ -104,4 +105,21 @@ def test_longcat_form_with_a_dynamic_batch_and_a_slice_start_read_from_a_size():
     notes, code, got, expected = rewrite(read, cache, q, cos, sin)
     assert len(notes) == 1 and f"({N - n} rows dropped)" in notes[0]
     assert "empty_like" not in code and "unbind" in code
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dynamic", [("cache",), ("cache", "q")])
+def test_symbolic_token_counts_drop_the_padding_too(dynamic):
+    # A growing cache (and a chunk length Dynamo made dynamic) leaves the padded length, and maybe
+    # q's, symbolic: the padding is still dropped, q's count read back with size() and the tables
+    # narrowed to their last rows. Kept, it would become a rotated view of a cache (idiom E) that
+    # torch 2.11's Dynamo cannot guard on.
+    cache, q, cos, sin = inputs()
+    for name in dynamic:
+        torch._dynamo.mark_dynamic({"cache": cache, "q": q}[name], 2)
+    for table in (cos, sin):
+        torch._dynamo.maybe_mark_dynamic(table, 0)
+    notes, code, got, expected = rewrite(padded_read, cache, q, cos, sin)
+    assert len(notes) == 1 and "rows dropped" in notes[0] and f"({N - n} rows" not in notes[0]
+    assert "empty_like" not in code and "torch.narrow" in code and ("size" in code) == ("q" in dynamic)
     assert torch.equal(got, expected)

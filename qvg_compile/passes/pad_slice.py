@@ -15,9 +15,10 @@ RoPE products a decode of the whole history.
 
 Rewrite: ``f`` over ``q`` itself, each per-token table narrowed to its last ``n`` rows; the slice's
 users take the result and the padding is gone. Same values (the dropped rows never reach a
-result). The token counts must be static (other dims, the batch for one, may be symbolic);
-anything else in the chain, a padded row or size used elsewhere, or a slice that is not exactly
-the last ``n`` tokens leaves the graph as it is.
+result). The token counts may be symbolic (a growing cache, a chunk length Dynamo made dynamic):
+sizes are compared only where the shape environment proves them equal, and a symbolic ``n`` is
+read back from ``q`` (``q.size(d)``). Anything else in the chain, a padded row or size used
+elsewhere, or a slice that is not exactly the last ``n`` tokens leaves the graph as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name
 
@@ -57,9 +58,16 @@ def _as_int(value: object) -> Optional[int]:
     return None
 
 
-def _static(x: object) -> Optional[int]:
-    """``x`` as an int when it is one, or a node whose traced value is one."""
-    return _as_int(_meta(x))
+def _size(value: object) -> Optional[Any]:
+    """``value`` as a size: an int, or a SymInt (kept symbolic); None for anything else."""
+    if isinstance(value, torch.SymInt) and not is_concrete_int(value):
+        return value
+    return _as_int(value)
+
+
+def _same(a: object, b: object) -> bool:
+    """Sizes ``a`` and ``b`` (ints or SymInts) are equal for every value of their symbols (no guard)."""
+    return a is not None and b is not None and statically_known_true(a == b)
 
 
 def _is_size(node: fx.Node) -> bool:
@@ -98,8 +106,8 @@ def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
         return None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     dim %= value.dim()
-    total, tail_value = _as_int(value.shape[dim]), example_value(tail)
-    n = None if tail_value is None else _as_int(tail_value.shape[dim])
+    total, tail_value = _size(value.shape[dim]), example_value(tail)
+    n = None if tail_value is None else _size(tail_value.shape[dim])
     if total is None or n is None:
         return None
     lead = tuple(value.shape[:dim + 1])
@@ -112,19 +120,22 @@ def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
                 node.target is operator.getitem and _is_unbind(node.args[0])) \
                 and not _token_args_ok(node, chain, dim, total):
             return None
+    with graph.inserting_before(chain[1]):
+        # The rewritten chain's token count: a symbolic one is read back from q when the graph runs.
+        count = n if isinstance(n, int) else graph.call_method("size", (tail, dim))
     for node in chain[1:]:
         with graph.inserting_before(node):
-            args = _map(node.args, new, graph, dim, total, n, node)
-            kwargs = _map(node.kwargs, new, graph, dim, total, n, node)
+            args = _map(node.args, new, graph, dim, total, count, node)
+            kwargs = _map(node.kwargs, new, graph, dim, total, count, node)
             if node.op == "call_method" and node.target in _SHAPED or is_call(node, {torch.reshape}):
-                args = _token_count(args, dim, total, n)
+                args = _token_count(args, dim, total, count)
             new[node] = graph.create_node(node.op, node.target, args, kwargs)
     for s in slices:
         s.replace_all_uses_with(new[s.args[0]])
     return f"{cat.name}: queries padded with {pad.name} along dim {dim} ({total - n} rows dropped)"
 
 
-def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
+def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
            ) -> tuple[Optional[list[fx.Node]], list[fx.Node]]:
     """The nodes computed from ``cat`` (topological, ``cat`` first) and the slices that end them;
     None when a node is not token-wise or a padded row (or a size of one) reaches anything else."""
@@ -160,7 +171,7 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: int, n: int
         out = example_value(node)
         tokenwise = (node.op == "call_function" and node.target in _TOKENWISE_FUNCTIONS) or \
             (node.op == "call_method" and node.target in _TOKENWISE_METHODS)
-        if not tokenwise or out is None or out.dim() <= dim or tuple(out.shape[:dim + 1]) != lead:
+        if not tokenwise or out is None or out.dim() <= dim or not all(map(_same, out.shape[:dim + 1], lead)):
             return None, []
         if node.target is torch.stack and ((node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
                                           % out.dim()) <= dim:
@@ -192,7 +203,7 @@ def _indexes_after(node: fx.Node, dim: int) -> bool:
     return sum(1 for i in rest if i is not None) <= base.dim() - dim - 1
 
 
-def _is_last_rows(node: fx.Node, dim: int, total: int, n: int) -> bool:
+def _is_last_rows(node: fx.Node, dim: int, total: Any, n: Any) -> bool:
     """``node`` is ``x[:, ..., -n:]`` (or ``x[..., total - n:, ...]``) along ``dim`` only."""
     if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
         return False
@@ -200,11 +211,13 @@ def _is_last_rows(node: fx.Node, dim: int, total: int, n: int) -> bool:
     if len(index) != dim + 1 or any(i != slice(None) for i in index[:dim]):
         return False
     last = index[dim]
-    return isinstance(last, slice) and last.step is None and (last.stop is None or _static(last.stop) == total) \
-        and _static(last.start) in (-n, total - n)
+    if not isinstance(last, slice) or last.step is not None:
+        return False
+    start, stop = _size(_meta(last.start)), _size(_meta(last.stop))
+    return (last.stop is None or _same(stop, total)) and (_same(start, -n) or _same(start, total - n))
 
 
-def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: int) -> bool:
+def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: Any) -> bool:
     """Every tensor ``node`` reads besides the chain broadcasts over the tokens or has one row per token."""
     out = example_value(node)
     for arg in _tensor_args(node):
@@ -214,7 +227,7 @@ def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: int) ->
         if value is None or out is None:
             return False
         k = _token_dim(value, out, dim)
-        if k is not None and value.shape[k] not in (1, total):
+        if k is not None and not (_same(value.shape[k], 1) or _same(value.shape[k], total)):
             return False
     return True
 
@@ -233,20 +246,23 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: int, n: int, user: fx.Node) -> Any:
-    """``obj`` with chain nodes replaced by their rewritten copies and per-token tables narrowed."""
+def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: Any, count: Any,
+         user: fx.Node) -> Any:
+    """``obj`` with chain nodes replaced by their rewritten copies and per-token tables narrowed
+    to their last ``count`` rows (``count``: an int, or the node holding q's token count)."""
     if isinstance(obj, fx.Node):
         if obj in new:
             return new[obj]
         value, out = example_value(obj), example_value(user)
         k = _token_dim(value, out, dim) if value is not None and out is not None else None
-        if k is not None and value.shape[k] == total and total != 1:
-            return graph.call_function(torch.narrow, (obj, k, total - n, n))
+        if k is not None and _same(value.shape[k], total) and not _same(total, 1):
+            start = -count if isinstance(count, int) else graph.call_function(operator.neg, (count,))
+            return graph.call_function(torch.narrow, (obj, k, start, count))
         return obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(o, new, graph, dim, total, n, user) for o in obj)
+        return type(obj)(_map(o, new, graph, dim, total, count, user) for o in obj)
     if isinstance(obj, dict):
-        return {key: _map(v, new, graph, dim, total, n, user) for key, v in obj.items()}
+        return {key: _map(v, new, graph, dim, total, count, user) for key, v in obj.items()}
     return obj
 
 
@@ -255,7 +271,7 @@ def _shape_arg(node: fx.Node) -> list:
     return list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
 
 
-def _token_count_known(node: fx.Node, dim: int, total: int, seen: set) -> bool:
+def _token_count_known(node: fx.Node, dim: int, total: Any, seen: set) -> bool:
     """The target shape of a reshape in the chain says the token count as the literal ``total``,
     as ``-1``, or as a size of a padded tensor (anything else would keep ``total`` rows)."""
     shape = _shape_arg(node)
@@ -273,18 +289,18 @@ def _token_count_known(node: fx.Node, dim: int, total: int, seen: set) -> bool:
             return False
         value = example_value(base) if isinstance(base, fx.Node) else None
         return base in seen and isinstance(index, int) and value is not None and index % value.dim() == dim
-    return count in (-1, total)
+    return count == -1 or _same(_size(count), total)
 
 
-def _token_count(args: tuple, dim: int, total: int, n: int) -> tuple:
+def _token_count(args: tuple, dim: int, total: Any, count: Any) -> tuple:
     """The args of ``x.reshape(shape)`` / ``x.view(*shape)`` with the token count written out at
-    ``dim`` (``total``) made ``n``; a count read from ``size()`` follows the rewritten tensor."""
+    ``dim`` (``total``) made ``count``; a count read from ``size()`` follows the rewritten tensor."""
     if len(args) == 2 and isinstance(args[1], (list, tuple)):
         shape = list(args[1])
-        if len(shape) > dim and _static(shape[dim]) == total and not isinstance(shape[dim], fx.Node):
-            shape[dim] = n
+        if len(shape) > dim and not isinstance(shape[dim], fx.Node) and _same(_size(shape[dim]), total):
+            shape[dim] = count
         return (args[0], type(args[1])(shape))
     shape = list(args[1:])
-    if len(shape) > dim and _static(shape[dim]) == total and not isinstance(shape[dim], fx.Node):
-        shape[dim] = n
+    if len(shape) > dim and not isinstance(shape[dim], fx.Node) and _same(_size(shape[dim]), total):
+        shape[dim] = count
     return (args[0], *shape)

@@ -35,10 +35,12 @@ from .boundary import SAME_RANK
 from .graph_ops import CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name
 
 # Queries padded with ``empty_like(cache)`` to share the keys' RoPE call become a rotated view
-# too (when `pad_slice` cannot drop the padding). Torch 2.11's Dynamo cannot build the shape
-# guards of the graph that receives such a view across a compiler-disabled call (an ephemeral
-# symbol reaches a guard: InternalTorchDynamoError, LongCat at real width on an H200), so before
-# 2.13, where it is tested, those queries stay dense and their RoPE is a counted fallback.
+# too where `pad_slice` cannot drop the padding (it drops LongCat's at any length, symbolic ones
+# included). Torch 2.11's Dynamo failed building the shape guards of a graph that received a
+# slice of such a view across a compiler-disabled call (view replay of a subclass gives the slice
+# start an ephemeral symbol, which reached a guard on ``q._base.size()``: InternalTorchDynamoError,
+# LongCat at real width on an H200, commit 004a120), so before 2.13 a graph swapped in eagerly
+# keeps those queries dense and their RoPE is a counted fallback.
 _PADS = {"empty_like", "zeros_like"} if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13) else set()
 # Nodes looked at after a cache value when searching for the end of its RoPE chain.
 CHAIN_LIMIT = 64
