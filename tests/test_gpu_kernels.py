@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from qvg_compile import QVGConfig
+from qvg_compile.kernels._common import scale_format
+from qvg_compile.kernels._jit import load_scale
 from qvg_compile.kernels.attention import qvg_attention, reference_attention
 from qvg_compile.kernels.decode import dequantize_segment
 from qvg_compile.kernels.encode import encode_qvg_pair, encode_unchecked
@@ -94,3 +98,23 @@ def test_replayed_encode_equals_eager_encode_on_cuda():
             assert torch.equal(a, b)
         assert got_summary.tolist() == ref_summary.tolist() == [0, 0]
     assert captured_graphs() == 1  # first call eager, second captures, the rest replay
+
+
+@triton.jit
+def _scales_kernel(codes, out, FORMAT: tl.constexpr):
+    i = tl.arange(0, 256)
+    tl.store(out + i, load_scale(codes + i, i < 256, FORMAT))
+
+
+def test_hardware_fp8_scale_decode_equals_the_integer_decode():
+    """Every finite FP8 E4M3 scale code decodes to the same fp32 by the hardware conversion the
+    kernels use on the GPU (``SCALE_FP8=2``) as by the integer decode the interpreter runs (1),
+    and to what PyTorch's float8_e4m3fn gives; `scale_format` picks the hardware path here."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).cuda()
+    finite = torch.isfinite(codes.view(torch.float8_e4m3fn).float())
+    out = {f: torch.empty(256, dtype=torch.float32, device="cuda") for f in (1, 2)}
+    for f, o in out.items():
+        _scales_kernel[(1,)](codes, o, FORMAT=f)
+    assert torch.equal(out[1][finite], out[2][finite])
+    assert torch.equal(out[2][finite], codes.view(torch.float8_e4m3fn).float()[finite])
+    assert scale_format(codes.view(torch.float8_e4m3fn)) == 2 and finite.sum() == 254

@@ -6,6 +6,7 @@ tensors of `STORE_FIELDS` plus ``bits``, ``group_size`` and ``code_mode``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -64,6 +65,17 @@ def make_store(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.
                centroids: torch.Tensor, segment_ids: torch.Tensor, bits: int, group_size: int,
                code_mode: str) -> PackedStore:
     return PackedStore(codes, scales, zeros, assignments, centroids, segment_ids, bits, group_size, code_mode)
+
+
+def scale_format(scales: torch.Tensor) -> int:
+    """The ``SCALE_FP8`` meta-parameter of the decoding kernels for ``scales``: 0 fp16; FP8 E4M3
+    decoded by the hardware's conversion (2) on a GPU that has one (compute capability 8.9+),
+    by integer ops (1) elsewhere (the Triton interpreter, older GPUs)."""
+    if scales.dtype != torch.float8_e4m3fn:
+        return 0
+    native = (scales.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+              and torch.cuda.get_device_capability(scales.device) >= (8, 9))
+    return 2 if native else 1
 
 
 def kernel_store_args(store: PackedStore) -> list:

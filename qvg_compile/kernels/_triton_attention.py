@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..quant.packed import PackedStore
-from ._common import kernel_store_args
+from ._common import kernel_store_args, scale_format
 from ._jit import MODE_IDS, decode_tile
 
 LOG2E = 1.4426950408889634
@@ -170,7 +170,7 @@ def attend_fused(q: torch.Tensor, k_store: PackedStore, v_store: PackedStore, ra
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, K_BITS=k_store.bits, V_BITS=v_store.bits,
         GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode], V_MODE=MODE_IDS[v_store.code_mode],
         K_STAGES=k_store.stages,
-        V_STAGES=v_store.stages, SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, MASK_KIND=mask_kind,
+        V_STAGES=v_store.stages, SCALE_FP8=scale_format(k_store.scales), MASK_KIND=mask_kind,
         GROUPED=grouped, num_warps=warps, num_stages=stages,
     )
     return out, lse

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ..quant.packed import PackedStore
-from ._common import kernel_store_args
+from ._common import kernel_store_args, scale_format
 from ._jit import MODE_IDS, decode_tile
 
 BLOCK_TOKENS = 64
@@ -118,7 +118,7 @@ def decode_into(store: PackedStore, start: int, end: int, out: torch.Tensor, gro
         *kernel_store_args(store), out, *out.stride(), start, n, h,
         D=d, BLOCK_N=BLOCK_TOKENS, BITS=store.bits, GROUP=store.group_size,
         MODE=MODE_IDS[store.code_mode], STAGES=store.stages,
-        SCALE_FP8=store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped,
+        SCALE_FP8=scale_format(store.scales), GROUPED=grouped,
         num_warps=4,
     )
     return out
@@ -147,6 +147,6 @@ def decode_pair_into(k_store: PackedStore, v_store: PackedStore, start: int, end
         *kernel_store_args(v_store), v_out, *v_out.stride(), start, n, h,
         D=d, BLOCK_N=BLOCK_TOKENS, K_BITS=k_store.bits, V_BITS=v_store.bits, GROUP=k_store.group_size,
         K_MODE=MODE_IDS[k_store.code_mode], V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
-        SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=GROUPED,
+        SCALE_FP8=scale_format(k_store.scales), GROUPED=GROUPED,
         num_warps=4,
     )

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..quant.packed import PackedStore
-from ._common import kernel_store_args
+from ._common import kernel_store_args, scale_format
 from ._jit import MODE_IDS, decode_tile
 from .launch import Prebound
 
@@ -132,7 +132,7 @@ class GatherLaunch:
         self.meta = dict(D=k_store.head_dim, BLOCK_N=block_tokens, K_BITS=k_store.bits, V_BITS=v_store.bits,
                          GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode],
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
-                         SCALE_FP8=k_store.scales.dtype == torch.float8_e4m3fn, GROUPED=grouped, STREAM=stream,
+                         SCALE_FP8=scale_format(k_store.scales), GROUPED=grouped, STREAM=stream,
                          num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
