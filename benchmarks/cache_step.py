@@ -15,6 +15,8 @@ and whether a rewriting step passes under ``torch.cuda.set_sync_debug_mode("erro
 ``share_fit``) against the same step without it, interleaved, N repeats; with ``--seal-kernels``,
 the device time of every kernel a sealing step launches (where a seal's encode time goes); with
 ``--seal-host``, the host time of each step of a compiled sealing write (wall clock); with
+``--read-host``, the same for the steps of a compiled replayed read, next to the host time of the
+compiled dense step and of bare cuDNN / flash SDPA calls at the read's shapes; with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -35,9 +37,13 @@ from tabulate import tabulate
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache.policy import CachePolicy
 from qvg_compile.cache import encode as cache_encode
+from qvg_compile.cache import ops as cache_ops
+from qvg_compile.cache import read_fast
+from qvg_compile.cache.read_fast import BoundRead
 from qvg_compile.cache.read_plan import clear_plans
 from qvg_compile.cache.seal_flags import SealFlags
 from qvg_compile.cache.store import Store
+from qvg_compile.kernels.launch import Prebound
 
 H, D, CHUNK = 12, 128, 4680
 
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", metavar="DIR", help="write a torch.profiler trace of 5 compiled QVG steps here")
     parser.add_argument("--seal-host", action="store_true",
                         help="host microseconds of each step of a compiled sealing write, wall clock (no profiler)")
+    parser.add_argument("--read-host", action="store_true",
+                        help="host microseconds of each step of a compiled replayed read, wall clock (no profiler)")
     parser.add_argument("--seal-kernels", action="store_true",
                         help="device time of the kernels the sealing steps of the last 4 chunks launch (torch.profiler)")
     args = parser.parse_args(argv)
@@ -130,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_seal:
         profile_seals(compiled, qvg, chunks, device)
     if args.seal_host:
-        seal_host(compiled, qvg, chunks, device)
+        step_host(compiled, qvg, chunks, device, SEAL_STEPS, sealing=True)
+    if args.read_host:
+        step_host(compiled, qvg, chunks, device, READ_STEPS, sealing=False)
+        print()
+        print(rewrite_host(compiled, qvg, dense, chunks, device))
+        print()
+        print(sdpa_host(n, device))
     if args.seal_kernels:
         seal_kernels(compiled, qvg, chunks, device)
     if args.plan_cost:
@@ -210,11 +224,18 @@ SEAL_STEPS = (
 )
 
 
-def seal_host(compiled, make, chunks: int, device: str) -> None:
-    """Wall-clock host microseconds per call of the steps of a sealing write (inclusive), over the
-    compiled sealing steps of every chunk after the second, without a profiler: each step is
-    wrapped by a timer (~1 us of its own per call)."""
+READ_STEPS = (
+    (cache_ops, "args_key"), (cache_ops, "replay"), (read_fast, "cached_plan"), (BoundRead, "valid"),
+    (BoundRead, "__call__"), (Prebound, "__call__"), (read_fast, "sdpa_with_lse"),
+)
+
+
+def step_host(compiled, make, chunks: int, device: str, steps, sealing: bool) -> None:
+    """Wall-clock host microseconds per call of the ``steps`` (``(owner, name)`` pairs, inclusive)
+    over the compiled sealing steps (``sealing``) or the rewriting steps of every chunk after the
+    second, without a profiler: each step is wrapped by a timer (~1 us of its own per call)."""
     spent: dict[str, list[float]] = {}
+    counting = [False]
 
     def timed(owner, name):
         fn = getattr(owner, name)
@@ -225,11 +246,12 @@ def seal_host(compiled, make, chunks: int, device: str) -> None:
             try:
                 return fn(*a, **k)
             finally:
-                spent.setdefault(label, []).append(time.perf_counter() - t)
+                if counting[0]:
+                    spent.setdefault(label, []).append(time.perf_counter() - t)
         return fn, wrapper
 
     originals = []
-    for owner, name in SEAL_STEPS:
+    for owner, name in steps:
         fn, wrapper = timed(owner, name)
         originals.append((owner, name, fn))
         setattr(owner, name, wrapper)
@@ -238,25 +260,73 @@ def seal_host(compiled, make, chunks: int, device: str) -> None:
     total = []
     try:
         for c in range(chunks):
-            q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
-            k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
-            torch.cuda.synchronize()
-            if c == 2:
-                spent.clear()
-            t = time.perf_counter()
-            compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
-            if c >= 2:
-                total.append(time.perf_counter() - t)
-            torch.cuda.synchronize()
+            for i in range(5):
+                q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16, generator=gen)
+                k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+                torch.cuda.synchronize()
+                counting[0] = c >= 2 and (i == 0) == sealing
+                t = time.perf_counter()
+                compiled(kb, vb, q, k, k, c * CHUNK, (c + 1) * CHUNK)
+                if counting[0]:
+                    total.append(time.perf_counter() - t)
+                torch.cuda.synchronize()
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
-    steps = len(total)
-    rows = [[label, f"{len(t) / steps:.1f}", f"{statistics.median(t) * 1e6:.0f}", f"{sum(t) / steps * 1e6:.0f}"]
-            for label, t in spent.items()]
-    print(f"{steps} compiled sealing steps, host to return {statistics.median(total) * 1e3:.2f} ms (median):")
-    print(tabulate(rows, headers=["step (inclusive)", "calls per sealing step", "us per call (median)",
-                                  "us per sealing step"], tablefmt="github"))
+    n = len(total)
+    kind = "sealing" if sealing else "rewriting"
+    rows = [[label, f"{len(t) / n:.1f}", f"{statistics.median(t) * 1e6:.0f}", f"{sum(t) / n * 1e6:.0f}"]
+            for label, t in spent.items() if t]
+    print(f"{n} compiled {kind} steps, host to return {statistics.median(total) * 1e3:.2f} ms (median):")
+    print(tabulate(rows, headers=["step (inclusive)", f"calls per {kind} step", "us per call (median)",
+                                  f"us per {kind} step"], tablefmt="github"))
+
+
+def rewrite_host(compiled, make_qvg, make_dense, chunks: int, device: str, reps: int = 20) -> str:
+    """Host microseconds from call to return of the compiled rewriting step (the last chunk's
+    rows rewritten, then the read), on QVG caches and on dense tensors, interleaved."""
+    caches = {name: (make("key"), make("value")) for name, make in (("QVG", make_qvg), ("dense", make_dense))}
+    for kb, vb in caches.values():
+        run(compiled, lambda r, kb=kb, vb=vb: kb if r == "key" else vb, chunks, device)
+    q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
+    s = (chunks - 1) * CHUNK
+    spent: dict[str, list[float]] = {name: [] for name in caches}
+    for _ in range(reps):
+        for name, (kb, vb) in caches.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            compiled(kb, vb, q, k, k, s, s + CHUNK)
+            spent[name].append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    rows = [[f"compiled rewriting step, {name}", f"{statistics.median(t) * 1e6:.0f}",
+             f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"] for name, t in spent.items()]
+    return tabulate(rows, headers=["host to return", "us (median)", "range"], tablefmt="github")
+
+
+def sdpa_host(n: int, device: str, reps: int = 20) -> str:
+    """Host microseconds per bare ATen SDPA call (cuDNN, flash) at a read's shapes: the chunk's
+    queries ``[1, H, CHUNK, D]`` over ``[1, H, n, D]`` keys and values, launches not waited for."""
+    q = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    kv = torch.randn(2, 1, H, n, D, device=device, dtype=torch.bfloat16)
+    calls = {
+        "cuDNN": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv[0], kv[1], None, True, 0.0, False,
+                                                                            False, scale=None),
+        "flash": lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, kv[0], kv[1], 0.0, False, False),
+    }
+    rows = []
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        rows.append([f"bare {name} SDPA", f"{statistics.median(times) * 1e6:.0f}",
+                     f"{min(times) * 1e6:.0f}-{max(times) * 1e6:.0f}"])
+    return tabulate(rows, headers=["host per call", "us (median)", "range"], tablefmt="github")
 
 
 def seal_kernels(compiled, make, chunks: int, device: str, last: int = 4) -> None:

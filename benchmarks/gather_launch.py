@@ -4,7 +4,8 @@ One layer's K and V history at ``--frames`` latent frames (1,560 tokens each, 12
 packed with the ``qvg`` preset's layout (2-bit codes, FP8 scales per 64 channels, one codebook of
 256 centroids per 3-frame chunk), decoded into a BF16 workspace by `_gather_pair_kernel` with
 every combination of tokens per program and warps, with plain or streaming (``.cs``) workspace
-stores (and the per-group scale loads at 64 / 2). Prints
+stores (and the per-group scale loads at 64 / 2; the FP8 scales decoded by integer ops instead of
+the hardware's conversion at 32 / 1 and 64 / 2). Prints
 microseconds per launch (median of ``--reps`` CUDA-event timings), the HBM bandwidth that implies
 (packed bytes read + workspace written), checks that every setting writes the same workspace, and
 times ``zero_`` of the two workspaces: the write traffic alone, the floor of any gather.
@@ -69,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     read = sum(t.numel() * t.element_size() for s in (k, v) for t in (s.codes, s.scales, s.assignments))
     written = 2 * H * n * D * 2
     rows, ref = [], None
-    tiles = {"2d": dict(), "2d, streaming stores": dict(stream=True), "2d grouped": dict(grouped=True)}
+    tiles = {"2d": dict(), "2d, streaming stores": dict(stream=True), "2d grouped": dict(grouped=True),
+             "2d, integer FP8 decode": dict(scale_decode=1)}
     for tile, block, warps in itertools.product(tiles, (32, 64, 128, 256), (1, 2, 4, 8)):
         if tile == "2d grouped" and (block, warps) != (64, 2):
+            continue
+        if tile == "2d, integer FP8 decode" and (block, warps) not in ((32, 1), (64, 2)):
             continue
         launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, **tiles[tile])
         table, blocks = block_table(runs, runs, torch.device(dev), block=block)

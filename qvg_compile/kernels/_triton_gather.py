@@ -3,7 +3,7 @@ tokens and dense rows, driven by a run table built once per cache state."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -124,7 +124,10 @@ class GatherLaunch:
     it passes only the outputs and the run table (its host cost is Triton's launch alone)."""
 
     def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
-                 block_tokens: int, num_warps: int = 4, grouped: bool = False, stream: bool = False) -> None:
+                 block_tokens: int, num_warps: int = 4, grouped: bool = False, stream: bool = False,
+                 scale_decode: Optional[int] = None) -> None:
+        """``scale_decode`` overrides the ``SCALE_FP8`` meta-parameter `scale_format` picks (the
+        integer FP8 decode on a GPU that has the conversion, to compare the two)."""
         self.heads = k_store.codes.shape[1]
         self.rows = k_store.codes.shape[0] * self.heads
         self.args = [*kernel_store_args(k_store), k_tail, *k_tail.stride(),
@@ -132,7 +135,8 @@ class GatherLaunch:
         self.meta = dict(D=k_store.head_dim, BLOCK_N=block_tokens, K_BITS=k_store.bits, V_BITS=v_store.bits,
                          GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode],
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
-                         SCALE_FP8=scale_format(k_store.scales), GROUPED=grouped, STREAM=stream,
+                         SCALE_FP8=scale_format(k_store.scales) if scale_decode is None else scale_decode,
+                         GROUPED=grouped, STREAM=stream,
                          num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
