@@ -70,24 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     read = sum(t.numel() * t.element_size() for s in (k, v) for t in (s.codes, s.scales, s.assignments))
     written = 2 * H * n * D * 2
     rows, ref = [], None
-    tiles = {"2d": dict(), "2d, streaming stores": dict(stream=True), "2d grouped": dict(grouped=True),
-             "2d, integer FP8 decode": dict(scale_decode=1)}
-    for tile, block, warps in itertools.product(tiles, (32, 64, 128, 256), (1, 2, 4, 8)):
-        if tile == "2d grouped" and (block, warps) != (64, 2):
-            continue
-        if tile == "2d, integer FP8 decode" and (block, warps) not in ((32, 1), (64, 2)):
-            continue
-        launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, **tiles[tile])
-        table, blocks = block_table(runs, runs, torch.device(dev), block=block)
-        outs = [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
-        launch(table, blocks, *outs)
-        times = [timed(lambda: launch(table, blocks, *outs), dev) for _ in range(args.reps)]
-        if ref is None:
-            ref = [o.clone() for o in outs]
-        same = all(torch.equal(a, b) for a, b in zip(outs, ref))
-        us = statistics.median(times)
-        rows.append([tile, block, warps, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
-                     f"{(read + written) / us / 1e3:.0f}", "yes" if same else "NO"])
+    # Each tile with the (tokens per program, warps) it is tried at.
+    everywhere = list(itertools.product((32, 64, 128, 256), (1, 2, 4, 8)))
+    tiles = {"2d, packed loads": (dict(), everywhere),
+             "2d, a byte and a scale per channel": (dict(packed_loads=False), [(32, 1), (64, 2), (128, 4)]),
+             "2d, streaming stores": (dict(stream=True), [(32, 1), (64, 2)]),
+             "2d grouped": (dict(grouped=True, packed_loads=False), [(64, 2)]),
+             "2d, integer FP8 decode": (dict(scale_decode=1), [(32, 1), (64, 2)])}
+    for tile, (options, settings) in tiles.items():
+        for block, warps in settings:
+            launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, **options)
+            table, blocks = block_table(runs, runs, torch.device(dev), block=block)
+            outs = [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+            launch(table, blocks, *outs)
+            times = [timed(lambda: launch(table, blocks, *outs), dev) for _ in range(args.reps)]
+            if ref is None:
+                ref = [o.clone() for o in outs]
+            same = all(torch.equal(a, b) for a, b in zip(outs, ref))
+            us = statistics.median(times)
+            rows.append([tile, block, warps, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
+                         f"{(read + written) / us / 1e3:.0f}", "yes" if same else "NO"])
     print(f"gather of K and V, {args.frames} frames ({n:,} tokens x {H} heads x {D}), "
           f"{(read + written) / 1e6:.0f} MB moved per launch")
     floor = [timed(lambda: [o.zero_() for o in outs], dev) for _ in range(args.reps)]

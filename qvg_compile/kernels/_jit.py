@@ -72,6 +72,36 @@ def load_scale(ptr, mask, SCALE_FP8: tl.constexpr):
 
 
 @triton.jit
+def unpack_codes(rows, s_cd, m2, BN: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes of ``BITS`` (2, 4 or 8) -> fp32 ``[BN, D]`` from the byte rows at ``rows`` (``[BN, 1]``
+    pointers): each byte loaded once, in contiguous rows, and its codes spread over the channels
+    by joins (low bits first, as `quant.pack` packs them)."""
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    byte = tl.load(rows + tl.arange(0, D // PER)[None, :] * s_cd, mask=m2, other=0).to(tl.int32)
+    if PER == 1:
+        q = byte
+    elif PER == 2:
+        q = tl.reshape(tl.join(byte & MASK, (byte >> BITS) & MASK), (BN, D))
+    else:
+        lo = tl.join(byte & MASK, (byte >> (2 * BITS)) & MASK)
+        hi = tl.join((byte >> BITS) & MASK, (byte >> (3 * BITS)) & MASK)
+        q = tl.reshape(tl.join(lo, hi), (BN, D))
+    return q.to(tl.float32)
+
+
+@triton.jit
+def group_scales(rows, s_sg, n_mask, offs_d, GROUP: tl.constexpr, NG: tl.constexpr, SCALE_FP8: tl.constexpr):
+    """Scales (or zero points) of ``NG`` groups -> fp32 ``[BN, D]``, from the rows at ``rows``
+    (``[BN]`` pointers): one load per token and group, spread over the group's channels by selects."""
+    group = (offs_d // GROUP)[None, :]
+    out = tl.broadcast_to(load_scale(rows, n_mask, SCALE_FP8)[:, None], (rows.shape[0], offs_d.shape[0]))
+    for g in tl.static_range(1, NG):
+        out = tl.where(group == g, load_scale(rows + g * s_sg, n_mask, SCALE_FP8)[:, None], out)
+    return out
+
+
+@triton.jit
 def decode_tile(
     codes, s_cn, s_cd,
     scales, s_sn, s_sg,
@@ -81,7 +111,7 @@ def decode_tile(
     seg_ids,
     offs_n, n_mask, offs_d,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr,
-    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr = False,
+    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr = False, PACKED_LOADS: tl.constexpr = False,
 ):
     """Decode tokens ``offs_n`` (``[BN]``) of one (batch, head) of a `PackedStore` -> fp32 ``[BN, D]``.
 
@@ -90,29 +120,37 @@ def decode_tile(
     """
     PER: tl.constexpr = 8 // BITS
     m2 = n_mask[:, None]
-    byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
-    q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
     BN: tl.constexpr = offs_n.shape[0]
     D: tl.constexpr = offs_d.shape[0]
     NG: tl.constexpr = D // GROUP
-    if GROUPED:
+    if PACKED_LOADS:
+        q = unpack_codes(codes + offs_n[:, None] * s_cn, s_cd, m2, BN, D, BITS)
+    else:
+        byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
+        q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    if PACKED_LOADS:
+        s = group_scales(scales + offs_n * s_sn, s_sg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
+        if MODE == 2:
+            z = group_scales(zeros + offs_n * s_zn, s_zg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
+    elif GROUPED:
         # One scale load and decode per group, broadcast over the group's channels.
         g = tl.arange(0, NG)[None, :]
         s = tl.reshape(load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8), (BN, NG, 1))
         q = tl.reshape(q, (BN, NG, GROUP))
+        if MODE == 2:
+            z = tl.reshape(load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8), (BN, NG, 1))
     else:
         g = (offs_d // GROUP)[None, :]
         s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
+        if MODE == 2:
+            z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
     if MODE == 0:
         x = (q - ((1 << (BITS - 1)) - 1)) * s
     elif MODE == 1:
         x = (q - ((1 << (BITS - 1)) - 0.5)) * s
     else:
-        z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
-        if GROUPED:
-            z = tl.reshape(z, (BN, NG, 1))
         x = q * s + z
-    if GROUPED:
+    if GROUPED and not PACKED_LOADS:
         x = tl.reshape(x, (BN, D))
     if STAGES > 0:
         seg = tl.load(seg_ids + offs_n, mask=n_mask, other=0).to(tl.int64)

@@ -38,7 +38,7 @@ def _gather_block(
     side_table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
-    STREAM: tl.constexpr,
+    STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr,
 ):
     """Block ``program_id(0)`` of one side's runs ``(kind, src, dst, n, first block)``, for one
     (batch, head): up to ``BLOCK_N`` tokens decoded from store positions (kind 0) or copied from
@@ -69,7 +69,7 @@ def _gather_block(
             assign + b * s_ab + h * s_ah, s_as, s_an,
             cents + b * s_xb + h * s_xh, s_xk, s_xs, s_xc, s_xd,
             seg_ids, src + offs, mask, offs_d,
-            BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED,
+            BITS, GROUP, MODE, STAGES, SCALE_FP8, GROUPED, PACKED_LOADS,
         )
         _put(ptrs, decoded.to(out.dtype.element_ty), mask[:, None], STREAM)
     else:
@@ -99,7 +99,7 @@ def _gather_pair_kernel(
     table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, STAGES: tl.constexpr,
-    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr, STREAM: tl.constexpr,
+    SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr, STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr,
 ):
     # Grid: (blocks, batch * heads, 2); axis 2 picks K or V, whose runs may differ.
     side = tl.program_id(2)
@@ -109,13 +109,15 @@ def _gather_pair_kernel(
                       k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
                       k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
                       k_tail, k_s_tb, k_s_th, k_s_tn, k_s_td, k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
-                      side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, STREAM)
+                      side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
+                      PACKED_LOADS)
     else:
         _gather_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
                       v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
                       v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
                       v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td, v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
-                      side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, STREAM)
+                      side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
+                      PACKED_LOADS)
 
 
 class GatherLaunch:
@@ -125,9 +127,10 @@ class GatherLaunch:
 
     def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
                  block_tokens: int, num_warps: int = 4, grouped: bool = False, stream: bool = False,
-                 scale_decode: Optional[int] = None) -> None:
+                 scale_decode: Optional[int] = None, packed_loads: bool = True) -> None:
         """``scale_decode`` overrides the ``SCALE_FP8`` meta-parameter `scale_format` picks (the
-        integer FP8 decode on a GPU that has the conversion, to compare the two)."""
+        integer FP8 decode on a GPU that has the conversion, to compare the two); ``packed_loads``
+        False loads a code byte and a scale per channel (`_jit.decode_tile`), to compare."""
         self.heads = k_store.codes.shape[1]
         self.rows = k_store.codes.shape[0] * self.heads
         self.args = [*kernel_store_args(k_store), k_tail, *k_tail.stride(),
@@ -136,7 +139,7 @@ class GatherLaunch:
                          GROUP=k_store.group_size, K_MODE=MODE_IDS[k_store.code_mode],
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
                          SCALE_FP8=scale_format(k_store.scales) if scale_decode is None else scale_decode,
-                         GROUPED=grouped, STREAM=stream,
+                         GROUPED=grouped, STREAM=stream, PACKED_LOADS=packed_loads,
                          num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
