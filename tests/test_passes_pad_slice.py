@@ -123,3 +123,31 @@ def test_symbolic_token_counts_drop_the_padding_too(dynamic):
     assert len(notes) == 1 and "rows dropped" in notes[0] and f"({N - n} rows" not in notes[0]
     assert "empty_like" not in code and "torch.narrow" in code and ("size" in code) == ("q" in dynamic)
     assert torch.equal(got, expected)
+
+
+def sized_rope(x, cos, sin):
+    """LongCat-Video's own RoPE spelling (einops ``rearrange``): sizes read from the shape and
+    written out, so the last reshape is reached through those sizes before its tensor."""
+    xf = x.float()
+    b, h, t, d = xf.shape
+    pairs = xf.reshape(b, h, t, d // 2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(b, h, t, d)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def test_sizes_written_out_from_the_padded_shape_of_a_growing_cache():
+    def read(cache, q, cos, sin):
+        padded = torch.cat([torch.empty_like(cache), q], dim=2).contiguous()
+        return sized_rope(padded, cos, sin)[:, :, -q.shape[2]:].contiguous()
+
+    cache, q, cos, sin = inputs()
+    cache, q = cache.expand(2, -1, -1, -1).contiguous(), q.expand(2, -1, -1, -1).contiguous()
+    torch._dynamo.mark_dynamic(cache, 0)
+    torch._dynamo.mark_dynamic(cache, 2)
+    torch._dynamo.mark_dynamic(q, 0)
+    for table in (cos, sin):
+        torch._dynamo.maybe_mark_dynamic(table, 0)
+    notes, code, got, expected = rewrite(read, cache, q, cos, sin)
+    assert len(notes) == 1 and "rows dropped" in notes[0]
+    assert "empty_like" not in code
+    assert torch.equal(got, expected)

@@ -17,6 +17,16 @@ def _pairs(x, cos, sin):
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+def _pairs_sized(x, cos, sin):
+    """Pairs as einops' ``rearrange`` traces (LongCat-Video's own RoPE): reshapes that write every
+    size out, the token count included."""
+    xf = x.float()
+    b, h, n, d = xf.shape
+    p = xf.reshape(b, h, n, d // 2, 2)
+    rot = torch.stack([-p[..., 1], p[..., 0]], dim=-1).reshape(b, h, n, d)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
 def _halves(x, cos, sin):
     a, b = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-b, a], dim=-1) * sin
@@ -33,14 +43,19 @@ def _inputs(heads_table=False):
     return cache, new, torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)
 
 
-def _rewrite(rope, *, extra_use=False, heads_table=False):
+def _rewrite(rope, *, extra_use=False, heads_table=False, symbolic=False):
     def fn(cache, new, cos, sin):
         full = torch.cat([cache, new], dim=2).contiguous()
         out = rope(full, cos, sin)
         return (out, full.float() * 2) if extra_use else out
 
     args = _inputs(heads_table)
+    if symbolic:
+        # Token counts as size symbols, as in a graph compiled again for a growing history.
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 2 if t.dim() == 4 else 0)
     gm = traced_module(fn, *args)
+    args = _graph_inputs(gm, args)
     want = gm(*args)
     done, _ = rope_at_read(gm.graph)
     gm.recompile()
@@ -51,11 +66,27 @@ def _rewrite(rope, *, extra_use=False, heads_table=False):
                                                      if n.target is torch.ops.qvg.rope.default]
 
 
+def _graph_inputs(gm, tensors):
+    """The graph's inputs: ``tensors`` with the values of the size symbols Dynamo lifted as inputs."""
+    it = iter(tensors)
+    values = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        example = node.meta.get("example_value")
+        values.append(example.node.hint if isinstance(example, torch.SymInt) else next(it))
+    return values
+
+
 def test_pairs_and_halves_spellings_become_one_rope_op():
     done, rewritten, specs = _rewrite(_pairs)
     assert rewritten and len(done) == 1 and specs == [("pairs", "float32")]
     done, rewritten, specs = _rewrite(_halves)
     assert rewritten and specs == [("halves", "float32")]
+
+
+def test_a_rope_spelled_by_reshapes_that_write_the_sizes_out_becomes_one_rope_op():
+    for symbolic in (False, True):
+        done, rewritten, specs = _rewrite(_pairs_sized, symbolic=symbolic)
+        assert rewritten and len(done) == 1 and specs == [("pairs", "float32")], symbolic
 
 
 def test_other_chains_are_left_as_written():

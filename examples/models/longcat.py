@@ -49,7 +49,6 @@ from .common import (
     DiTConfig,
     RMSNorm,
     SwiGLUFFN,
-    apply_rope_real,
     check_int,
     gate,
     model_device_dtype,
@@ -136,7 +135,18 @@ class Rope3d(nn.Module):
             t, h, w = grid
             self.tables[grid] = rope_cos_sin(rope_angles_3d(torch.arange(t), h, w, self.axes, self.theta))
         cos, sin = (x.to(q.device) for x in self.tables[grid])
-        return apply_rope_real(q, cos, sin), apply_rope_real(k, cos, sin)
+        return rope_pairs_sized(q, cos, sin), rope_pairs_sized(k, cos, sin)
+
+
+def rope_pairs_sized(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope_real` spelled as LongCat-Video's RoPE is (``einops.rearrange`` from
+    ``[..., D]`` to ``[..., D/2, 2]`` and back): reshapes that write every size out, the token
+    count included, which is what the compiled graph sees. ``x`` ``[B, H, N, D]``."""
+    xf = x.float()
+    b, h, n, d = xf.shape
+    pairs = xf.reshape(b, h, n, d // 2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(b, h, n, d)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class SelfAttention(nn.Module):

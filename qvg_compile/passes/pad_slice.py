@@ -23,6 +23,7 @@ elsewhere, or a slice that is not exactly the last ``n`` tokens leaves the graph
 
 from __future__ import annotations
 
+import heapq
 import operator
 from typing import Any, Optional
 
@@ -139,10 +140,19 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
            ) -> tuple[Optional[list[fx.Node]], list[fx.Node]]:
     """The nodes computed from ``cat`` (topological, ``cat`` first) and the slices that end them;
     None when a node is not token-wise or a padded row (or a size of one) reaches anything else."""
-    chain, slices, todo = [cat], [], list(cat.users)
+    # Visited in graph order, so every input a node takes from the chain is seen before it (a
+    # reshape is also reached through the sizes it writes out, before the tensor it reshapes).
+    order = {node: i for i, node in enumerate(cat.graph.nodes)}
+    chain, slices, todo = [cat], [], [(order[u], u) for u in cat.users]
+    heapq.heapify(todo)
     seen = {cat}
+
+    def push(users) -> None:
+        for user in users:
+            heapq.heappush(todo, (order[user], user))
+
     while todo:
-        node = todo.pop(0)
+        node = heapq.heappop(todo)[1]
         if node in seen:
             continue
         seen.add(node)
@@ -152,7 +162,7 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
         if _is_size_value(node):
             # Sizes of a padded tensor: taken again from the rewritten one (its token count is n).
             chain.append(node)
-            todo.extend(node.users)
+            push(node.users)
             continue
         if not any(isinstance(a, fx.Node) and a in seen and not _is_size_value(a) for a in _tensor_args(node)):
             return None, []  # reached through a size only: it does not compute on padded rows
@@ -160,13 +170,13 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
             if _unbind_dim(node) <= dim:
                 return None, []
             chain.append(node)
-            todo.extend(node.users)
+            push(node.users)
             continue
         if node.target is operator.getitem and _is_unbind(node.args[0]):
             if not isinstance(node.args[1], int):
                 return None, []
             chain.append(node)
-            todo.extend(node.users)
+            push(node.users)
             continue
         out = example_value(node)
         tokenwise = (node.op == "call_function" and node.target in _TOKENWISE_FUNCTIONS) or \
@@ -182,8 +192,7 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
                 and not _token_count_known(node, dim, total, seen):
             return None, []
         chain.append(node)
-        todo.extend(node.users)
-    order = {node: i for i, node in enumerate(cat.graph.nodes)}
+        push(node.users)
     return sorted(chain, key=order.__getitem__), slices
 
 
@@ -286,7 +295,9 @@ def _token_count_known(node: fx.Node, dim: int, total: Any, seen: set) -> bool:
                 and len(count.args[0].args) == 1:
             base, index = count.args[0].args[0], count.args[1]
         else:
-            return False
+            # A size expression Dynamo computed from its symbols (``sym_sum([4, s98])``) that is
+            # the padded count for every value of them: made q's count like a literal one.
+            return _same(_size(_meta(count)), total)
         value = example_value(base) if isinstance(base, fx.Node) else None
         return base in seen and isinstance(index, int) and value is not None and index % value.dim() == dim
     return count == -1 or _same(_size(count), total)
@@ -295,12 +306,10 @@ def _token_count_known(node: fx.Node, dim: int, total: Any, seen: set) -> bool:
 def _token_count(args: tuple, dim: int, total: Any, count: Any) -> tuple:
     """The args of ``x.reshape(shape)`` / ``x.view(*shape)`` with the token count written out at
     ``dim`` (``total``) made ``count``; a count read from ``size()`` follows the rewritten tensor."""
-    if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        shape = list(args[1])
-        if len(shape) > dim and not isinstance(shape[dim], fx.Node) and _same(_size(shape[dim]), total):
-            shape[dim] = count
-        return (args[0], type(args[1])(shape))
-    shape = list(args[1:])
-    if len(shape) > dim and not isinstance(shape[dim], fx.Node) and _same(_size(shape[dim]), total):
+    packed = len(args) == 2 and isinstance(args[1], (list, tuple))
+    shape = list(args[1] if packed else args[1:])
+    # A literal count, or a size expression of the padded count (a rewritten ``size()`` of a
+    # chain node carries no traced value yet, so it is left as it is).
+    if len(shape) > dim and _same(_size(_meta(shape[dim])), total):
         shape[dim] = count
-    return (args[0], *shape)
+    return (args[0], type(args[1])(shape)) if packed else (args[0], *shape)

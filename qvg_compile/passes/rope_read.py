@@ -186,8 +186,9 @@ def _external(nodes: set[fx.Node], root: fx.Node) -> Optional[list[fx.Node]]:
     """The nodes the chain reads besides ``root`` and itself: tensors only, else None."""
     found: list[fx.Node] = []
     for node in nodes:
+        sizes = _leading_sizes(node)
         for arg in node.all_input_nodes:
-            if arg is root or arg in nodes or arg in found:
+            if arg is root or arg in nodes or arg in found or arg in sizes:
                 continue
             if not isinstance(example_value(arg), torch.Tensor) or isinstance(example_value(arg), QVGCache):
                 return None
@@ -266,7 +267,48 @@ def _chain_module(root: fx.Node, out: fx.Node, nodes: set[fx.Node], tables: list
     for i, t in enumerate(tables):
         env[t] = graph.placeholder(f"table{i}")
     for node in root.graph.nodes:
-        if node in nodes:
+        if node not in nodes:
+            continue
+        lead = len(_leading_sizes(node, nodes_only=False))
+        if lead:
+            # A reshape that spells out its input's leading sizes (einops' ``rearrange`` does:
+            # ``x.reshape([B, H, N, D // 2, 2])``, the token count included, as ints or as size
+            # symbols) reshapes only its trailing dims: at probe size those sizes are the probe's.
+            x = env[node.args[0]]
+            sizes = _shape_arg(node)
+            rest = [env[v] if isinstance(v, fx.Node) else v for v in sizes[lead:]]
+            env[node] = graph.call_method("reshape", (x, [graph.call_method("size", (x, i))
+                                                         for i in range(lead)] + rest))
+        else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[out])
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+_RESHAPES = {"reshape", "view"}
+
+
+def _shape_arg(node: fx.Node) -> Optional[list]:
+    """The target shape of a ``reshape``/``view`` node, as a list (ints or size nodes); None for other nodes."""
+    if not (node.op == "call_method" and node.target in _RESHAPES or node.target is torch.reshape) \
+            or len(node.args) < 2 or node.kwargs:
+        return None
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    return list(node.args[1] if packed else node.args[1:])
+
+
+def _leading_sizes(node: fx.Node, nodes_only: bool = True) -> list:
+    """The leading entries of a reshape's target shape that are its input's own sizes (known
+    equal, never the last dim): the nodes among them (all of them with ``nodes_only=False``)."""
+    sizes = _shape_arg(node)
+    source = example_value(node.args[0]) if sizes is not None and isinstance(node.args[0], fx.Node) else None
+    if not isinstance(source, torch.Tensor):
+        return []
+    lead = 0
+    while lead < min(len(sizes), source.dim()) - 1:
+        entry = sizes[lead]
+        size = entry.meta.get("example_value", entry.meta.get("val")) if isinstance(entry, fx.Node) else entry
+        if not isinstance(size, (int, torch.SymInt)) or not statically_known_true(source.shape[lead] == size):
+            break
+        lead += 1
+    return [v for v in sizes[:lead] if isinstance(v, fx.Node) or not nodes_only]
