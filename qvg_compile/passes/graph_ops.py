@@ -99,6 +99,19 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+RESHAPE_METHODS = {"view", "reshape"}
+
+
+def reshape_shape(node: fx.Node) -> Optional[list]:
+    """The target shape of a ``x.reshape(...)``/``x.view(...)``/``torch.reshape`` node as a list
+    (ints or size nodes, packed or spread in the call); None for any other node."""
+    if not (node.op == "call_method" and node.target in RESHAPE_METHODS or is_call(node, {torch.reshape})) \
+            or len(node.args) < 2 or node.kwargs:
+        return None
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    return list(node.args[1] if packed else node.args[1:])
+
+
 def example_value(node: fx.Node) -> Optional[torch.Tensor]:
     value = node.meta.get("example_value", node.meta.get("val"))
     return value if isinstance(value, torch.Tensor) else None

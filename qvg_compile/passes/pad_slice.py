@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name
+from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name, reshape_shape
 
 _PADS = {"empty_like", "zeros_like"}
 # Ops that act on each token alone when they keep the dims up to the token dim (checked by shape).
@@ -40,7 +40,6 @@ _TOKENWISE_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.neg, 
                         torch.reshape}
 _TOKENWISE_METHODS = {"float", "to", "type_as", "contiguous", "unflatten", "flatten", "view", "reshape", "mul",
                       "add", "sub", "neg", "half", "bfloat16"}
-_SHAPED = {"view", "reshape"}
 
 
 def _meta(node: object) -> Any:
@@ -128,7 +127,7 @@ def _rewrite(graph: fx.Graph, cat: fx.Node) -> Optional[str]:
         with graph.inserting_before(node):
             args = _map(node.args, new, graph, dim, total, count, node)
             kwargs = _map(node.kwargs, new, graph, dim, total, count, node)
-            if node.op == "call_method" and node.target in _SHAPED or is_call(node, {torch.reshape}):
+            if reshape_shape(node) is not None:
                 args = _token_count(args, dim, total, count)
             new[node] = graph.create_node(node.op, node.target, args, kwargs)
     for s in slices:
@@ -188,8 +187,7 @@ def _chain(cat: fx.Node, dim: int, lead: tuple, total: Any, n: Any
             return None, []
         if node.target is operator.getitem and not _indexes_after(node, dim):
             return None, []
-        if ((node.op == "call_method" and node.target in _SHAPED) or is_call(node, {torch.reshape})) \
-                and not _token_count_known(node, dim, total, seen):
+        if reshape_shape(node) is not None and not _token_count_known(node, dim, total, seen):
             return None, []
         chain.append(node)
         push(node.users)
@@ -275,15 +273,10 @@ def _map(obj: Any, new: dict[fx.Node, Any], graph: fx.Graph, dim: int, total: An
     return obj
 
 
-def _shape_arg(node: fx.Node) -> list:
-    args = node.args
-    return list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-
-
 def _token_count_known(node: fx.Node, dim: int, total: Any, seen: set) -> bool:
     """The target shape of a reshape in the chain says the token count as the literal ``total``,
     as ``-1``, or as a size of a padded tensor (anything else would keep ``total`` rows)."""
-    shape = _shape_arg(node)
+    shape = reshape_shape(node) or []
     if len(shape) <= dim:
         return False
     count = shape[dim]

@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..cache import QVGCache
 from ..cache.rope import LAYOUTS, RopeSpec, apply
 from .boundary import SAME_RANK
-from .graph_ops import CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name
+from .graph_ops import CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name, reshape_shape
 
 # Queries padded with ``empty_like(cache)`` to share the keys' RoPE call become a rotated view
 # too where `pad_slice` cannot drop the padding (it drops LongCat's at any length, symbolic ones
@@ -275,7 +275,7 @@ def _chain_module(root: fx.Node, out: fx.Node, nodes: set[fx.Node], tables: list
             # ``x.reshape([B, H, N, D // 2, 2])``, the token count included, as ints or as size
             # symbols) reshapes only its trailing dims: at probe size those sizes are the probe's.
             x = env[node.args[0]]
-            sizes = _shape_arg(node)
+            sizes = reshape_shape(node)
             rest = [env[v] if isinstance(v, fx.Node) else v for v in sizes[lead:]]
             env[node] = graph.call_method("reshape", (x, [graph.call_method("size", (x, i))
                                                          for i in range(lead)] + rest))
@@ -285,22 +285,10 @@ def _chain_module(root: fx.Node, out: fx.Node, nodes: set[fx.Node], tables: list
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-_RESHAPES = {"reshape", "view"}
-
-
-def _shape_arg(node: fx.Node) -> Optional[list]:
-    """The target shape of a ``reshape``/``view`` node, as a list (ints or size nodes); None for other nodes."""
-    if not (node.op == "call_method" and node.target in _RESHAPES or node.target is torch.reshape) \
-            or len(node.args) < 2 or node.kwargs:
-        return None
-    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-    return list(node.args[1] if packed else node.args[1:])
-
-
 def _leading_sizes(node: fx.Node, nodes_only: bool = True) -> list:
     """The leading entries of a reshape's target shape that are its input's own sizes (known
     equal, never the last dim): the nodes among them (all of them with ``nodes_only=False``)."""
-    sizes = _shape_arg(node)
+    sizes = reshape_shape(node)
     source = example_value(node.args[0]) if sizes is not None and isinstance(node.args[0], fx.Node) else None
     if not isinstance(source, torch.Tensor):
         return []
