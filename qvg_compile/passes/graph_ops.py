@@ -112,6 +112,11 @@ def reshape_shape(node: fx.Node) -> Optional[list]:
     return list(node.args[1] if packed else node.args[1:])
 
 
+def traced_value(obj: Any) -> Any:
+    """The value Dynamo traced for a node (a tensor, an int, a SymInt, a tuple); a constant as it is."""
+    return obj.meta.get("example_value", obj.meta.get("val")) if isinstance(obj, fx.Node) else obj
+
+
 def example_value(node: fx.Node) -> Optional[torch.Tensor]:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = traced_value(node)
     return value if isinstance(value, torch.Tensor) else None

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name, reshape_shape
+from .graph_ops import CAT_TARGETS, example_value, is_call, is_method, op_name, reshape_shape, traced_value
 
 _PADS = {"empty_like", "zeros_like"}
 # Ops that act on each token alone when they keep the dims up to the token dim (checked by shape).
@@ -40,11 +40,6 @@ _TOKENWISE_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.neg, 
                         torch.reshape}
 _TOKENWISE_METHODS = {"float", "to", "type_as", "contiguous", "unflatten", "flatten", "view", "reshape", "mul",
                       "add", "sub", "neg", "half", "bfloat16"}
-
-
-def _meta(node: object) -> Any:
-    """The traced value of a node (a tensor, an int, a SymInt, a tuple); a constant as it is."""
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
 
 def _as_int(value: object) -> Optional[int]:
@@ -220,7 +215,7 @@ def _is_last_rows(node: fx.Node, dim: int, total: Any, n: Any) -> bool:
     last = index[dim]
     if not isinstance(last, slice) or last.step is not None:
         return False
-    start, stop = _size(_meta(last.start)), _size(_meta(last.stop))
+    start, stop = _size(traced_value(last.start)), _size(traced_value(last.stop))
     return (last.stop is None or _same(stop, total)) and (_same(start, -n) or _same(start, total - n))
 
 
@@ -228,7 +223,7 @@ def _token_args_ok(node: fx.Node, chain: list[fx.Node], dim: int, total: Any) ->
     """Every tensor ``node`` reads besides the chain broadcasts over the tokens or has one row per token."""
     out = example_value(node)
     for arg in _tensor_args(node):
-        if arg in chain or isinstance(_meta(arg), (int, torch.SymInt)):
+        if arg in chain or isinstance(traced_value(arg), (int, torch.SymInt)):
             continue
         value = example_value(arg)
         if value is None or out is None:
@@ -290,7 +285,7 @@ def _token_count_known(node: fx.Node, dim: int, total: Any, seen: set) -> bool:
         else:
             # A size expression Dynamo computed from its symbols (``sym_sum([4, s98])``) that is
             # the padded count for every value of them: made q's count like a literal one.
-            return _same(_size(_meta(count)), total)
+            return _same(_size(traced_value(count)), total)
         value = example_value(base) if isinstance(base, fx.Node) else None
         return base in seen and isinstance(index, int) and value is not None and index % value.dim() == dim
     return count == -1 or _same(_size(count), total)
@@ -303,6 +298,6 @@ def _token_count(args: tuple, dim: int, total: Any, count: Any) -> tuple:
     shape = list(args[1] if packed else args[1:])
     # A literal count, or a size expression of the padded count (a rewritten ``size()`` of a
     # chain node carries no traced value yet, so it is left as it is).
-    if len(shape) > dim and _same(_size(_meta(shape[dim])), total):
+    if len(shape) > dim and _same(_size(traced_value(shape[dim])), total):
         shape[dim] = count
     return (args[0], type(args[1])(shape)) if packed else (args[0], *shape)

@@ -32,7 +32,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..cache import QVGCache
 from ..cache.rope import LAYOUTS, RopeSpec, apply
 from .boundary import SAME_RANK
-from .graph_ops import CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name, reshape_shape
+from .graph_ops import (CAT_TARGETS, SDPA_TARGETS, example_value, is_call, op_name, reshape_shape,
+                        traced_value)
 
 # Queries padded with ``empty_like(cache)`` to share the keys' RoPE call become a rotated view
 # too where `pad_slice` cannot drop the padding (it drops LongCat's at any length, symbolic ones
@@ -269,7 +270,7 @@ def _chain_module(root: fx.Node, out: fx.Node, nodes: set[fx.Node], tables: list
     for node in root.graph.nodes:
         if node not in nodes:
             continue
-        lead = len(_leading_sizes(node, nodes_only=False))
+        lead = len(_leading_sizes(node))
         if lead:
             # A reshape that spells out its input's leading sizes (einops' ``rearrange`` does:
             # ``x.reshape([B, H, N, D // 2, 2])``, the token count included, as ints or as size
@@ -285,9 +286,9 @@ def _chain_module(root: fx.Node, out: fx.Node, nodes: set[fx.Node], tables: list
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-def _leading_sizes(node: fx.Node, nodes_only: bool = True) -> list:
-    """The leading entries of a reshape's target shape that are its input's own sizes (known
-    equal, never the last dim): the nodes among them (all of them with ``nodes_only=False``)."""
+def _leading_sizes(node: fx.Node) -> list:
+    """The leading entries of a reshape's target shape that are its input's own sizes (ints or
+    size nodes, known equal; never the last dim); [] for any other node."""
     sizes = reshape_shape(node)
     source = example_value(node.args[0]) if sizes is not None and isinstance(node.args[0], fx.Node) else None
     if not isinstance(source, torch.Tensor):
@@ -295,8 +296,8 @@ def _leading_sizes(node: fx.Node, nodes_only: bool = True) -> list:
     lead = 0
     while lead < min(len(sizes), source.dim()) - 1:
         entry = sizes[lead]
-        size = entry.meta.get("example_value", entry.meta.get("val")) if isinstance(entry, fx.Node) else entry
+        size = traced_value(entry)
         if not isinstance(size, (int, torch.SymInt)) or not statically_known_true(source.shape[lead] == size):
             break
         lead += 1
-    return [v for v in sizes[:lead] if isinstance(v, fx.Node) or not nodes_only]
+    return sizes[:lead]
