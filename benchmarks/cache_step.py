@@ -38,7 +38,9 @@ from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache.policy import CachePolicy
 from qvg_compile.cache import encode as cache_encode
 from qvg_compile.cache import ops as cache_ops
+from qvg_compile.cache import read as cache_read
 from qvg_compile.cache import read_fast
+from qvg_compile.cache import read_plan
 from qvg_compile.cache.read_fast import BoundRead
 from qvg_compile.cache.read_plan import clear_plans
 from qvg_compile.cache.seal_flags import SealFlags
@@ -221,6 +223,8 @@ SEAL_STEPS = (
     (Store, "write"), (Store, "_write_rows"), (Store, "_take_slot"), (Store, "_seal_slots"), (Store, "_rows"),
     (Store, "_store_segment"), (Store, "_choose_codebook"), (Store, "_encode_parts"), (Store, "release"),
     (cache_encode, "encode_replayed"), (torch.cuda.CUDAGraph, "replay"), (SealFlags, "check"), (SealFlags, "add"),
+    (cache_ops, "attend"), (cache_read, "plan_for"), (read_plan, "build_plan"), (BoundRead, "__init__"),
+    (Prebound, "__call__"), (read_fast, "sdpa_with_lse"),
 )
 
 

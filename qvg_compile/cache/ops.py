@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import seal_ahead
+from .ahead import just_sealed
 from .clone import clone_store
 from .codec import lead_sel, leads, piece_tokens, positions
 from .host import host_thread
@@ -175,17 +177,22 @@ def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces:
                     k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:
     """SDPA of dense ``q`` ``[B, Hq, M, D]`` over two cache views ``[B, H, n, D]``."""
-    key = args_key(q, k, v, k_pieces, v_pieces, k_lead, v_lead, k_part, v_part)
+    out = None
     if not k_dense and not v_dense:
-        out = replay(key, q, k, v, scale)
-        if out is not None:
-            return out.contiguous()
-    with host_thread(q.device):
-        def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
-            return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
-                            leads(lead), part)  # type: ignore[arg-type]
-        return attend(q, side(k, k_dense, k_pieces, k_lead, k_part, k_spec),
-                      side(v, v_dense, v_pieces, v_lead, v_part, v_spec), scale, key).contiguous()
+        out = replay(args_key(q, k, v, k_pieces, v_pieces, k_lead, v_lead, k_part, v_part), q, k, v, scale)
+    if out is None:
+        with host_thread(q.device):
+            def side(arrays, dense, pieces, lead, part, spec) -> ReadSide:
+                return ReadSide(store_of(arrays, spec), pieces, dense[0] if dense else None,
+                                leads(lead), part)  # type: ignore[arg-type]
+            k_side = side(k, k_dense, k_pieces, k_lead, k_part, k_spec)
+            v_side = side(v, v_dense, v_pieces, v_lead, v_part, v_spec)
+            # The key after the stores are built: building one undoes a write opened ahead.
+            key = args_key(q, k, v, k_pieces, v_pieces, k_lead, v_lead, k_part, v_part)
+            out = attend(q, k_side, v_side, scale, key)
+    if just_sealed and not k_dense and not v_dense:
+        seal_ahead.after_read(q, k, k_pieces, k_lead, k_part, k_spec, v, v_pieces, v_lead, v_part, v_spec)
+    return out.contiguous()
 
 
 @cache_attention.register_fake

@@ -22,7 +22,8 @@ import torch
 
 from ..kernels.attention import merge_partial, sdpa_with_lse
 from ..kernels.gather import Gather
-from . import tally
+from ..kernels.launch import Prebound
+from . import ahead, tally
 from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled
 from .rope import RopeSpec, rotate_rows_
 from .spec import POS_MAP_AT
@@ -117,6 +118,12 @@ class BoundRead:
             self.blocks.append((gather.prebind(block.k_runs, block.v_runs, block.table, wk, wv), wk, wv))
         self.sealed, self.rows = plan.sealed, plan.tokens - plan.sealed
 
+    def prepare(self) -> None:
+        """Resolve the gathers' compiled kernels now (`Prebound.prepare`), not at the first call."""
+        for launch, _, _ in self.blocks:
+            if isinstance(launch, Prebound):
+                launch.prepare()
+
     def valid(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> bool:
         """Whether the op's array lists ``k``/``v`` are the arrays this read was bound to and its
         workspace is still the current one."""
@@ -165,7 +172,11 @@ def replay(key: tuple, q: Tensor, k: Sequence[Tensor], v: Sequence[Tensor], scal
     cached under ``key`` (`read_plan.args_key`) has one that is valid; else None (the op then
     runs in full). No `Store` is built and the token state is not read: the host cost is the
     gather's launch and the SDPA call. ``rotate``, ``return_lse``: as `BoundRead.__call__`."""
-    plan = cached_plan(key, k[POS_MAP_AT], v[POS_MAP_AT])
+    k_pos, v_pos = k[POS_MAP_AT], v[POS_MAP_AT]
+    if ahead.pending(id(k_pos)) or ahead.pending(id(v_pos)):
+        # A write opened ahead has not come: the full read builds a `Store`, which undoes it.
+        return None
+    plan = cached_plan(key, k_pos, v_pos)
     bound = None if plan is None else plan.replay
     if bound is None or not bound.valid(k, v) or not fast_reads_enabled():
         return None
@@ -178,10 +189,15 @@ def attend_planned(q: Tensor, k: ReadSide, v: ReadSide, plan: ReadPlan, scale: O
     """``softmax(q k^T * scale) v`` for q ``[B*tile, Hq, M, D]`` over the views of ``plan``, by
     the plan's `BoundRead` (bound here on the plan's first read, or again when it went stale).
     ``rotate``, ``return_lse``: as `BoundRead.__call__`."""
+    return bind(k, v, plan, q)(q, scale, rotate, return_lse)
+
+
+def bind(k: ReadSide, v: ReadSide, plan: ReadPlan, q: Tensor) -> BoundRead:
+    """The plan's `BoundRead` for queries laid out as ``q``, bound now unless a valid one is kept."""
     bound = plan.replay
     if bound is None or not bound.valid(*_array_lists(k, v)):
         bound = plan.replay = BoundRead(k, v, plan, q)
-    return bound(q, scale, rotate, return_lse)
+    return bound
 
 
 def _array_lists(k: ReadSide, v: ReadSide) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -68,6 +68,8 @@ def cache_attention_rope(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pi
             with host_thread(q.device):
                 k_side = ReadSide(store_of(k, k_spec), k_runs, None, leads(k_lead), k_part)  # type: ignore[arg-type]
                 v_side = ReadSide(store_of(v, v_spec), v_runs, None, leads(v_lead), v_part)  # type: ignore[arg-type]
+                # Again: building the stores may have undone a write opened ahead (`ahead`).
+                key = args_key(q, k, v, k_runs, v_runs, k_lead, v_lead, k_part, v_part)
                 found = _history(q, k_side, v_side, scale, rotate, key)
         partial.append(found)  # type: ignore[arg-type]
     if k_dense:

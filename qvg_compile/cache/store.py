@@ -34,7 +34,7 @@ from ..kernels.decode import OUT_DTYPES as DECODE_DTYPES
 from ..kernels.decode import dequantize_store
 from ..quant.segment import QVGSegment
 from ..quant.packed import PackedStore
-from . import tally
+from . import ahead, tally
 from .codec import lead_sel
 from .encode import encode_segment
 from .seal_flags import SealFlags, flags_for, known_flags
@@ -118,14 +118,28 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
     if not values:
         return False
     n = values[0].shape[-2]
-    r0 = _row_writes.get((id(arrays[POS_MAP_AT]), stamp_of(arrays[COUNTERS_AT]), start, n))
+    pos_map = arrays[POS_MAP_AT]
+    r0 = _row_writes.get((id(pos_map), stamp_of(arrays[COUNTERS_AT]), start, n))
     if r0 is None:
         return False
     sel = lead_sel(lead)
+    opened = None
+    if ahead.pending(id(pos_map)):
+        if sel is not None or len(parts) != len(spec.part_dims):
+            # Not the write it was opened for (a partial write fills the rest from the
+            # positions' old content): the op builds a `Store`, which undoes it.
+            return False
+        opened = ahead.take(pos_map)
     for p, v in zip(parts, values):
         tail = arrays[spec.tail_at[p]]
         (tail if sel is None else tail[sel_slices(sel)])[..., r0:r0 + n, :].copy_(v)
     tally.fast_write()
+    if opened is not None:
+        ahead.just_sealed[id(pos_map)] = (start, n)
+        if opened.guard is not None:
+            store = Store(spec, arrays)
+            store._guard = opened.guard
+            store.settle_guard()
     return True
 
 
@@ -164,6 +178,8 @@ class Store:
         self.sinks = min(spec.sinks, self.capacity)
         self._guard: Optional[_GuardCheck] = None
         self._defer_guards = False
+        if ahead.pending(id(self.pos_map)):
+            ahead.undo(self.pos_map)
 
     # NumPy views of the host state (same memory), made when first used: the bookkeeping of a
     # write that moves rows or seals is dozens of scalar reads and small updates, well under a
@@ -298,14 +314,57 @@ class Store:
                     relocate and not (self.np_slots[:, 0] < 0).any()):
                 self._seal_direct(start, end, values, sel, full)
                 return
+            sealing = not (self.np_slots[:, 0] < 0).any()
             j = self._take_slot()
             self.np_slots[j] = (start, self._age())
+            if sealing and full and start == first and not relocate:
+                ahead.just_sealed[id(self.pos_map)] = (start, n)
         rows = self._expected_row(j, start, end)
         self._write_rows(start, end, rows, values, sel, full)
         if start == first and not relocate:
-            if len(_row_writes) >= ROW_WRITES_SIZE:
-                _row_writes.clear()
-            _row_writes[(id(self.pos_map), self.stamp, start, n)] = int(rows[0])
+            self._remember_rows(start, n, int(rows[0]))
+
+    def _remember_rows(self, start: int, n: int, r0: int) -> None:
+        """The next write of ``n`` tokens at ``start`` in the current state is a copy to rows ``r0``."""
+        if len(_row_writes) >= ROW_WRITES_SIZE:
+            _row_writes.clear()
+        _row_writes[(id(self.pos_map), self.stamp, start, n)] = r0
+
+    def open_ahead(self, start: int, n: int) -> bool:
+        """Leave the token state as a full write of ``n`` tokens at ``start`` (every part, every
+        leading index) that seals a slot will leave it, without its values: seal the oldest slot,
+        give it to ``[start, start + n)``; the write itself then replays as a copy of its rows
+        (`replay_rows_write`), and the seal's codebook-fit check waits for it. Provisional until
+        then (`ahead`). Returns False, changing nothing, unless the write would seal: no free slot,
+        the positions fresh (holes) past the sinks and covered by no slot, at most a slot long."""
+        end = start + n
+        slots = self.np_slots
+        if (not self.spec.slots or not 0 < n <= self.spec.slot_tokens or start < self.sinks or end > self.capacity
+                or (slots[:, 0] < 0).any() or self._slot_covering(start, end) is not None
+                or not (self.np_pos[start:end] == HOLE).all()):
+            return False
+        live = (self.np_pos, self.np_slots, self.np_segs, self.np_counters)
+        saved = tuple(a.copy() for a in live)
+        before = int(self.np_segs[:, LIVE].sum())
+        self._defer_guards = True
+        try:
+            j = self._take_slot()
+        except ValueError:
+            for a, old in zip(live, saved):
+                a[...] = old
+            return False
+        finally:
+            self._defer_guards = False
+        slots[j] = (start, self._age())
+        rows = self._expected_row(j, start, end)
+        self.np_pos[start:end] = rows
+        self.changed()
+        self._remember_rows(start, n, int(rows[0]))
+        ahead.record(self.pos_map, ahead.Opened(weakref.ref(self.pos_map), live, saved, start, n, self._guard,
+                                                int(self.np_segs[:, LIVE].sum()) - before))
+        self._guard = None
+        tally.add(seals_ahead=1)
+        return True
 
     def _slot_covering(self, start: int, end: int) -> Optional[int]:
         first = self.np_slots[:, 0]
@@ -512,7 +571,9 @@ class Store:
             self.np_counters[LATEST] = slot
             if fits:
                 if len(_creator_fit) >= CREATOR_FITS_SIZE:
-                    _creator_fit.clear()
+                    # The oldest goes: a codebook is only shared by the segments sealed right
+                    # after it (and a write opened ahead must not change which fits are known).
+                    del _creator_fit[next(iter(_creator_fit))]
                 _creator_fit[uid] = _worst(fits)
         self.np_segs[slot, USES] += 1
         self.np_segs[slot, LIVE] += n

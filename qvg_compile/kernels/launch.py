@@ -38,7 +38,18 @@ class Prebound:
         if self._runner is not None:
             self._runner(*self._params)
             return
-        compiled = self.fn[self.grid](*self.args, **self.meta)
+        self._keep(self.fn[self.grid](*self.args, **self.meta))
+
+    def prepare(self) -> None:
+        """Find the compiled kernel now, without launching (Triton's ``warmup``), so that the
+        first call already goes straight to the launcher. Nothing to do under the interpreter."""
+        warmup = getattr(self.fn, "warmup", None)
+        if self._runner is not None or warmup is None or not hasattr(self.fn, "arg_names"):
+            return
+        self._keep(warmup(*self.args, grid=self.grid, **self.meta))
+
+    def _keep(self, compiled: Any) -> None:
+        """Keep ``compiled`` (what Triton's launch or warmup returned) and its argument list."""
         names = getattr(self.fn, "arg_names", None)
         if compiled is None or names is None or not hasattr(compiled, "__getitem__"):
             return

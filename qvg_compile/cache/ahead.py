@@ -1,0 +1,93 @@
+"""Writes opened ahead: a cache's token state moved to what its next write will leave, before it.
+
+`cache.seal_ahead` runs the sealing part of a store's next write early (`Store.open_ahead`: seal
+the oldest slot, give the freed slot to the positions the write will cover) while the device is
+busy with another layer's attention. The write itself then only copies its rows. Until that
+write arrives the change is provisional, and this module keeps what undoes it: a copy of the
+store's host token state from before (``pos_map``, slots, codebook table, counters).
+
+* The write it was made for (a full write of every part at the same positions, replayed as a
+  copy by `store.replay_rows_write`) confirms it: the record is dropped and the codebook-fit check
+  its seal left is settled then (`Store.settle_guard`), exactly where the write would have.
+* Anything else that reaches the store first (a `Store` is built for any other op, a read
+  replayed from its plan asks `pending`) undoes it: the host state is put back as it was. What
+  the early seal wrote on the device stays where nothing reads it: codes at positions the token
+  state says are dense again, centroids in a codebook slot no live token uses.
+
+So every op sees the state it would have seen without the early seal, and results are the same
+with or without it. One difference is visible: a refusal by the encoder (NaN/Inf, scales out of
+range, see `seal_flags`) of an early seal that is then undone is still reported, by the cache's
+next seal, which would refuse the same tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import tally
+
+
+@dataclass
+class Opened:
+    """A write opened ahead on the store whose ``pos_map`` is referenced: the host arrays and
+    their saved copies, the positions ``[start, start + n)`` the write will cover, the seal's
+    pending codebook-fit check (`store._GuardCheck` or None) and the tokens it sealed (for
+    `tally`)."""
+
+    pos_map: weakref.ref
+    arrays: tuple[np.ndarray, ...]
+    saved: tuple[np.ndarray, ...]
+    start: int
+    n: int
+    guard: Any
+    sealed: int
+
+    def restore(self) -> None:
+        for live, old in zip(self.arrays, self.saved):
+            live[...] = old
+        tally.add(seals=-1, sealed_tokens=-self.sealed, seals_undone=1)
+
+
+# Opened writes by ``id(pos_map)``; a record whose weak reference is dead is ignored and dropped.
+_opened: dict[int, Opened] = {}
+
+# Stores whose last write sealed their oldest slot and filled the freed one with fresh rows, by
+# ``id(pos_map)`` -> ``(start, n)`` of that write: what a read learns the next store to open from.
+just_sealed: dict[int, tuple[int, int]] = {}
+
+
+def record(pos_map: torch.Tensor, opened: Opened) -> None:
+    _opened[id(pos_map)] = opened
+
+
+def pending(pos_map_id: int) -> bool:
+    """Whether the store of ``pos_map`` (by id) has a write opened ahead (cheap: one lookup)."""
+    return bool(_opened) and pos_map_id in _opened
+
+
+def take(pos_map: torch.Tensor) -> Optional[Opened]:
+    """The record opened ahead on ``pos_map``'s store, removed; None when there is none."""
+    found = _opened.pop(id(pos_map), None)
+    if found is None or found.pos_map() is not pos_map:
+        return None
+    return found
+
+
+def undo(pos_map: torch.Tensor) -> bool:
+    """Put ``pos_map``'s store back as it was before its opened write; False when none was open."""
+    found = take(pos_map)
+    if found is None:
+        return False
+    found.restore()
+    return True
+
+
+def forget() -> None:
+    """Drop every record (the stores keep their opened state: tests that start afresh)."""
+    _opened.clear()
+    just_sealed.clear()

@@ -1,0 +1,134 @@
+"""Seal ahead: the next layer's sealing write and read plan, done while this layer's attention runs.
+
+An AR video model seals one chunk per cache at the first write of the next chunk, layer after
+layer, and reads right after. A model that reads a scalar back at every layer (Self-Forcing's
+``.item()`` of the cache's end index) leaves the device idle while the host runs that write (the
+seal's bookkeeping, its encode's launch, copies) and builds the new state's read plan: ~2-3 ms of
+host per layer and chunk on the H200's host, with nothing queued to hide it.
+
+Reads and seals come in the same order every chunk. So a read whose K and V stores were both just
+sealed (a *sealing read*) records itself as the successor of the previous sealing read. When
+the same read comes again, once its attention is launched (the device now has milliseconds of
+work queued), it opens the next write of its successor's stores ahead (`Store.open_ahead`: the
+seal, and the freed slot given to the same positions its own write just covered), builds the
+read plan of the state that leaves and binds the plan's gather. The successor's write is then a
+copy of its rows and its read a replay. `cache.ahead` undoes an opened write that anything
+other than its write reaches first, so every op computes what it would have without this
+(``QVG_SEAL_AHEAD=off`` turns it off; `tally.stats` counts ``seals_ahead`` and
+``seals_undone``).
+
+What it costs: the seal's encode runs on the device behind the attention instead of under the
+sealing write's host time.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .ahead import just_sealed
+from .codec import leads
+from .host import host_thread
+from .read_fast import bind
+from .read_plan import ReadSide, args_key, plan_for
+from .spec import POS_MAP_AT, StoreSpec
+from .store import Store
+
+Tensor = torch.Tensor
+NEXT_SIZE = 4096
+SWITCH = "QVG_SEAL_AHEAD"
+
+
+def enabled() -> bool:
+    """Whether sealing reads open their successor's write (``QVG_SEAL_AHEAD``: ``on``, the
+    default, or ``off``; read at every sealing read)."""
+    value = os.environ.get(SWITCH, "on")
+    if value not in ("on", "off"):
+        raise ValueError(f"{SWITCH}: expected 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side of a read as the op received it: weak references to its arrays, spec, lead, part."""
+
+    arrays: tuple[weakref.ref, ...]
+    spec: str
+    lead: tuple[int, ...]
+    part: int
+
+    @staticmethod
+    def of(arrays: Sequence[Tensor], spec: str, lead: Sequence[int], part: int) -> "_Side":
+        return _Side(tuple(weakref.ref(a) for a in arrays), spec, tuple(int(x) for x in lead), int(part))
+
+    def live(self) -> Optional[list[Tensor]]:
+        arrays = [ref() for ref in self.arrays]
+        return None if any(a is None for a in arrays) else arrays  # type: ignore[return-value]
+
+
+# The sealing read that followed each sealing read last time, by ``(id(k pos_map), id(v pos_map))``.
+_next: dict[tuple[int, int], tuple[_Side, _Side]] = {}
+_last: Optional[tuple[int, int]] = None
+
+
+def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: Sequence[int], k_part: int,
+               k_spec: str, v: Sequence[Tensor], v_pieces: Sequence[int], v_lead: Sequence[int], v_part: int,
+               v_spec: str) -> bool:
+    """Called by a read (``qvg::cache_attention``'s arguments) once its attention is launched and
+    some store's last write sealed (`ahead.just_sealed` not empty). Returns whether it opened the
+    next store's write."""
+    global _last
+    k_id, v_id = id(k[POS_MAP_AT]), id(v[POS_MAP_AT])
+    wrote = just_sealed.pop(k_id, None)
+    if v_id != k_id and just_sealed.pop(v_id, None) != wrote:
+        return False
+    if wrote is None:
+        return False
+    here = (k_id, v_id)
+    if _last is not None and _last != here:
+        if len(_next) >= NEXT_SIZE:
+            _next.clear()
+        _next[_last] = (_Side.of(k, k_spec, k_lead, k_part), _Side.of(v, v_spec, v_lead, v_part))
+    _last = here
+    successor = _next.get(here)
+    if successor is None or (successor[0].spec, successor[1].spec) != (k_spec, v_spec) or not enabled():
+        return False
+    return _open(successor, wrote, q, k_pieces, v_pieces)
+
+
+def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_pieces: Sequence[int],
+          v_pieces: Sequence[int]) -> bool:
+    """Open the write ``wrote`` ``(start, n)`` on the successor's stores and prepare its read, with
+    the views of the read just made (the successor's stores have the same spec and read the same
+    positions)."""
+    k_side, v_side = successor
+    k, v = k_side.live(), v_side.live()
+    if k is None or v is None:
+        return False
+    with host_thread(q.device):
+        k_store = Store(StoreSpec.from_json(k_side.spec), k)
+        same = v[POS_MAP_AT] is k[POS_MAP_AT]
+        v_store = k_store if same else Store(StoreSpec.from_json(v_side.spec), v)
+        opened = k_store.open_ahead(*wrote)
+        if not same:
+            opened = v_store.open_ahead(*wrote) and opened
+        if not opened:
+            return False
+        sides = (ReadSide(k_store, k_pieces, None, leads(k_side.lead), k_side.part),  # type: ignore[arg-type]
+                 ReadSide(v_store, v_pieces, None, leads(v_side.lead), v_side.part))  # type: ignore[arg-type]
+        key = args_key(q, k, v, k_pieces, v_pieces, k_side.lead, v_side.lead, k_side.part, v_side.part)
+        plan = plan_for(*sides, q, key)
+        if plan.reason is None:
+            bind(*sides, plan, q).prepare()
+    return True
+
+
+def forget() -> None:
+    """Drop the learned order (a new model, tests)."""
+    global _last
+    _next.clear()
+    _last = None
