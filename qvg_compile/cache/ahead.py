@@ -53,8 +53,10 @@ class Opened:
         tally.add(seals=-1, sealed_tokens=-self.sealed, seals_undone=1)
 
 
-# Opened writes by ``id(pos_map)``; a record whose weak reference is dead is ignored and dropped.
+# Opened writes by ``id(pos_map)``; a record whose weak reference is dead is ignored, and dropped
+# once this many records are kept.
 _opened: dict[int, Opened] = {}
+PURGE_AT = 64
 
 # Stores whose last write sealed their oldest slot and filled the freed one with fresh rows, by
 # ``id(pos_map)`` -> ``(start, n)`` of that write: what a read learns the next store to open from.
@@ -62,6 +64,9 @@ just_sealed: dict[int, tuple[int, int]] = {}
 
 
 def record(pos_map: torch.Tensor, opened: Opened) -> None:
+    if len(_opened) >= PURGE_AT:
+        for key in [key for key, found in _opened.items() if found.pos_map() is None]:
+            del _opened[key]
     _opened[id(pos_map)] = opened
 
 

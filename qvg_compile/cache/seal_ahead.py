@@ -14,8 +14,9 @@ seal, and the freed slot given to the same positions its own write just covered)
 read plan of the state that leaves and binds the plan's gather. The successor's write is then a
 copy of its rows and its read a replay. `cache.ahead` undoes an opened write that anything
 other than its write reaches first, so every op computes what it would have without this
-(``QVG_SEAL_AHEAD=off`` turns it off; `tally.stats` counts ``seals_ahead`` and
-``seals_undone``).
+(``QVG_SEAL_AHEAD=off`` turns it off; `tally.stats` counts ``seals_ahead``, ``seals_undone`` and,
+on the GPU, ``seals_ahead_late``: the reads whose attention had finished before the host work
+done in its shadow, so the device waited for it).
 
 What it costs: the seal's encode runs on the device behind the attention instead of under the
 sealing write's host time.
@@ -30,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import tally
 from .ahead import just_sealed
 from .codec import leads
 from .host import host_thread
@@ -109,6 +111,10 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
     k, v = k_side.live(), v_side.live()
     if k is None or v is None:
         return False
+    # Done when the attention just launched is: whether the device outlasted this host work.
+    attention = torch.cuda.Event() if q.is_cuda else None
+    if attention is not None:
+        attention.record()
     with host_thread(q.device):
         k_store = Store(StoreSpec.from_json(k_side.spec), k)
         same = v[POS_MAP_AT] is k[POS_MAP_AT]
@@ -124,6 +130,8 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
         plan = plan_for(*sides, q, key)
         if plan.reason is None:
             bind(*sides, plan, q).prepare()
+    if attention is not None and attention.query():
+        tally.add(seals_ahead_late=1)
     return True
 
 
