@@ -175,3 +175,26 @@ def test_each_deviation_undoes_the_opened_write_it_reaches_first(monkeypatch):
         on, _ = run(monkeypatch, "on", lambda model, kind=kind: script(model, kind, True))
         assert all(torch.equal(a, b) for a, b in zip(on, off)), kind
         assert undone == [0, 0 if kind == "key only" else 2], kind
+
+
+def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
+    late = iter([True, True, False, True, False, False])
+    real_open = seal_ahead._open
+
+    def timed_open(*args):
+        opened, _ = real_open(*args)
+        return opened, next(late) if opened else False
+
+    monkeypatch.setattr(seal_ahead, "_open", timed_open)
+    monkeypatch.setenv("QVG_SEAL_AHEAD", "on")
+    reset_stats()
+    model = Model()
+    opens = []
+    for _ in range(S // L):
+        before = stats().get("seals_ahead", 0)
+        ar_chunks(1)(model)
+        opens.append((stats().get("seals_ahead", 0) - before) // 2)
+    # Layers 0 and 1 open the next layer from chunk 2 on. Opens 1, 2 and 4 end late: layer 0's
+    # read skips chunk 3 and opens again in chunk 4 (in time: no more skips); layer 1's skips
+    # chunk 3, opens late in chunk 4 and skips two chunks (5 and the next).
+    assert opens == [0, 0, 2, 0, 2, 1]

@@ -19,7 +19,11 @@ on the GPU, ``seals_ahead_late``: the reads whose attention had finished before 
 done in its shadow, so the device waited for it).
 
 What it costs: the seal's encode runs on the device behind the attention instead of under the
-sealing write's host time.
+sealing write's host time; and when the attention is shorter than the host work done behind it
+(short histories), the launches of the rest of the layer, which had been queued behind the
+attention, wait for that work. A read whose open ended after its attention (an event recorded
+at its start has completed) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries
+again; one that ends in time opens every chunk.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class _Side:
 # The sealing read that followed each sealing read last time, by ``(id(k pos_map), id(v pos_map))``.
 _next: dict[tuple[int, int], tuple[_Side, _Side]] = {}
 _last: Optional[tuple[int, int]] = None
+# Reads whose last open ended after their attention: ``(sealing reads to skip, next skip)``. The
+# host work then delays the launches of the rest of the layer, which had been queued behind the
+# attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
+_backoff: dict[tuple[int, int], tuple[int, int]] = {}
+MAX_BACKOFF = 64
 
 
 def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: Sequence[int], k_part: int,
@@ -99,18 +108,28 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
     successor = _next.get(here)
     if successor is None or (successor[0].spec, successor[1].spec) != (k_spec, v_spec) or not enabled():
         return False
-    return _open(successor, wrote, q, k_pieces, v_pieces)
+    skip, wait = _backoff.get(here, (0, 1))
+    if skip:
+        _backoff[here] = (skip - 1, wait)
+        return False
+    opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
+    if late:
+        _backoff[here] = (wait, min(2 * wait, MAX_BACKOFF))
+    else:
+        _backoff.pop(here, None)
+    return opened
 
 
 def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_pieces: Sequence[int],
-          v_pieces: Sequence[int]) -> bool:
+          v_pieces: Sequence[int]) -> tuple[bool, bool]:
     """Open the write ``wrote`` ``(start, n)`` on the successor's stores and prepare its read, with
     the views of the read just made (the successor's stores have the same spec and read the same
-    positions)."""
+    positions). Returns whether it opened, and whether the attention had ended before the host
+    work did (the device waited)."""
     k_side, v_side = successor
     k, v = k_side.live(), v_side.live()
     if k is None or v is None:
-        return False
+        return False, False
     # Done when the attention just launched is: whether the device outlasted this host work.
     attention = torch.cuda.Event() if q.is_cuda else None
     if attention is not None:
@@ -123,20 +142,22 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
         if not same:
             opened = v_store.open_ahead(*wrote) and opened
         if not opened:
-            return False
+            return False, False
         sides = (ReadSide(k_store, k_pieces, None, leads(k_side.lead), k_side.part),  # type: ignore[arg-type]
                  ReadSide(v_store, v_pieces, None, leads(v_side.lead), v_side.part))  # type: ignore[arg-type]
         key = args_key(q, k, v, k_pieces, v_pieces, k_side.lead, v_side.lead, k_side.part, v_side.part)
         plan = plan_for(*sides, q, key)
         if plan.reason is None:
             bind(*sides, plan, q).prepare()
-    if attention is not None and attention.query():
+    late = attention is not None and attention.query()
+    if late:
         tally.add(seals_ahead_late=1)
-    return True
+    return True, late
 
 
 def forget() -> None:
     """Drop the learned order (a new model, tests)."""
     global _last
     _next.clear()
+    _backoff.clear()
     _last = None
