@@ -198,3 +198,22 @@ def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
     # read skips chunk 3 and opens again in chunk 4 (in time: no more skips); layer 1's skips
     # chunk 3, opens late in chunk 4 and skips two chunks (5 and the next).
     assert opens == [0, 0, 2, 0, 2, 1]
+
+
+def test_a_successor_whose_opened_write_was_undone_backs_off(monkeypatch):
+    monkeypatch.setenv("QVG_SEAL_AHEAD", "on")
+    reset_stats()
+    model = Model()
+    opens, undone = [], []
+    for chunk in range(S // L):
+        before = (stats().get("seals_ahead", 0), stats().get("seals_undone", 0))
+        model.step()  # layer 0's write and read: from chunk 2 on, its read opens layer 1's write
+        deviate("read", 1)(model)  # layer 1 read before its write: undoes what was opened
+        for _ in range(LAYERS * PASSES - 1):
+            model.step()
+        opens.append((stats().get("seals_ahead", 0) - before[0]) // 2)
+        undone.append((stats().get("seals_undone", 0) - before[1]) // 2)
+    # Layer 1 -> 2 opens every chunk from 2 on; layer 0 -> 1 opens in chunk 2, is undone, finds
+    # that in chunk 3 and skips chunks 3 and 4, and opens (and is undone) again in chunk 5.
+    assert opens == [0, 0, 2, 1, 1, 2]
+    assert undone == [0, 0, 1, 0, 0, 1]

@@ -130,3 +130,27 @@ def test_steady_state_kv_bytes_are_6_5x_below_bf16():
     marginal, whole = steady_state_ratio((4, 8))
     assert marginal >= 6.5, (marginal, whole)
     assert whole > 3.0
+
+
+@pytest.mark.parametrize("window", [None, (5, 1)], ids=["global", "rolling_sink"])
+def test_seal_ahead_leaves_the_video_bit_equal(window, monkeypatch):
+    """The pipeline's loop (layer after layer, 4 denoising forwards and a clean one per chunk) on
+    compressed caches, with `cache.seal_ahead` and without: the same video, bit for bit. With a
+    global cache later layers' seals are opened ahead; a rolling window's writes find a free slot
+    after the roll, so nothing is opened there."""
+    from qvg_compile.cache import ahead, read_plan, reset_stats, seal_ahead, stats
+
+    overrides = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
+    videos, opened = [], []
+    for switch in ("off", "on"):
+        monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
+        seal_ahead.forget()
+        ahead.forget()
+        read_plan.clear_plans()
+        reset_stats()
+        m = make(**overrides)
+        videos.append(sf.generate(m, 6, seed=1, progress=False, kv_cache=compressed_cache(m, None if window else 21)))
+        opened.append(stats().get("seals_ahead", 0))
+    assert torch.equal(*videos)
+    assert opened[0] == 0
+    assert (opened[1] > 0) == (window is None)

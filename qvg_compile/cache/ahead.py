@@ -58,6 +58,10 @@ class Opened:
 _opened: dict[int, Opened] = {}
 PURGE_AT = 64
 
+# Stores whose last opened write was undone, by ``id(pos_map)`` (`seal_ahead` stops opening them
+# for a while: a model that, say, rolls its window before writing undoes every one).
+undone: set[int] = set()
+
 # Stores whose last write sealed their oldest slot and filled the freed one with fresh rows, by
 # ``id(pos_map)`` -> ``(start, n)`` of that write: what a read learns the next store to open from.
 just_sealed: dict[int, tuple[int, int]] = {}
@@ -89,6 +93,9 @@ def undo(pos_map: torch.Tensor) -> bool:
     if found is None:
         return False
     found.restore()
+    if len(undone) >= PURGE_AT:
+        undone.clear()
+    undone.add(id(pos_map))
     return True
 
 
@@ -96,3 +103,4 @@ def forget() -> None:
     """Drop every record (the stores keep their opened state: tests that start afresh)."""
     _opened.clear()
     just_sealed.clear()
+    undone.clear()

@@ -22,8 +22,9 @@ What it costs: the seal's encode runs on the device behind the attention instead
 sealing write's host time; and when the attention is shorter than the host work done behind it
 (short histories), the launches of the rest of the layer, which had been queued behind the
 attention, wait for that work. A read whose open ended after its attention (an event recorded
-at its start has completed) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries
-again; one that ends in time opens every chunk.
+at its start has completed), or whose last opened write was undone (a model that rolls its
+window before writing undoes every one), skips its next opens, 1, 2, 4 ... up to 64 sealing
+reads, and tries again; one that ends in time and is confirmed opens every chunk.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import tally
-from .ahead import just_sealed
+from .ahead import just_sealed, undone
 from .codec import leads
 from .host import host_thread
 from .read_fast import bind
@@ -79,7 +80,8 @@ class _Side:
 # The sealing read that followed each sealing read last time, by ``(id(k pos_map), id(v pos_map))``.
 _next: dict[tuple[int, int], tuple[_Side, _Side]] = {}
 _last: Optional[tuple[int, int]] = None
-# Reads whose last open ended after their attention: ``(sealing reads to skip, next skip)``. The
+# Reads whose last open ended after their attention or was undone: ``(sealing reads to skip, next
+# skip)``. The
 # host work then delays the launches of the rest of the layer, which had been queued behind the
 # attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
 _backoff: dict[tuple[int, int], tuple[int, int]] = {}
@@ -112,12 +114,27 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
     if skip:
         _backoff[here] = (skip - 1, wait)
         return False
-    opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
+    if _was_undone(successor):
+        opened, late = False, True
+    else:
+        opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
     if late:
         _backoff[here] = (wait, min(2 * wait, MAX_BACKOFF))
     else:
         _backoff.pop(here, None)
     return opened
+
+
+def _was_undone(successor: tuple[_Side, _Side]) -> bool:
+    """Whether the last write opened on either of the successor's stores was undone (forgotten
+    once asked)."""
+    found = False
+    for side in successor:
+        pos_map = side.arrays[POS_MAP_AT]()
+        if pos_map is not None and id(pos_map) in undone:
+            undone.discard(id(pos_map))
+            found = True
+    return found
 
 
 def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_pieces: Sequence[int],
