@@ -217,3 +217,18 @@ def test_a_successor_whose_opened_write_was_undone_backs_off(monkeypatch):
     # that in chunk 3 and skips chunks 3 and 4, and opens (and is undone) again in chunk 5.
     assert opens == [0, 0, 2, 1, 1, 2]
     assert undone == [0, 0, 1, 0, 0, 1]
+
+
+def test_a_seal_the_encoder_refuses_is_not_opened_and_raises_at_its_own_write(monkeypatch):
+    for switch in ("off", "on"):
+        monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
+        model = Model()
+        ar_chunks(3)(model)  # chunks 0-2 done; chunk 3's sealing pass is next
+        k, v = model.caches[1]
+        k[:, 2 * L:3 * L] = torch.full((B, L, H, D), float("nan"))
+        model.step()  # layer 0 seals and reads; with seal ahead it tries to open layer 1
+        # The keys' seal is refused and not opened (the values' is, with seal ahead).
+        assert not ahead.pending(id(k._handle.arrays[POS_MAP_AT]))
+        assert ahead.pending(id(v._handle.arrays[POS_MAP_AT])) == (switch == "on")
+        with pytest.raises(ValueError, match="NaN or Inf|cannot be quantized"):
+            model.step()  # layer 1's own sealing write

@@ -67,6 +67,14 @@ undone: set[int] = set()
 just_sealed: dict[int, tuple[int, int]] = {}
 
 
+def note_sealed(pos_map: torch.Tensor, start: int, n: int) -> None:
+    """``pos_map``'s store just sealed a slot and wrote ``n`` fresh rows at ``start``."""
+    if len(just_sealed) >= PURGE_AT:
+        # Entries of stores no read has looked at since (never read, or dropped).
+        just_sealed.clear()
+    just_sealed[id(pos_map)] = (start, n)
+
+
 def record(pos_map: torch.Tensor, opened: Opened) -> None:
     if len(_opened) >= PURGE_AT:
         for key in [key for key, found in _opened.items() if found.pos_map() is None]:

@@ -135,7 +135,7 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
         (tail if sel is None else tail[sel_slices(sel)])[..., r0:r0 + n, :].copy_(v)
     tally.fast_write()
     if opened is not None:
-        ahead.just_sealed[id(pos_map)] = (start, n)
+        ahead.note_sealed(pos_map, start, n)
         if opened.guard is not None:
             store = Store(spec, arrays)
             store._guard = opened.guard
@@ -318,7 +318,7 @@ class Store:
             j = self._take_slot()
             self.np_slots[j] = (start, self._age())
             if sealing and full and start == first and not relocate:
-                ahead.just_sealed[id(self.pos_map)] = (start, n)
+                ahead.note_sealed(self.pos_map, start, n)
         rows = self._expected_row(j, start, end)
         self._write_rows(start, end, rows, values, sel, full)
         if start == first and not relocate:
@@ -349,7 +349,7 @@ class Store:
         self._defer_guards = True
         try:
             j = self._take_slot()
-        except ValueError:
+        except Exception:  # noqa: BLE001 - whatever the seal raises, its own write raises it again
             for a, old in zip(live, saved):
                 a[...] = old
             return False
