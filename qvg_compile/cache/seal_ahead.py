@@ -81,9 +81,8 @@ class _Side:
 _next: dict[tuple[int, int], tuple[_Side, _Side]] = {}
 _last: Optional[tuple[int, int]] = None
 # Reads whose last open ended after their attention or was undone: ``(sealing reads to skip, next
-# skip)``. The
-# host work then delays the launches of the rest of the layer, which had been queued behind the
-# attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
+# skip)``. A late open delays the launches of the rest of the layer, which had been queued behind
+# the attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
 _backoff: dict[tuple[int, int], tuple[int, int]] = {}
 MAX_BACKOFF = 64
 
