@@ -33,7 +33,6 @@ class Model:
     ``PASSES`` times, layer after layer (`step`), plus the deviations a hypothesis test draws."""
 
     def __init__(self) -> None:
-        ahead.forget()
         seal_ahead.forget()
         read_plan.clear_plans()
         self.caches = [(empty("key"), empty("value")) for _ in range(LAYERS)]

@@ -138,14 +138,13 @@ def test_seal_ahead_leaves_the_video_bit_equal(window, monkeypatch):
     compressed caches, with `cache.seal_ahead` and without: the same video, bit for bit. With a
     global cache later layers' seals are opened ahead; a rolling window's writes find a free slot
     after the roll, so nothing is opened there."""
-    from qvg_compile.cache import ahead, read_plan, reset_stats, seal_ahead, stats
+    from qvg_compile.cache import read_plan, reset_stats, seal_ahead, stats
 
     overrides = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
     videos, opened = [], []
     for switch in ("off", "on"):
         monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
         seal_ahead.forget()
-        ahead.forget()
         read_plan.clear_plans()
         reset_stats()
         m = make(**overrides)

@@ -84,7 +84,7 @@ def test_seal_ahead_on_cuda_computes_what_it_computes_without(monkeypatch):
     """Three layers of K/V caches at Wan's head shape, written and read 3 times per chunk by a
     compiled step: with `seal_ahead` the outputs and caches are bit-equal to those without, and
     layers after the first have their sealing writes opened ahead from chunk 2 on."""
-    from qvg_compile.cache import ahead, read_plan, seal_ahead
+    from qvg_compile.cache import read_plan, seal_ahead
 
     def step(kb, vb, q, x, s: int, e: int):
         kb[:, s:e] = x
@@ -95,7 +95,6 @@ def test_seal_ahead_on_cuda_computes_what_it_computes_without(monkeypatch):
     results, counts = [], []
     for switch in ("off", "on"):
         monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
-        ahead.forget()
         seal_ahead.forget()
         read_plan.clear_plans()
         reset_stats()

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import tally
+from . import ahead, tally
 from .ahead import just_sealed, undone
 from .codec import leads
 from .host import host_thread
@@ -172,8 +172,10 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
 
 
 def forget() -> None:
-    """Drop the learned order (a new model, tests)."""
+    """Drop the learned order and the records of opened writes (a new model, tests; stores opened
+    and not yet written keep their opened state)."""
     global _last
+    ahead.forget()
     _next.clear()
     _backoff.clear()
     _last = None
