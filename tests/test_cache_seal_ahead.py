@@ -1,9 +1,14 @@
 """`cache.seal_ahead` and `cache.ahead`: a sealing read opens the next layer's sealing write ahead,
 so that write is a copy and its read a replay, and every op computes bit for bit what it would
 without it (an AR loop; hypothesis sequences of AR steps and deviations: reads before the write,
-partial writes, rewrites of the sealed chunk, seals, resets, clones)."""
+partial writes, rewrites of the sealed chunk, seals, resets, clones, snapshots, save/load, dtype
+conversions, whole-cache copies into and out of an opened cache)."""
 
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -127,10 +132,30 @@ def deviate(kind: str, layer: int):
             v.zero_()
         elif kind == "clone":
             model.caches[layer] = (k.clone(), v.clone())
+        elif kind == "snapshot":
+            model.outs += [t.snapshot().dequantize() for t in (k, v)]
+        elif kind == "save":
+            with tempfile.TemporaryDirectory() as d:
+                for name, t in (("k", k), ("v", v)):
+                    t.save(os.path.join(d, name))
+                    model.outs.append(QVGCache.load(os.path.join(d, name)).dequantize())
+        elif kind == "to":
+            model.outs += [t.to(torch.float64).dequantize() for t in (k, v)]
+        elif kind == "copy in":
+            for role, t in (("key", k), ("value", v)):
+                fresh = empty(role)
+                fresh[:, :L] = model.rand(B, L, H, D)
+                t.copy_(fresh)
+        elif kind == "copy out":
+            for role, t in (("key", k), ("value", v)):
+                fresh = empty(role)
+                fresh.copy_(t)
+                model.outs.append(fresh.dequantize())
     return apply
 
 
-KINDS = ("read", "partial", "old chunk", "key only", "seal", "zero", "clone")
+KINDS = ("read", "partial", "old chunk", "key only", "seal", "zero", "clone", "snapshot", "save", "to", "copy in",
+         "copy out")
 
 
 @settings(max_examples=30, deadline=None)
@@ -231,3 +256,45 @@ def test_a_seal_the_encoder_refuses_is_not_opened_and_raises_at_its_own_write(mo
         assert ahead.pending(id(v._handle.arrays[POS_MAP_AT])) == (switch == "on")
         with pytest.raises(ValueError, match="NaN or Inf|cannot be quantized"):
             model.step()  # layer 1's own sealing write
+
+
+def test_an_undone_seal_puts_back_the_codebook_it_overwrote(monkeypatch):
+    """A codebook slot with no live token keeps its centroids and uid; a copy from a clone that
+    shares the uid imports it by match. An early seal that wrote its codebook there must put the
+    old centroids back when it is undone (one codebook per segment makes the slot free)."""
+    def one_chunk_codebooks(role: str) -> QVGCache:
+        return QVGCache.empty((B, S, H, D), 1, CFG, role=role, dtype=torch.float32, chunk_tokens=L,
+                              codebook_chunks=1)
+
+    monkeypatch.setattr(sys.modules[__name__], "empty", one_chunk_codebooks)
+
+    def script(model: Model) -> None:
+        ar_chunks(3)(model)
+        k, v = model.caches[1]
+        saved = (k.clone(), v.clone())
+        k[:, :L].zero_()  # chunk 0's codebook slot now holds no live token
+        v[:, :L].zero_()
+        model.step()  # layer 0 opens layer 1: its seal takes the free slot
+        k[:, :L] = saved[0][:, :L]  # undoes, then imports chunk 0 by codebook uid
+        v[:, :L] = saved[1][:, :L]
+        model.outs += [k.dequantize(), v.dequantize()]
+        for _ in range(LAYERS * PASSES - 1):
+            model.step()
+
+    off, _ = run(monkeypatch, "off", script)
+    on, s_on = run(monkeypatch, "on", script)
+    assert s_on["seals_undone"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_a_failure_while_opening_warns_once_and_turns_seal_ahead_off(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(seal_ahead, "_open", broken)
+    off, _ = run(monkeypatch, "off", ar_chunks(4))
+    with pytest.warns(RuntimeWarning, match="out of memory") as caught:
+        on, s_on = run(monkeypatch, "on", ar_chunks(4))
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+    assert s_on.get("seals_ahead", 0) == 0

@@ -35,22 +35,34 @@ from . import tally
 @dataclass
 class Opened:
     """A write opened ahead on the store whose ``pos_map`` is referenced: the host arrays and
-    their saved copies, the positions ``[start, start + n)`` the write will cover, the seal's
-    pending codebook-fit check (`store._GuardCheck` or None) and the tokens it sealed (for
-    `tally`)."""
+    their saved copies, the device arrays the early seal overwrote that something may still read
+    (a codebook slot that held centroids) with their saved copies, the positions ``[start,
+    start + n)`` the write will cover, the seal's pending codebook-fit check (`store._GuardCheck`
+    or None), the tokens it sealed (for `tally`) and the cache's refusal flags before it
+    (`SealFlags` and its state, or None)."""
 
     pos_map: weakref.ref
     arrays: tuple[np.ndarray, ...]
     saved: tuple[np.ndarray, ...]
+    device: list[tuple[torch.Tensor, torch.Tensor]]
     start: int
     n: int
     guard: Any
     sealed: int
+    flags: Any = None
 
-    def restore(self) -> None:
+    def restore(self, undone: bool = True) -> None:
+        """Put the store back as it was; ``undone``: count it in `tally` (an opened write undone,
+        not one that failed while opening)."""
         for live, old in zip(self.arrays, self.saved):
             live[...] = old
-        tally.add(seals=-1, sealed_tokens=-self.sealed, seals_undone=1)
+        for live_t, old_t in self.device:
+            live_t.copy_(old_t)
+        if self.flags is not None:
+            found, state = self.flags
+            found.restore(state)
+        if undone:
+            tally.add(seals=-int(self.sealed > 0), sealed_tokens=-self.sealed, seals_undone=1)
 
 
 # Opened writes by ``id(pos_map)``; a record whose weak reference is dead is ignored, and dropped

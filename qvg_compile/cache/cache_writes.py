@@ -100,7 +100,7 @@ def copy_cache(dst: QVGCache, src: QVGCache) -> None:
     dspec, sspec = dst._handle.spec, src._handle.spec
     if dst.is_whole() and src.is_whole() and dspec == sspec and dst._view.dims == src._view.dims \
             and [a.shape for a in dst._handle.arrays] == [a.shape for a in src._handle.arrays]:
-        for a, b in zip(dst._handle.arrays, src._handle.arrays):
+        for a, b in zip(dst._handle.settled(), src._handle.settled()):
             if a is not b:
                 a.copy_(b)
         return

@@ -197,7 +197,7 @@ def _to_copy(func, args, kwargs):
     new_spec = StoreSpec(spec.config, spec.policy, spec.part_dims, spec.roles, str(dtype).removeprefix("torch."),
                          spec.slot_tokens, spec.segments, spec.codebook)
     arrays = []
-    for name, a in zip(spec.names(), t._handle.arrays):
+    for name, a in zip(spec.names(), t._handle.settled()):
         if spec.is_host(name):
             arrays.append(a.clone())
         elif name.startswith("tail"):

@@ -30,6 +30,7 @@ reads, and tries again; one that ends in time and is confirmed opens every chunk
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -85,6 +86,8 @@ _last: Optional[tuple[int, int]] = None
 # the attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
 _backoff: dict[tuple[int, int], tuple[int, int]] = {}
 MAX_BACKOFF = 64
+# Why opening failed, once it has (seal ahead is then off until `forget`).
+_failed: Optional[str] = None
 
 
 def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: Sequence[int], k_part: int,
@@ -93,7 +96,7 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
     """Called by a read (``qvg::cache_attention``'s arguments) once its attention is launched and
     some store's last write sealed (`ahead.just_sealed` not empty). Returns whether it opened the
     next store's write."""
-    global _last
+    global _last, _failed
     k_id, v_id = id(k[POS_MAP_AT]), id(v[POS_MAP_AT])
     wrote = just_sealed.pop(k_id, None)
     if v_id != k_id and just_sealed.pop(v_id, None) != wrote:
@@ -107,7 +110,8 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
         _next[_last] = (_Side.of(k, k_spec, k_lead, k_part), _Side.of(v, v_spec, v_lead, v_part))
     _last = here
     successor = _next.get(here)
-    if successor is None or (successor[0].spec, successor[1].spec) != (k_spec, v_spec) or not enabled():
+    if (successor is None or (successor[0].spec, successor[1].spec) != (k_spec, v_spec) or not enabled()
+            or _failed is not None):
         return False
     skip, wait = _backoff.get(here, (0, 1))
     if skip:
@@ -116,7 +120,16 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
     if _was_undone(successor):
         opened, late = False, True
     else:
-        opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
+        try:
+            opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
+        except Exception as err:  # noqa: BLE001 - another cache's work must not fail this read
+            # What was opened before the error stays consistent (its write confirms it, anything
+            # else undoes it); seal ahead stops for the process, and says so once.
+            _failed = f"{type(err).__name__}: {err}"
+            warnings.warn(f"QVGCache: sealing the next layer's caches ahead failed ({_failed}); seal ahead "
+                          "is off for this process (results are unchanged: each seal runs at its write)",
+                          RuntimeWarning, stacklevel=2)
+            return False
     if late:
         _backoff[here] = (wait, min(2 * wait, MAX_BACKOFF))
     else:
@@ -149,7 +162,7 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
     # Done when the attention just launched is: whether the device outlasted this host work.
     attention = torch.cuda.Event() if q.is_cuda else None
     if attention is not None:
-        attention.record()
+        attention.record(torch.cuda.current_stream(q.device))
     with host_thread(q.device):
         k_store = Store(StoreSpec.from_json(k_side.spec), k)
         same = v[POS_MAP_AT] is k[POS_MAP_AT]
@@ -174,8 +187,8 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
 def forget() -> None:
     """Drop the learned order and the records of opened writes (a new model, tests; stores opened
     and not yet written keep their opened state)."""
-    global _last
+    global _last, _failed
     ahead.forget()
     _next.clear()
     _backoff.clear()
-    _last = None
+    _last = _failed = None

@@ -64,6 +64,19 @@ class SealFlags:
                     f"({err}); the tokens it sealed hold garbage codes. The cache raises on every seal "
                     "until it is reset (zero_)") from err
 
+    def state(self) -> tuple[torch.Tensor, bool]:
+        """What `restore` puts back: a copy of the device flags and whether any was published."""
+        return self.bad.clone(), self.published
+
+    def restore(self, state: tuple[torch.Tensor, bool]) -> None:
+        """Put the flags back as `state` found them (a seal made and undone: `cache.ahead`)."""
+        bad, published = state
+        self.bad.copy_(bad)
+        self.host.copy_(self.bad, non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        self.published = published
+
     def clear(self) -> None:
         self.bad.zero_()
         self.host.zero_()

@@ -178,6 +178,9 @@ class Store:
         self.sinks = min(spec.sinks, self.capacity)
         self._guard: Optional[_GuardCheck] = None
         self._defer_guards = False
+        # While a write is opened ahead (`open_ahead`): its record, which keeps what the seal
+        # overwrites that an undo must put back.
+        self._opening: Optional[ahead.Opened] = None
         if ahead.pending(id(self.pos_map)):
             ahead.undo(self.pos_map)
 
@@ -346,22 +349,26 @@ class Store:
         live = (self.np_pos, self.np_slots, self.np_segs, self.np_counters)
         saved = tuple(a.copy() for a in live)
         before = int(self.np_segs[:, LIVE].sum())
+        flags = known_flags(self.pos_map)
+        opened = ahead.Opened(weakref.ref(self.pos_map), live, saved, [], start, n, None, 0,
+                              None if flags is None else (flags, flags.state()))
         self._defer_guards = True
+        self._opening = opened
         try:
             j = self._take_slot()
         except Exception:  # noqa: BLE001 - whatever the seal raises, its own write raises it again
-            for a, old in zip(live, saved):
-                a[...] = old
+            opened.restore(undone=False)
             return False
         finally:
             self._defer_guards = False
+            self._opening = None
         slots[j] = (start, self._age())
         rows = self._expected_row(j, start, end)
         self.np_pos[start:end] = rows
         self.changed()
         self._remember_rows(start, n, int(rows[0]))
-        ahead.record(self.pos_map, ahead.Opened(weakref.ref(self.pos_map), live, saved, start, n, self._guard,
-                                                int(self.np_segs[:, LIVE].sum()) - before))
+        opened.guard, opened.sealed = self._guard, int(self.np_segs[:, LIVE].sum()) - before
+        ahead.record(self.pos_map, opened)
         self._guard = None
         tally.add(seals_ahead=1)
         return True
@@ -621,6 +628,10 @@ class Store:
                 srcs.append(energy)
                 fits.append(dsts[-1])
             if not shared:
+                if self._opening is not None and int(self.np_segs[slot, CSIZE]) > 0:
+                    # The slot holds no live token, but a copy may still import its codebook by
+                    # uid: an undo must find the centroids that were there.
+                    self._opening.device.append((cents[slot], cents[slot].clone()))
                 dsts.append(cents[slot].narrow(-2, 0, c))
                 srcs.append(seg.centroids)
             for i, first, length in runs:

@@ -28,6 +28,7 @@ from ..quant.config import QVGConfig
 from ..quant.segment import normalise_seq_dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import ahead
 from .io import read_store, write_store
 from .materialize import decode_view
 from .policy import CachePolicy, policy_from_options
@@ -68,6 +69,13 @@ class StoreHandle:
     @property
     def store(self) -> Store:
         return Store(self.spec, self.arrays)
+
+    def settled(self) -> list[torch.Tensor]:
+        """The arrays, after undoing a write opened ahead on them (`ahead`): what code that copies
+        or reads them whole, without an op that builds a `Store`, must use."""
+        if self.concrete:
+            ahead.undo(self.arrays[POS_MAP_AT])
+        return self.arrays
 
     @property
     def concrete(self) -> bool:
@@ -297,7 +305,7 @@ class QVGCache(RoutesSdpa):
         memo = {} if memo is None else memo
         handle = memo.get(id(self._handle))
         if handle is None:
-            handle = StoreHandle(self._handle.spec, [a.clone() for a in self._handle.arrays])
+            handle = StoreHandle(self._handle.spec, [a.clone() for a in self._handle.settled()])
             memo[id(self._handle)] = handle
         return QVGCache(handle, self._view, [d.clone() for d in self._dense])
 
@@ -354,7 +362,7 @@ class QVGCache(RoutesSdpa):
         if self._rope is not None:
             raise ValueError("save: a view rotated by RoPE has no store of its own; save the cache it was made from")
         cache = self if self.is_whole() and self._view.mode == VIEW else self.clone()
-        write_store(str(path), cache._handle.spec, cache._handle.arrays, cache._view)
+        write_store(str(path), cache._handle.spec, cache._handle.settled(), cache._view)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "QVGCache":
