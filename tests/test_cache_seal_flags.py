@@ -50,3 +50,19 @@ def test_one_flag_set_per_cache_dropped_with_it():
     del pos_map
     gc.collect()
     assert key not in seal_flags._flags
+
+
+def test_restore_puts_back_the_flags_a_later_seal_set():
+    f = SealFlags(torch.device("cpu"))
+    before = f.state()
+    f.add(torch.tensor([0, 1], dtype=torch.int8))  # a seal made, then undone (`cache.ahead`)
+    f.restore(before)
+    f.check(CFG, wait=True)  # nothing published before it: no refusal
+    assert not f.published
+    f.add(torch.tensor([1, 0], dtype=torch.int8))
+    refused = f.state()
+    f.add(torch.tensor([0, 1], dtype=torch.int8))
+    f.restore(refused)
+    with pytest.raises(ValueError, match="scale or zero point") as info:
+        f.check(CFG)
+    assert "NaN" not in str(info.value)

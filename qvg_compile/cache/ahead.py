@@ -9,15 +9,16 @@ store's host token state from before (``pos_map``, slots, codebook table, counte
 * The write it was made for (a full write of every part at the same positions, replayed as a
   copy by `store.replay_rows_write`) confirms it: the record is dropped and the codebook-fit check
   its seal left is settled then (`Store.settle_guard`), exactly where the write would have.
-* Anything else that reaches the store first (a `Store` is built for any other op, a read
-  replayed from its plan asks `pending`) undoes it: the host state is put back as it was. What
-  the early seal wrote on the device stays where nothing reads it: codes at positions the token
-  state says are dense again, centroids in a codebook slot no live token uses.
+* Anything else that reaches the store first undoes it: the host state is put back as it was,
+  and so are the centroids the early seal wrote over in a codebook slot that held some (a copy
+  may still import that codebook by uid) and the cache's refusal flags (`seal_flags`). What else
+  the seal wrote on the device sits where nothing reads it: codes at positions the token state
+  says are dense again. Ops reach a store by building a `Store` (which undoes), through the
+  replays (`store.replay_rows_write`, `read_fast.replay`, which ask `pending`), or, for code that
+  copies or reads a cache's arrays whole, through `StoreHandle.settled`.
 
 So every op sees the state it would have seen without the early seal, and results are the same
-with or without it. One difference is visible: a refusal by the encoder (NaN/Inf, scales out of
-range, see `seal_flags`) of an early seal that is then undone is still reported, by the cache's
-next seal, which would refuse the same tokens.
+with or without it.
 """
 
 from __future__ import annotations
