@@ -298,3 +298,21 @@ def test_a_failure_while_opening_warns_once_and_turns_seal_ahead_off(monkeypatch
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     assert s_on.get("seals_ahead", 0) == 0
+
+
+def test_arrays_copied_in_behind_the_ops_make_the_record_stale_not_restored(monkeypatch):
+    # What a compiled graph's copy-back of a mutated input would do: every array copied raw.
+    def script(model: Model) -> None:
+        ar_chunks(3)(model)
+        model.step()  # opens layer 1
+        for role, t in zip(("key", "value"), model.caches[1]):
+            fresh = empty(role)
+            fresh[:, :L] = model.rand(B, L, H, D)
+            for a, b in zip(t._handle.arrays, fresh._handle.arrays):
+                a.copy_(b)
+        model.outs += [t.dequantize() for t in model.caches[1]]
+
+    off, _ = run(monkeypatch, "off", script)
+    on, s_on = run(monkeypatch, "on", script)
+    assert s_on.get("seals_undone", 0) == 0
+    assert all(torch.equal(a, b) for a, b in zip(on, off))

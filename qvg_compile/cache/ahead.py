@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from . import tally
+from .spec import STAMP
 
 
 @dataclass
 class Opened:
-    """A write opened ahead on the store whose ``pos_map`` is referenced: the host arrays and
-    their saved copies, the device arrays the early seal overwrote that something may still read
+    """A write opened ahead on the store whose ``pos_map`` is referenced: the host arrays
+    (``pos_map``, slots, codebook table, counters) and their saved copies, the device arrays the early seal overwrote that something may still read
     (a codebook slot that held centroids) with their saved copies, the positions ``[start,
     start + n)`` the write will cover, the seal's pending codebook-fit check (`store._GuardCheck`
     or None), the tokens it sealed (for `tally`) and the cache's refusal flags before it
@@ -51,6 +52,13 @@ class Opened:
     guard: Any
     sealed: int
     flags: Any = None
+    stamp: int = -1
+
+    def current(self) -> bool:
+        """Whether the store still holds the state the open left (its stamp): an array copied in
+        behind the ops' back (a raw ``copy_``) makes the record stale, and it is dropped, not
+        restored over the new content."""
+        return int(self.arrays[3][STAMP]) == self.stamp
 
     def restore(self, undone: bool = True) -> None:
         """Put the store back as it was; ``undone``: count it in `tally` (an opened write undone,
@@ -111,7 +119,7 @@ def take(pos_map: torch.Tensor) -> Optional[Opened]:
 def undo(pos_map: torch.Tensor) -> bool:
     """Put ``pos_map``'s store back as it was before its opened write; False when none was open."""
     found = take(pos_map)
-    if found is None:
+    if found is None or not found.current():
         return False
     found.restore()
     if len(undone) >= PURGE_AT:

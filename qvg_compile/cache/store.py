@@ -367,7 +367,7 @@ class Store:
         self.np_pos[start:end] = rows
         self.changed()
         self._remember_rows(start, n, int(rows[0]))
-        opened.guard, opened.sealed = self._guard, int(self.np_segs[:, LIVE].sum()) - before
+        opened.guard, opened.sealed, opened.stamp = self._guard, int(self.np_segs[:, LIVE].sum()) - before, self.stamp
         ahead.record(self.pos_map, opened)
         self._guard = None
         tally.add(seals_ahead=1)
