@@ -15,6 +15,7 @@ import torch
 
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
+from qvg_compile.cache import read_plan, reset_stats, seal_ahead
 
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
@@ -35,6 +36,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def switch_seal_ahead(monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
+    """`cache.seal_ahead` on or off (``QVG_SEAL_AHEAD``), with no order learned, no read plan
+    cached and the `stats` counters at zero: a run that compares the two starts here."""
+    monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
+    seal_ahead.forget()
+    read_plan.clear_plans()
+    reset_stats()
 
 
 def seeded(model_cls: Callable[[Any], torch.nn.Module], config: Any) -> torch.nn.Module:

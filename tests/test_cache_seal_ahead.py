@@ -20,6 +20,8 @@ from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import ahead, read_plan, reset_stats, seal_ahead, stats
 from qvg_compile.cache.spec import POS_MAP_AT
 
+from example_models import switch_seal_ahead
+
 CFG = QVGConfig.preset("qvg").replace(centroids=8)
 B, S, H, D, L = 1, 48, 2, 64, 8
 LAYERS, PASSES = 3, 3
@@ -76,8 +78,7 @@ class Model:
 
 
 def run(monkeypatch, switch: str, script) -> tuple[list[torch.Tensor], dict]:
-    monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
-    reset_stats()
+    switch_seal_ahead(monkeypatch, switch)
     model = Model()
     script(model)
     return model.result(), stats()

@@ -13,7 +13,7 @@ from qvg_compile import QVGCache
 
 from graph_counting import graphs_compiled
 
-from example_models import CFG, TOL, fresh_dynamo, seeded  # noqa: F401
+from example_models import CFG, TOL, fresh_dynamo, seeded, switch_seal_ahead  # noqa: F401
 from examples.models import self_forcing as sf
 
 
@@ -138,15 +138,12 @@ def test_seal_ahead_leaves_the_video_bit_equal(window, monkeypatch):
     compressed caches, with `cache.seal_ahead` and without: the same video, bit for bit. With a
     global cache later layers' seals are opened ahead; a rolling window's writes find a free slot
     after the roll, so nothing is opened there."""
-    from qvg_compile.cache import read_plan, reset_stats, seal_ahead, stats
+    from qvg_compile.cache import stats
 
     overrides = {} if window is None else {"local_attn_size": window[0], "sink_size": window[1]}
     videos, opened = [], []
     for switch in ("off", "on"):
-        monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
-        seal_ahead.forget()
-        read_plan.clear_plans()
-        reset_stats()
+        switch_seal_ahead(monkeypatch, switch)
         m = make(**overrides)
         videos.append(sf.generate(m, 6, seed=1, progress=False, kv_cache=compressed_cache(m, None if window else 21)))
         opened.append(stats().get("seals_ahead", 0))

@@ -12,6 +12,8 @@ from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
 from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair
 
+from example_models import switch_seal_ahead
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 H, D, L = 12, 128, 1560
@@ -84,8 +86,6 @@ def test_seal_ahead_on_cuda_computes_what_it_computes_without(monkeypatch):
     """Three layers of K/V caches at Wan's head shape, written and read 3 times per chunk by a
     compiled step: with `seal_ahead` the outputs and caches are bit-equal to those without, and
     layers after the first have their sealing writes opened ahead from chunk 2 on."""
-    from qvg_compile.cache import read_plan, seal_ahead
-
     def step(kb, vb, q, x, s: int, e: int):
         kb[:, s:e] = x
         vb[:, s:e] = x * 0.5
@@ -94,10 +94,7 @@ def test_seal_ahead_on_cuda_computes_what_it_computes_without(monkeypatch):
     compiled = torch.compile(step, fullgraph=True)
     results, counts = [], []
     for switch in ("off", "on"):
-        monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
-        seal_ahead.forget()
-        read_plan.clear_plans()
-        reset_stats()
+        switch_seal_ahead(monkeypatch, switch)
         gen = torch.Generator(device="cuda").manual_seed(5)
         caches = [tuple(QVGCache.empty((1, 5 * L, H, D), 1, QVGConfig.preset("qvg"), role=role, dtype=torch.bfloat16,
                                        device="cuda", chunk_tokens=L) for role in ("key", "value")) for _ in range(3)]
