@@ -5,13 +5,13 @@ import torch
 
 from qvg_compile import QVGConfig
 from qvg_compile.kernels import _triton_encode as tk
-from qvg_compile.kernels.encode import (encode_qvg, kmeans_assign, kmeans_update, quantize_residual, triton_encode,
+from qvg_compile.kernels.encode import (_encode_all, encode_qvg, kmeans_assign, kmeans_update, quantize_residual, triton_encode,
                                        triton_encode_many)
 from qvg_compile.quant.lloyd import assign as ref_assign
 from qvg_compile.quant.lloyd import update as ref_update
 from qvg_compile.quant.group import group_quantize
 from qvg_compile.quant.qvg import encode_qvg as reference_encode
-from qvg_compile.quant.segment import gather_centroids
+from qvg_compile.quant.segment import gather_centroids, residual_energy
 from interpreter import INTERPRETER_ONLY
 
 pytestmark = INTERPRETER_ONLY
@@ -68,8 +68,8 @@ def test_quantize_is_bit_exact_for_given_centroids(changes):
     s = cfg.stages
     cents = rand(max(s, 1), 2, 8, 64, seed=9)[:s].to(cfg.torch_centroid_dtype)
     assign = torch.randint(0, 8, (s, 2, 45), generator=torch.Generator().manual_seed(10)).to(torch.uint8)
-    codes, scales, zeros, flags = tk.quantize(x, cents, assign, cfg.key_bits, cfg.group_size, cfg.code_mode,
-                                              cfg.torch_scale_dtype)
+    codes, scales, zeros, flags, energy = tk.quantize(x, cents, assign, cfg.key_bits, cfg.group_size,
+                                                      cfg.code_mode, cfg.torch_scale_dtype)
     r = x.reshape(2, 45, 64).clone()
     for i in range(s):
         r -= gather_centroids(cents[i], assign[i])
@@ -79,14 +79,36 @@ def test_quantize_is_bit_exact_for_given_centroids(changes):
                        ref.scales.view(torch.uint8 if scales.dtype.itemsize == 1 else torch.int16))
     if ref.zeros is not None:
         assert torch.equal(zeros.view(torch.int16), ref.zeros.view(torch.int16))
-    assert not flags.any()
+    assert not flags.any() and flags.shape == (2, 2)  # 45 tokens: 2 blocks of 32
+    # Per block: the residual's and x's energy (the fit's parts).
+    blocks = torch.nn.functional.pad(r, (0, 0, 0, 19)).reshape(2, 2, 32, 64)
+    xb = torch.nn.functional.pad(x.reshape(2, 45, 64), (0, 0, 0, 19)).reshape(2, 2, 32, 64)
+    torch.testing.assert_close(energy, torch.stack([blocks.square().sum((2, 3)), xb.square().sum((2, 3))], -1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_close_gives_each_parts_fit_and_the_summary():
+    # Two parts of 3 sets x 5 blocks; the fit is each part's residual energy over its x energy.
+    energy = torch.rand(6, 5, 2, generator=torch.Generator().manual_seed(40)) + 0.1
+    flags = torch.zeros(6, 5, dtype=torch.int8)
+    fits, summary = tk.close(flags, energy, 2)
+    want = energy.view(2, 15, 2).sum(1)
+    torch.testing.assert_close(fits, want[:, 0] / want[:, 1], rtol=1e-6, atol=0)
+    assert summary.tolist() == [0, 0]
+    flags[4, 3] = tk.FLAG_NONFINITE.value
+    assert tk.close(flags, energy, 2)[1].tolist() == [0, 1]
+    flags[0, 0] = tk.FLAG_RANGE.value
+    assert tk.close(flags, energy, 2)[1].tolist() == [1, 1]
+    assert float(tk.close(flags, torch.zeros(6, 5, 2), 1)[0][0]) == 0.0  # no energy: 0, not NaN
+    with pytest.raises(ValueError, match="divisible by parts=4"):
+        tk.close(flags, energy, 4)
 
 
 def test_scales_round_up_exactly_including_subnormals():
     # Tiny and huge-range groups exercise the FP8 subnormal and normal paths of the rounding.
     x = torch.cat([rand(1, 1, 8, 64, seed=11) * 1e-3, rand(1, 1, 8, 64, seed=12) * 100], dim=2)
-    codes, scales, _, _ = tk.quantize(x, x.new_zeros(0, 1, 1, 64), torch.zeros(0, 1, 16, dtype=torch.uint8), 2, 16,
-                                      "symmetric_full", torch.float8_e4m3fn)
+    codes, scales, _, _, _ = tk.quantize(x, x.new_zeros(0, 1, 1, 64), torch.zeros(0, 1, 16, dtype=torch.uint8), 2,
+                                         16, "symmetric_full", torch.float8_e4m3fn)
     ref = group_quantize(x.reshape(1, 16, 64), 2, 16, "symmetric_full", torch.float8_e4m3fn)
     assert torch.equal(scales.view(torch.uint8), ref.scales.view(torch.uint8))
     assert torch.equal(codes, ref.codes)
@@ -204,17 +226,27 @@ def test_lloyd_step_on_two_strided_inputs_matches_reference(dtype, fused, poison
     assert torch.equal(new, tk.lloyd_step([k, v], cent, book, cnorm, fused=fused, splits=3))  # deterministic
 
 
-def test_fused_and_separate_lloyd_steps_agree_and_frozen_sets_keep_centroids():
-    x, centres = clustered(2, 70, 32, 20, seed=24)
-    x4 = x.unsqueeze(0)
-    cent = centres + 0.2 * rand(2, 20, 32, seed=25)
-    outs = []
+def test_fused_and_separate_lloyd_steps_agree_and_stopped_parts_keep_centroids():
+    # Two inputs (parts) of 2 sets; 20 centroids: blocks of 32 rows of the finish kernel span sets
+    # and parts, so the per-row path of the move's atomic max runs too.
+    x, centres = clustered(4, 70, 32, 20, seed=24)
+    xs = [x[:2].unsqueeze(0), x[2:].unsqueeze(0)]
+    cent = centres + 0.2 * rand(4, 20, 32, seed=25)
+    threshold = torch.tensor([0.5, 0.5])
+    outs, moves = [], []
     for fused in (True, False):
-        book, cnorm = tk.codebook_buffers(2, 20, 32, torch.float32, torch.device("cpu"))
+        book, cnorm = tk.codebook_buffers(4, 20, 32, torch.float32, torch.device("cpu"))
         tk.finish(None, None, cent, book, cnorm)
-        outs.append(tk.lloyd_step([x4], cent, book, cnorm, torch.tensor([0, 1], dtype=torch.int8), fused))
+        # Iteration 1 after an iteration 0 in which part 1 moved less than its threshold.
+        shifts = torch.tensor([[9.0, 0.25], [0.0, 0.0]])
+        outs.append(tk.lloyd_step(xs, cent, book, cnorm, tk.EarlyStop(shifts, threshold, 1), fused))
+        moves.append(shifts[1])
     assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
-    assert torch.equal(outs[0][1], cent[1]) and not torch.equal(outs[0][0], cent[0])
+    assert torch.equal(outs[0][2:], cent[2:]) and not torch.equal(outs[0][:2], cent[:2])
+    want = (outs[0] - cent).norm(dim=-1).view(2, -1).amax(-1)
+    for got in moves:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert float(want[1]) == 0.0
 
 
 def test_assign_with_a_streamed_codebook_and_update_with_cluster_blocks(monkeypatch):
@@ -299,3 +331,12 @@ def test_non_finite_input_is_caught_by_the_quantizer_flags():
         triton_encode(x, cfg)
     seg = triton_encode(x, cfg.replace(check_finite=False))  # the policy is off: no range error either
     assert seg.codes.shape == (1, 2, 20, 8)
+
+
+def test_encode_fits_are_each_inputs_residual_energy():
+    cfg = QVGConfig(centroids=8, group_size=32, kmeans_iters=2)
+    k, v = rand(1, 2, 45, 64, seed=41), rand(1, 2, 45, 64, seed=42) * 3
+    segs, summary, fits = _encode_all([k, v], cfg, -2, ["key", "value"], [None, None], None)
+    assert summary.tolist() == [0, 0] and len(fits) == 2
+    for x, seg, fit in zip((k, v), segs, fits):
+        assert fit.shape == () and abs(float(fit) - float(residual_energy(x, seg))) <= 1e-5 * float(fit)

@@ -24,6 +24,7 @@ a fused Lloyd step is compute-bound at ~0.075 ms, the final assignment ~0.04 ms 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional, Sequence
@@ -195,12 +196,16 @@ def _update_kernel(x0, x1, s0, s1, sn, sd, g0, b2, assign, sums, counts, N, per_
 
 
 @triton.jit
-def _finish_kernel(sums, counts, prev, frozen, cents, book, cnorm, splits, rows, C,
-                   D: tl.constexpr, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr, FROZEN: tl.constexpr):
+def _finish_kernel(sums, counts, prev, shifts, thresh, cents, book, cnorm, splits, rows, C, it, part_rows, parts,
+                   D: tl.constexpr, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr, TRACK: tl.constexpr):
     """New centroids from the programs' partial sums, added in split order: fp32 ``cents``
-    ``[G, C, D]`` (empty clusters and ``frozen`` sets keep ``prev``), plus the codebook rounded to
-    the input type (``book`` ``[G, C_PAD, D]``) and its squared norms (``cnorm``) for the next
-    assignment. ``splits == 0`` only converts ``prev``."""
+    ``[G, C, D]`` (empty clusters keep ``prev``), plus the codebook rounded to the input type
+    (``book`` ``[G, C_PAD, D]``) and its squared norms (``cnorm``) for the next assignment.
+    ``splits == 0`` only converts ``prev``. With ``TRACK`` (the early stop, `EarlyStop`): the sets
+    of a part (``part_rows`` rows each) whose largest centroid move in an earlier iteration
+    (``shifts[j, part]``, ``j < it``) was <= ``thresh[part]`` keep ``prev``, and this iteration's
+    largest move per part goes to ``shifts[it, part]`` (atomic max of non-negative values: the
+    same result in any order)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < rows
     g = (r // C).to(tl.int64)
@@ -215,18 +220,28 @@ def _finish_kernel(sums, counts, prev, frozen, cents, book, cnorm, splits, rows,
         cnt += tl.load(counts + q, mask=rm, other=0.0)
     old = tl.load(prev + r.to(tl.int64)[:, None] * D + d[None, :], mask=rm[:, None], other=0.0)
     keep = cnt == 0
-    if FROZEN:
-        keep = keep | (tl.load(frozen + g, mask=rm, other=0) != 0)
+    if TRACK:
+        part = r // part_rows
+        limit = tl.load(thresh + part, mask=rm, other=0.0)
+        for j in range(it):
+            keep = keep | (tl.load(shifts + j * parts + part, mask=rm, other=float("inf")) <= limit)
     new = tl.where(keep[:, None], old, tl.math.div_rn(acc, tl.maximum(cnt, 1.0)[:, None]))
     tl.store(cents + r.to(tl.int64)[:, None] * D + d[None, :], new, mask=rm[:, None])
     q16 = new.to(book.dtype.element_ty)
     qf = q16.to(tl.float32)
     tl.store(book + prow[:, None] * D + d[None, :], q16, mask=rm[:, None])
     tl.store(cnorm + prow, tl.sum(qf * qf, 1), mask=rm)
+    if TRACK:
+        move = tl.where(rm, tl.sqrt(tl.sum((new - old) * (new - old), 1)), 0.0)
+        first = tl.program_id(0) * BLOCK_R
+        if first // part_rows == (tl.minimum(first + BLOCK_R, rows) - 1) // part_rows:
+            tl.atomic_max(shifts + it * parts + first // part_rows, tl.max(move, 0))
+        else:
+            tl.atomic_max(shifts + it * parts + part, move, mask=rm)
 
 
 @triton.jit
-def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales, zeros, flags, N, C, G, limit,
+def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales, zeros, flags, energy, N, C, G, limit,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                      MODE: tl.constexpr, STAGES: tl.constexpr, EXP: tl.constexpr, MAN: tl.constexpr,
                      BIAS: tl.constexpr, CHECK_FINITE: tl.constexpr):
@@ -242,6 +257,7 @@ def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales
         nonfinite = tl.max(((r != r) | (tl.abs(r) == float("inf"))).to(tl.int32), 1)
     else:
         nonfinite = tl.zeros([BLOCK_N], tl.int32)
+    x_energy = tl.sum(tl.sum(r * r, 1), 0)
     for s in tl.static_range(STAGES):
         a = tl.load(assign + (s * G + g) * N + offs_n, mask=nm, other=0).to(tl.int64)
         r -= tl.load(cents + ((s * G + g) * C + a[:, None]) * D + d[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
@@ -291,8 +307,35 @@ def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales
     tl.store(scales + sptr, sc.to(scales.dtype.element_ty), mask=nm[:, None])
     if MODE == 2:
         tl.store(zeros + sptr, zc.to(zeros.dtype.element_ty), mask=nm[:, None])
-    any_bad = tl.max(bad.to(tl.int32), 1)
-    tl.store(flags + g * N + offs_n, (any_bad * FLAG_RANGE | nonfinite * FLAG_NONFINITE).to(tl.int8), mask=nm)
+    # One flag byte and one (residual, input) energy pair per program: the encode's summary and
+    # codebook fit are then a reduction over a few thousand values (`_close_kernel`).
+    block = g * tl.num_programs(0) + pid_n
+    any_bad = tl.max(tl.max(bad.to(tl.int32), 1), 0)
+    tl.store(flags + block, (any_bad * FLAG_RANGE | tl.max(nonfinite, 0) * FLAG_NONFINITE).to(tl.int8))
+    tl.store(energy + block * 2, tl.sum(tl.sum(r * r, 1), 0))
+    tl.store(energy + block * 2 + 1, x_energy)
+
+
+@triton.jit
+def _close_kernel(flags, energy, fits, summary, per_part, parts, BLOCK: tl.constexpr):
+    """One program: each part's codebook fit ``sum r^2 / sum x^2`` over its ``per_part`` blocks of
+    `_quantize_kernel` partials, added in a fixed order, and the refusal summary ``[range,
+    non-finite]`` over every block."""
+    offs = tl.arange(0, BLOCK)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for p in range(parts):
+        res = tl.zeros([BLOCK], tl.float32)
+        tot = tl.zeros([BLOCK], tl.float32)
+        for b0 in range(p * per_part, (p + 1) * per_part, BLOCK):
+            b = b0 + offs
+            m = b < (p + 1) * per_part
+            res += tl.load(energy + b * 2, mask=m, other=0.0)
+            tot += tl.load(energy + b * 2 + 1, mask=m, other=0.0)
+            bad = bad | tl.load(flags + b, mask=m, other=0).to(tl.int32)
+        tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
+        tl.store(fits + p, tl.sum(res, 0) / tl.maximum(tl.sum(tot, 0), tiny))
+    tl.store(summary, (tl.max(bad & FLAG_RANGE, 0) != 0).to(tl.int8))
+    tl.store(summary + 1, (tl.max(bad & FLAG_NONFINITE, 0) != 0).to(tl.int8))
 
 
 
@@ -367,20 +410,36 @@ def codebook_buffers(sets: int, c: int, d: int, dtype: torch.dtype, device: torc
             torch.full((sets, c_pad), float("inf"), dtype=torch.float32, device=device))
 
 
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+    """The k-means early stop of one encode, kept on the device: a part (one input's sets) whose
+    centroids moved at most ``threshold[part]`` (fp32 ``[parts]``) in some iteration keeps them for
+    the rest, which is what stopping would have returned. ``shifts`` fp32 ``[iterations, parts]``
+    (zeros at the start) collects each iteration's largest move; ``iteration`` is the step's."""
+
+    shifts: torch.Tensor
+    threshold: torch.Tensor
+    iteration: int
+
+
 def finish(sums: Optional[torch.Tensor], counts: Optional[torch.Tensor], previous: torch.Tensor,
-           book: torch.Tensor, cnorm: torch.Tensor, frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+           book: torch.Tensor, cnorm: torch.Tensor, stop: Optional[EarlyStop] = None) -> torch.Tensor:
     """Centroids fp32 ``[G, C, D]`` from partial sums ``[splits, G, C_PAD, D]`` and counts (added in
-    split order; empty clusters and sets with ``frozen`` int8 ``[G]`` != 0 keep ``previous``),
-    and ``book``/``cnorm`` refreshed in place. ``sums=None`` only rounds ``previous`` into them."""
+    split order; empty clusters, and the parts ``stop`` has stopped, keep ``previous``), and
+    ``book``/``cnorm`` refreshed in place. ``sums=None`` only rounds ``previous`` into them."""
     g, c, d = previous.shape
     prev = previous.float().contiguous()
     out = torch.empty_like(prev)
     splits = 0 if sums is None else sums.shape[0]
     block_r = 16 if prev.is_cuda else 32
+    parts = 1 if stop is None else stop.shifts.shape[1]
+    if g % parts:
+        raise ValueError(f"stop: {parts} parts do not divide {g} sets")
     _finish_kernel[(triton.cdiv(g * c, block_r),)](
         sums if sums is not None else prev, counts if counts is not None else prev, prev,
-        frozen if frozen is not None else prev, out, book, cnorm, splits, g * c, c,
-        D=d, C_PAD=book.shape[1], BLOCK_R=block_r, FROZEN=frozen is not None, num_warps=4)
+        stop.shifts if stop is not None else prev, stop.threshold if stop is not None else prev,
+        out, book, cnorm, splits, g * c, c, 0 if stop is None else stop.iteration, g // parts * c, parts,
+        D=d, C_PAD=book.shape[1], BLOCK_R=block_r, TRACK=stop is not None, num_warps=4)
     return out
 
 
@@ -415,7 +474,7 @@ def _partials(splits: int, sets: int, c_pad: int, d: int, device: torch.device) 
 
 
 def lloyd_step(xs: Sequence[torch.Tensor], centroids: torch.Tensor, book: torch.Tensor, cnorm: torch.Tensor,
-               frozen: Optional[torch.Tensor] = None, fused: Optional[bool] = None, block_n: int = 0,
+               stop: Optional[EarlyStop] = None, fused: Optional[bool] = None, block_n: int = 0,
                warps: int = 0, splits: int = 0) -> torch.Tensor:
     """One Lloyd iteration on the sets of ``xs`` from ``centroids`` fp32 ``[G, C, D]`` whose rounded
     copy is ``book``/``cnorm`` (refreshed in place to the result). Returns the new centroids.
@@ -439,7 +498,7 @@ def lloyd_step(xs: Sequence[torch.Tensor], centroids: torch.Tensor, book: torch.
                                       num_warps=(warps or 8) if x.is_cuda else 4)
     else:
         sums, counts = _update_sums(xs, assign_book(xs, book, cnorm), c_pad, splits)
-    return finish(sums, counts, centroids, book, cnorm, frozen)
+    return finish(sums, counts, centroids, book, cnorm, stop)
 
 
 def _update_sums(xs: Sequence[torch.Tensor], assignments: torch.Tensor, c_pad: int, splits: int = 0
@@ -476,14 +535,22 @@ def update(x: torch.Tensor, assignments: torch.Tensor, previous: torch.Tensor, s
     return finish(sums, counts, previous, book, cnorm)
 
 
+def quantize_blocks(n: int, block_n: int = 32) -> int:
+    """Programs of `quantize` per set for ``n`` tokens: the length of its per-block outputs."""
+    return triton.cdiv(n, block_n)
+
+
 def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor, bits: int, group_size: int,
              code_mode: str, scale_dtype: torch.dtype, block_n: int = 32, warps: int = 4,
-             flags: Optional[torch.Tensor] = None, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             flags: Optional[torch.Tensor] = None, energy: Optional[torch.Tensor] = None, check_finite: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual group quantization of x ``[B1, B2, N, D]`` after subtracting ``centroids`` ``[S, G, C, D]``
     picked by ``assignments`` ``[S, G, N]``. Returns codes uint8 ``[G, N, D*bits/8]``, scales
-    ``[G, N, D/G]``, zeros (same, or ``[G, N, 0]``) and per-token flags int8 ``[G, N]``
-    (`FLAG_RANGE`: a scale or zero point exceeds the scale dtype; `FLAG_NONFINITE`: a NaN/Inf
-    input, looked for only with ``check_finite``), written into ``flags`` when given."""
+    ``[G, N, D/G]``, zeros (same, or ``[G, N, 0]``), and per block of ``block_n`` tokens
+    (``NB = quantize_blocks(N, block_n)``): flags int8 ``[G, NB]`` (`FLAG_RANGE`: a scale or zero
+    point exceeds the scale dtype; `FLAG_NONFINITE`: a NaN/Inf input, looked for only with
+    ``check_finite``) and energies fp32 ``[G, NB, 2]`` (sum of squares of the residual after the
+    centroids, and of x), written into ``flags`` and ``energy`` when given (see `close`)."""
     b1, b2, n, d = x.shape
     s = assignments.shape[0]
     g = b1 * b2
@@ -494,13 +561,35 @@ def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor
     scales = torch.empty(g, n, d // group_size, dtype=int_type, device=x.device)
     asym = code_mode == "asymmetric"
     zeros = torch.empty(g, n, d // group_size if asym else 0, dtype=int_type, device=x.device)
+    nb = quantize_blocks(n, block_n)
     if flags is None:
-        flags = torch.empty(g, n, dtype=torch.int8, device=x.device)
+        flags = torch.empty(g, nb, dtype=torch.int8, device=x.device)
+    if energy is None:
+        energy = torch.empty(g, nb, 2, dtype=torch.float32, device=x.device)
+    if tuple(flags.shape) != (g, nb) or tuple(energy.shape) != (g, nb, 2):
+        raise ValueError(f"flags, energy: expected [{g}, {nb}] and [{g}, {nb}, 2], got {list(flags.shape)} "
+                         f"and {list(energy.shape)}")
     cents = centroids.contiguous() if s else codes
     assign_ = assignments.contiguous() if s else codes
-    _quantize_kernel[(triton.cdiv(n, block_n), g)](
-        *_x_args(x), cents, assign_, codes, scales, zeros if asym else scales, flags, n, c, g,
+    _quantize_kernel[(nb, g)](
+        *_x_args(x), cents, assign_, codes, scales, zeros if asym else scales, flags, energy, n, c, g,
         torch.finfo(scale_dtype).max / 1.25,
         D=d, BLOCK_N=block_n, BITS=bits, GROUP=group_size, MODE=MODE_IDS[code_mode], STAGES=s,
         EXP=exp, MAN=man, BIAS=bias, CHECK_FINITE=check_finite, num_warps=warps)
-    return codes, scales.view(scale_dtype), zeros.view(scale_dtype), flags
+    return codes, scales.view(scale_dtype), zeros.view(scale_dtype), flags, energy
+
+
+def close(flags: torch.Tensor, energy: torch.Tensor, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of an encode, one launch: from `quantize`'s per-block ``flags`` ``[G, NB]`` and
+    ``energy`` ``[G, NB, 2]`` of ``parts`` inputs (each ``G / parts`` consecutive sets), each part's
+    codebook fit ``||x - sum_s c_s(x)||^2 / ||x||^2`` (fp32 ``[parts]``, like
+    `quant.segment.residual_energy` up to the order of summation) and the refusal summary int8
+    ``[2]`` (``[range, non-finite]``, nonzero where any block has the flag)."""
+    if flags.dim() != 2 or tuple(energy.shape) != (*flags.shape, 2) or flags.shape[0] % parts:
+        raise ValueError(f"flags, energy: expected [G, NB] and [G, NB, 2] with G divisible by parts={parts}, "
+                         f"got {list(flags.shape)} and {list(energy.shape)}")
+    fits = torch.empty(parts, dtype=torch.float32, device=flags.device)
+    summary = torch.empty(2, dtype=torch.int8, device=flags.device)
+    _close_kernel[(1,)](flags, energy, fits, summary, flags.numel() // parts, parts, BLOCK=1024,
+                        num_warps=4)
+    return fits, summary

@@ -30,7 +30,7 @@ from ..quant.config import QVGConfig
 from ..quant.group import group_quantize
 from ..quant.qvg import check_input
 from ..quant.qvg import encode_qvg as reference_encode
-from ..quant.segment import QVGSegment, gather_centroids, to_normalised
+from ..quant.segment import QVGSegment, gather_centroids, residual_energy, to_normalised
 
 TRITON_BITS = (2, 4, 8)
 
@@ -82,34 +82,39 @@ def triton_encode_many(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: i
     inits = list(inits) if inits is not None else [None] * len(xs)
     if not len(roles) == len(inits) == len(xs):
         raise ValueError(f"roles, inits: expected {len(xs)} of each, got {len(roles)} and {len(inits)}")
-    out, summary = _encode_all(xs, config, seq_dim, roles, inits, fused)
+    out, summary, _ = _encode_all(xs, config, seq_dim, roles, inits, fused)
     raise_on_summary(summary.tolist(), config)  # the one host sync of an encode
     return out
 
 
 def encode_unchecked(x: torch.Tensor, config: QVGConfig, seq_dim: int = -2, role: str = "key",
-                     init_centroids: Optional[torch.Tensor] = None) -> tuple[QVGSegment, torch.Tensor]:
-    """`encode_qvg` without its host sync: returns the segment and its refusal summary, int8 ``[2]``
+                     init_centroids: Optional[torch.Tensor] = None, fit: bool = False
+                     ) -> tuple[QVGSegment, torch.Tensor, Optional[torch.Tensor]]:
+    """`encode_qvg` without its host sync: returns the segment, its refusal summary, int8 ``[2]``
     on x's device (``[range, non-finite]``: nonzero where a scale or zero point left the scale
     dtype's range, or where ``check_finite`` found NaN/Inf), for the caller to check when it can
-    afford to wait (`raise_on_summary`). Launches only, once a layout has been seen: CUDA-graph
-    capturable when ``init_centroids`` is given, ``config.stages == 0``, or the start is seeded
-    ``"random"`` (its picks are drawn on the host at the first call and kept on the device).
-    Inputs the Triton encoder does not take run the reference, which checks at once."""
+    afford to wait (`raise_on_summary`), and with ``fit`` the segment's codebook fit over x (0-dim
+    fp32 on x's device: `quant.segment.residual_energy`, summed in the quantize kernel on the
+    Triton path), else None. Launches only, once a layout has been seen: CUDA-graph capturable
+    when ``init_centroids`` is given, ``config.stages == 0``, or the start is seeded ``"random"``
+    (its picks are drawn on the host at the first call and kept on the device). Inputs the
+    Triton encoder does not take run the reference, which checks at once."""
     if isinstance(x, torch.Tensor) and x.is_cuda and triton_supports(x, config, role):
-        segs, summary = _encode_all([x], config, seq_dim, [role], [init_centroids], None)
-        return segs[0], summary
+        segs, summary, fits = _encode_all([x], config, seq_dim, [role], [init_centroids], None)
+        return segs[0], summary, fits[0] if fit else None
     seg = reference_encode(x, config, seq_dim, role, init_centroids)
-    return seg, torch.zeros(2, dtype=torch.int8, device=seg.codes.device)
+    summary = torch.zeros(2, dtype=torch.int8, device=seg.codes.device)
+    return seg, summary, residual_energy(x, seg) if fit else None
 
 
 def _encode_all(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: int, roles: list[str],
                 inits: list[Optional[torch.Tensor]], fused: Optional[bool]
-                ) -> tuple[list[QVGSegment], torch.Tensor]:
-    """The segments of ``xs`` and the refusal summary of all of them, launches only."""
+                ) -> tuple[list[QVGSegment], torch.Tensor, list[torch.Tensor]]:
+    """The segments of ``xs``, the refusal summary of all of them and each one's codebook fit
+    (0-dim fp32), launches only."""
     prepared = [_prepare(x, config, seq_dim, role, init) for x, role, init in zip(xs, roles, inits)]
     out: list[Optional[QVGSegment]] = [None] * len(xs)
-    checks = []
+    summaries, fits = [], []
     i = 0
     while i < len(xs):
         group = [i]
@@ -118,13 +123,15 @@ def _encode_all(xs: Sequence[torch.Tensor], config: QVGConfig, seq_dim: int, rol
             b = prepared[i + 1][0]
             if b.shape == a.shape and b.stride() == a.stride() and b.dtype == a.dtype and b.device == a.device:
                 group.append(i + 1)
-        segs, flags = _encode_group([xs[j] for j in group], [prepared[j] for j in group], config,
-                                    [roles[j] for j in group], [inits[j] for j in group], fused)
+        segs, summary, group_fits = _encode_group([xs[j] for j in group], [prepared[j] for j in group], config,
+                                                  [roles[j] for j in group], [inits[j] for j in group], fused)
         for j, seg in zip(group, segs):
             out[j] = seg
-        checks.append(flags)
+        summaries.append(summary)
+        fits.extend(group_fits.unbind())
         i += len(group)
-    return out, _summary(checks)  # type: ignore[return-value]
+    summary = summaries[0] if len(summaries) == 1 else torch.stack(summaries).amax(0)
+    return out, summary, fits  # type: ignore[return-value]
 
 
 def _prepare(x: torch.Tensor, config: QVGConfig, seq_dim: int, role: str, init: Optional[torch.Tensor]
@@ -168,21 +175,16 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
     assignments = torch.empty(stages, gt, n, dtype=torch.uint8, device=dev)
     srcs = x4s
     for s in range(stages):
-        cent = torch.cat([_initial(piece, c, config, s, None if init is None else init[s])
-                          for piece, init in zip(_split_sets(srcs, parts), inits)])
+        starts = [_initial(piece, c, config, s, None if init is None else init[s])
+                  for piece, init in zip(_split_sets(srcs, parts), inits)]
+        cent = starts[0] if len(starts) == 1 else torch.cat(starts)
         book, cnorm = tk.codebook_buffers(gt, c, d, srcs[0].dtype, dev)
         cent = tk.finish(None, None, cent, book, cnorm)
         threshold = _threshold(srcs, parts, config)
-        frozen = done = None
-        for _ in range(config.kmeans_iters):
-            new = tk.lloyd_step(srcs, cent, book, cnorm, frozen, fused)
-            if threshold is not None:
-                # Early stop without a host sync: a converged input keeps its centroids (frozen)
-                # for the remaining iterations, which is what stopping would have returned.
-                shift = (new - cent).norm(dim=-1).view(parts, -1).amax(-1)
-                done = shift <= threshold if done is None else done | (shift <= threshold)
-                frozen = done.to(torch.int8).repeat_interleave(g0)
-            cent = new
+        shifts = None if threshold is None else torch.zeros(config.kmeans_iters, parts, device=dev)
+        for it in range(config.kmeans_iters):
+            stop = None if threshold is None else tk.EarlyStop(shifts, threshold, it)
+            cent = tk.lloyd_step(srcs, cent, book, cnorm, stop, fused)
         assignments[s] = tk.assign_book(srcs, book, cnorm)
         centroids[s] = cent.to(cdtype)
         if s + 1 < stages:
@@ -191,7 +193,9 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
                 res[i * g0:(i + 1) * g0] = src.reshape(g0, n, d)
             res -= gather_centroids(centroids[s], assignments[s])
             srcs = [res.view(1, gt, n, d)]
-    flags = torch.empty(gt, n, dtype=torch.int8, device=dev)
+    nb = tk.quantize_blocks(n)
+    flags = torch.empty(gt, nb, dtype=torch.int8, device=dev)
+    energy = torch.empty(gt, nb, 2, dtype=torch.float32, device=dev)
     segs = []
     for i, (x, x4, role) in enumerate(zip(xs, x4s, roles)):
         sl = slice(i * g0, (i + 1) * g0)
@@ -199,9 +203,9 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
         assign_i = assignments[:, sl] if parts == 1 else assignments[:, sl].clone()
         bits = config.bits_for(role)
         mode = config.code_mode_for(role)
-        codes, scales, zeros, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, mode,
-                                              config.torch_scale_dtype, flags=flags[sl],
-                                              check_finite=config.check_finite)
+        codes, scales, zeros, _, _ = tk.quantize(x4, cents_i, assign_i, bits, config.group_size, mode,
+                                                 config.torch_scale_dtype, flags=flags[sl], energy=energy[sl],
+                                                 check_finite=config.check_finite)
         xs_view = to_normalised(x, prepared[i][1])
         lead = xs_view.shape[:-2]
         segs.append(QVGSegment(
@@ -213,7 +217,8 @@ def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int
             bits=bits, group_size=config.group_size, code_mode=mode,
             shape=x.shape, dtype=x.dtype, seq_dim=prepared[i][1],
         ))
-    return segs, flags
+    fits, summary = tk.close(flags, energy, parts)
+    return segs, summary, fits
 
 
 def _split_sets(srcs: list[torch.Tensor], parts: int) -> list[torch.Tensor]:
@@ -229,17 +234,10 @@ def _threshold(srcs: list[torch.Tensor], parts: int, config: QVGConfig) -> Optio
     """``kmeans_tol`` x RMS of each input, on the device (None without early stopping)."""
     if not (config.kmeans_tol > 0 and config.kmeans_iters):
         return None
-    rms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(p.numel())
-                       for p in _split_sets(srcs, parts)])
-    return config.kmeans_tol * rms
-
-
-def _summary(flags: list[torch.Tensor]) -> torch.Tensor:
-    """int8 ``[2]``: whether any token of ``flags`` has `FLAG_RANGE`, and `FLAG_NONFINITE`."""
-    from ._triton_encode import FLAG_NONFINITE, FLAG_RANGE
-
-    f = flags[0] if len(flags) == 1 else torch.cat([t.flatten() for t in flags])
-    return torch.stack([(f & FLAG_RANGE.value).amax(), (f & FLAG_NONFINITE.value).amax()])
+    pieces = _split_sets(srcs, parts)
+    norms = [torch.linalg.vector_norm(p, dtype=torch.float32) for p in pieces]
+    norm = norms[0].unsqueeze(0) if len(norms) == 1 else torch.stack(norms)
+    return norm * (config.kmeans_tol / math.sqrt(pieces[0].numel()))
 
 
 def raise_on_summary(summary: Sequence[int], config: QVGConfig) -> None:
@@ -263,20 +261,23 @@ def _initial(src: torch.Tensor, c: int, config: QVGConfig, stage: int, given: Op
     init = "random" if config.init == "given" else config.init
     seed = config.seed + stage
     if init == "random":
-        picks, sets = _random_picks(g, n, c, seed, src.device)
+        outer, inner, picks = _random_picks(g, b2, n, c, seed, src.device)
         # Index the picked rows in place: no copy of a strided (BSHD) input.
-        return src[sets // b2, sets % b2, picks].float()
+        return src[outer, inner, picks].float()
     return ref_init(src.reshape(g, n, d), c, init, seed)
 
 
 @functools.lru_cache(maxsize=64)
-def _random_picks(g: int, n: int, c: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seeded tokens a ``"random"`` start picks (``[G, C]``) and the set index (``[G, 1]``),
-    on ``device``. They depend on the shapes and the seed only, so they are drawn on the host once
-    and kept: a seeded encode is then launches only (CUDA-graph capturable, no host copy)."""
+def _random_picks(g: int, b2: int, n: int, c: int, seed: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seeded tokens a ``"random"`` start picks: for ``g`` sets of ``b2`` per outer index, the
+    outer and inner set index (``[G, 1]``) and the picked tokens (``[G, C]``), on ``device``. They
+    depend on the shapes and the seed only, so they are drawn on the host once and kept: a seeded
+    encode is then launches only (CUDA-graph capturable, no host copy, no index arithmetic)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     picks = torch.rand(g, n, generator=gen).topk(c, dim=1).indices.to(device)
-    return picks, torch.arange(g, device=device).unsqueeze(1)
+    sets = torch.arange(g).unsqueeze(1)
+    return (sets // b2).to(device), (sets % b2).to(device), picks
 
 
 def _sets(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -329,7 +330,7 @@ def quantize_residual(x: torch.Tensor, centroids: torch.Tensor, assignments: tor
     if x.is_cuda:
         from ._triton_encode import quantize
 
-        codes, scales, zeros, flags = quantize(x, centroids, assignments, bits, group_size, code_mode, scale_dtype)
+        codes, scales, zeros, _, _ = quantize(x, centroids, assignments, bits, group_size, code_mode, scale_dtype)
         return codes, scales, zeros
     r = x.reshape(g, n, d).float()
     for s in range(assignments.shape[0]):

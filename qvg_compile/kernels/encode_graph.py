@@ -9,8 +9,8 @@ the caller's copies out.
 - Key: x's shape, dtype and device, the config, the role, the initial centroids' shape and dtype,
   whether the fit is asked for, and a caller's ``tag`` (two encodes whose outputs are alive at
   once need different tags).
-- With ``fit``, the segment's `residual_energy` is computed inside the graph too: ~12 small ops
-  that would otherwise launch one by one on every seal a cache checks for codebook fit.
+- With ``fit``, the segment's codebook fit (`residual_energy`, summed by the quantize kernel) is
+  an output of the graph too.
 - The first call of a key runs eagerly (it compiles the Triton kernels, which a capture cannot);
   the second captures, then every call replays.
 - Captured: encodes from given centroids (a warm start or a shared codebook), without k-means,
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..quant.config import QVGConfig
-from ..quant.segment import QVGSegment, residual_energy
+from ..quant.segment import QVGSegment
 from .encode import encode_unchecked, triton_supports
 
 
@@ -122,8 +122,7 @@ def encode_replayed(x: torch.Tensor, config: QVGConfig, role: str, init: Optiona
 
 def _eager(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.Tensor],
            fit: bool) -> tuple[QVGSegment, torch.Tensor, Optional[torch.Tensor]]:
-    seg, summary = encode_unchecked(x, config, -2, role, init)
-    return seg, summary, residual_energy(x, seg) if fit else None
+    return encode_unchecked(x, config, -2, role, init, fit)
 
 
 def _static_like(t: torch.Tensor) -> torch.Tensor:
