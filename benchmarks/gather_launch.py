@@ -8,7 +8,8 @@ stores (and the per-group scale loads at 64 / 2; the FP8 scales decoded by integ
 the hardware's conversion at 32 / 1 and 64 / 2). Prints
 microseconds per launch (median of ``--reps`` CUDA-event timings), the HBM bandwidth that implies
 (packed bytes read + workspace written), checks that every setting writes the same workspace, and
-times ``zero_`` of the two workspaces: the write traffic alone, the floor of any gather.
+times ``zero_`` of the two workspaces: the write traffic alone, the floor of any gather. Settings run
+round robin (each once per round, ``--reps`` rounds): drifts of a shared host fall on all of them.
 
     python benchmarks/gather_launch.py --frames 60
 """
@@ -16,6 +17,7 @@ times ``zero_`` of the two workspaces: the write traffic alone, the floor of any
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import time
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(SEALED, 0, 0, n)]
     read = sum(t.numel() * t.element_size() for s in (k, v) for t in (s.codes, s.scales, s.assignments))
     written = 2 * H * n * D * 2
-    rows, ref = [], None
+    rows = []
     # Each tile with the (tokens per program, warps) it is tried at.
     everywhere = list(itertools.product((32, 64, 128, 256), (1, 2, 4, 8)))
     tiles = {"2d, packed loads": (dict(), everywhere),
@@ -77,24 +79,33 @@ def main(argv: list[str] | None = None) -> int:
              "2d, streaming stores": (dict(stream=True), [(32, 1), (64, 2)]),
              "2d grouped": (dict(grouped=True, packed_loads=False), [(64, 2)]),
              "2d, integer FP8 decode": (dict(scale_decode=1), [(32, 1), (64, 2)])}
+    calls, outs = [], [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+    ref = None
     for tile, (options, settings) in tiles.items():
         for block, warps in settings:
             launch = GatherLaunch(k, v, tail, tail, block, num_warps=warps, **options)
             table, blocks = block_table(runs, runs, torch.device(dev), block=block)
-            outs = [torch.empty(1, H, n, D, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+            for o in outs:
+                o.fill_(float("nan"))
             launch(table, blocks, *outs)
-            times = [timed(lambda: launch(table, blocks, *outs), dev) for _ in range(args.reps)]
             if ref is None:
                 ref = [o.clone() for o in outs]
             same = all(torch.equal(a, b) for a, b in zip(outs, ref))
-            us = statistics.median(times)
-            rows.append([tile, block, warps, f"{us:.0f}", f"{min(times):.0f}-{max(times):.0f}",
-                         f"{(read + written) / us / 1e3:.0f}", "yes" if same else "NO"])
+            calls.append(((tile, block, warps, same), functools.partial(launch, table, blocks, *outs)))
+    zero = (("zero_ of the workspaces", "-", "-", None), lambda: [o.zero_() for o in outs])
+    calls.append(zero)
+    # Round robin: every setting once per round, so the host's and the clock's drifts fall on all.
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(args.reps):
+        for i, (_, call) in enumerate(calls):
+            times[i].append(timed(call, dev))
     print(f"gather of K and V, {args.frames} frames ({n:,} tokens x {H} heads x {D}), "
-          f"{(read + written) / 1e6:.0f} MB moved per launch")
-    floor = [timed(lambda: [o.zero_() for o in outs], dev) for _ in range(args.reps)]
-    rows.append(["zero_ of the workspaces", "-", "-", f"{statistics.median(floor):.0f}",
-                 f"{min(floor):.0f}-{max(floor):.0f}", f"{written / statistics.median(floor) / 1e3:.0f}", "-"])
+          f"{(read + written) / 1e6:.0f} MB moved per launch, {args.reps} rounds of every setting")
+    for ((tile, block, warps, same), _), t in zip(calls, times):
+        us = statistics.median(t)
+        moved = written if same is None else read + written
+        rows.append([tile, block, warps, f"{us:.0f}", f"{min(t):.0f}-{max(t):.0f}", f"{moved / us / 1e3:.0f}",
+                     "-" if same is None else ("yes" if same else "NO")])
     print(tabulate(rows, headers=["tile", "tokens/program", "warps", "us (median)", "range", "GB/s", "same output"]))
     return 0
 
