@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvg_compile import QVGConfig
+from qvg_compile.kernels._triton_gather import GatherLaunch
 from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair, gather_reference, gather_supported
 from test_kernels_decode import make_store
 from interpreter import INTERPRETER_ONLY
@@ -80,18 +81,19 @@ def test_block_table_rejects_bad_runs():
         block_table([], [(SEALED, -1, 0, 4)], torch.device("cpu"))
 
 
-@pytest.mark.parametrize("block,warps,grouped,stream", [(16, 4, True, False), (32, 8, False, False),
-                                                        (32, 2, True, False), (16, 2, False, True)])
-def test_every_launch_setting_equals_reference(block, warps, grouped, stream):
-    from qvg_compile.kernels._triton_gather import GatherLaunch
-
+@pytest.mark.parametrize("block,warps,options,changes", [
+    (16, 4, dict(grouped=True), dict()), (32, 8, dict(), dict()), (32, 2, dict(grouped=True), dict()),
+    (16, 2, dict(stream=True), dict()), (16, 2, dict(by_group=True), dict()),
+    (32, 4, dict(by_group=True), dict(code_mode="asymmetric", value_code_mode="asymmetric", scale_dtype="fp16")),
+    (16, 2, dict(by_group=True, packed_loads=False), dict(value_bits=4))])
+def test_every_launch_setting_equals_reference(block, warps, options, changes):
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16",
-                    code_mode="symmetric", value_code_mode="symmetric_full")
+                    code_mode="symmetric", value_code_mode="symmetric_full").replace(**changes)
     k, v = make_store(3, cfg=cfg, role="key"), make_store(4, cfg=cfg, role="value")
     k_tail, v_tail, k_runs, v_runs = runs_and_tails(1)
     table, blocks = block_table(k_runs, v_runs, torch.device("cpu"), block=block)
     outs = [torch.full((1, 2, 85, 32), float("nan")) for _ in range(4)]
-    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, grouped=grouped, stream=stream)(table, blocks, outs[0], outs[1])
+    GatherLaunch(k, v, k_tail, v_tail, block, num_warps=warps, **options)(table, blocks, outs[0], outs[1])
     gather_reference(k, k_tail, k_runs, outs[2])
     gather_reference(v, v_tail, v_runs, outs[3])
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])

@@ -123,33 +123,47 @@ def decode_tile(
     BN: tl.constexpr = offs_n.shape[0]
     D: tl.constexpr = offs_d.shape[0]
     NG: tl.constexpr = D // GROUP
-    if PACKED_LOADS:
-        # Each code byte and each group's scale loaded once per token (the gather's tile).
+    if PACKED_LOADS and NG == 1:
+        # One scale per token: the code's offset folds into the scale as one more per-token
+        # value, one fused multiply-add per channel. Bit-equal to ``(q - c) * s``: q * s and c * s
+        # are exact in fp32 (at most 8 and 11 significant bits multiplied), so is their sum.
         q = unpack_codes(codes + offs_n[:, None] * s_cn, s_cd, m2, BN, D, BITS)
-        s = group_scales(scales + offs_n * s_sn, s_sg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
-        if MODE == 2:
-            z = group_scales(zeros + offs_n * s_zn, s_zg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
-    else:
-        byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
-        q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        if GROUPED:
-            # One scale load and decode per group, broadcast over the group's channels.
-            g = tl.arange(0, NG)[None, :]
-            s = tl.reshape(load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8), (BN, NG, 1))
-            q = tl.reshape(q, (BN, NG, GROUP))
-            if MODE == 2:
-                z = tl.reshape(load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8), (BN, NG, 1))
+        sv = load_scale(scales + offs_n * s_sn, n_mask, SCALE_FP8)
+        if MODE == 0:
+            off = sv * -((1 << (BITS - 1)) - 1)
+        elif MODE == 1:
+            off = sv * -((1 << (BITS - 1)) - 0.5)
         else:
-            g = (offs_d // GROUP)[None, :]
-            s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
-            if MODE == 2:
-                z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
-    if MODE == 0:
-        x = (q - ((1 << (BITS - 1)) - 1)) * s
-    elif MODE == 1:
-        x = (q - ((1 << (BITS - 1)) - 0.5)) * s
+            off = load_scale(zeros + offs_n * s_zn, n_mask, SCALE_FP8)
+        x = q * sv[:, None] + off[:, None]
     else:
-        x = q * s + z
+        if PACKED_LOADS:
+            # Each code byte and each group's scale loaded once per token (the gather's tile).
+            q = unpack_codes(codes + offs_n[:, None] * s_cn, s_cd, m2, BN, D, BITS)
+            s = group_scales(scales + offs_n * s_sn, s_sg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
+            if MODE == 2:
+                z = group_scales(zeros + offs_n * s_zn, s_zg, n_mask, offs_d, GROUP, NG, SCALE_FP8)
+        else:
+            byte = tl.load(codes + offs_n[:, None] * s_cn + (offs_d // PER)[None, :] * s_cd, mask=m2, other=0)
+            q = ((byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+            if GROUPED:
+                # One scale load and decode per group, broadcast over the group's channels.
+                g = tl.arange(0, NG)[None, :]
+                s = tl.reshape(load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8), (BN, NG, 1))
+                q = tl.reshape(q, (BN, NG, GROUP))
+                if MODE == 2:
+                    z = tl.reshape(load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8), (BN, NG, 1))
+            else:
+                g = (offs_d // GROUP)[None, :]
+                s = load_scale(scales + offs_n[:, None] * s_sn + g * s_sg, m2, SCALE_FP8)
+                if MODE == 2:
+                    z = load_scale(zeros + offs_n[:, None] * s_zn + g * s_zg, m2, SCALE_FP8)
+        if MODE == 0:
+            x = (q - ((1 << (BITS - 1)) - 1)) * s
+        elif MODE == 1:
+            x = (q - ((1 << (BITS - 1)) - 0.5)) * s
+        else:
+            x = q * s + z
     if GROUPED and not PACKED_LOADS:
         x = tl.reshape(x, (BN, D))
     if STAGES > 0:

@@ -38,11 +38,13 @@ def _gather_block(
     side_table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
-    STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr,
+    STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr, BY_GROUP: tl.constexpr,
 ):
     """Block ``program_id(0)`` of one side's runs ``(kind, src, dst, n, first block)``, for one
     (batch, head): up to ``BLOCK_N`` tokens decoded from store positions (kind 0) or copied from
-    dense rows (kind 1) into rows of ``out``."""
+    dense rows (kind 1) into rows of ``out``. ``BY_GROUP``: decode one scale group of channels
+    at a time (``[BLOCK_N, GROUP]`` tiles, each with one scale per token: no per-channel select of
+    the group's scale, and half the live registers for two groups)."""
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -61,7 +63,23 @@ def _gather_block(
     mask = offs < n
     offs_d = tl.arange(0, D)
     ptrs = out + b * s_ob + h * s_oh + (dst + offs)[:, None] * s_on + offs_d[None, :] * s_od
-    if kind == 0:
+    if kind == 0 and BY_GROUP:
+        PER: tl.constexpr = 8 // BITS
+        # Every pointer moved to the group's first channel: the tile decodes channels [0, GROUP).
+        for g in tl.static_range(D // GROUP):
+            decoded = decode_tile(
+                codes + b * s_cb + h * s_ch + (g * GROUP // PER) * s_cd, s_cn, s_cd,
+                scales + b * s_sb + h * s_sh + g * s_sg, s_sn, s_sg,
+                zeros + b * s_zb + h * s_zh + g * s_zg, s_zn, s_zg,
+                assign + b * s_ab + h * s_ah, s_as, s_an,
+                cents + b * s_xb + h * s_xh + g * GROUP * s_xd, s_xk, s_xs, s_xc, s_xd,
+                seg_ids, src + offs, mask, tl.arange(0, GROUP),
+                BITS, GROUP, MODE, STAGES, SCALE_FP8, False, PACKED_LOADS,
+            )
+            offs_g = g * GROUP + tl.arange(0, GROUP)
+            gptrs = out + b * s_ob + h * s_oh + (dst + offs)[:, None] * s_on + offs_g[None, :] * s_od
+            _put(gptrs, decoded.to(out.dtype.element_ty), mask[:, None], STREAM)
+    elif kind == 0:
         decoded = decode_tile(
             codes + b * s_cb + h * s_ch, s_cn, s_cd,
             scales + b * s_sb + h * s_sh, s_sn, s_sg,
@@ -100,6 +118,7 @@ def _gather_pair_kernel(
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, STAGES: tl.constexpr,
     SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr, STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr,
+    BY_GROUP: tl.constexpr,
 ):
     # Grid: (blocks, batch * heads, 2); axis 2 picks K or V, whose runs may differ.
     side = tl.program_id(2)
@@ -110,14 +129,14 @@ def _gather_pair_kernel(
                       k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
                       k_tail, k_s_tb, k_s_th, k_s_tn, k_s_td, k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
                       side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
-                      PACKED_LOADS)
+                      PACKED_LOADS, BY_GROUP)
     else:
         _gather_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
                       v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
                       v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
                       v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td, v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
                       side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
-                      PACKED_LOADS)
+                      PACKED_LOADS, BY_GROUP)
 
 
 class GatherLaunch:
@@ -127,10 +146,11 @@ class GatherLaunch:
 
     def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
                  block_tokens: int, num_warps: int = 4, grouped: bool = False, stream: bool = False,
-                 scale_decode: Optional[int] = None, packed_loads: bool = True) -> None:
+                 scale_decode: Optional[int] = None, packed_loads: bool = True, by_group: bool = False) -> None:
         """``scale_decode`` overrides the ``SCALE_FP8`` meta-parameter `scale_format` picks (the
         integer FP8 decode on a GPU that has the conversion, to compare the two); ``packed_loads``
-        False loads a code byte and a scale per channel (`_jit.decode_tile`), to compare."""
+        False loads a code byte and a scale per channel (`_jit.decode_tile`), to compare;
+        ``by_group`` decodes one scale group of channels at a time (`_gather_block`)."""
         self.heads = k_store.codes.shape[1]
         self.rows = k_store.codes.shape[0] * self.heads
         self.args = [*kernel_store_args(k_store), k_tail, *k_tail.stride(),
@@ -140,7 +160,7 @@ class GatherLaunch:
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
                          SCALE_FP8=scale_format(k_store.scales) if scale_decode is None else scale_decode,
                          GROUPED=grouped, STREAM=stream, PACKED_LOADS=packed_loads,
-                         num_warps=num_warps)
+                         BY_GROUP=by_group and k_store.group_size < k_store.head_dim, num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
         """Fill ``k_out``/``v_out`` from ``table`` ``[2, R, 5]`` int32 with ``blocks`` programs per
