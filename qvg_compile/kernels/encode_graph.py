@@ -126,10 +126,9 @@ def _eager(x: torch.Tensor, config: QVGConfig, role: str, init: Optional[torch.T
 
 
 def _static_like(t: torch.Tensor) -> torch.Tensor:
-    """A dense copy in the caller's dimension order: the graph's input buffer. The same order
-    keeps every later copy in a plain block copy (a cache's rows are token-major, ``[B, N, H, D]``
-    in memory: a copy into a ``[B, H, N, D]``-contiguous buffer is a transpose, measured at 20 us
-    per seal on the H200 against ~7 for the block copy); the kernels take any strides."""
+    """A dense copy in the caller's dimension order: the graph's input buffer. Every later copy
+    into it then keeps the order of the tensor it copies (a token-major ``[B, N, H, D]`` input
+    is not transposed into a ``[B, H, N, D]``-contiguous buffer); the kernels take any strides."""
     return torch.empty_like(t, memory_format=torch.preserve_format).copy_(t)
 
 
