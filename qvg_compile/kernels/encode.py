@@ -158,9 +158,10 @@ def _prepare(x: torch.Tensor, config: QVGConfig, seq_dim: int, role: str, init: 
 
 def _encode_group(xs: list[torch.Tensor], prepared: list[tuple[torch.Tensor, int]], config: QVGConfig,
                   roles: list[str], inits: list[Optional[torch.Tensor]], fused: Optional[bool]
-                  ) -> tuple[list[QVGSegment], torch.Tensor]:
-    """Encode one or two inputs whose ``[B1, B2, N, D]`` views share a grid; returns the segments
-    and the per-token flags of all of them (not yet checked)."""
+                  ) -> tuple[list[QVGSegment], torch.Tensor, torch.Tensor]:
+    """Encode one or two inputs whose ``[B1, B2, N, D]`` views share a grid; returns the segments,
+    the refusal summary of all of them (int8 ``[2]``, not yet checked) and each input's codebook
+    fit (fp32 ``[inputs]``), launches only."""
     from . import _triton_encode as tk
 
     x4s = [p[0] for p in prepared]
