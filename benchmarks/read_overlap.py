@@ -31,7 +31,7 @@ from qvg_compile.kernels._triton_gather import GatherLaunch
 from qvg_compile.kernels.attention import merge_partial, sdpa_with_lse
 from qvg_compile.kernels.gather import BLOCK_TOKENS, GATHER_WARPS, SEALED, block_table
 
-from gather_launch import CHUNK, D, FRAME, H, random_store
+from gather_launch import CHUNK, D, FRAME, H, random_store, timed
 
 
 def blocks_of(n: int, count: int) -> list[tuple[int, int]]:
@@ -99,15 +99,6 @@ class SplitRead:
         gathered.append(ev)
 
 
-def timed(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60)
@@ -134,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.reps):
         for name, fn in calls.items():
-            times[name].append(timed(fn))
+            times[name].append(timed(fn, dev))
     rows = []
     for name, t in times.items():
         held = variants[name].workspace_bytes() / 1e9 if name in variants else float("nan")
