@@ -639,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--qvg-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="one more QVG run per pair with these environment variables set (e.g. "
                              "QVG_READ_PATH=general), reported as qvg[...]; repeatable")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="BF16 and QVG both with Inductor's CUDA graphs (reduce-overhead / backend(cudagraphs=True))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)
@@ -667,10 +669,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{cfg.num_heads}x{cfg.head_dim}, {cfg.frame_tokens} tokens/frame)",
         "config": dataclasses.asdict(cfg), "weight_bytes": weight_bytes, "runs": []}
     log(f"{results['model']} on {name}, torch {torch.__version__}, weights {weight_bytes / GB:.2f} GB")
-    qvg = qvg_compile.backend()
+    qvg = qvg_compile.backend(cudagraphs=args.cudagraphs)
     results["qvg_config"] = dataclasses.asdict(qvg.config)
+    # With --cudagraphs both run Inductor's CUDA graphs: BF16 as mode="reduce-overhead", QVG with
+    # the cache ops between the graphs.
+    mode = "reduce-overhead" if args.cudagraphs else None
     compilers: list[tuple[str, Callable, dict[str, str]]] = [
-        ("bf16", lambda m: torch.compile(m), {}), ("qvg", lambda m: torch.compile(m, backend=qvg), {})]
+        ("bf16", lambda m: torch.compile(m, mode=mode), {}), ("qvg", lambda m: torch.compile(m, backend=qvg), {})]
     for variant in args.qvg_env:
         env = dict(item.split("=", 1) for item in variant.split(","))
         compilers.append((f"qvg[{variant}]", lambda m: torch.compile(m, backend=qvg), env))

@@ -74,14 +74,22 @@ class QVGBackend:
         roles: the role of caches read inside compiler-disabled functions, by the name of their
             entry (``{"k_txt": "key", "v_txt": "value"}``); entries not named are read as attention
             reads them (K or V).
+        cudagraphs: compile with Inductor's CUDA graphs (``mode="reduce-overhead"`` of the default
+            backend): the model's GPU work between cache ops is captured and replayed; the cache
+            ops, which change host state on every call, run between the graphs (Inductor's graph
+            partitioning, `cache.lean_op.CACHE_OP_TAGS`). Off by default: not yet measured end to
+            end (`benchmarks/end_to_end.py --cudagraphs`).
         cache_options: forwarded to `QVGCache.from_dense` (segment length, dense chunks, sinks).
     """
 
     def __init__(self, config: Optional[QVGConfig] = None, validate: bool = False,
                  rtol: float = 1e-3, atol: float = 1e-3, roles: Optional[dict[str, str]] = None,
-                 **cache_options: Any) -> None:
+                 cudagraphs: bool = False, **cache_options: Any) -> None:
         if config is not None and not isinstance(config, QVGConfig):
             raise TypeError(f"config: expected a QVGConfig, got {type(config).__name__}")
+        if not isinstance(cudagraphs, bool):
+            raise TypeError(f"cudagraphs: expected a bool, got {type(cudagraphs).__name__}")
+        self.cudagraphs = cudagraphs
         check_roles(roles)
         for name, value in (("rtol", rtol), ("atol", atol)):
             if not isinstance(value, (int, float)) or value < 0:
@@ -310,9 +318,14 @@ class QVGBackend:
         return self._config_problem(site, node)
 
     def _inductor(self, gm: fx.GraphModule, example_inputs: list[Any], graph_report: GraphReport) -> Callable:
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs,
-                          config_patches={"post_grad_custom_post_pass": _PostGradCapture(graph_report)})
+        patches: dict[str, Any] = {"post_grad_custom_post_pass": _PostGradCapture(graph_report)}
+        if self.cudagraphs:
+            patches["triton.cudagraphs"] = True
+            if hasattr(inductor_config, "graph_partition"):
+                patches["graph_partition"] = True
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def _inductor_or_eager(self, gm: fx.GraphModule, example_inputs: list[Any],
                            graph_report: GraphReport) -> Callable:
@@ -367,11 +380,12 @@ _BACKEND_FIELDS = {f.name for f in dataclasses.fields(QVGConfig)}
 
 
 def backend(config: Optional[QVGConfig] = None, *, preset: str = "qvg", bits: Optional[int] = None,
-            validate: bool = False, **options: Any) -> QVGBackend:
+            validate: bool = False, cudagraphs: bool = False, **options: Any) -> QVGBackend:
     """A configured QVG backend: ``torch.compile(model, backend=qvg_compile.backend(bits=2, stages=1))``.
 
     Keyword options that name `QVGConfig` fields override the ``preset``; ``bits`` sets both key
-    and value bits; the rest go to `QVGCache.from_dense` (cache policy).
+    and value bits; ``validate`` and ``cudagraphs`` are `QVGBackend`'s; the rest go to
+    `QVGCache.from_dense` (cache policy).
     """
     quant = {k: options.pop(k) for k in list(options) if k in _BACKEND_FIELDS}
     if bits is not None:
@@ -381,7 +395,7 @@ def backend(config: Optional[QVGConfig] = None, *, preset: str = "qvg", bits: Op
         config = QVGConfig.preset(preset, **quant)
     elif quant:
         config = config.replace(**quant)
-    return QVGBackend(config, validate=validate, **options)
+    return QVGBackend(config, validate=validate, cudagraphs=cudagraphs, **options)
 
 
 def qvg_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:

@@ -139,6 +139,17 @@ def test_idiom_a_fullgraph_equals_eager_frees_dense_and_compiles_twice():
     assert max_diff(run[1], dense) > 1e-2  # the cache really is quantized
 
 
+def test_cudagraphs_option_compiles_the_same_model_and_every_cache_op_is_tagged():
+    # On the CPU Inductor captures no CUDA graph: the option must compile and compute the same
+    # (the GPU test is `tests/test_gpu_fast_read.py`); the tag keeps the ops out of the graphs.
+    assert_rewritten(CASE_A, compiled_run(CASE_A, qvg_compile.backend(CFG, cudagraphs=True)))
+    ops = [name for name in dir(torch.ops.qvg) if name.startswith("cache_")]
+    assert len(ops) >= 10
+    assert all(torch.Tag.cudagraph_unsafe in getattr(torch.ops.qvg, name).default.tags for name in ops)
+    with pytest.raises(TypeError, match="cudagraphs: expected a bool"):
+        qvg_compile.backend(CFG, cudagraphs="yes")
+
+
 def test_compile_count_bounded_over_a_long_loop():
     case = Case(idiom_a, dict_state(4 * 16), KV_BSHD, lambda st, i: (st, chunk(i), i * C, (i + 1) * C), steps=16)
     counters = torch._dynamo.utils.counters

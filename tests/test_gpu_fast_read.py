@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache import reset_stats, stats
 from qvg_compile.kernels.gather import ROWS, SEALED, block_table, gather_pair
@@ -112,3 +113,29 @@ def test_seal_ahead_on_cuda_computes_what_it_computes_without(monkeypatch):
     # (short) attention, `seal_ahead`'s back-off.
     assert 4 <= counts[1]["seals_ahead"] <= 12 and counts[1].get("seals_undone", 0) == 0
     assert counts[1]["seals"] == counts[0]["seals"]
+
+
+def test_cudagraphs_backend_computes_what_the_plain_backend_computes_on_cuda():
+    """`backend(cudagraphs=True)`: Inductor's CUDA graphs around the cache ops (graph partitions,
+    `cache.lean_op.CACHE_OP_TAGS`) give the outputs of the backend without them, over 5 chunks x
+    3 passes of a step whose dense K/V cache the backend moves into QVG storage."""
+    def step(state, q, x, s: int, e: int):
+        state["k"][:, s:e] = x
+        state["v"][:, s:e] = x * 0.5
+        return F.scaled_dot_product_attention(q, state["k"][:, :e].transpose(1, 2), state["v"][:, :e].transpose(1, 2))
+
+    results = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=qvg_compile.backend(cudagraphs=graphs))
+        gen = torch.Generator(device="cuda").manual_seed(6)
+        state = {name: torch.zeros(1, 5 * L, H, D, device="cuda", dtype=torch.bfloat16) for name in ("k", "v")}
+        outs = []
+        for c in range(5):
+            for _ in range(3):
+                x = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                outs.append(compiled(state, q, x, c * L, (c + 1) * L).clone())
+        assert isinstance(state["k"], QVGCache) and isinstance(state["v"], QVGCache)
+        results.append(outs)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

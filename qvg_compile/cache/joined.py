@@ -24,6 +24,7 @@ from . import tally
 from ..kernels.attention import merge_partial, sdpa_with_lse
 from .codec import leads
 from .host import host_thread
+from .lean_op import CACHE_OP_TAGS
 from .ops import store_of
 from .read import attend_general
 from .read_plan import ReadSide
@@ -37,7 +38,7 @@ Tensor = torch.Tensor
 PairReader = Callable[[Tensor, QVGCache, QVGCache, Optional[float]], Optional[tuple[Tensor, Tensor]]]
 
 
-@torch.library.custom_op("qvg::cache_attention_lse", mutates_args=())
+@torch.library.custom_op("qvg::cache_attention_lse", mutates_args=(), tags=CACHE_OP_TAGS)
 def cache_attention_lse(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces: list[int], k_lead: list[int],
                         k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                         v_lead: list[int], v_part: int, v_spec: str,

@@ -20,13 +20,19 @@ import torch
 
 _lib = torch.library.Library("qvg", "FRAGMENT")
 
+# Tags of every op that touches a cache: each call reads and changes host state (the token map,
+# cached read plans, writes opened ahead), which a CUDA graph replay would skip. With Inductor's
+# CUDA graphs on (`QVGBackend(cudagraphs=True)`), graph partitioning runs these ops between the
+# captured graphs of the rest of the model.
+CACHE_OP_TAGS = (torch.Tag.cudagraph_unsafe,)
+
 
 class LeanOp:
     """The operator ``qvg::<name>``; calling it calls the op through the dispatcher."""
 
-    def __init__(self, name: str, fn: Callable, mutates_args: Sequence[str]) -> None:
+    def __init__(self, name: str, fn: Callable, mutates_args: Sequence[str], tags: Sequence[torch.Tag] = ()) -> None:
         schema = torch.library.infer_schema(fn, mutates_args=tuple(mutates_args))
-        _lib.define(name + schema)
+        _lib.define(name + schema, tags=tuple(tags))
         _lib.impl(name, fn, "CompositeExplicitAutograd")
         self.name = name
         self.__doc__ = fn.__doc__
@@ -40,12 +46,13 @@ class LeanOp:
         return torch.library.register_fake(f"qvg::{self.name}", fn, lib=_lib)
 
 
-def lean_op(name: str, mutates_args: Sequence[str]) -> Callable[[Callable], LeanOp]:
-    """Decorator: define ``qvg::<name>`` from a type-annotated function (as `custom_op` does)."""
+def lean_op(name: str, mutates_args: Sequence[str], tags: Sequence[torch.Tag] = ()) -> Callable[[Callable], LeanOp]:
+    """Decorator: define ``qvg::<name>`` from a type-annotated function (as `custom_op` does),
+    with the operator ``tags``."""
     if not name.isidentifier():
         raise ValueError(f"name: expected an operator name without namespace, got {name!r}")
 
     def wrap(fn: Callable) -> LeanOp:
-        return LeanOp(name, fn, mutates_args)
+        return LeanOp(name, fn, mutates_args, tags)
 
     return wrap

@@ -25,7 +25,7 @@ from .ahead import just_sealed
 from .clone import clone_store
 from .codec import lead_sel, leads, piece_tokens, positions
 from .host import host_thread
-from .lean_op import lean_op
+from .lean_op import CACHE_OP_TAGS, lean_op
 from .read import ReadSide, attend
 from .read_fast import replay
 from .read_plan import args_key
@@ -41,7 +41,7 @@ def store_of(arrays: Sequence[Tensor], spec: str) -> Store:
 
 
 # --- mutations ---------------------------------------------------------------------------------
-@lean_op("cache_write", mutates_args=("arrays",))
+@lean_op("cache_write", mutates_args=("arrays",), tags=CACHE_OP_TAGS)
 def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], start: int,
                 index: Optional[Tensor], lead: list[int], spec: str, relocate: bool) -> None:
     """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
@@ -72,7 +72,7 @@ def _(arrays, values, parts, start, index, lead, spec, relocate) -> None:
     return None
 
 
-@torch.library.custom_op("qvg::cache_copy", mutates_args=("dst",))
+@torch.library.custom_op("qvg::cache_copy", mutates_args=("dst",), tags=CACHE_OP_TAGS)
 def cache_copy(dst: list[Tensor], src: list[Tensor], pieces: list[int], start: int, dst_spec: str,
                src_spec: str) -> None:
     """Copy the store positions ``pieces`` (runs only) of ``src`` (empty list: ``dst`` itself) to
@@ -88,7 +88,7 @@ def _(dst, src, pieces, start, dst_spec, src_spec) -> None:
     return None
 
 
-@torch.library.custom_op("qvg::cache_release", mutates_args=("arrays",))
+@torch.library.custom_op("qvg::cache_release", mutates_args=("arrays",), tags=CACHE_OP_TAGS)
 def cache_release(arrays: list[Tensor], pieces: list[int], spec: str) -> None:
     """Make the store positions of ``pieces`` holes (``zero_`` / ``fill_(0)``)."""
     with host_thread(arrays[0].device):
@@ -105,7 +105,7 @@ def _(arrays, pieces, spec) -> None:
     return None
 
 
-@torch.library.custom_op("qvg::cache_seal", mutates_args=("arrays",))
+@torch.library.custom_op("qvg::cache_seal", mutates_args=("arrays",), tags=CACHE_OP_TAGS)
 def cache_seal(arrays: list[Tensor], spec: str) -> None:
     """Seal every dense slot."""
     with host_thread(arrays[0].device):
@@ -117,7 +117,7 @@ def _(arrays, spec) -> None:
     return None
 
 
-@torch.library.custom_op("qvg::cache_load", mutates_args=("arrays",))
+@torch.library.custom_op("qvg::cache_load", mutates_args=("arrays",), tags=CACHE_OP_TAGS)
 def cache_load(arrays: list[Tensor], values: list[Tensor], spec: str) -> None:
     """Replace the whole content by dense ``values[p]`` ``[*lead, capacity, D_p]``."""
     with host_thread(arrays[0].device):
@@ -130,7 +130,7 @@ def _(arrays, values, spec) -> None:
 
 
 # --- reads -------------------------------------------------------------------------------------
-@torch.library.custom_op("qvg::cache_decode", mutates_args=())
+@torch.library.custom_op("qvg::cache_decode", mutates_args=(), tags=CACHE_OP_TAGS)
 def cache_decode(arrays: list[Tensor], pieces: list[int], lead: list[int], parts: list[int],
                  spec: str) -> list[Tensor]:
     """Dense ``[*lead sizes, n, D_p]`` of the runs in ``pieces`` (in order), for each part in
@@ -153,7 +153,7 @@ def _(arrays, pieces, lead, parts, spec) -> list[Tensor]:
             for p in range(parts[0], parts[0] + parts[1])]
 
 
-@torch.library.custom_op("qvg::cache_clone", mutates_args=())
+@torch.library.custom_op("qvg::cache_clone", mutates_args=(), tags=CACHE_OP_TAGS)
 def cache_clone(arrays: list[Tensor], dense: list[Tensor], pieces: list[int], lead: list[int],
                 parts: list[int], spec: str) -> list[Tensor]:
     """The arrays of a new store holding exactly the view (``pieces``, ``lead``, ``parts``);
@@ -172,7 +172,7 @@ def _(arrays, dense, pieces, lead, parts, spec) -> list[Tensor]:
             for n in new.names()]
 
 
-@lean_op("cache_attention", mutates_args=())
+@lean_op("cache_attention", mutates_args=(), tags=CACHE_OP_TAGS)
 def cache_attention(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces: list[int], k_lead: list[int],
                     k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                     v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float]) -> Tensor:

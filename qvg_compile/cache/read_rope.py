@@ -25,6 +25,7 @@ from . import tally
 from ..kernels.attention import merge_partial, sdpa_with_lse
 from .codec import PIECE_INTS, RUN_PIECE, leads, positions
 from .host import host_thread
+from .lean_op import CACHE_OP_TAGS
 from .ops import repeat_lead, store_of
 from .read_fast import attend_planned, replay
 from .read_plan import ReadSide, args_key, fast_reads_enabled, plan_for
@@ -44,7 +45,7 @@ def history_runs(pieces: Sequence[int]) -> Optional[list[int]]:
     return list(pieces[:runs * PIECE_INTS])
 
 
-@torch.library.custom_op("qvg::cache_attention_rope", mutates_args=())
+@torch.library.custom_op("qvg::cache_attention_rope", mutates_args=(), tags=CACHE_OP_TAGS)
 def cache_attention_rope(q: Tensor, k: list[Tensor], k_dense: list[Tensor], k_pieces: list[int], k_lead: list[int],
                          k_part: int, k_spec: str, v: list[Tensor], v_dense: list[Tensor], v_pieces: list[int],
                          v_lead: list[int], v_part: int, v_spec: str, scale: Optional[float], cos: Tensor,
