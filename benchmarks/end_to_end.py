@@ -536,12 +536,17 @@ def busy(shares: dict[str, float], row: dict[str, Any]) -> str:
     return f"{100 * shares['device_busy'] / row['s_per_chunk']:.0f}" if shares.get("device_busy") else "-"
 
 
+def comparison(b_run: dict[str, Any], q_run: dict[str, Any]) -> str:
+    """The name of a QVG run, and the BF16 run it is compared with when that is not plain bf16."""
+    return q_run["backend"] if b_run["backend"] == "bf16" else f"{q_run['backend']} vs {b_run['backend']}"
+
+
 def overhead_medians(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> str:
     """Median and range of each QVG run's overhead over the BF16 run of its pair, per history."""
     overheads: dict[tuple[int, str], list[float]] = {}
     for b_run, q_run in pairs:
         for b, q in zip(b_run["rows"], q_run["rows"]):
-            overheads.setdefault((b["context"], q_run["backend"]), []).append(
+            overheads.setdefault((b["context"], comparison(b_run, q_run)), []).append(
                 100 * (q["s_per_chunk"] / b["s_per_chunk"] - 1))
     rows = [[context, name, len(v), f"{statistics.median(v):+.1f}", f"{min(v):+.1f} to {max(v):+.1f}"]
             for (context, name), v in sorted(overheads.items())]
@@ -552,12 +557,13 @@ def overhead_medians(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> 
 def summary_tables(results: dict[str, Any]) -> str:
     runs = {run["backend"]: run for run in results["runs"]}
     base, qvg = runs.get("bf16"), runs.get("qvg")
+    # Every QVG run against every BF16 run of its pair (with --cudagraphs: bf16 and bf16+cg).
     pairs = [(b, q) for b in results["runs"] for q in results["runs"]
-             if b["backend"] == "bf16" and q["backend"].startswith("qvg") and b.get("pair", 0) == q.get("pair", 0)]
+             if b["backend"].startswith("bf16") and q["backend"].startswith("qvg") and b.get("pair", 0) == q.get("pair", 0)]
     lines = []
     if base and qvg:
         table = []
-        for pair, variant, b, q in ((pq.get("pair", 0), pq["backend"], b, q) for pb, pq in pairs
+        for pair, variant, b, q in ((pq.get("pair", 0), comparison(pb, pq), b, q) for pb, pq in pairs
                                     for b, q in zip(pb["rows"], pq["rows"])):
             shares = q.get("shares") or {}
             share = "/".join(f"{100 * shares[k] / q['s_per_chunk']:.1f}" for k in ("quantize", "dequantize", "attention")) \
@@ -640,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="one more QVG run per pair with these environment variables set (e.g. "
                              "QVG_READ_PATH=general), reported as qvg[...]; repeatable")
     parser.add_argument("--cudagraphs", action="store_true",
-                        help="BF16 and QVG both with Inductor's CUDA graphs (reduce-overhead / backend(cudagraphs=True))")
+                        help="two more runs per pair with Inductor's CUDA graphs: bf16+cg (mode='reduce-overhead') "
+                             "and qvg+cg (backend(cudagraphs=True)), each QVG run compared with each BF16 run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)
@@ -669,13 +676,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{cfg.num_heads}x{cfg.head_dim}, {cfg.frame_tokens} tokens/frame)",
         "config": dataclasses.asdict(cfg), "weight_bytes": weight_bytes, "runs": []}
     log(f"{results['model']} on {name}, torch {torch.__version__}, weights {weight_bytes / GB:.2f} GB")
-    qvg = qvg_compile.backend(cudagraphs=args.cudagraphs)
+    qvg = qvg_compile.backend()
     results["qvg_config"] = dataclasses.asdict(qvg.config)
-    # With --cudagraphs both run Inductor's CUDA graphs: BF16 as mode="reduce-overhead", QVG with
-    # the cache ops between the graphs.
-    mode = "reduce-overhead" if args.cudagraphs else None
     compilers: list[tuple[str, Callable, dict[str, str]]] = [
-        ("bf16", lambda m: torch.compile(m, mode=mode), {}), ("qvg", lambda m: torch.compile(m, backend=qvg), {})]
+        ("bf16", lambda m: torch.compile(m), {}), ("qvg", lambda m: torch.compile(m, backend=qvg), {})]
+    if args.cudagraphs:
+        # Inductor's CUDA graphs on both sides: BF16 as mode="reduce-overhead", QVG with the cache
+        # ops run between the graphs (graph partitions).
+        qvg_cg = qvg_compile.backend(cudagraphs=True)
+        compilers += [("bf16+cg", lambda m: torch.compile(m, mode="reduce-overhead"), {}),
+                      ("qvg+cg", lambda m: torch.compile(m, backend=qvg_cg), {})]
     for variant in args.qvg_env:
         env = dict(item.split("=", 1) for item in variant.split(","))
         compilers.append((f"qvg[{variant}]", lambda m: torch.compile(m, backend=qvg), env))
