@@ -224,13 +224,13 @@ SEAL_STEPS = (
     (Store, "_store_segment"), (Store, "_choose_codebook"), (Store, "_encode_parts"), (Store, "release"),
     (cache_encode, "encode_replayed"), (torch.cuda.CUDAGraph, "replay"), (SealFlags, "check"), (SealFlags, "add"),
     (cache_ops, "attend"), (cache_read, "plan_for"), (read_plan, "build_plan"), (BoundRead, "__init__"),
-    (Prebound, "__call__"), (read_fast, "sdpa_with_lse"),
+    (Prebound, "__call__"), (read_fast, "sdpa_with_lse"), (read_fast, "sdpa_fused"),
 )
 
 
 READ_STEPS = (
     (cache_ops, "args_key"), (cache_ops, "replay"), (read_fast, "cached_plan"), (BoundRead, "valid"),
-    (BoundRead, "__call__"), (Prebound, "__call__"), (read_fast, "sdpa_with_lse"),
+    (BoundRead, "__call__"), (Prebound, "__call__"), (read_fast, "sdpa_with_lse"), (read_fast, "sdpa_fused"),
 )
 
 
@@ -316,6 +316,8 @@ def sdpa_host(n: int, device: str, reps: int = 20) -> str:
     calls = {
         "cuDNN": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv[0], kv[1], None, True, 0.0, False,
                                                                             False, scale=None),
+        "cuDNN, no lse, overload": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention.default(
+            q, kv[0], kv[1], None, False, 0.0, False, False, scale=None),
         "flash": lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, kv[0], kv[1], 0.0, False, False),
     }
     rows = []

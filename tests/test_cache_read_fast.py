@@ -36,9 +36,9 @@ def sdpa(q, k, v):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts of the fast read's device work: gathers and SDPA calls."""
+    """Counts of the fast read's device work: gathers and SDPA calls (with or without lse)."""
     counts = {"gather": 0, "sdpa": 0}
-    gather, attend = Gather.__call__, read_fast.sdpa_with_lse
+    gather = Gather.__call__
 
     def count(name, fn):
         def wrapped(*a, **kw):
@@ -46,7 +46,8 @@ def launches(monkeypatch):
             return fn(*a, **kw)
         return wrapped
     monkeypatch.setattr(Gather, "__call__", count("gather", gather))
-    monkeypatch.setattr(read_fast, "sdpa_with_lse", count("sdpa", attend))
+    for name in ("sdpa_with_lse", "sdpa_fused"):
+        monkeypatch.setattr(read_fast, name, count("sdpa", getattr(read_fast, name)))
     return counts
 
 

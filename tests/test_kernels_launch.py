@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qvg_compile.kernels.launch import Prebound
+from qvg_compile.kernels.launch import Prebound, address
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs the Triton interpreter or CUDA")
@@ -49,3 +49,12 @@ def test_prepare_does_not_launch():
 def test_a_bad_grid_is_a_clear_error(grid):
     with pytest.raises(ValueError, match="grid"):
         Prebound(_add_one, grid, (), {})
+
+
+def test_only_cuda_tensors_become_addresses():
+    cpu = torch.zeros(3)
+    assert address(cpu) is cpu
+    assert address(7) == 7 and address(None) is None and address(1.5) == 1.5
+    if torch.cuda.is_available():
+        x = torch.zeros(3, device="cuda")
+        assert address(x) == x.data_ptr()

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.attention import merge_partial, sdpa_with_lse
+from ..kernels.attention import merge_partial, sdpa_fused, sdpa_with_lse
 from ..kernels.gather import Gather
 from ..kernels.launch import Prebound
 from . import ahead, tally
@@ -150,6 +150,9 @@ class BoundRead:
                 n = wk.shape[2]
                 rotate_rows_(wk, rotate[0][first:first + n], rotate[1][first:first + n], rotate[2])
                 first += n
+            if len(self.blocks) == 1 and not return_lse:
+                out = sdpa_fused(qf, wk, wv, sc)
+                continue
             o, l = sdpa_with_lse(qf, wk, wv, sc)
             if len(self.blocks) == 1:
                 out, out_lse = o, l

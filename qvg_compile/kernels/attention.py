@@ -235,25 +235,36 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     CUDA tries cuDNN, then flash (the first that works for a dtype/head dim is remembered);
     CPU uses the CPU flash kernel.
     """
+    out, lse = _fused_sdpa(q, k, v, scale, True)
     m = q.shape[2]
+    lse = lse.reshape(*lse.shape[:2], -1)[..., :m] if lse.dim() != 3 or lse.shape[-1] != m else lse
+    return out, lse
+
+
+def sdpa_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sdpa_with_lse`'s output ``[B,H,M,D]`` alone: cuDNN is asked for no log-sum-exp (a read of
+    one workspace block merges nothing), and the op overload is called directly, which saves host
+    time on the path every fast read takes."""
+    return _fused_sdpa(q, k, v, scale, False)[0]
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lse: bool) -> tuple:
     if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, False, scale=scale)
     key = (q.dtype, q.shape[-1], q.device)
     order = [_SDPA_BACKEND[key]] if key in _SDPA_BACKEND else ["cudnn", "flash"]
     for name in order:
         try:
             if name == "cudnn":
-                res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
-                                                                        scale=scale)
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(q, k, v, None, lse, 0.0, False,
+                                                                                False, scale=scale)
             else:
-                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+                res = torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, False, False,
+                                                                                scale=scale)
         except RuntimeError:
             continue
         _SDPA_BACKEND[key] = name
-        out, lse = res[0], res[1]
-        lse = lse.reshape(*lse.shape[:2], -1)[..., :m] if lse.dim() != 3 or lse.shape[-1] != m else lse
-        return out, lse
+        return res[0], res[1]
     raise RuntimeError(f"no fused SDPA kernel with log-sum-exp for {q.dtype}, head_dim {q.shape[-1]}")
 
 

@@ -6,13 +6,20 @@ arguments that is most of a read's own host time. A read replayed from its plan 
 pointers, strides and grid every time, so the first launch goes through Triton as usual and
 keeps the compiled kernel it returns; later launches hand the same argument list straight to
 the compiled kernel's launcher (``CompiledKernel[grid]``), which is what Triton's own launch
-ends in. Under the Triton interpreter (``TRITON_INTERPRET=1``) there is no compiled kernel and
+ends in. CUDA tensors are handed to it as their device addresses: the launcher takes an int as
+the pointer itself, where for a tensor it calls ``data_ptr()`` and asks the driver about the
+address (``cuPointerGetAttribute``), once per tensor argument and launch. The bound tensors are
+kept alive by the `Prebound`; their storage must not move while it is used (a store's arrays are
+never resized in place: a new layout is new arrays, and `BoundRead.valid` checks identity).
+Under the Triton interpreter (``TRITON_INTERPRET=1``) there is no compiled kernel and
 every launch goes through Triton.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import torch
 
 
 class Prebound:
@@ -61,5 +68,11 @@ class Prebound:
             raise TypeError(f"Prebound: no value for {missing} of {getattr(self.fn, '__name__', self.fn)}")
         given.update((n, self.meta[n]) for n in names[len(self.args):])
         grid = self.grid + (1,) * (3 - len(self.grid))
-        self._params = [given[n] for n in names]
+        self._params = [address(given[n]) for n in names]
         self._runner = compiled[grid]
+
+
+def address(arg: Any) -> Any:
+    """A CUDA tensor's device address (the compiled launcher's cheapest pointer argument); any
+    other argument as it is (a CPU tensor stays a tensor, so that the launcher refuses it)."""
+    return arg.data_ptr() if isinstance(arg, torch.Tensor) and arg.is_cuda else arg
