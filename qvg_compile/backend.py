@@ -42,6 +42,7 @@ from .passes.rope_read import rope_at_read
 from .passes.sites import Known, Rejected, Site, find_sites, new_site, written_inputs
 from .quant.config import QVGConfig
 from .disabled import DisabledCalls
+from .owned_outputs import OwnedOutputs
 from .swap import (EagerOnLayoutMismatch, Feed, QVGBackendWarning, Recording, SourceError, SwapOnFirstUse, Validated,
                    check_source_kind, eager_note)
 from .swap import ValidationError  # noqa: F401  (part of the backend's API)
@@ -77,8 +78,9 @@ class QVGBackend:
         cudagraphs: compile with Inductor's CUDA graphs (``mode="reduce-overhead"`` of the default
             backend): the model's GPU work between cache ops is captured and replayed; the cache
             ops, which change host state on every call, run between the graphs (Inductor's graph
-            partitioning, `cache.lean_op.CACHE_OP_TAGS`). Off by default: not yet measured end to
-            end (`benchmarks/end_to_end.py --cudagraphs`).
+            partitioning, `cache.lean_op.CACHE_OP_TAGS`). A graph's fresh outputs are copied out
+            of the graphs' memory pool (`owned_outputs`), so a model that keeps outputs across
+            calls runs unchanged. Off by default (see the design document's measurements).
         cache_options: forwarded to `QVGCache.from_dense` (segment length, dense chunks, sinks).
     """
 
@@ -321,11 +323,16 @@ class QVGBackend:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
         patches: dict[str, Any] = {"post_grad_custom_post_pass": _PostGradCapture(graph_report)}
-        if self.cudagraphs:
-            patches["triton.cudagraphs"] = True
-            if hasattr(inductor_config, "graph_partition"):
-                patches["graph_partition"] = True
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        if not self.cudagraphs:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        patches["triton.cudagraphs"] = True
+        if hasattr(inductor_config, "graph_partition"):
+            patches["graph_partition"] = True
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+            # Outputs the model keeps across calls must not live in the graphs' memory pool.
+            return OwnedOutputs(compiled)
+        return compiled
 
     def _inductor_or_eager(self, gm: fx.GraphModule, example_inputs: list[Any],
                            graph_report: GraphReport) -> Callable:

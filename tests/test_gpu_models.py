@@ -40,29 +40,29 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def self_forcing_runs():
+def self_forcing_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(sf.SelfForcingModel(sf.tiny_config()))
     kv = sf.init_kv_cache(m, 1, 9)
     kv = qvg_compile.compress(kv, CFG, seq_dim=1, select=lambda path, t: path[-5:] in ("['k']", "['v']"))
     expected = sf.generate(m, 3, seed=1, progress=False, kv_cache=kv)
-    got = sf.generate(torch.compile(m, backend=qvg_compile.backend(CFG)), 3, seed=1, progress=False,
+    got = sf.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False,
                       kv_cache=sf.init_kv_cache(m, 1, 9))
     return got, expected, sf.generate(m, 3, seed=1, progress=False, max_frames=9)
 
 
-def longcat_runs():
+def longcat_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(lc.LongCatModel(lc.tiny_config()))
     hook = lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2)  # noqa: E731
     expected = lc.generate(m, 3, seed=1, progress=False, cache_hook=hook)
-    compiled = torch.compile(m, backend=qvg_compile.backend(CFG))
+    compiled = torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs))
     lc.generate(compiled, 3, seed=1, progress=False)  # idiom K: the first cached read shows the cache
     got = lc.generate(compiled, 3, seed=1, progress=False)
     return got, expected, lc.generate(m, 3, seed=1, progress=False)
 
 
-def magi_runs():
+def magi_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(mg.MagiModel(mg.tiny_config()))
     cap = 3 * m.config.chunk_tokens
@@ -71,30 +71,34 @@ def magi_runs():
         qvg_compile.compress(params.key_value_memory_dict, CFG, seq_dim=1, roles=("key", "value"))
 
     expected = mg.generate(m, 3, seed=1, progress=False, cache_hook=hook, inference_params=mg.InferenceParams(cap))
-    got = mg.generate(torch.compile(m, backend=qvg_compile.backend(CFG)), 3, seed=1, progress=False,
+    got = mg.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False,
                       inference_params=mg.InferenceParams(cap))
     return got, expected, mg.generate(m, 3, seed=1, progress=False)
 
 
-def worldplay_runs():
+def worldplay_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(wp.WorldPlayModel(wp.tiny_config()))
     expected = wp.generate(m, 3, seed=1, progress=False, cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2))
-    got = wp.generate(torch.compile(m, backend=qvg_compile.backend(CFG)), 3, seed=1, progress=False)
+    got = wp.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False)
     return got, expected, wp.generate(m, 3, seed=1, progress=False)
 
 
+@pytest.mark.parametrize("cudagraphs", [False, True], ids=["plain", "cudagraphs"])
 @pytest.mark.parametrize("runs", [self_forcing_runs, longcat_runs, magi_runs, worldplay_runs],
                          ids=["self_forcing", "longcat", "magi", "worldplay"])
-def test_compiled_family_equals_eager_on_compressed_caches(runs):
+def test_compiled_family_equals_eager_on_compressed_caches(runs, cudagraphs):
+    """Each family's own calling convention, unchanged, also with ``backend(cudagraphs=True)``:
+    outputs the models keep across calls (Self-Forcing's text K/V, LongCat's cache pass) are
+    copied out of the graphs' pool (`owned_outputs`), else reading them would raise."""
     torch._dynamo.reset()
     try:
-        got, expected, dense = runs()
+        got, expected, dense = runs(cudagraphs)
     finally:
         torch._dynamo.reset()
     assert torch.isfinite(got).all()
     against_eager, against_dense = rel(got, expected), rel(got, dense)
-    print(f"{runs.__name__}: relative difference to eager on compressed caches {against_eager:.2e}, "
-          f"to dense {against_dense:.2e}")
+    print(f"{runs.__name__}(cudagraphs={cudagraphs}): relative difference to eager on compressed caches "
+          f"{against_eager:.2e}, to dense {against_dense:.2e}")
     assert against_eager <= REL_BOUND[runs.__name__.removesuffix("_runs")]
     assert against_eager < against_dense
