@@ -170,9 +170,11 @@ class QVGBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         with self._lock:
             compile_id = torch._guards.CompileContext.current_compile_id()
-            graph_report = GraphReport(len(self.report.graphs), f"graph_{len(self.report.graphs)}",
-                                       inputs_are_caches=False, code_before=gm.code,
-                                       compile_id=str(compile_id) if compile_id is not None else "")
+            numbered = compile_id is not None and compile_id.frame_id is not None
+            graph_report = GraphReport(
+                len(self.report.graphs), f"graph_{len(self.report.graphs)}", inputs_are_caches=False,
+                code_before=gm.code, compile_id=str(compile_id) if compile_id is not None else "",
+                frame=self.report.frame_of(compile_id.frame_id, compile_id.frame_compile_id) if numbered else "")
             self.report.graphs.append(graph_report)
             # Dynamo records a break before it compiles the graph that ends there.
             self.report.record_graph_breaks(self._breaks_before)
@@ -220,7 +222,9 @@ class QVGBackend:
                                              for n in placeholders)
         if dense_sites or graph_report.inputs_are_caches:
             self._fuse_attention(gm, sites, readers, graph_report)
-        frame = graph_report.compile_id.split("/")[0] or graph_report.name
+        # Per frame, not per compile id: a frame's recompiles share what earlier compiles learned;
+        # a frame compiled again after `torch._dynamo.reset` (same id, maybe another function) not.
+        frame = graph_report.frame or graph_report.name
         outputs = gm.graph.output_node().args[0]
         names = tuple(str(o) for o in (outputs if isinstance(outputs, (list, tuple)) else (outputs,)))
         convert = self._convert.setdefault((frame, names), {})

@@ -811,3 +811,17 @@ def test_summary_names_a_compiler_disabled_function_that_hides_a_cache():
     assert qvg.report.graph_breaks and "graph break(s)" in qvg.report.summary()
     assert any("`_attention_out_of_sight`" in note for note in qvg.report.notes)
     assert "0 graph break(s)" not in qvg.report.summary()
+
+
+def test_frames_compiled_again_after_a_dynamo_reset_count_as_new_frames():
+    """`torch._dynamo.reset` numbers frames from 0 again: the report (and the backend's state kept
+    per frame) must not merge a frame compiled after it with the one that had its id before."""
+    qvg = qvg_compile.backend(CFG)
+    x = torch.randn(4)
+    for fn in (lambda t: t * 2, lambda t: t * 2, lambda t: t + 1):
+        torch.compile(fn, backend=qvg)(x)
+        torch.compile(fn, backend=qvg)(x[:3])  # a recompile of the same frame
+        torch._dynamo.reset()
+    assert qvg.report.compiles_per_frame() == {"0": 2, "0 after reset 1": 2, "0 after reset 2": 2}
+    assert qvg.report.resets == 2
+    assert qvg.report.budget_notes() == []

@@ -178,10 +178,10 @@ def test_cli_inspect_errors_are_clear(model_file, tmp_path, capsys):
 def test_report_flags_frames_over_the_compile_budget():
     from qvg_compile.passes.report import GraphReport, Report
 
-    graphs = [GraphReport(i, f"graph_{i}", False, compile_id=f"0/{i}") for i in range(8)]
-    graphs += [GraphReport(8 + i, f"graph_{8 + i}", False, compile_id=f"1/{i}") for i in range(4)]
-    graphs.append(GraphReport(12, "graph_12", False, compile_id="2/0"))
-    report = Report(graphs)
+    report = Report()
+    ids = [(0, i) for i in range(8)] + [(1, i) for i in range(4)] + [(2, 0)]
+    report.graphs = [GraphReport(n, f"graph_{n}", False, compile_id=f"{f}/{c}", frame=report.frame_of(f, c))
+                     for n, (f, c) in enumerate(ids)]
     assert report.compiles_per_frame() == {"0": 8, "1": 4, "2": 1} and report.recompiles == 10
     notes = report.budget_notes()
     assert len(notes) == 2 and "recompile_limit" in notes[0] and "frame 1: 4 compiles, over the budget" in notes[1]

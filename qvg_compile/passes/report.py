@@ -28,6 +28,9 @@ class GraphReport:
     inputs_are_caches: bool
     # Dynamo's compile id "frame/compile": "0/1" is frame 0's first recompile.
     compile_id: str = ""
+    # The frame as `Report.frame_of` names it (unique across `torch._dynamo.reset`); "" when
+    # Dynamo gave no compile id (the graph's name stands for its frame).
+    frame: str = ""
     sites: list[Site] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     readers: dict[str, int] = field(default_factory=dict)
@@ -120,6 +123,21 @@ class Report:
     # Reads of the replaced caches while the report was made: ``{"fast": n, "general": {why: n},
     # "fallbacks": {op: n}}`` (`explain` fills it from `qvg_compile.stats()`).
     cache_reads: dict = field(default_factory=dict)
+    # `torch._dynamo.reset` calls seen (`frame_of`), and the frames first compiled since the last.
+    resets: int = 0
+    _first_compiles: set[int] = field(default_factory=set, repr=False)
+
+    def frame_of(self, frame_id: int, frame_compile_id: int) -> str:
+        """The key of the Dynamo frame a graph of compile id ``frame_id/frame_compile_id`` comes
+        from, unique across `torch._dynamo.reset` (which numbers frames from 0 again): ``"5"``
+        before the first reset, ``"5 after reset 2"`` after the second. A reset shows as a first
+        compile of a frame id that already had one; graphs must be passed in compile order."""
+        if frame_compile_id == 0:
+            if frame_id in self._first_compiles:
+                self.resets += 1
+                self._first_compiles.clear()
+            self._first_compiles.add(frame_id)
+        return str(frame_id) if self.resets == 0 else f"{frame_id} after reset {self.resets}"
 
     @property
     def sites(self) -> list[Site]:
@@ -144,10 +162,11 @@ class Report:
                 "one read in a frame no graph of the backend runs in, stays dense.")
 
     def compiles_per_frame(self) -> dict[str, int]:
-        """Graphs compiled per Dynamo frame (a graph break starts a new frame)."""
+        """Graphs compiled per Dynamo frame (a graph break starts a new frame; a frame compiled
+        again after `torch._dynamo.reset` counts as another)."""
         out: dict[str, int] = {}
         for g in self.graphs:
-            frame = g.compile_id.split("/")[0] if g.compile_id else g.name
+            frame = g.frame or g.name
             out[frame] = out.get(frame, 0) + 1
         return out
 
