@@ -202,8 +202,9 @@ def test_each_deviation_undoes_the_opened_write_it_reaches_first(monkeypatch):
         assert undone == [0, 0 if kind == "key only" else 2], kind
 
 
-def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
-    late = iter([True, True, False, True, False, False])
+def opens_per_chunk(monkeypatch, switch: str) -> list[int]:
+    """Seals opened ahead in each chunk, under ``switch``, when opens 1, 2 and 4 end late."""
+    late = iter([True, True, False, True, False, False, False, False])
     real_open = seal_ahead._open
 
     def timed_open(*args):
@@ -211,7 +212,7 @@ def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
         return opened, next(late) if opened else False
 
     monkeypatch.setattr(seal_ahead, "_open", timed_open)
-    monkeypatch.setenv("QVG_SEAL_AHEAD", "on")
+    monkeypatch.setenv("QVG_SEAL_AHEAD", switch)
     reset_stats()
     model = Model()
     opens = []
@@ -219,10 +220,18 @@ def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
         before = stats().get("seals_ahead", 0)
         ar_chunks(1)(model)
         opens.append((stats().get("seals_ahead", 0) - before) // 2)
+    return opens
+
+
+def test_a_read_whose_open_ends_after_its_attention_backs_off(monkeypatch):
     # Layers 0 and 1 open the next layer from chunk 2 on. Opens 1, 2 and 4 end late: layer 0's
     # read skips chunk 3 and opens again in chunk 4 (in time: no more skips); layer 1's skips
     # chunk 3, opens late in chunk 4 and skips two chunks (5 and the next).
-    assert opens == [0, 0, 2, 0, 2, 1]
+    assert opens_per_chunk(monkeypatch, "on") == [0, 0, 2, 0, 2, 1]
+
+
+def test_always_opens_whether_or_not_the_last_open_ended_late(monkeypatch):
+    assert opens_per_chunk(monkeypatch, "always") == [0, 0, 2, 2, 2, 2]
 
 
 def test_a_successor_whose_opened_write_was_undone_backs_off(monkeypatch):

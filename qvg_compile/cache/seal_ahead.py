@@ -14,7 +14,7 @@ seal, and the freed slot given to the same positions its own write just covered)
 read plan of the state that leaves and binds the plan's gather. The successor's write is then a
 copy of its rows and its read a replay. `cache.ahead` undoes an opened write that anything
 other than its write reaches first, so every op computes what it would have without this
-(``QVG_SEAL_AHEAD=off`` turns it off; `tally.stats` counts ``seals_ahead``, ``seals_undone`` and,
+(``QVG_SEAL_AHEAD=off`` turns it off, ``always`` never backs off for lateness: `mode`; `tally.stats` counts ``seals_ahead``, ``seals_undone`` and,
 on the GPU, ``seals_ahead_late``: the reads whose attention had finished before the host work
 done in its shadow, so the device waited for it).
 
@@ -51,13 +51,23 @@ NEXT_SIZE = 4096
 SWITCH = "QVG_SEAL_AHEAD"
 
 
-def enabled() -> bool:
-    """Whether sealing reads open their successor's write (``QVG_SEAL_AHEAD``: ``on``, the
-    default, or ``off``; read at every sealing read)."""
+MODES = ("on", "always", "off")
+
+
+def mode() -> str:
+    """``QVG_SEAL_AHEAD`` (read at every sealing read): ``on``, the default, opens the successor's
+    write and backs off after an open that ended late or was undone; ``always`` backs off only
+    after an undone one (a late open still takes the seal off the next layer's critical path,
+    less the device's wait); ``off`` opens nothing."""
     value = os.environ.get(SWITCH, "on")
-    if value not in ("on", "off"):
-        raise ValueError(f"{SWITCH}: expected 'on' or 'off', got {value!r}")
-    return value == "on"
+    if value not in MODES:
+        raise ValueError(f"{SWITCH}: expected one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def enabled() -> bool:
+    """Whether sealing reads open their successor's write (`mode` is not ``off``)."""
+    return mode() != "off"
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
         _backoff[here] = (skip - 1, wait)
         return False
     if _was_undone(successor):
-        opened, late = False, True
+        opened, back_off = False, True
     else:
         try:
             opened, late = _open(successor, wrote, q, k_pieces, v_pieces)
@@ -130,7 +140,8 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
                           "is off for this process (results are unchanged: each seal runs at its write)",
                           RuntimeWarning, stacklevel=2)
             return False
-    if late:
+        back_off = late and mode() == "on"
+    if back_off:
         _backoff[here] = (wait, min(2 * wait, MAX_BACKOFF))
     else:
         _backoff.pop(here, None)
