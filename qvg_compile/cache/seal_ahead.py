@@ -14,17 +14,20 @@ seal, and the freed slot given to the same positions its own write just covered)
 read plan of the state that leaves and binds the plan's gather. The successor's write is then a
 copy of its rows and its read a replay. `cache.ahead` undoes an opened write that anything
 other than its write reaches first, so every op computes what it would have without this
-(``QVG_SEAL_AHEAD=off`` turns it off, ``always`` never backs off for lateness: `mode`; `tally.stats` counts ``seals_ahead``, ``seals_undone`` and,
-on the GPU, ``seals_ahead_late``: the reads whose attention had finished before the host work
-done in its shadow, so the device waited for it).
+(``QVG_SEAL_AHEAD=off`` turns it off: `mode`; `tally.stats` counts ``seals_ahead``,
+``seals_undone`` and, on the GPU, ``seals_ahead_late``: the reads whose attention had finished
+before the host work done in its shadow, so the device waited for it).
 
 What it costs: the seal's encode runs on the device behind the attention instead of under the
 sealing write's host time; and when the attention is shorter than the host work done behind it
 (short histories), the launches of the rest of the layer, which had been queued behind the
-attention, wait for that work. A read whose open ended after its attention (an event recorded
-at its start has completed), or whose last opened write was undone (a model that rolls its
-window before writing undoes every one), skips its next opens, 1, 2, 4 ... up to 64 sealing
-reads, and tries again; one that ends in time and is confirmed opens every chunk.
+attention, wait for the rest of that work, which is still less than the next layer's sealing
+write would have made the device wait. So a late open does not stop the next one (on the H200
+at 21 frames of Wan history, opening at every sealing read beat backing off after late opens in
+2 of 3 pairs, and in 7 of 9 over 21, 60 and 120 frames; ``QVG_SEAL_AHEAD=backoff`` keeps that
+policy). A read whose last opened write was undone (a model that rolls its window before writing
+undoes every one) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries again;
+one that is confirmed opens every chunk.
 """
 
 from __future__ import annotations
@@ -51,14 +54,14 @@ NEXT_SIZE = 4096
 SWITCH = "QVG_SEAL_AHEAD"
 
 
-MODES = ("on", "always", "off")
+MODES = ("on", "backoff", "off")
 
 
 def mode() -> str:
     """``QVG_SEAL_AHEAD`` (read at every sealing read): ``on``, the default, opens the successor's
-    write and backs off after an open that ended late or was undone; ``always`` backs off only
-    after an undone one (a late open still takes the seal off the next layer's critical path,
-    less the device's wait); ``off`` opens nothing."""
+    write at every sealing read and backs off only after an undone open (a late open still takes
+    the seal off the next layer's critical path, less the device's wait); ``backoff`` also backs
+    off after an open that ended late; ``off`` opens nothing."""
     value = os.environ.get(SWITCH, "on")
     if value not in MODES:
         raise ValueError(f"{SWITCH}: expected one of {', '.join(MODES)}, got {value!r}")
@@ -91,9 +94,8 @@ class _Side:
 # The sealing read that followed each sealing read last time, by ``(id(k pos_map), id(v pos_map))``.
 _next: dict[tuple[int, int], tuple[_Side, _Side]] = {}
 _last: Optional[tuple[int, int]] = None
-# Reads whose last open ended after their attention or was undone: ``(sealing reads to skip, next
-# skip)``. A late open delays the launches of the rest of the layer, which had been queued behind
-# the attention (measured at 21 frames of Wan history: +27% per chunk with every open, +14% without).
+# Reads whose last open was undone (or, with ``backoff``, ended after their attention):
+# ``(sealing reads to skip, next skip)``.
 _backoff: dict[tuple[int, int], tuple[int, int]] = {}
 MAX_BACKOFF = 64
 # Why opening failed, once it has (seal ahead is then off until `forget`).
@@ -140,7 +142,7 @@ def after_read(q: Tensor, k: Sequence[Tensor], k_pieces: Sequence[int], k_lead: 
                           "is off for this process (results are unchanged: each seal runs at its write)",
                           RuntimeWarning, stacklevel=2)
             return False
-        back_off = late and mode() == "on"
+        back_off = late and mode() == "backoff"
     if back_off:
         _backoff[here] = (wait, min(2 * wait, MAX_BACKOFF))
     else:
