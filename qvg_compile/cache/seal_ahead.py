@@ -22,10 +22,9 @@ What it costs: the seal's encode runs on the device behind the attention instead
 sealing write's host time; and when the attention is shorter than the host work done behind it
 (short histories), the launches of the rest of the layer, which had been queued behind the
 attention, wait for the rest of that work, which is still less than the next layer's sealing
-write would have made the device wait. So a late open does not stop the next one (on the H200
-at 21 frames of Wan history, opening at every sealing read beat backing off after late opens in
-2 of 3 pairs, and in 7 of 9 over 21, 60 and 120 frames; ``QVG_SEAL_AHEAD=backoff`` keeps that
-policy). A read whose last opened write was undone (a model that rolls its window before writing
+write would have made the device wait. So a late open does not stop the next one (on the H200,
+against backing off after late opens in the same pairs: within the noise at 21 and 60 frames of
+Wan history, ~1% faster at 120 in every pair; ``QVG_SEAL_AHEAD=backoff`` keeps that policy). A read whose last opened write was undone (a model that rolls its window before writing
 undoes every one) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries again;
 one that is confirmed opens every chunk.
 """
