@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
 from qvg_compile import QVGCache, QVGConfig
@@ -162,7 +163,6 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunc
 
 def chunk_events(compiled, make, chunks: int, device: str):
     """Profiler events of the 5 compiled steps of one chunk (after ``chunks - 1`` filled ones)."""
-    from torch.profiler import ProfilerActivity, profile
 
     kb, vb = make("key"), make("value")
     run(compiled, lambda r: kb if r == "key" else vb, chunks - 1, device)
@@ -339,7 +339,6 @@ def seal_kernels(compiled, make, chunks: int, device: str, last: int = 4) -> Non
     """Device time by kernel of the compiled sealing steps (first write of a chunk: the K and V
     encodes replayed from their CUDA graphs, the copies out, the read) of the last ``last``
     chunks, then of ``last`` rewriting steps of the final chunk, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
 
     kb, vb = make("key"), make("value")
     gen = torch.Generator(device=device).manual_seed(3)
@@ -429,7 +428,6 @@ def sync_free(compiled, make, chunks: int, device: str) -> str:
 def trace(compiled, make, chunks: int, device: str, out_dir: str) -> None:
     """Profile 5 compiled steps of the last chunk: where the host waits for the device shows up as
     cudaStreamSynchronize / cudaMemcpy rows, host-only bookkeeping as CPU time with no kernel."""
-    from torch.profiler import ProfilerActivity, profile
 
     kb, vb = make("key"), make("value")
     run(compiled, lambda r: kb if r == "key" else vb, chunks, device)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -55,6 +56,7 @@ from tabulate import tabulate  # noqa: E402
 import qvg_compile  # noqa: E402
 from qvg_compile.cache import release_workspace, workspace_bytes  # noqa: E402
 from benchmarks import gpu_idle  # noqa: E402
+from examples.models import longcat as lc  # noqa: E402
 from examples.models import self_forcing as sf  # noqa: E402
 from examples.models.common import model_device_dtype, new_generator, randn, shifted_sigma, timesteps_for  # noqa: E402
 
@@ -195,7 +197,6 @@ def device_busy_s(events: Sequence[Any]) -> float:
 
 def profile_chunk(video: Video, clock: Clock, log_path: Path | None) -> dict[str, float]:
     """Profile one chunk; returns the seconds of each op group (see `time_shares`)."""
-    from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
     clock.sync()
     with profile(activities=activities) as prof:
@@ -464,7 +465,6 @@ def run_longcat(layers: int, chunks: int, config: str, device: torch.device, see
     so the first video compiles at every chunk (its time is reported as ``warmup_s``). The last
     chunk is reported (history ``(chunks - 1) * chunk_frames`` frames); ``stats`` are the timed
     video's."""
-    from examples.models import longcat as lc
     if chunks < 2:
         raise ValueError(f"--longcat-chunks must be >= 2 (chunk 0 has no history), got {chunks}")
     cfg = lc.real_config(num_layers=layers) if config == "real" else lc.tiny_config(num_layers=layers)

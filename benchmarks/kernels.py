@@ -19,14 +19,23 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tabulate import tabulate
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from qvg_compile import QVGConfig
+from qvg_compile.kernels import _triton_encode as tk
 from qvg_compile.kernels import attention as attn_mod
 from qvg_compile.kernels._triton_attention import attend_fused
 from qvg_compile.kernels._triton_decode import decode_into, decode_pair_into
+from qvg_compile.kernels._triton_encode import quantize
+from qvg_compile.kernels.encode import encode_qvg as encode_fast
+from qvg_compile.kernels.encode import encode_qvg_pair, triton_encode_many
+from qvg_compile.quant.group import group_quantize
 from qvg_compile.quant.packed import PackedStore
+from qvg_compile.quant.qvg import encode_qvg as encode_ref
+from qvg_compile.quant.segment import gather_centroids
 
 ROWS: list[dict] = []
 
@@ -83,8 +92,6 @@ def bench_attention(out_dir: str, keys: int, bw: float, flops: float, impls: lis
     scale = 1 / math.sqrt(d)
     kd = ks.dequantize(0, keys, torch.bfloat16)
     vd = vs.dequantize(0, keys, torch.bfloat16)
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ref = None
     if check:
@@ -94,7 +101,7 @@ def bench_attention(out_dir: str, keys: int, bw: float, flops: float, impls: lis
         try:
             with sdpa_kernel([be]):
                 F.scaled_dot_product_attention(q, kd, vd)
-                sdpa[name] = bench(lambda: F.scaled_dot_product_attention(q, kd, vd))
+                sdpa[name] = bench(lambda kd=kd, vd=vd: F.scaled_dot_product_attention(q, kd, vd))
         except RuntimeError as e:
             sdpa[name] = float("nan")
             print(f"sdpa {name}: {e}", file=sys.stderr)
@@ -166,9 +173,6 @@ def bench_decode(out_dir: str, shape: tuple, bw: float) -> None:
 
 
 def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int = 2) -> None:
-    from qvg_compile.kernels.encode import encode_qvg as encode_fast
-    from qvg_compile.kernels.encode import encode_qvg_pair, triton_encode_many
-    from qvg_compile.quant.qvg import encode_qvg as encode_ref
 
     b, h, n, d = shape
     torch.manual_seed(0)
@@ -186,9 +190,6 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
     err_ref = rel(ref.dequantize(), xf)
     agree = float((seg.assignments == ref.assignments).float().mean())
     # Same centroids and assignments as the reference -> the fused quantizer must be bit-exact.
-    from qvg_compile.kernels._triton_encode import quantize
-    from qvg_compile.quant.group import group_quantize
-    from qvg_compile.quant.segment import gather_centroids
 
     g = b * h
     codes, scales, _, _ = quantize(x, ref.centroids.view(1, g, 256, d), ref.assignments.view(1, g, n), 2, 64,
@@ -230,7 +231,6 @@ def bench_encode(out_dir: str, shape: tuple, bw: float, flops: float, iters: int
 
 def bench_encode_parts(out_dir: str, shape: tuple) -> None:
     """Where the encode time goes (K+V in one grid, bf16): each kernel alone, and variants."""
-    from qvg_compile.kernels import _triton_encode as tk
 
     b, h, n, d = shape
     x = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
