@@ -24,9 +24,10 @@ sealing write's host time; and when the attention is shorter than the host work 
 attention, wait for the rest of that work, which is still less than the next layer's sealing
 write would have made the device wait. So a late open does not stop the next one (on the H200,
 against backing off after late opens in the same pairs: within the noise at 21 and 60 frames of
-Wan history, ~1% faster at 120 in every pair; ``QVG_SEAL_AHEAD=backoff`` keeps that policy). A read whose last opened write was undone (a model that rolls its window before writing
-undoes every one) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries again;
-one that is confirmed opens every chunk.
+Wan history, ~1% faster at 120 in every pair; ``QVG_SEAL_AHEAD=backoff`` keeps that policy). A
+read whose last opened write was undone (a model that rolls its window before writing undoes
+every one) skips its next opens, 1, 2, 4 ... up to 64 sealing reads, and tries again; one that
+is confirmed opens every chunk.
 """
 
 from __future__ import annotations
