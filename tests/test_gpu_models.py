@@ -40,13 +40,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def backend(cudagraphs: bool) -> qvg_compile.QVGBackend:
+    return qvg_compile.backend(CFG, cudagraphs=cudagraphs)
+
+
 def self_forcing_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(sf.SelfForcingModel(sf.tiny_config()))
     kv = sf.init_kv_cache(m, 1, 9)
     kv = qvg_compile.compress(kv, CFG, seq_dim=1, select=lambda path, t: path[-5:] in ("['k']", "['v']"))
     expected = sf.generate(m, 3, seed=1, progress=False, kv_cache=kv)
-    got = sf.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False,
+    got = sf.generate(torch.compile(m, backend=backend(cudagraphs)), 3, seed=1, progress=False,
                       kv_cache=sf.init_kv_cache(m, 1, 9))
     return got, expected, sf.generate(m, 3, seed=1, progress=False, max_frames=9)
 
@@ -56,7 +60,7 @@ def longcat_runs(cudagraphs: bool = False):
     m = on_gpu(lc.LongCatModel(lc.tiny_config()))
     hook = lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2)  # noqa: E731
     expected = lc.generate(m, 3, seed=1, progress=False, cache_hook=hook)
-    compiled = torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs))
+    compiled = torch.compile(m, backend=backend(cudagraphs))
     lc.generate(compiled, 3, seed=1, progress=False)  # idiom K: the first cached read shows the cache
     got = lc.generate(compiled, 3, seed=1, progress=False)
     return got, expected, lc.generate(m, 3, seed=1, progress=False)
@@ -71,7 +75,7 @@ def magi_runs(cudagraphs: bool = False):
         qvg_compile.compress(params.key_value_memory_dict, CFG, seq_dim=1, roles=("key", "value"))
 
     expected = mg.generate(m, 3, seed=1, progress=False, cache_hook=hook, inference_params=mg.InferenceParams(cap))
-    got = mg.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False,
+    got = mg.generate(torch.compile(m, backend=backend(cudagraphs)), 3, seed=1, progress=False,
                       inference_params=mg.InferenceParams(cap))
     return got, expected, mg.generate(m, 3, seed=1, progress=False)
 
@@ -80,7 +84,7 @@ def worldplay_runs(cudagraphs: bool = False):
     torch.manual_seed(0)
     m = on_gpu(wp.WorldPlayModel(wp.tiny_config()))
     expected = wp.generate(m, 3, seed=1, progress=False, cache_hook=lambda kv: qvg_compile.compress(kv, CFG, seq_dim=2))
-    got = wp.generate(torch.compile(m, backend=qvg_compile.backend(CFG, cudagraphs=cudagraphs)), 3, seed=1, progress=False)
+    got = wp.generate(torch.compile(m, backend=backend(cudagraphs)), 3, seed=1, progress=False)
     return got, expected, wp.generate(m, 3, seed=1, progress=False)
 
 
