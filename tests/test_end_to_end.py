@@ -102,3 +102,34 @@ def test_longcat_run_times_a_second_video_with_every_cache_compressed():
         assert qvg["stats"]["fallback_total"] == 0
     assert bf16["kv_bytes"] > 3 * qvg["kv_bytes"] > 0
     assert any("second video chunk times" in line for line in lines)
+
+
+def test_interleaved_run_times_every_video_chunk_for_chunk(tmp_path, fresh_dynamo):
+    # Three videos in one process, advancing chunk for chunk: each keeps its own counters (the
+    # variant's reads all took the general path, the plain QVG video's none), its environment
+    # only while its own chunks run, and per-chunk overheads land in the table.
+    results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "2",
+                        "--profile-at", "0", "--time-limit", "0", "--longcat-layers", "0", "--interleave",
+                        "--qvg-env", "QVG_READ_PATH=general", "--out", str(tmp_path)])
+    runs = {r["backend"]: r for r in results["runs"]}
+    assert list(runs) == ["bf16", "qvg", "qvg[QVG_READ_PATH=general]"]
+    general, fast = runs["qvg[QVG_READ_PATH=general]"]["rows"][0], runs["qvg"]["rows"][0]
+    assert general["stats"]["general_reads"] > 0 and general["stats"]["fast_reads"] == 0
+    assert fast["stats"]["general_reads"] == 0 and fast["stats"]["fast_reads"] > 0
+    assert "QVG_READ_PATH" not in e2e.os.environ
+    assert all(len(r["rows"][0]["chunk_times"]) == 2 for r in runs.values())
+    assert runs["bf16"]["cache_types"] == ["Tensor"] and runs["qvg"]["cache_types"] == ["QVGCache"]
+    assert runs["bf16"]["rows"][0]["kv_bytes"] / fast["kv_bytes"] > 2.0
+    # Same seed, same history: the videos differ only by the cache's quantization.
+    assert 0 < results["output_rel_diff"][9] < 0.5
+    table = (tmp_path / "end_to_end_table.md").read_text()
+    assert "chunks" in table and "quartiles %" in table and "qvg[QVG_READ_PATH=general]" in table
+
+
+def test_stats_delta_and_sum_keep_the_per_name_counts():
+    before = {"seals": 2, "fallbacks": {"clone": 1}, "general_why": {}}
+    after = {"seals": 5, "fallbacks": {"clone": 1, "cat": 2}, "general_why": {"holes": 1}}
+    delta = e2e.stats_delta(before, after)
+    assert delta == {"seals": 3, "fallbacks": {"cat": 2}, "general_why": {"holes": 1}}
+    total = e2e.add_stats(e2e.add_stats({}, delta), delta)
+    assert total == {"seals": 6, "fallbacks": {"cat": 4}, "general_why": {"holes": 2}}
