@@ -740,7 +740,7 @@ def chunk_overheads(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> s
                 100 * (tq / tb - 1) for tb, tq in zip(b["chunk_times"], q["chunk_times"]))
     rows = []
     for (context, name), v in sorted(overheads.items()):
-        quart = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
+        quart = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0], v[0], v[0]]
         rows.append([context, name, len(v), f"{statistics.median(v):+.1f}", f"{quart[0]:+.1f} to {quart[2]:+.1f}",
                      f"{min(v):+.1f} to {max(v):+.1f}"])
     return tabulate(rows, headers=["history frames", "qvg run", "chunks", "median overhead %", "quartiles %",
