@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from qvg_compile import QVGCache, QVGConfig
-from qvg_compile.cache import read_fast, read_plan, reset_stats, seal_ahead, stats
+from qvg_compile.cache import read_fast, read_plan, reset_stats, stats
 from qvg_compile.cache.read_fast import fold_queries, unfold_output
 from qvg_compile.kernels.gather import Gather
 
@@ -224,100 +224,3 @@ def test_a_read_is_replayed_from_its_arguments_until_the_store_changes(launches)
     assert torch.equal(read(), after) and stats()["read_replays"] == 0
     assert torch.equal(read(), after) and stats()["read_replays"] == 1
     assert launches["gather"] == 6 and launches["sdpa"] == 6
-
-
-def ar_loop(monkeypatch, early: str, between: bool = False, ahead: str = "off") -> tuple[list[torch.Tensor], dict]:
-    """Two layers' K/V caches driven like an AR video model (each chunk written and read 3 times,
-    layer after layer); with ``between``, layer 1 reads between layer 0's writes and its read."""
-    monkeypatch.setenv("QVG_EARLY_GATHER", early)
-    monkeypatch.setenv("QVG_SEAL_AHEAD", ahead)
-    seal_ahead.forget()
-    read_plan.clear_plans()
-    read_fast.release_workspace()
-    gen = torch.Generator().manual_seed(30)
-    caches = [(QVGCache.empty((B, 64, H, D), 1, CFG, role="key", dtype=torch.float32, chunk_tokens=L),
-               QVGCache.empty((B, 64, H, D), 1, CFG, role="value", dtype=torch.float32, chunk_tokens=L))
-              for _ in range(2)]
-    outs = []
-    reset_stats()
-    for chunk in range(6):
-        e = (chunk + 1) * L
-        for _ in range(3):
-            for layer, (k, v) in enumerate(caches):
-                x = torch.randn(B, L, H, D, generator=gen)
-                k[:, e - L:e] = x
-                v[:, e - L:e] = x.flip(-1)
-                q = torch.randn(B, H, 4, D, generator=gen)
-                if between and layer == 0 and chunk > 0:
-                    k1, v1 = caches[1]
-                    outs.append(sdpa(q, k1[:, :e - L], v1[:, :e - L]))
-                outs.append(sdpa(q, k[:, :e], v[:, :e]))
-    return outs, stats()
-
-
-@pytest.mark.parametrize("between", [False, True])
-def test_a_write_gathers_the_sealed_history_of_the_read_after_it(monkeypatch, between):
-    """The first write of a layer in a cache state a read was bound for launches that read's
-    sealed-run gather; the read then copies only the open rows. Outputs are bit for bit those of
-    reads that gather everything. A write learns which read came right after it; a read of another
-    cache in between is that read, so nothing is gathered early for the write. Seal ahead off:
-    its opens bind reads of states not yet read (the next test)."""
-    plain, off = ar_loop(monkeypatch, "0", between)
-    early, on = ar_loop(monkeypatch, "1", between)
-    assert len(plain) == len(early) and all(torch.equal(a, b) for a, b in zip(plain, early))
-    assert off["early_gathers"] == off["early_gathers_unused"] == 0
-    # Per layer and chunk after the first, the two rewriting passes read a state bound by the
-    # sealing pass's read (the sealing pass itself reads a state no read was bound for yet).
-    reads = 2 * 5 * 2
-    # With a read of another cache right after layer 0's writes, only layer 1's reads follow
-    # their writes: layer 0 gathers nothing early (and so wastes no gather).
-    assert on["early_gathers"] == (reads // 2 if between else reads) and on["early_gathers_unused"] == 0
-    assert on["fast_reads"] == off["fast_reads"] and on["general_reads"] == 0
-
-
-def test_early_gather_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("QVG_EARLY_GATHER", "yes")
-    with pytest.raises(ValueError, match="QVG_EARLY_GATHER"):
-        read_fast.early_enabled()
-
-
-def test_a_read_bound_by_seal_ahead_is_gathered_at_its_sealing_write(monkeypatch):
-    """With seal ahead, a sealing write whose state was opened (and its read bound) ahead also
-    gathers early: more early gathers than the rewriting passes alone, the same outputs."""
-    plain, _ = ar_loop(monkeypatch, "0", ahead="on")
-    early, on = ar_loop(monkeypatch, "1", ahead="on")
-    assert all(torch.equal(a, b) for a, b in zip(plain, early))
-    assert on["seals_ahead"] > 0 and on["early_gathers"] > 2 * 5 * 2 and on["early_gathers_unused"] == 0
-
-
-def test_a_read_that_finds_another_reads_early_gather_gathers_everything(monkeypatch):
-    """A write gathered early for the read that followed it last time; this time another read
-    comes first: that read gathers its whole view, and so does the expected read after it."""
-    monkeypatch.setenv("QVG_EARLY_GATHER", "1")
-    read_plan.clear_plans()
-    read_fast.release_workspace()
-    k0, v0 = QVGCache.empty((B, 64, H, D), 1, CFG, role="key", dtype=torch.float32, chunk_tokens=L), \
-        QVGCache.empty((B, 64, H, D), 1, CFG, role="value", dtype=torch.float32, chunk_tokens=L)
-    k1, v1 = filled(3, "key", 40, cap=64), filled(3, "value", 41, cap=64)
-    gen = torch.Generator().manual_seed(42)
-    for c in range(3):
-        k0[:, c * L:(c + 1) * L] = torch.randn(B, L, H, D, generator=gen)
-        v0[:, c * L:(c + 1) * L] = torch.randn(B, L, H, D, generator=gen)
-    q = torch.randn(B, H, 4, D, generator=gen)
-    x = torch.randn(B, L, H, D, generator=gen)
-    e = 3 * L
-    for _ in range(2):  # the second write finds the read that followed the first
-        k0[:, e - L:e] = x
-        v0[:, e - L:e] = x
-        sdpa(q, k0[:, :e], v0[:, :e])
-    reset_stats()
-    k0[:, e - L:e] = x
-    v0[:, e - L:e] = x
-    other = sdpa(q, k1[:, :e], v1[:, :e])
-    mine = sdpa(q, k0[:, :e], v0[:, :e])
-    s = stats()
-    assert s["early_gathers"] == 0 and s["early_gathers_unused"] == 1
-    for out, (k, v) in ((other, (k1, v1)), (mine, (k0, v0))):
-        ref = F.scaled_dot_product_attention(q, k[:, :e].dequantize().transpose(1, 2),
-                                             v[:, :e].dequantize().transpose(1, 2))
-        assert (out - ref).abs().max() <= ATOL

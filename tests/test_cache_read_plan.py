@@ -79,9 +79,8 @@ def test_layers_in_the_same_state_share_one_device_table(monkeypatch):
             vb[:, c * L:(c + 1) * L] = torch.randn(B, L, H, D)
             outs.append(read(q, kb[:, :(c + 1) * L], vb[:, :(c + 1) * L], "auto"))
             assert torch.allclose(outs[-1], read(q, kb[:, :(c + 1) * L], vb[:, :(c + 1) * L], "general"), atol=ATOL)
-    # Three layers, two states (one open chunk; one sealed chunk + one open): two tables, and the
-    # second state's sealed and open runs apart (the gather split at the write: `gather_early`).
-    assert len(made) == 4
+    # Three layers, two states (one open chunk; one sealed chunk + one open): two tables.
+    assert len(made) == 2
     tables = [plan.blocks[0].table[0] for _, _, plan in read_plan._plans.values() if plan.blocks]
     assert len({t.data_ptr() for t in tables}) == 2
 

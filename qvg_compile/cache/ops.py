@@ -27,7 +27,7 @@ from .codec import lead_sel, leads, piece_tokens, positions
 from .host import host_thread
 from .lean_op import CACHE_OP_TAGS, lean_op
 from .read import ReadSide, attend
-from .read_fast import gather_early, note_write, replay
+from .read_fast import replay
 from .read_plan import args_key
 from .spec import StoreSpec
 from .store import Store, replay_rows_write, runs_of
@@ -47,7 +47,7 @@ def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], st
     """Write ``values`` (``[*lead(sel), n, D_p]`` for each part in ``parts``) at positions
     ``[start, start + n)``, or at ``index[i]`` for the i-th token when ``index`` is given."""
     if index is None and not relocate and replay_rows_write(arrays, values, parts, start, lead,
-                                                            StoreSpec.from_json(spec), gather_early):
+                                                            StoreSpec.from_json(spec)):
         return
     with host_thread(arrays[0].device):
         store = store_of(arrays, spec)
@@ -57,7 +57,6 @@ def cache_write(arrays: list[Tensor], values: list[Tensor], parts: list[int], st
         sel = lead_sel(lead)
         if index is None:
             store.write(int(start), full, sel, relocate)
-            note_write(arrays, start, values[0].shape[-2])
             return
         idx = index.reshape(-1).cpu().long()
         idx = torch.where(idx < 0, idx + store.capacity, idx)

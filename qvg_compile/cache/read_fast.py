@@ -10,35 +10,23 @@ state or plans: the host cost is the launches.
 The workspace holds ``2 * B * H * tokens * D`` elements in the queries' dtype; it lives until
 `release_workspace` and is reused by the next read on the same device (reads are ordered on the
 current stream, so a read never sees another's workspace half-written).
-
-Gather at the write (`gather_early`): a model that reads a scalar back at every layer (Self-
-Forcing's ``.item()``) leaves the device idle while the host runs the layer's cache writes and the
-read's own host work. The sealed history does not depend on those writes, so the first write of
-a layer (a copy into open rows, in a cache state a read was bound for) launches that read's
-gather of the sealed runs at once, and the read then only copies the open rows before its SDPA.
-Each workspace remembers whose sealed runs it holds (`_filled`); any other read's launch takes
-it over, and a read whose sealed runs are not the ones there gathers everything, so results are
-those of the read alone. ``QVG_EARLY_GATHER=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import os
-import weakref
 from typing import Optional, Sequence
 
 import torch
 
 from ..kernels.attention import merge_partial, sdpa_fused, sdpa_with_lse
-from ..kernels.gather import ROWS, SEALED, Gather
+from ..kernels.gather import Gather
 from ..kernels.launch import Prebound
 from . import ahead, tally
-from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled, shared_table
+from .read_plan import ReadPlan, ReadSide, cached_plan, drop_replays, fast_reads_enabled
 from .rope import RopeSpec, rotate_rows_
-from .spec import COUNTERS_AT, POS_MAP_AT
-from .store import stamp_of
+from .spec import POS_MAP_AT
 
 Tensor = torch.Tensor
 # RoPE applied to the gathered keys (`rope`): tables ``[tokens, D]`` over the read's tokens, in
@@ -56,7 +44,6 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
         if buf is not None:
             # Replays hold views of the old buffer: let it go now, not when they are next used.
             drop_replays()
-            _filled.pop(key, None)
         _workspaces.pop(key, None)
         buf = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = buf
@@ -72,9 +59,6 @@ def release_workspace() -> None:
     """Free the read workspaces (the next read allocates what it needs)."""
     drop_replays()
     _workspaces.clear()
-    _filled.clear()
-    _after_write.clear()
-    _writes.clear()
 
 
 def fold_queries(q: torch.Tensor, tile: int, groups: int) -> torch.Tensor:
@@ -133,38 +117,12 @@ class BoundRead:
             wv = self.buf[b * hkv * n * d:2 * b * hkv * n * d].view(b, hkv, n, d)
             self.blocks.append((gather.prebind(block.k_runs, block.v_runs, block.table, wk, wv), wk, wv))
         self.sealed, self.rows = plan.sealed, plan.tokens - plan.sealed
-        # One block with sealed runs: the gather also comes as its sealed part (`gather_early`)
-        # and its rows part, and the read is registered under its K store's state.
-        self.early: Optional[tuple] = None
-        if len(plan.blocks) == 1 and plan.sealed and early_enabled():
-            (block,), (_, wk, wv) = plan.blocks, self.blocks[0]
-            parts = []
-            for kind in (SEALED, ROWS):
-                runs = [[r for r in side if r[0] == kind] for side in (block.k_runs, block.v_runs)]
-                parts.append(gather.prebind(*runs, shared_table(*runs, wk.device), wk, wv))
-            self.early = tuple(parts)
-        self.k_state = (id(k.store.pos_map), k.store.stamp)
 
     def prepare(self) -> None:
         """Resolve the gathers' compiled kernels now (`Prebound.prepare`), not at the first call."""
         for launch, _, _ in self.blocks:
             if isinstance(launch, Prebound):
                 launch.prepare()
-
-    def gather_sealed(self, k: Sequence[torch.Tensor]) -> bool:
-        """Launch the sealed part of the gather now, for the read that comes after the write in
-        progress, if this read is still bound to K's arrays ``k`` and to the current workspace;
-        whether it launched."""
-        sources, key = self.sources, (self.buf.device, self.buf.dtype)
-        held = _filled.get(key)
-        if (self.early is None or held is self or not all(k[i] is sources[j] for j, i in enumerate(self.k_at))
-                or _workspaces.get(key) is not self.buf):
-            return False
-        if held is not None:
-            tally.add(early_gathers_unused=1)
-        self.early[0]()
-        _filled[key] = self
-        return True
 
     def valid(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> bool:
         """Whether the op's array lists ``k``/``v`` are the arrays this read was bound to and its
@@ -186,20 +144,8 @@ class BoundRead:
         acc: Optional[Tensor] = None
         lse: Optional[Tensor] = None
         first = 0
-        early = _filled.pop((self.buf.device, self.buf.dtype), None)
-        if early is not None and early is not self:
-            tally.add(early_gathers_unused=1)
-        for write in _writes:
-            if write[:2] == self.k_state:
-                follows(self, write[2], write[3])
-        _writes.clear()
         for launch, wk, wv in self.blocks:
-            if early is self and self.early is not None:
-                # The sealed runs are in the workspace since the write: copy the open rows.
-                self.early[1]()
-                tally.add(early_gathers=1)
-            else:
-                launch()
+            launch()
             if rotate is not None:
                 n = wk.shape[2]
                 rotate_rows_(wk, rotate[0][first:first + n], rotate[1][first:first + n], rotate[2])
@@ -259,49 +205,3 @@ def bind(k: ReadSide, v: ReadSide, plan: ReadPlan, q: Tensor) -> BoundRead:
 
 def _array_lists(k: ReadSide, v: ReadSide) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(k.store.arrays.values()), list(v.store.arrays.values())
-
-
-# By workspace (device, dtype): the read whose sealed runs it holds, gathered at a write and not
-# yet read. By write ``(id(token map), state stamp, start, n)``: the read that came after it
-# (weakly: a read lives on its plan). The writes since the last read, to learn that from.
-_filled: dict[tuple[torch.device, torch.dtype], BoundRead] = {}
-_after_write: dict[tuple[int, int, int, int], weakref.ref] = {}
-_writes: list[tuple[int, int, int, int]] = []
-AFTER_WRITE_SIZE = 4096
-
-
-def early_enabled() -> bool:
-    """False when ``QVG_EARLY_GATHER=0`` (reads gather their whole view when they run)."""
-    value = os.environ.get("QVG_EARLY_GATHER", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"QVG_EARLY_GATHER: expected 0 or 1, got {value!r}")
-    return value == "1"
-
-
-def note_write(arrays: Sequence[Tensor], start: int, n: int) -> None:
-    """Record a write of ``n`` tokens at ``start`` into the store ``arrays``, in the state it left:
-    the next read of that state is learnt as the read that follows this write."""
-    if len(_writes) < 8:
-        _writes.append((id(arrays[POS_MAP_AT]), stamp_of(arrays[COUNTERS_AT]), int(start), int(n)))
-
-
-def follows(bound: BoundRead, start: int, n: int) -> None:
-    """Record ``bound`` as the read that follows a write of ``n`` tokens at ``start`` into its K
-    store in the state it was bound for (seal ahead binds reads before their write comes)."""
-    if bound.early is None:
-        return
-    if len(_after_write) >= AFTER_WRITE_SIZE:
-        _after_write.clear()
-    _after_write[(*bound.k_state, int(start), int(n))] = weakref.ref(bound)
-
-
-def gather_early(arrays: Sequence[Tensor], start: int, n: int) -> None:
-    """Called by a write of ``n`` tokens at ``start`` into open rows of the store ``arrays``,
-    before it copies: launch the sealed part of the gather of the read that came after the same
-    write last time (`BoundRead.gather_sealed`), so that it runs on the device while the host does
-    the writes and the read's own host work."""
-    note_write(arrays, start, n)
-    ref = _after_write.get(_writes[-1]) if _writes else None
-    bound = None if ref is None else ref()
-    if bound is not None and early_enabled():
-        bound.gather_sealed(arrays)

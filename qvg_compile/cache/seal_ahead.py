@@ -44,7 +44,7 @@ from . import ahead, tally
 from .ahead import just_sealed, undone
 from .codec import leads
 from .host import host_thread
-from .read_fast import bind, follows
+from .read_fast import bind
 from .read_plan import ReadSide, args_key, plan_for
 from .spec import POS_MAP_AT, StoreSpec
 from .store import Store
@@ -190,9 +190,7 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
         key = args_key(q, k, v, k_pieces, v_pieces, k_side.lead, v_side.lead, k_side.part, v_side.part)
         plan = plan_for(*sides, q, key)
         if plan.reason is None:
-            bound = bind(*sides, plan, q)
-            bound.prepare()
-            follows(bound, *wrote)
+            bind(*sides, plan, q).prepare()
     late = attention is not None and attention.query()
     if late:
         tally.add(seals_ahead_late=1)

@@ -25,7 +25,7 @@ import functools
 import math
 import uuid
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,13 +111,10 @@ def sel_slices(sel: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
 
 
 def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Tensor], parts: Sequence[int],
-                      start: int, lead: Sequence[int], spec: StoreSpec,
-                      before: Optional[Callable[[Sequence[torch.Tensor], int, int], None]] = None) -> bool:
+                      start: int, lead: Sequence[int], spec: StoreSpec) -> bool:
     """``qvg::cache_write`` of ``values`` at ``[start, start + n)`` as a copy into the tail rows a
     write of the same positions found in the same token state, without building a `Store`;
-    False (nothing written) when no such write is known. ``lead``: ``[o0, n0, o1, n1, ...]``.
-    ``before(arrays, start, n)`` runs once the write is known to be such a copy, before it is
-    launched."""
+    False (nothing written) when no such write is known. ``lead``: ``[o0, n0, o1, n1, ...]``."""
     if not values:
         return False
     n = values[0].shape[-2]
@@ -133,8 +130,6 @@ def replay_rows_write(arrays: Sequence[torch.Tensor], values: Sequence[torch.Ten
             # positions' old content): the op builds a `Store`, which undoes it.
             return False
         opened = ahead.take(pos_map)
-    if before is not None:
-        before(arrays, start, n)
     for p, v in zip(parts, values):
         tail = arrays[spec.tail_at[p]]
         (tail if sel is None else tail[sel_slices(sel)])[..., r0:r0 + n, :].copy_(v)

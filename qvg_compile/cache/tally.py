@@ -76,16 +76,14 @@ def stats() -> dict[str, Any]:
     one SDPA; the sealed tokens they decoded and the dense rows they copied, per stored row),
     ``read_replays`` (fast reads run from their arguments alone, without building a store or
     reading its token state: every read of a plan but its first), ``general_reads`` and ``general_why`` (the general path, and why per
-    reason), ``fast_writes`` (writes into an open chunk that only copied), ``early_gathers``
-    (fast reads whose sealed history a write had already gathered: `read_fast.gather_early`) and
-    ``early_gathers_unused`` (such gathers another read overwrote first), ``fallbacks`` (per op
+    reason), ``fast_writes`` (writes into an open chunk that only copied), ``fallbacks`` (per op
     name) and ``fallback_total``.
     """
     with _lock:
         out: dict[str, Any] = {k: 0 for k in ("seals", "sealed_tokens", "share_misfits", "decoded_tokens",
                                                "decoded_bytes", "attention_calls", "fused_tokens", "tail_tokens",
                                                "fast_reads", "fast_tokens", "fast_rows", "read_replays", "general_reads",
-                                               "fast_writes", "early_gathers", "early_gathers_unused")}
+                                               "fast_writes")}
         out.update(_counts)
         out["general_why"] = dict(_general)
         out["fallbacks"] = dict(_fallbacks)
