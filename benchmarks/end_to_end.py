@@ -484,6 +484,17 @@ def run_interleaved(model: torch.nn.Module, compilers: Sequence[tuple[str, Calla
     return results, outputs
 
 
+def schedule(lanes: Sequence[Any], rounds: int, settle: int) -> list[tuple[Any, bool]]:
+    """The chunks of an interleaved run in order, as ``(lane, timed)``: per round, each lane's
+    ``settle`` untimed chunks then its timed one, the lanes' order rotated by one each round (over
+    ``len(lanes)`` rounds every lane runs in every position once)."""
+    order = []
+    for r in range(rounds):
+        for lane in lanes[r % len(lanes):] + lanes[:r % len(lanes)]:
+            order += [(lane, False)] * settle + [(lane, True)]
+    return order
+
+
 def _interleave(lanes: list[Lane], contexts: Sequence[int], timed_chunks: int, settle: int, profile_at: int | None,
                 clock: Clock,
                 out: Path, log: Callable[[str], None], deadline: float
@@ -505,19 +516,19 @@ def _interleave(lanes: list[Lane], contexts: Sequence[int], timed_chunks: int, s
         times: dict[str, list[float]] = {lane.name: [] for lane in lanes}
         stats: dict[str, dict[str, Any]] = {lane.name: {} for lane in lanes}
         peaks = {lane.name: (0, 0) for lane in lanes}
-        for r in range(timed_chunks):
-            for lane in lanes[r % len(lanes):] + lanes[:r % len(lanes)]:
-                with environment(lane.env):
-                    for _ in range(settle):
-                        lane.video.chunk()
-                    before_stats = qvg_compile.stats()
-                    before = torch.cuda.memory_allocated() if cuda else 0
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    times[lane.name].append(clock.time(lane.video.chunk))
-                    peak = torch.cuda.max_memory_allocated() if cuda else 0
-                    add_stats(stats[lane.name], stats_delta(before_stats, qvg_compile.stats()))
-                    peaks[lane.name] = (max(peaks[lane.name][0], peak), max(peaks[lane.name][1], peak - before))
+        for lane, timed in schedule(lanes, timed_chunks, settle):
+            with environment(lane.env):
+                if not timed:
+                    lane.video.chunk()
+                    continue
+                before_stats = qvg_compile.stats()
+                before = torch.cuda.memory_allocated() if cuda else 0
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                times[lane.name].append(clock.time(lane.video.chunk))
+                peak = torch.cuda.max_memory_allocated() if cuda else 0
+                add_stats(stats[lane.name], stats_delta(before_stats, qvg_compile.stats()))
+                peaks[lane.name] = (max(peaks[lane.name][0], peak), max(peaks[lane.name][1], peak - before))
         for lane in lanes:
             outputs[lane.name][context] = lane.video.last.float().cpu()
             row = kv_row(lane.name, lane.video, context, times[lane.name], *peaks[lane.name], stats[lane.name])

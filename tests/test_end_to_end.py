@@ -133,3 +133,15 @@ def test_stats_delta_and_sum_keep_the_per_name_counts():
     assert delta == {"seals": 3, "fallbacks": {"cat": 2}, "general_why": {"holes": 1}}
     total = e2e.add_stats(e2e.add_stats({}, delta), delta)
     assert total == {"seals": 6, "fallbacks": {"cat": 4}, "general_why": {"holes": 2}}
+
+
+def test_interleaved_schedule_settles_each_timed_chunk_and_rotates_the_lanes():
+    order = e2e.schedule(["bf16", "qvg", "var"], rounds=3, settle=1)
+    timed = [(i, lane) for i, (lane, t) in enumerate(order) if t]
+    assert len(order) == 18 and len(timed) == 9
+    # Every timed chunk comes right after an untimed chunk of its own video.
+    assert all(order[i - 1] == (lane, False) for i, lane in timed)
+    # Over 3 rounds every lane is timed once in every position of its round.
+    positions = {lane: sorted(j % 3 for j, (_, lane2) in enumerate(timed) if lane2 == lane) for lane in ("bf16", "qvg", "var")}
+    assert all(p == [0, 1, 2] for p in positions.values())
+    assert e2e.schedule(["a", "b"], rounds=2, settle=0) == [("a", True), ("b", True), ("b", True), ("a", True)]
