@@ -21,8 +21,8 @@ token in the cache went through the backend's write path. With ``--interleave`` 
 video runs in the same process in turn (each round: ``--settle`` untimed chunks and one timed
 chunk per video, the order rotated each round), and the overhead is reported per timed chunk
 against the BF16 chunk of the same round: the shared host's slow stretches then hit both sides
-of each comparison. Results go to ``--out`` (JSON, log,
-PNG when matplotlib is present); a short table is printed last.
+of each comparison. Results go to ``--out`` (JSON, log, PNG when matplotlib is present); a short
+table is printed last.
 
     python benchmarks/end_to_end.py --device cuda --out /tmp/e2e            # H100, ~5 min
     python benchmarks/end_to_end.py --config tiny --contexts 6,12 --out /tmp/e2e   # CPU smoke
@@ -315,8 +315,9 @@ def prefill(video: Video, context: int, clock: Clock, deadline: float) -> float 
     if video.frames < context:
         return None
     if video.frames != context:
-        raise ValueError(f"contexts must be multiples of {video.cfg.chunk_frames} frames and >= "
-                         f"{3 * video.cfg.chunk_frames}; got {context}")
+        raise ValueError(f"contexts must be multiples of {video.cfg.chunk_frames} frames, >= "
+                         f"{3 * video.cfg.chunk_frames}, and each past the previous one by the frames its timed "
+                         f"(and settling) chunks add; got {context} with the video at {video.frames} frames")
     return time.perf_counter() - t0
 
 
@@ -356,12 +357,14 @@ def finish_video(name: str, video: Video, warmup_s: float, conversion_peak: int,
 
 
 def log_row(name: str, row: Row, extra: str, log: Callable[[str], None]) -> None:
+    """One log line of a backend's row."""
     log(f"[{name}] context {row.context:4d}: {row.s_per_chunk:.3f} s/chunk (chunks "
         f"{[round(t, 3) for t in row.chunk_times]}){extra}, KV {row.kv_bytes / GB:.3f} GB, "
         f"peak {row.peak_bytes / GB:.2f} GB, shares {row.shares}, stats {row.stats}")
 
 
 def capacity_for(cfg: sf.SelfForcingConfig, contexts: Sequence[int], timed_chunks: int, profile_at: int | None) -> int:
+    """Frames a video needs: the longest context, the timed chunks after it, two profiled ones."""
     return max(contexts) + timed_chunks * cfg.chunk_frames + (2 * cfg.chunk_frames if profile_at else 0)
 
 
