@@ -427,6 +427,7 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
 
 
 def add_stats(total: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """Add a `stats_delta` into ``total`` (in place; returned)."""
     for key, value in delta.items():
         if isinstance(value, dict):
             bucket = total.setdefault(key, {})
@@ -461,7 +462,7 @@ def run_interleaved(model: torch.nn.Module, compilers: Sequence[tuple[str, Calla
     of a comparison, which separate runs a minute apart cannot promise. The settling chunks put
     each timed chunk right after a chunk of its own video, as when it runs alone: a QVG chunk
     right after a BF16 chunk measured 2-15% slower than right after a QVG chunk (RESULTS.md,
-    2026-12-04 02:19 UTC). ``stats`` and peaks are each video's own (timed chunks); compiled
+    2026-12-04 02:17 UTC). ``stats`` and peaks are each video's own (timed chunks); compiled
     code of all backends coexists (Dynamo keys it by backend)."""
     torch._dynamo.reset()
     qvg_compile.reset_stats()
@@ -499,9 +500,10 @@ def schedule(lanes: Sequence[Any], rounds: int, settle: int) -> list[tuple[Any, 
 
 
 def _interleave(lanes: list[Lane], contexts: Sequence[int], timed_chunks: int, settle: int, profile_at: int | None,
-                clock: Clock,
-                out: Path, log: Callable[[str], None], deadline: float
+                clock: Clock, out: Path, log: Callable[[str], None], deadline: float
                 ) -> tuple[list[dict[str, Any]], dict[str, dict[int, torch.Tensor]]]:
+    """`run_interleaved` once its videos are started: the contexts, each prefilled, then timed
+    by `schedule`."""
     cuda = clock.cuda
     outputs: dict[str, dict[int, torch.Tensor]] = {lane.name: {} for lane in lanes}
     for context in contexts:
@@ -879,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="e2e_out")
     args = parser.parse_args(argv)
+    if args.settle < 0:
+        parser.error(f"--settle: expected an int >= 0, got {args.settle}")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
