@@ -4,6 +4,7 @@ memory of a Wan-1.3B-sized layer cache filled the way Self-Forcing fills it."""
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 from collections import Counter
@@ -165,6 +166,25 @@ def test_compiled_cache_grown_by_cat_and_fed_back_compiles_at_most_three_times()
     # The first store, then (store, appended chunk) static and with symbolic lengths.
     assert backend.graphs <= 3
     assert torch.equal(compiled.dequantize(), eager.dequantize()) and compiled.shape[2] == 9 * L
+
+
+def test_a_cache_pickles_without_a_cycle_and_round_trips_through_torch_save(tmp_path):
+    """Compile-cache keys pickle example inputs in ``fast`` mode (no memo: a cycle raises), as
+    AOTAutograd does on torch < 2.13; `torch.save` must give back the same tokens and view."""
+    torch.manual_seed(2)
+    k, _ = pair()
+    k[:, :2 * L + 3] = torch.randn(B, 2 * L + 3, H, D)  # two sealed chunks, three dense rows
+    view = torch.cat([k[:, :2 * L + 3], torch.randn(B, 5, H, D)], 1).transpose(1, 2)
+    for cache in (k, view):
+        fast = pickle.Pickler(io.BytesIO())
+        fast.fast = True
+        fast.dump(cache)
+        path = tmp_path / "cache.pt"
+        torch.save({"cache": cache}, path)
+        loaded = torch.load(path, weights_only=False)["cache"]
+        assert type(loaded) is QVGCache and loaded.shape == cache.shape
+        assert loaded.token_counts() == cache.token_counts()
+        assert torch.equal(loaded.dequantize(), cache.dequantize())
 
 
 def test_recompile_for_a_larger_store_does_not_reuse_the_smaller_stores_code():

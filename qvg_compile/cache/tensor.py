@@ -383,6 +383,22 @@ class QVGCache(RoutesSdpa):
         names, meta = self._flat[1]
         return list(names), meta
 
+    def __reduce_ex__(self, protocol: int) -> tuple[Callable[..., "QVGCache"], tuple]:
+        """Pickle as the flattened cache: inner arrays, layout metadata and outer size, no cycle.
+
+        The default reduction of a tensor subclass pickles ``__dict__``, which reaches the
+        handle's set of views and so this tensor again: `torch.save` failed on the weak
+        references, and Inductor's cache-key pickler (``fast`` mode, no memo) on the cycle. On
+        torch < 2.13 AOTAutograd keys a compiled graph by pickling its example inputs, so every
+        graph taking a cache missed the compile caches. The package's source fingerprint rides
+        along so that such keys also change with the dispatch rules traced into the graph; it is
+        ignored on load. Views of one store come back as separate stores over the same arrays."""
+        if self._handle.concrete:
+            self._handle.settled()
+        names, meta = self.__tensor_flatten__()
+        inner = {name: getattr(self, name) for name in names}
+        return _unpickle, (inner, meta, tuple(self.shape), _SOURCE_FINGERPRINT)
+
     def _stable_hash_for_caching(self) -> str:
         """Key of this subclass input for AOTAutograd's cache: the layout, not the data.
 
@@ -442,6 +458,12 @@ class QVGCache(RoutesSdpa):
         """Register the fallback ``(func, args, kwargs, why) -> result`` for ops without a handler."""
         cls._FALLBACK = fn
         return fn
+
+
+def _unpickle(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View, Optional[RopeSpec]],
+              shape: tuple[int, ...], source: str) -> QVGCache:
+    """Rebuild a pickled `QVGCache` (`QVGCache.__reduce_ex__`); ``source`` is only a key part."""
+    return QVGCache.__tensor_unflatten__(inner, meta, shape, contiguous_strides(shape))
 
 
 def _any_rotated(args: tuple) -> bool:
