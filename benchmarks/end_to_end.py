@@ -322,12 +322,14 @@ def prefill(video: Video, context: int, clock: Clock, deadline: float) -> float 
 
 
 def kv_row(name: str, video: Video, context: int, times: list[float], peak: int, activation: int,
-           stats: dict[str, Any]) -> Row:
-    """The `Row` of ``video`` after its timed chunks: times, the cache's bytes, the workspace."""
+           stats: dict[str, Any], workspace: int | None = None) -> Row:
+    """The `Row` of ``video`` after its timed chunks: times, the cache's bytes, the workspace
+    (``workspace``, or else the bytes the shared read workspace holds now)."""
     report = qvg_compile.memory_report(video.kv)
     kv_rows = [r for r in report["rows"] if r["tensor"].endswith(("['k']", "['v']"))]
     return Row(name, context, statistics.median(times), times, sum(r["held_bytes"] for r in kv_rows),
-               sum(r["dense_bytes"] for r in kv_rows), peak, activation, stats, workspace_bytes())
+               sum(r["dense_bytes"] for r in kv_rows), peak, activation, stats,
+               workspace_bytes() if workspace is None else workspace)
 
 
 def profile_row(row: Row, name: str, video: Video, clock: Clock, out: Path, log: Callable[[str], None]) -> None:
@@ -521,9 +523,14 @@ def _interleave(lanes: list[Lane], contexts: Sequence[int], timed_chunks: int, s
         times: dict[str, list[float]] = {lane.name: [] for lane in lanes}
         stats: dict[str, dict[str, Any]] = {lane.name: {} for lane in lanes}
         peaks = {lane.name: (0, 0) for lane in lanes}
+        # The read workspace is one buffer per device that only grows, so with settling chunks
+        # each video's own size is measured: the buffer is freed before a video's untimed chunks,
+        # which allocate what its reads need, and read after its timed chunk.
+        spaces = {lane.name: 0 for lane in lanes}
         for lane, timed in schedule(lanes, timed_chunks, settle):
             with environment(lane.env):
                 if not timed:
+                    release_workspace()
                     lane.video.chunk()
                     continue
                 before_stats = qvg_compile.stats()
@@ -534,9 +541,11 @@ def _interleave(lanes: list[Lane], contexts: Sequence[int], timed_chunks: int, s
                 peak = torch.cuda.max_memory_allocated() if cuda else 0
                 add_stats(stats[lane.name], stats_delta(before_stats, qvg_compile.stats()))
                 peaks[lane.name] = (max(peaks[lane.name][0], peak), max(peaks[lane.name][1], peak - before))
+                spaces[lane.name] = max(spaces[lane.name], workspace_bytes())
         for lane in lanes:
             outputs[lane.name][context] = lane.video.last.float().cpu()
-            row = kv_row(lane.name, lane.video, context, times[lane.name], *peaks[lane.name], stats[lane.name])
+            row = kv_row(lane.name, lane.video, context, times[lane.name], *peaks[lane.name], stats[lane.name],
+                         spaces[lane.name] if settle else None)
             with environment(lane.env):
                 if profile_at == context:
                     profile_row(row, lane.name, lane.video, clock, out, log)

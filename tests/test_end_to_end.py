@@ -116,6 +116,8 @@ def test_interleaved_run_times_every_video_chunk_for_chunk(tmp_path, fresh_dynam
     general, fast = runs["qvg[QVG_READ_PATH=general]"]["rows"][0], runs["qvg"]["rows"][0]
     assert general["stats"]["general_reads"] > 0 and general["stats"]["fast_reads"] == 0
     assert fast["stats"]["general_reads"] == 0 and fast["stats"]["fast_reads"] > 0
+    # Each video's own read workspace, though the buffer is shared: the general path uses none.
+    assert general["workspace_bytes"] == 0 and fast["workspace_bytes"] > 0
     assert "QVG_READ_PATH" not in e2e.os.environ
     assert all(len(r["rows"][0]["chunk_times"]) == 2 for r in runs.values())
     assert runs["bf16"]["cache_types"] == ["Tensor"] and runs["qvg"]["cache_types"] == ["QVGCache"]

@@ -45,7 +45,7 @@ from .ahead import just_sealed, undone
 from .codec import leads
 from .host import host_thread
 from .read_fast import bind
-from .read_plan import ReadSide, args_key, plan_for
+from .read_plan import ReadSide, args_key, fast_reads_enabled, plan_for
 from .spec import POS_MAP_AT, StoreSpec
 from .store import Store
 
@@ -187,10 +187,12 @@ def _open(successor: tuple[_Side, _Side], wrote: tuple[int, int], q: Tensor, k_p
             return False, False
         sides = (ReadSide(k_store, k_pieces, None, leads(k_side.lead), k_side.part),  # type: ignore[arg-type]
                  ReadSide(v_store, v_pieces, None, leads(v_side.lead), v_side.part))  # type: ignore[arg-type]
-        key = args_key(q, k, v, k_pieces, v_pieces, k_side.lead, v_side.lead, k_side.part, v_side.part)
-        plan = plan_for(*sides, q, key)
-        if plan.reason is None:
-            bind(*sides, plan, q).prepare()
+        if fast_reads_enabled():
+            # Only a read the fast path will take is worth binding (its workspace is allocated here).
+            key = args_key(q, k, v, k_pieces, v_pieces, k_side.lead, v_side.lead, k_side.part, v_side.part)
+            plan = plan_for(*sides, q, key)
+            if plan.reason is None:
+                bind(*sides, plan, q).prepare()
     late = attention is not None and attention.query()
     if late:
         tally.add(seals_ahead_late=1)
