@@ -389,8 +389,9 @@ class QVGCache(RoutesSdpa):
         The default reduction of a tensor subclass pickles ``__dict__``, which reaches the
         handle's set of views and so this tensor again: `torch.save` failed on the weak
         references, and Inductor's cache-key pickler (``fast`` mode, no memo) on the cycle. On
-        torch < 2.13 AOTAutograd keys a compiled graph by pickling its example inputs, so every
-        graph taking a cache missed the compile caches. The package's source fingerprint rides
+        torch < 2.13 AOTAutograd keys a compiled graph by pickling its example inputs, so a graph
+        taking a cache bypassed AOTAutograd's cache (Inductor's FX graph cache still served its
+        compiled code). The package's source fingerprint rides
         along so that such keys also change with the dispatch rules traced into the graph; it is
         ignored on load. Views of one store come back as separate stores over the same arrays."""
         if self._handle.concrete:
