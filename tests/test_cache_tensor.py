@@ -4,6 +4,7 @@ memory of a Wan-1.3B-sized layer cache filled the way Self-Forcing fills it."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import pickle
@@ -170,7 +171,8 @@ def test_compiled_cache_grown_by_cat_and_fed_back_compiles_at_most_three_times()
 
 def test_a_cache_pickles_without_a_cycle_and_round_trips_through_torch_save(tmp_path):
     """Compile-cache keys pickle example inputs in ``fast`` mode (no memo: a cycle raises), as
-    AOTAutograd does on torch < 2.13; `torch.save` must give back the same tokens and view."""
+    AOTAutograd does on torch < 2.13; `torch.save` must give back the same tokens and view, and
+    `copy.deepcopy` a cache that writes do not share."""
     torch.manual_seed(2)
     k, _ = pair()
     k[:, :2 * L + 3] = torch.randn(B, 2 * L + 3, H, D)  # two sealed chunks, three dense rows
@@ -185,6 +187,10 @@ def test_a_cache_pickles_without_a_cycle_and_round_trips_through_torch_save(tmp_
         assert type(loaded) is QVGCache and loaded.shape == cache.shape
         assert loaded.token_counts() == cache.token_counts()
         assert torch.equal(loaded.dequantize(), cache.dequantize())
+    twin = copy.deepcopy(k)
+    twin[:, 2 * L + 3:2 * L + 5] = torch.ones(B, 2, H, D)
+    assert torch.equal(twin.dequantize()[:, 2 * L + 3:2 * L + 5], torch.ones(B, 2, H, D))
+    assert torch.equal(k.dequantize()[:, 2 * L + 3:], torch.zeros(B, S - 2 * L - 3, H, D))
 
 
 def test_recompile_for_a_larger_store_does_not_reuse_the_smaller_stores_code():
