@@ -17,6 +17,7 @@ the device time of every kernel a sealing step launches (where a seal's encode t
 ``--seal-host``, the host time of each step of a compiled sealing write (wall clock); with
 ``--read-host``, the same for the steps of a compiled replayed read, next to the host time of the
 compiled dense step and of bare cuDNN / flash SDPA calls at the read's shapes; with
+``--write-host``, the host time of a compiled step that only rewrites K and V, QVG against dense; with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="host microseconds of each step of a compiled sealing write, wall clock (no profiler)")
     parser.add_argument("--read-host", action="store_true",
                         help="host microseconds of each step of a compiled replayed read, wall clock (no profiler)")
+    parser.add_argument("--write-host", action="store_true",
+                        help="host microseconds of a compiled step that only rewrites K and V, QVG against dense")
     parser.add_argument("--seal-kernels", action="store_true",
                         help="device time of the kernels the sealing steps of the last 4 chunks launch (torch.profiler)")
     args = parser.parse_args(argv)
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(rewrite_host(compiled, qvg, dense, chunks, device))
         print()
         print(sdpa_host(n, device))
+    if args.write_host:
+        print(write_host(qvg, dense, chunks, device))
     if args.seal_kernels:
         seal_kernels(compiled, qvg, chunks, device)
     if args.plan_cost:
@@ -306,6 +311,40 @@ def rewrite_host(compiled, make_qvg, make_dense, chunks: int, device: str, reps:
     rows = [[f"compiled rewriting step, {name}", f"{statistics.median(t) * 1e6:.0f}",
              f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"] for name, t in spent.items()]
     return tabulate(rows, headers=["host to return", "us (median)", "range"], tablefmt="github")
+
+
+def write_step(kb, vb, k, v, s: int, e: int) -> None:
+    kb[:, s:e] = k
+    vb[:, s:e] = v
+
+
+def write_host(make_qvg, make_dense, chunks: int, device: str, reps: int = 200) -> str:
+    """Host microseconds from call to return of a compiled step that only rewrites the last
+    chunk's K and V rows (no read), on QVG caches and on dense tensors, interleaved: what a compiled
+    call with two cache inputs costs over the same call on dense tensors (Dynamo's guards,
+    AOTAutograd's unwrapping of each cache's inner tensors, Inductor's input checks, the two
+    ``qvg::cache_write`` calls)."""
+    compiled = torch.compile(write_step, fullgraph=True)
+    caches = {name: (make("key"), make("value")) for name, make in (("QVG", make_qvg), ("dense", make_dense))}
+    k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
+    for kb, vb in caches.values():
+        for c in range(chunks):
+            for _ in range(2):  # the second write of a chunk is a rewrite, as in the denoising passes
+                compiled(kb, vb, k, k, c * CHUNK, (c + 1) * CHUNK)
+    s = (chunks - 1) * CHUNK
+    spent: dict[str, list[float]] = {name: [] for name in caches}
+    for _ in range(reps):
+        for name, (kb, vb) in caches.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            compiled(kb, vb, k, k, s, s + CHUNK)
+            spent[name].append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    inner = len(caches["QVG"][0].__tensor_flatten__()[0])
+    rows = [[f"compiled K+V rewrite, {name}", f"{statistics.median(t) * 1e6:.1f}", f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"]
+            for name, t in spent.items()]
+    return (tabulate(rows, headers=["host to return", "us (median)", "range"], tablefmt="github")
+            + f"\n(each QVG cache flattens into {inner} inner tensors)")
 
 
 def sdpa_host(n: int, device: str, reps: int = 20) -> str:
