@@ -300,16 +300,28 @@ def rewrite_host(compiled, make_qvg, make_dense, chunks: int, device: str, reps:
     q = torch.randn(1, H, CHUNK, D, device=device, dtype=torch.bfloat16)
     k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
     s = (chunks - 1) * CHUNK
+    return call_table("compiled rewriting step", interleaved_host(
+        caches, lambda kb, vb: compiled(kb, vb, q, k, k, s, s + CHUNK), reps))
+
+
+def interleaved_host(caches: dict[str, tuple], call, reps: int) -> dict[str, list[float]]:
+    """Seconds from call to return of ``call(k_cache, v_cache)`` for each entry of ``caches``,
+    ``reps`` rounds with the entries interleaved, the device drained before each call."""
     spent: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(reps):
         for name, (kb, vb) in caches.items():
             torch.cuda.synchronize()
             t = time.perf_counter()
-            compiled(kb, vb, q, k, k, s, s + CHUNK)
+            call(kb, vb)
             spent[name].append(time.perf_counter() - t)
     torch.cuda.synchronize()
-    rows = [[f"compiled rewriting step, {name}", f"{statistics.median(t) * 1e6:.0f}",
-             f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"] for name, t in spent.items()]
+    return spent
+
+
+def call_table(label: str, spent: dict[str, list[float]]) -> str:
+    """`interleaved_host`'s times as a table of microseconds (median, range) per entry."""
+    rows = [[f"{label}, {name}", f"{statistics.median(t) * 1e6:.1f}", f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"]
+            for name, t in spent.items()]
     return tabulate(rows, headers=["host to return", "us (median)", "range"], tablefmt="github")
 
 
@@ -332,18 +344,9 @@ def write_host(make_qvg, make_dense, chunks: int, device: str, reps: int = 200) 
             for _ in range(2):  # the second write of a chunk is a rewrite, as in the denoising passes
                 compiled(kb, vb, k, k, c * CHUNK, (c + 1) * CHUNK)
     s = (chunks - 1) * CHUNK
-    spent: dict[str, list[float]] = {name: [] for name in caches}
-    for _ in range(reps):
-        for name, (kb, vb) in caches.items():
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            compiled(kb, vb, k, k, s, s + CHUNK)
-            spent[name].append(time.perf_counter() - t)
-    torch.cuda.synchronize()
+    spent = interleaved_host(caches, lambda kb, vb: compiled(kb, vb, k, k, s, s + CHUNK), reps)
     inner = len(caches["QVG"][0].__tensor_flatten__()[0])
-    rows = [[f"compiled K+V rewrite, {name}", f"{statistics.median(t) * 1e6:.1f}", f"{min(t) * 1e6:.0f}-{max(t) * 1e6:.0f}"]
-            for name, t in spent.items()]
-    return (tabulate(rows, headers=["host to return", "us (median)", "range"], tablefmt="github")
+    return (call_table("compiled K+V rewrite", spent)
             + f"\n(each QVG cache flattens into {inner} inner tensors)")
 
 
