@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
+import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.cache.policy import CachePolicy
 from qvg_compile.cache import encode as cache_encode
@@ -301,18 +304,19 @@ def rewrite_host(compiled, make_qvg, make_dense, chunks: int, device: str, reps:
     k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
     s = (chunks - 1) * CHUNK
     return call_table("compiled rewriting step", interleaved_host(
-        caches, lambda kb, vb: compiled(kb, vb, q, k, k, s, s + CHUNK), reps))
+        {name: functools.partial(compiled, kb, vb, q, k, k, s, s + CHUNK) for name, (kb, vb) in caches.items()},
+        reps))
 
 
-def interleaved_host(caches: dict[str, tuple], call, reps: int) -> dict[str, list[float]]:
-    """Seconds from call to return of ``call(k_cache, v_cache)`` for each entry of ``caches``,
-    ``reps`` rounds with the entries interleaved, the device drained before each call."""
-    spent: dict[str, list[float]] = {name: [] for name in caches}
+def interleaved_host(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds from call to return of each entry of ``calls``, ``reps`` rounds with the entries
+    interleaved, the device drained before each call."""
+    spent: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
-        for name, (kb, vb) in caches.items():
+        for name, call in calls.items():
             torch.cuda.synchronize()
             t = time.perf_counter()
-            call(kb, vb)
+            call()
             spent[name].append(time.perf_counter() - t)
     torch.cuda.synchronize()
     return spent
@@ -332,21 +336,27 @@ def write_step(kb, vb, k, v, s: int, e: int) -> None:
 
 def write_host(make_qvg, make_dense, chunks: int, device: str, reps: int = 200) -> str:
     """Host microseconds from call to return of a compiled step that only rewrites the last
-    chunk's K and V rows (no read), on QVG caches and on dense tensors, interleaved: what a compiled
-    call with two cache inputs costs over the same call on dense tensors (Dynamo's guards,
-    AOTAutograd's unwrapping of each cache's inner tensors, Inductor's input checks, the two
-    ``qvg::cache_write`` calls)."""
-    compiled = torch.compile(write_step, fullgraph=True)
-    caches = {name: (make("key"), make("value")) for name, make in (("QVG", make_qvg), ("dense", make_dense))}
+    chunk's K and V rows (no read), interleaved: on QVG caches compiled by the ``qvg`` backend
+    (which hands Inductor the caches' inner tensors, `passes.flat_inputs`), on QVG caches compiled
+    by plain Inductor (AOTAutograd unwraps each cache at every call), and on dense tensors. What a
+    compiled call with two cache inputs costs over the same call on dense tensors: Dynamo's
+    guards, the unwrapping, Inductor's input checks, the two ``qvg::cache_write`` calls."""
+    variants = {"QVG, qvg backend (inner tensors)": (qvg_compile.backend(), make_qvg),
+                "QVG, Inductor (AOTAutograd unwraps)": ("inductor", make_qvg),
+                "dense": ("inductor", make_dense)}
     k = torch.randn(1, CHUNK, H, D, device=device, dtype=torch.bfloat16)
-    for kb, vb in caches.values():
+    s = (chunks - 1) * CHUNK
+    calls, inner = {}, 0
+    for name, (backend, make) in variants.items():
+        compiled = torch.compile(write_step, fullgraph=True, backend=backend)
+        kb, vb = make("key"), make("value")
         for c in range(chunks):
             for _ in range(2):  # the second write of a chunk is a rewrite, as in the denoising passes
                 compiled(kb, vb, k, k, c * CHUNK, (c + 1) * CHUNK)
-    s = (chunks - 1) * CHUNK
-    spent = interleaved_host(caches, lambda kb, vb: compiled(kb, vb, k, k, s, s + CHUNK), reps)
-    inner = len(caches["QVG"][0].__tensor_flatten__()[0])
-    return (call_table("compiled K+V rewrite", spent)
+        calls[name] = functools.partial(compiled, kb, vb, k, k, s, s + CHUNK)
+        if isinstance(kb, QVGCache):
+            inner = len(kb.__tensor_flatten__()[0])
+    return (call_table("compiled K+V rewrite", interleaved_host(calls, reps))
             + f"\n(each QVG cache flattens into {inner} inner tensors)")
 
 

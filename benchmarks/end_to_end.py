@@ -929,7 +929,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       ("qvg+cg", lambda m: torch.compile(m, backend=qvg_cg), {})]
     for variant in args.qvg_env:
         env = dict(item.split("=", 1) for item in variant.split(","))
-        compilers.append((f"qvg[{variant}]", lambda m: torch.compile(m, backend=qvg), env))
+        # A backend of its own: Dynamo keys compiled code on the backend, so a variable read when
+        # a graph compiles (QVG_FLAT_INPUTS) gets its own graphs.
+        compilers.append((f"qvg[{variant}]", lambda m, b=qvg_compile.backend(): torch.compile(m, backend=b), env))
     profile_at = args.profile_at if args.profile_at in contexts else None
     outputs: dict[str, dict[int, torch.Tensor]] = {}
     results["interleave"] = args.interleave

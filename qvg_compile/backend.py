@@ -35,6 +35,7 @@ import torch.fx as fx
 from .cache import QVGCache
 from .passes.report import GraphReport, Report, first_line, graph_break_reasons
 from .passes.fuse_attention import fuse_matmul_softmax
+from .passes.flat_inputs import flatten_cache_inputs
 from .passes.boundary import appended_inputs
 from .passes.graph_ops import example_value
 from .passes.pad_slice import drop_query_padding
@@ -338,12 +339,33 @@ class QVGBackend:
             return OwnedOutputs(compiled)
         return compiled
 
+    def _inductor_flat(self, gm: fx.GraphModule, example_inputs: list[Any],
+                       graph_report: GraphReport) -> Optional[Callable]:
+        """Inductor over the caches' inner tensors (`passes.flat_inputs`); None when the graph
+        keeps its cache inputs (the reason goes to the report, and is warned once if Inductor
+        failed on the flattened graph)."""
+        flat, why = flatten_cache_inputs(gm, example_inputs)
+        compiled = None
+        if flat is not None:
+            flat_gm, flat_inputs, wrap = flat
+            try:
+                compiled = wrap(self._inductor(flat_gm, flat_inputs, graph_report))
+                why = "yes"
+            except Exception as exc:  # noqa: BLE001 (the unflattened graph is compiled instead)
+                why = (f"Inductor could not compile it over the caches' inner tensors ({type(exc).__name__}: "
+                       f"{first_line(str(exc))}); AOTAutograd unwraps them on every call")
+                warnings.warn(f"qvg_backend, {graph_report.name}: {why}", QVGBackendWarning, stacklevel=2)
+        graph_report.flat_inputs = why
+        return compiled
+
     def _inductor_or_eager(self, gm: fx.GraphModule, example_inputs: list[Any],
                            graph_report: GraphReport) -> Callable:
         """Inductor over `QVGCache` inputs; a graph Inductor cannot compile runs eagerly on the
         caches (still quantized and correct), reported rather than raised."""
         try:
-            compiled = self._inductor(gm, example_inputs, graph_report)
+            compiled = self._inductor_flat(gm, example_inputs, graph_report)
+            if compiled is None:
+                compiled = self._inductor(gm, example_inputs, graph_report)
         except Exception as exc:  # noqa: BLE001 (any Inductor failure: the eager graph is correct)
             eager_note(graph_report, f"Inductor could not compile it over QVGCache inputs "
                                       f"({type(exc).__name__}: {first_line(str(exc))}); it runs eagerly")

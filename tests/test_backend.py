@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import qvg_compile
 from qvg_compile import QVGCache, QVGConfig
 from qvg_compile.backend import QVGBackend, QVGBackendWarning, ValidationError
+from qvg_compile.passes.flat_inputs import UnflattenCache
 
 from flash_ops import flash_attn_op
 
@@ -703,7 +704,9 @@ class _InductorFails(QVGBackend):
     """A backend whose Inductor fails on graphs over QVGCache inputs."""
 
     def _inductor(self, gm, example_inputs, graph_report):
-        if any(isinstance(x, QVGCache) for x in example_inputs):
+        # Over the caches themselves or over their inner tensors (`passes.flat_inputs`).
+        if any(isinstance(x, QVGCache) for x in example_inputs) or \
+                any(isinstance(m, UnflattenCache) for m in gm.modules()):
             raise RuntimeError("simulated lowering failure\ndeep inside Inductor")
         return super()._inductor(gm, example_inputs, graph_report)
 
@@ -713,6 +716,8 @@ def test_inductor_failure_runs_the_graph_eagerly_with_a_note():
     with pytest.warns(qvg_compile.QVGBackendWarning, match="Inductor could not compile"):
         expected, got, state, refs, _ = compiled_run(CASE_A, qvg)
     assert max_diff(got, expected) <= TOL and isinstance(state["k"], QVGCache)
+    flat = [g.flat_inputs for g in qvg.report.graphs if g.inputs_are_caches]
+    assert flat and all(f.startswith("Inductor could not compile it over the caches' inner tensors") for f in flat)
     notes = [e for g in qvg.report.graphs for e in g.eager]
     assert notes == ["Inductor could not compile it over QVGCache inputs (RuntimeError: simulated lowering "
                      "failure); it runs eagerly"]

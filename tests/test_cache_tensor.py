@@ -80,6 +80,20 @@ def test_flatten_metadata_pickles_and_unflatten_rebuilds_the_same_view():
     assert torch.equal(rebuilt.dequantize(), view.dequantize())
 
 
+
+def test_flatten_metadata_deep_copies_to_itself_unless_symbolic():
+    """Dynamo's guard on a cache keeps a deep copy of its flatten metadata and compares it on every
+    call: the copy is the same objects, so the compare is an identity check."""
+    k, _ = pair()
+    k[:, :L] = torch.randn(B, L, H, D)
+    _, meta = k[:, :L].transpose(1, 2).__tensor_flatten__()
+    assert all(a is b for a, b in zip(copy.deepcopy(meta), meta) if a is not None)
+    # A view holding a length that is not a plain int is copied field by field, not shared.
+    view = meta[1]
+    odd = type(view)(view.dims, view.lead, (("run", 0, [L]),), view.parts, view.bcast, view.mode)
+    copied = copy.deepcopy(odd)
+    assert copied is not odd and copied == odd and copied.pieces[0][2] is not odd.pieces[0][2]
+
 def _step(kb, vb, q, k, v, s: int, e: int):
     kb[:, s:e] = k
     vb[:, s:e] = v

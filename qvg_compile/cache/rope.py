@@ -46,6 +46,9 @@ class RopeSpec:
         if not isinstance(getattr(torch, self.compute, None), torch.dtype):
             raise ValueError(f"compute: expected a torch dtype name, got {self.compute!r}")
 
+    def __deepcopy__(self, memo: dict) -> "RopeSpec":
+        return self  # immutable (see `StoreSpec.__deepcopy__`)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return getattr(torch, self.compute)

@@ -137,6 +137,12 @@ class StoreSpec:
             raise ValueError(f"config.method: the compressed cache stores qvg or rtn codes, got "
                              f"{self.config.method!r}")
 
+    def __deepcopy__(self, memo: dict) -> "StoreSpec":
+        # Immutable: a copy may be this object. Dynamo's guard on a cache's flatten metadata
+        # keeps a deep copy and compares it on every compiled call; sharing the object makes
+        # that compare an identity check instead of a walk over every field.
+        return self
+
     # --- derived sizes -------------------------------------------------------------------------
     @property
     def torch_dtype(self) -> torch.dtype:

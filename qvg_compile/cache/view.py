@@ -10,8 +10,9 @@ tracing; everything else is plain ints and strings, so a `View` is hashable and 
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -62,6 +63,15 @@ class View:
     parts: tuple[int, int]
     bcast: tuple[int, ...] = ()
     mode: str = VIEW
+
+    def __deepcopy__(self, memo: dict) -> "View":
+        # Immutable once its lengths are plain ints: a copy may be this object (see
+        # `StoreSpec.__deepcopy__`). A view holding symbolic sizes is copied field by field, so
+        # deep-copying it fails as it would without this method.
+        if all(isinstance(x, (int, str, type(None))) for piece in self.pieces for x in piece) and \
+                all(isinstance(v, int) for ax in self.lead for v in (ax.offset, ax.length)):
+            return self
+        return View(*(copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)))
 
     # --- shape ---------------------------------------------------------------------------------
     def length(self) -> Any:

@@ -45,6 +45,9 @@ class GraphReport:
     untouched: list[str] = field(default_factory=list)
     # Why this graph (or some call of it) runs eagerly instead of through Inductor, if it does.
     eager: list[str] = field(default_factory=list)
+    # For a graph over caches: "yes" when the backend hands Inductor the caches' inner tensors
+    # (`passes.flat_inputs`), else why AOTAutograd unwraps them on every call.
+    flat_inputs: str = ""
     code_before: str = ""
     code_after: Optional[str] = None
 
@@ -237,6 +240,10 @@ class Report:
         if eager:
             lines.append(tabulate(eager, headers=["graph", "runs eagerly because"],
                                   tablefmt="github"))
+        unwrapped = [[g.index, g.flat_inputs] for g in self.graphs if g.flat_inputs not in ("", "yes")]
+        if unwrapped:
+            lines.append(tabulate(unwrapped, headers=["graph", "cache inputs unwrapped by AOTAutograd at every call "
+                                                               "(slower host) because"], tablefmt="github"))
         reads = read_rows(self.cache_reads)
         if reads:
             lines.append(tabulate(reads, headers=["cache reads while explaining", "calls"], tablefmt="github"))
