@@ -10,10 +10,12 @@ through the node (the cache's ops become ``qvg::`` ops on the inner tensors, as 
 the subclass itself), and `FlatCall` passes the inner tensors at run time.
 
 Why: on torch < 2.13 AOTAutograd unwraps subclass inputs on every call in Python, one recursive
-step per inner tensor (~10 per cache): ~25 us of host time per call of a graph over two caches
-(`tests/test_passes_flat_inputs.py` pins the call count; `benchmarks/cache_step.py --write-host`
-measures it), at every layer and denoising pass. `FlatCall` reads the same tensors with one
-`operator.attrgetter` per cache. Dynamo's guards still see the caches, so a changed layout
+step per inner tensor (10 per cache), at every layer and denoising pass: a compiled K+V write
+costs 121 us of host on the CPU that way and 101 us flattened here, 334 against 279 us on the
+H200's host (`benchmarks/cache_step.py --write-host`; torch 2.13 generates that code and gains
+nothing). `FlatCall` reads the same tensors with one `operator.attrgetter` per cache, and
+`tests/test_passes_flat_inputs.py` pins that a compiled call reads no cache's flatten beyond
+Dynamo's guards. Dynamo's guards still see the caches, so a changed layout
 recompiles as before. Graphs that return a cache, or whose caches have symbolic sizes, keep
 AOTAutograd's unwrapping (`flatten_cache_inputs` says why), as do all graphs compiled with
 ``QVG_FLAT_INPUTS=0`` in the environment (read when a graph compiles; to compare the two).
