@@ -17,7 +17,9 @@ the device time of every kernel a sealing step launches (where a seal's encode t
 ``--seal-host``, the host time of each step of a compiled sealing write (wall clock); with
 ``--read-host``, the same for the steps of a compiled replayed read, next to the host time of the
 compiled dense step and of bare cuDNN / flash SDPA calls at the read's shapes; with
-``--write-host``, the host time of a compiled step that only rewrites K and V, QVG against dense; with
+``--write-host``, the host time of a compiled step that only rewrites K and V: QVG through the ``qvg``
+backend (caches passed as their inner tensors), QVG through plain Inductor (AOTAutograd unwraps
+them), and dense; with
 ``--trace DIR``, a torch.profiler table and Chrome trace of one compiled chunk in DIR.
 
     python benchmarks/cache_step.py --frames 21        # GPU
