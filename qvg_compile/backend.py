@@ -339,12 +339,10 @@ class QVGBackend:
             return OwnedOutputs(compiled)
         return compiled
 
-    def _inductor_flat(self, gm: fx.GraphModule, example_inputs: list[Any],
-                       graph_report: GraphReport) -> Optional[Callable]:
-        """Inductor over the caches' inner tensors (`passes.flat_inputs`); None when the graph
-        keeps its cache inputs (the reason goes to the report, and is warned once if Inductor
-        failed on the flattened graph)."""
-        flat, why = flatten_cache_inputs(gm, example_inputs)
+    def _inductor_flat(self, flat: Optional[tuple], why: str, graph_report: GraphReport) -> Optional[Callable]:
+        """Inductor over the caches' inner tensors (``flat``, from `passes.flat_inputs`); None
+        when the graph keeps its cache inputs (``why``, or Inductor's failure on the flattened
+        graph, warned, goes to the report)."""
         compiled = None
         if flat is not None:
             flat_gm, flat_inputs, wrap = flat
@@ -362,8 +360,9 @@ class QVGBackend:
                            graph_report: GraphReport) -> Callable:
         """Inductor over `QVGCache` inputs; a graph Inductor cannot compile runs eagerly on the
         caches (still quantized and correct), reported rather than raised."""
+        flat, why = flatten_cache_inputs(gm, example_inputs)  # raises on a bad QVG_FLAT_INPUTS
         try:
-            compiled = self._inductor_flat(gm, example_inputs, graph_report)
+            compiled = self._inductor_flat(flat, why, graph_report)
             if compiled is None:
                 compiled = self._inductor(gm, example_inputs, graph_report)
         except Exception as exc:  # noqa: BLE001 (any Inductor failure: the eager graph is correct)

@@ -95,6 +95,16 @@ def test_switch_leaves_graphs_to_aotautograd_and_checks_its_value(monkeypatch):
         flatten_cache_inputs(gm, inputs)
 
 
+def test_backend_raises_on_a_bad_switch_instead_of_running_eagerly(monkeypatch):
+    torch._dynamo.reset()
+    fn = torch.compile(step, backend=qvg_compile.backend())
+    kb, vb = qvg("key"), qvg("value")
+    monkeypatch.setenv("QVG_FLAT_INPUTS", "on")
+    with pytest.raises(Exception, match="QVG_FLAT_INPUTS: expected 0 or 1, got 'on'"):
+        fn(kb, vb, *chunk(0), 0, CHUNK)
+    torch._dynamo.reset()
+
+
 def test_graph_without_caches_is_not_rewritten():
     gm, inputs = captured(lambda x: x * 2, torch.randn(3))
     assert flatten_cache_inputs(gm, inputs) == (None, "no cache input")
