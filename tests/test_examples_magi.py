@@ -79,6 +79,9 @@ def test_compiled_equals_eager_with_the_same_quantization(compiled_run):
     assert set(sources) == {f"L['inference_params'].key_value_memory_dict[{i}]" for i in range(2)}
     for site in sources.values():
         assert sorted(site.roles) == ["key", "value"] and site.seq_dim == 1 and "A" in site.idioms
+    # The packed K|V buffers reach Inductor as their inner tensors in every graph over them.
+    flat = [g.flat_inputs for g in report.graphs if g.inputs_are_caches]
+    assert flat and all(f == "yes" for f in flat), flat
     dense = mg.generate(m, 3, seed=1, progress=False)
     assert (got - dense).abs().max().item() > 1e-4
 

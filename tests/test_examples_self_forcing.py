@@ -83,6 +83,9 @@ def test_compiled_equals_eager_with_the_same_quantization(window):
         assert any("B" in s.idioms for s in sites)
     rejected = {r.source for g in qvg.report.graphs for r in g.rejected}
     assert {"L['crossattn_cache']['k']", "L['crossattn_cache']['v']"} <= rejected
+    # Every graph over the caches takes their inner tensors (no per-call unwrapping).
+    flat = [g.flat_inputs for g in qvg.report.graphs if g.inputs_are_caches]
+    assert flat and all(f == "yes" for f in flat), flat
     dense = sf.generate(m, 3, seed=1, progress=False, max_frames=frames)
     assert (got - dense).abs().max().item() > 1e-4  # the cache really was quantized
 
