@@ -151,3 +151,27 @@ def test_backend_reports_a_graph_it_leaves_to_aotautograd():
     assert reasons and all(r.startswith("the graph returns a cache") for r in reasons)
     assert "cache inputs unwrapped by AOTAutograd at every call" in backend.report.summary()
     torch._dynamo.reset()
+
+
+def read(kview, vview, q):
+    return torch.nn.functional.scaled_dot_product_attention(q, kview.transpose(1, 2), vview.transpose(1, 2))
+
+
+def test_caches_of_symbolic_length_keep_aotautograds_unwrapping_and_compute_the_same():
+    """Views of a growing length: Dynamo recompiles the second call with the length symbolic.
+    That graph is left to AOTAutograd (a size symbol passed to the rebuilding module did not bind
+    in Inductor's code on torch 2.13: not supported yet), reported, and every call equals eager."""
+    torch._dynamo.reset()
+    kb, vb = qvg("key"), qvg("value")
+    for c in range(4):
+        _, k, v = chunk(c)
+        kb[:, c * CHUNK:(c + 1) * CHUNK] = k
+        vb[:, c * CHUNK:(c + 1) * CHUNK] = v
+    backend = qvg_compile.backend()
+    fn = torch.compile(read, backend=backend)
+    q = chunk(9)[0]
+    for e in (CHUNK, 2 * CHUNK, 3 * CHUNK, 4 * CHUNK):
+        torch.testing.assert_close(fn(kb[:, :e], vb[:, :e], q), read(kb[:, :e], vb[:, :e], q), rtol=0, atol=0)
+    reasons = [g.flat_inputs for g in backend.report.graphs if g.inputs_are_caches]
+    assert reasons[0] == "yes" and reasons[1:] and all(r.endswith("a cache of symbolic size") for r in reasons[1:])
+    torch._dynamo.reset()

@@ -64,12 +64,17 @@ class View:
     bcast: tuple[int, ...] = ()
     mode: str = VIEW
 
+    @property
+    def concrete(self) -> bool:
+        """Whether every offset and length is a plain int (none symbolic)."""
+        return all(isinstance(x, (int, str, type(None))) for piece in self.pieces for x in piece) and \
+            all(isinstance(v, int) for ax in self.lead for v in (ax.offset, ax.length))
+
     def __deepcopy__(self, memo: dict) -> "View":
-        # Immutable once its lengths are plain ints: a copy may be this object (see
-        # `StoreSpec.__deepcopy__`). A view holding symbolic sizes is copied field by field, so
-        # deep-copying it fails as it would without this method.
-        if all(isinstance(x, (int, str, type(None))) for piece in self.pieces for x in piece) and \
-                all(isinstance(v, int) for ax in self.lead for v in (ax.offset, ax.length)):
+        # Immutable once `concrete`: a copy may be this object (see `StoreSpec.__deepcopy__`). A
+        # view holding symbolic sizes is copied field by field, so deep-copying it fails as it
+        # would without this method.
+        if self.concrete:
             return self
         return View(*(copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)))
 
