@@ -1,5 +1,6 @@
 """`flatten_cache_inputs`: a graph over `QVGCache` inputs rewritten to take their inner tensors
-computes what the graph computes; graphs that return a cache keep their cache inputs; through the
+computes what the graph computes; graphs that return a cache, or take one of symbolic length,
+keep their cache inputs (and still equal eager); the ``QVG_FLAT_INPUTS`` switch; through the
 backend, compiled calls never unwrap a cache beyond Dynamo's guards and write the same codes as
 Inductor's own unwrapping."""
 
