@@ -461,10 +461,17 @@ class QVGCache(RoutesSdpa):
         return fn
 
 
+def from_flat(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View, Optional[RopeSpec]],
+              shape: Sequence[Any]) -> QVGCache:
+    """The `QVGCache` of a flattened form: ``__tensor_flatten__``'s inner arrays by name and its
+    metadata, and the outer size (a cache's strides are always the contiguous ones of its size)."""
+    return QVGCache.__tensor_unflatten__(inner, meta, shape, contiguous_strides(shape))
+
+
 def _unpickle(inner: dict[str, torch.Tensor], meta: tuple[StoreSpec, View, Optional[RopeSpec]],
               shape: tuple[int, ...], source: str) -> QVGCache:
     """Rebuild a pickled `QVGCache` (`QVGCache.__reduce_ex__`); ``source`` is only a key part."""
-    return QVGCache.__tensor_unflatten__(inner, meta, shape, contiguous_strides(shape))
+    return from_flat(inner, meta, shape)
 
 
 def _any_rotated(args: tuple) -> bool:

@@ -1,11 +1,11 @@
 """Cache inputs handed to Inductor as their inner tensors: the graph rebuilds each cache itself.
 
-Pattern: a Dynamo graph whose placeholders hold `QVGCache` inputs of static size and stride, none
+Pattern: a Dynamo graph whose placeholders hold `QVGCache` inputs of static size, none
 of which is returned.
 
 Rewrite: each such placeholder becomes one placeholder per inner tensor (`QVGCache.__tensor_flatten__`
 order) followed by an `UnflattenCache` module call that builds the cache from them with the
-flatten metadata, size and stride it had; the rest of the graph is unchanged. AOTAutograd traces
+flatten metadata and size it had; the rest of the graph is unchanged. AOTAutograd traces
 through the node (the cache's ops become ``qvg::`` ops on the inner tensors, as when it unwraps
 the subclass itself), and `FlatCall` passes the inner tensors at run time.
 
@@ -31,28 +31,22 @@ import torch
 import torch.fx as fx
 
 from ..cache import QVGCache
+from ..cache.tensor import from_flat
 from .graph_ops import example_value
 
 
 class UnflattenCache(torch.nn.Module):
     """The `QVGCache` of one input, built from its inner tensors (``names`` order) with the flatten
-    metadata, size and stride it had when the graph was compiled. A module, not a function with
-    constant arguments, so that the graph's generated code names it instead of writing out the
-    metadata."""
+    metadata and size it had when the graph was compiled (`cache.tensor.from_flat`). A module, not
+    a function with constant arguments, so that the graph's generated code names it instead of
+    writing out the metadata."""
 
-    def __init__(self, meta: Any, size: tuple[int, ...], stride: tuple[int, ...], names: tuple[str, ...]) -> None:
+    def __init__(self, meta: Any, size: tuple[int, ...], names: tuple[str, ...]) -> None:
         super().__init__()
-        self.meta, self.size, self.stride, self.names = meta, size, stride, names
+        self.meta, self.size, self.names = meta, size, names
 
     def forward(self, *inner: torch.Tensor) -> QVGCache:
-        return QVGCache.__tensor_unflatten__(dict(zip(self.names, inner)), self.meta, self.size, self.stride)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    owner: Any = gm
-    for part in target.split("."):
-        owner = getattr(owner, part)
-    return owner
+        return from_flat(dict(zip(self.names, inner)), self.meta, self.size)
 
 
 SWITCH = "QVG_FLAT_INPUTS"
@@ -141,14 +135,13 @@ def flatten_cache_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]
             inner.append(node)
             flat.append(getattr(ex, name))
         name = f"qvg_unflatten_{ph.name}"
-        owned[name] = UnflattenCache(meta, tuple(ex.shape), tuple(ex.stride()), tuple(names))
+        owned[name] = UnflattenCache(meta, tuple(ex.shape), tuple(names))
         env[ph] = graph.call_module(name, tuple(inner))
         env[ph].meta.update(ph.meta)
-        # A one-name attrgetter returns the tensor itself, not a 1-tuple.
-        getters.append(operator.attrgetter(*names) if len(names) > 1 else (lambda c, n=names[0]: (getattr(c, n),)))
+        getters.append(operator.attrgetter(*names))  # a cache has 10 or more inner tensors: a tuple
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node.op in ("get_attr", "call_module"):
-                owned[node.target] = _attr(gm, node.target)
+                owned[node.target] = operator.attrgetter(node.target)(gm)
     return (fx.GraphModule(owned, graph), flat, lambda compiled: FlatCall(compiled, getters)), ""
