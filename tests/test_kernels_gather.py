@@ -74,14 +74,6 @@ def test_block_table_numbers_each_runs_blocks_in_order(runs, block):
     assert [tuple(r[:4]) for r in table[0, :len(k_runs)].tolist()] == k_runs
 
 
-def test_launch_rejects_a_bad_per_program():
-    cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16")
-    k, v = make_store(3, cfg=cfg, role="key"), make_store(4, cfg=cfg, role="value")
-    k_tail, v_tail, _, _ = runs_and_tails(1)
-    with pytest.raises(ValueError, match="per_program"):
-        GatherLaunch(k, v, k_tail, v_tail, 16, per_program=0)
-
-
 def test_block_table_rejects_bad_runs():
     with pytest.raises(ValueError, match="k_runs"):
         block_table([(2, 0, 0, 4)], [], torch.device("cpu"))
@@ -93,10 +85,7 @@ def test_block_table_rejects_bad_runs():
     (16, 4, dict(grouped=True), dict()), (32, 8, dict(), dict()), (32, 2, dict(grouped=True), dict()),
     (16, 2, dict(stream=True), dict()), (16, 2, dict(by_group=True), dict()),
     (32, 4, dict(by_group=True), dict(code_mode="asymmetric", value_code_mode="asymmetric", scale_dtype="fp16")),
-    (16, 2, dict(by_group=True, packed_loads=False), dict(value_bits=4)),
-    # 7 blocks of 16 (K and V): programs of 2 and 3 blocks leave a part-filled last program.
-    (16, 2, dict(per_program=2), dict()), (16, 2, dict(per_program=3, by_group=True), dict()),
-    (32, 4, dict(per_program=8), dict())])
+    (16, 2, dict(by_group=True, packed_loads=False), dict(value_bits=4))])
 def test_every_launch_setting_equals_reference(block, warps, options, changes):
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16",
                     code_mode="symmetric", value_code_mode="symmetric_full").replace(**changes)

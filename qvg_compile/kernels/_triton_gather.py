@@ -35,16 +35,17 @@ def _gather_block(
     seg_ids,
     tail, s_tb, s_th, s_tn, s_td,
     out, s_ob, s_oh, s_on, s_od,
-    side_table, runs, H, blk,
+    side_table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     MODE: tl.constexpr, STAGES: tl.constexpr, SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr,
     STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr, BY_GROUP: tl.constexpr,
 ):
-    """Block ``blk`` of one side's runs ``(kind, src, dst, n, first block)``, for one
+    """Block ``program_id(0)`` of one side's runs ``(kind, src, dst, n, first block)``, for one
     (batch, head): up to ``BLOCK_N`` tokens decoded from store positions (kind 0) or copied from
     dense rows (kind 1) into rows of ``out``. ``BY_GROUP``: decode one scale group of channels
     at a time (``[BLOCK_N, GROUP]`` tiles, each with one scale per token: no per-channel select of
     the group's scale, and half the live registers for two groups)."""
+    blk = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
@@ -113,34 +114,29 @@ def _gather_pair_kernel(
     v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td,
     k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
     v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
-    table, runs, H, blocks,
+    table, runs, H,
     D: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     GROUP: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, STAGES: tl.constexpr,
     SCALE_FP8: tl.constexpr, GROUPED: tl.constexpr, STREAM: tl.constexpr, PACKED_LOADS: tl.constexpr,
-    BY_GROUP: tl.constexpr, LOOP: tl.constexpr,
+    BY_GROUP: tl.constexpr,
 ):
-    # Grid: (cdiv(blocks, LOOP), batch * heads, 2); axis 2 picks K or V, whose runs may differ.
-    # A program decodes LOOP consecutive blocks: mostly one segment, so the centroid rows its
-    # later blocks look up are found in the SM's L1 instead of L2.
+    # Grid: (blocks, batch * heads, 2); axis 2 picks K or V, whose runs may differ.
     side = tl.program_id(2)
     side_table = table + side * runs * 5
-    for j in tl.static_range(LOOP):
-        blk = tl.program_id(0) * LOOP + j
-        if blk < blocks:
-            if side == 0:
-                _gather_block(k_codes, k_s_cb, k_s_ch, k_s_cn, k_s_cd, k_scales, k_s_sb, k_s_sh, k_s_sn, k_s_sg,
-                              k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
-                              k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
-                              k_tail, k_s_tb, k_s_th, k_s_tn, k_s_td, k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
-                              side_table, runs, H, blk, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
-                              PACKED_LOADS, BY_GROUP)
-            else:
-                _gather_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
-                              v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
-                              v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
-                              v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td, v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
-                              side_table, runs, H, blk, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
-                              PACKED_LOADS, BY_GROUP)
+    if side == 0:
+        _gather_block(k_codes, k_s_cb, k_s_ch, k_s_cn, k_s_cd, k_scales, k_s_sb, k_s_sh, k_s_sn, k_s_sg,
+                      k_zeros, k_s_zb, k_s_zh, k_s_zn, k_s_zg, k_assign, k_s_as, k_s_ab, k_s_ah, k_s_an,
+                      k_cents, k_s_xk, k_s_xs, k_s_xb, k_s_xh, k_s_xc, k_s_xd, k_seg_ids,
+                      k_tail, k_s_tb, k_s_th, k_s_tn, k_s_td, k_out, k_s_ob, k_s_oh, k_s_on, k_s_od,
+                      side_table, runs, H, D, BLOCK_N, K_BITS, GROUP, K_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
+                      PACKED_LOADS, BY_GROUP)
+    else:
+        _gather_block(v_codes, v_s_cb, v_s_ch, v_s_cn, v_s_cd, v_scales, v_s_sb, v_s_sh, v_s_sn, v_s_sg,
+                      v_zeros, v_s_zb, v_s_zh, v_s_zn, v_s_zg, v_assign, v_s_as, v_s_ab, v_s_ah, v_s_an,
+                      v_cents, v_s_xk, v_s_xs, v_s_xb, v_s_xh, v_s_xc, v_s_xd, v_seg_ids,
+                      v_tail, v_s_tb, v_s_th, v_s_tn, v_s_td, v_out, v_s_ob, v_s_oh, v_s_on, v_s_od,
+                      side_table, runs, H, D, BLOCK_N, V_BITS, GROUP, V_MODE, STAGES, SCALE_FP8, GROUPED, STREAM,
+                      PACKED_LOADS, BY_GROUP)
 
 
 class GatherLaunch:
@@ -150,17 +146,12 @@ class GatherLaunch:
 
     def __init__(self, k_store: PackedStore, v_store: PackedStore, k_tail: torch.Tensor, v_tail: torch.Tensor,
                  block_tokens: int, num_warps: int = 4, grouped: bool = False, stream: bool = False,
-                 scale_decode: Optional[int] = None, packed_loads: bool = True, by_group: bool = False,
-                 per_program: int = 1) -> None:
-        """``per_program``: blocks of ``block_tokens`` each program decodes, one after the other.
-        ``scale_decode`` overrides the ``SCALE_FP8`` meta-parameter `scale_format` picks (the
+                 scale_decode: Optional[int] = None, packed_loads: bool = True, by_group: bool = False) -> None:
+        """``scale_decode`` overrides the ``SCALE_FP8`` meta-parameter `scale_format` picks (the
         integer FP8 decode on a GPU that has the conversion, to compare the two); ``packed_loads``
         False loads a code byte and a scale per channel (`_jit.decode_tile`), to compare;
         ``by_group`` decodes one scale group of channels at a time (`_gather_block`)."""
-        if not isinstance(per_program, int) or per_program < 1:
-            raise ValueError(f"per_program: expected a positive int, got {per_program!r}")
         self.heads = k_store.codes.shape[1]
-        self.per_program = per_program
         self.rows = k_store.codes.shape[0] * self.heads
         self.args = [*kernel_store_args(k_store), k_tail, *k_tail.stride(),
                      *kernel_store_args(v_store), v_tail, *v_tail.stride()]
@@ -169,25 +160,20 @@ class GatherLaunch:
                          V_MODE=MODE_IDS[v_store.code_mode], STAGES=k_store.stages,
                          SCALE_FP8=scale_format(k_store.scales) if scale_decode is None else scale_decode,
                          GROUPED=grouped, STREAM=stream, PACKED_LOADS=packed_loads,
-                         BY_GROUP=by_group and k_store.group_size < k_store.head_dim, LOOP=per_program,
-                         num_warps=num_warps)
+                         BY_GROUP=by_group and k_store.group_size < k_store.head_dim, num_warps=num_warps)
 
     def __call__(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
-        """Fill ``k_out``/``v_out`` from ``table`` ``[2, R, 5]`` int32: ``blocks`` blocks per
+        """Fill ``k_out``/``v_out`` from ``table`` ``[2, R, 5]`` int32 with ``blocks`` programs per
         (batch, head) and side."""
         if blocks == 0:
             return
-        _gather_pair_kernel[self._grid(blocks)](*self._args(table, blocks, k_out, v_out), **self.meta)
+        _gather_pair_kernel[(blocks, self.rows, 2)](*self._args(table, k_out, v_out), **self.meta)
 
     def prebind(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> Callable[[], None]:
         """`__call__` with these arguments as a launch that only launches (`launch.Prebound`)."""
         if blocks == 0:
             return lambda: None
-        return Prebound(_gather_pair_kernel, self._grid(blocks), self._args(table, blocks, k_out, v_out), self.meta)
+        return Prebound(_gather_pair_kernel, (blocks, self.rows, 2), self._args(table, k_out, v_out), self.meta)
 
-    def _grid(self, blocks: int) -> tuple[int, int, int]:
-        return (-(-blocks // self.per_program), self.rows, 2)
-
-    def _args(self, table: torch.Tensor, blocks: int, k_out: torch.Tensor, v_out: torch.Tensor) -> list:
-        return [*self.args, k_out, *k_out.stride(), v_out, *v_out.stride(), table, table.shape[1], self.heads,
-                blocks]
+    def _args(self, table: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> list:
+        return [*self.args, k_out, *k_out.stride(), v_out, *v_out.stride(), table, table.shape[1], self.heads]
