@@ -152,7 +152,7 @@ def test_tensor_parallel_self_forcing_matches_one_process_with_qvg(tmp_path):
 # ---------------------------------------------------------------- Ulysses HY-WorldPlay-style
 
 
-def _run_worldplay(group, on_chunk=None, chunks=3):
+def _run_worldplay(group, on_chunk=None, chunks=2):
     model = uw.build("tiny", CPU, group, dtype=torch.float32)
     qvg = qvg_compile.backend(CFG)
     fn = torch.compile(model, backend=qvg)
