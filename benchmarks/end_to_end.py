@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
 from tabulate import tabulate  # noqa: E402
 
 import qvg_compile  # noqa: E402
+from qvg_compile import QVGConfig  # noqa: E402
 from qvg_compile.cache import release_workspace, workspace_bytes  # noqa: E402
 from benchmarks import gpu_idle  # noqa: E402
 from examples.models import longcat as lc  # noqa: E402
@@ -858,6 +859,22 @@ def build_model(config: str, layers: int | None, device: torch.device, seed: int
     return model.to(torch.bfloat16).eval().requires_grad_(False)
 
 
+def config_fields(variant: str) -> dict[str, object]:
+    """``FIELD=VALUE[,FIELD=VALUE]`` -> `QVGConfig` field overrides (ints and floats parsed)."""
+    fields: dict[str, object] = {}
+    for item in variant.split(","):
+        name, sep, text = item.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(QVGConfig)}:
+            raise ValueError(f"--qvg-config: expected FIELD=VALUE with a QVGConfig field, got {item!r}")
+        for parse in (int, float, str):
+            try:
+                fields[name] = parse(text)
+                break
+            except ValueError:
+                continue
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("real", "tiny"), default="real")
@@ -880,6 +897,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--qvg-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="one more QVG run per pair with these environment variables set (e.g. "
                              "QVG_READ_PATH=general), reported as qvg[...]; repeatable")
+    parser.add_argument("--qvg-config", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="one more QVG run per pair with the qvg preset's fields changed (e.g. "
+                             "centroid_dtype=fp8_e4m3), reported as qvg[config: ...]; repeatable")
     parser.add_argument("--interleave", action="store_true",
                         help="run every backend's video in one process chunk for chunk (per-chunk overheads)")
     parser.add_argument("--settle", type=int, default=1,
@@ -932,6 +952,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # A backend of its own: Dynamo keys compiled code on the backend, so a variable read when
         # a graph compiles (QVG_FLAT_INPUTS) gets its own graphs.
         compilers.append((f"qvg[{variant}]", lambda m, b=qvg_compile.backend(): torch.compile(m, backend=b), env))
+    for variant in args.qvg_config:
+        config = QVGConfig.preset("qvg", **config_fields(variant))
+        compilers.append((f"qvg[config: {variant}]",
+                          lambda m, b=qvg_compile.backend(config): torch.compile(m, backend=b), {}))
     profile_at = args.profile_at if args.profile_at in contexts else None
     outputs: dict[str, dict[int, torch.Tensor]] = {}
     results["interleave"] = args.interleave

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qvg_compile import QVGCache, QVGConfig
@@ -32,6 +33,20 @@ def test_round_trip_is_exact_and_writes_continue(tmp_path):
     back[:, 48:64] = new
     c[:, 48:64] = new
     assert torch.equal(back.dequantize(), c.dequantize())
+
+
+def test_fp8_centroids_round_trip_exactly(tmp_path):
+    torch.manual_seed(1)
+    c = QVGCache.empty((1, 64, 2, 64), 1, CFG.replace(centroid_dtype="fp8_e4m3"), dtype=torch.float32,
+                       chunk_tokens=16)
+    for s in range(0, 48, 16):
+        c[:, s:s + 16] = torch.randn(1, 16, 2, 64)
+    path = str(tmp_path / "k.safetensors")
+    c.save(path)
+    back = QVGCache.load(path)
+    assert torch.equal(back.dequantize(), c.dequantize())
+    with safe_open(path, "pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys() if n.startswith("cents")} == {"F8_E4M3"}
 
 
 def test_a_view_is_saved_as_what_it_shows(tmp_path):

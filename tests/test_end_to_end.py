@@ -61,8 +61,16 @@ def fresh_dynamo():
 def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "1",
                         "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--longcat-layers", "0",
-                        "--qvg-env", "QVG_READ_PATH=general", "--out", str(tmp_path)])
+                        "--qvg-env", "QVG_READ_PATH=general", "--qvg-config", "centroid_dtype=fp8_e4m3",
+                        "--out", str(tmp_path)])
     runs = {r["backend"]: r for r in results["runs"]}
+    # The config variant holds the same tokens with a byte less per centroid value.
+    fp8 = runs["qvg[config: centroid_dtype=fp8_e4m3]"]["rows"][0]
+    assert fp8["kv_bytes"] < runs["qvg"]["rows"][0]["kv_bytes"] and fp8["stats"]["fast_reads"] > 0
+    with pytest.raises(ValueError, match="--qvg-config"):
+        e2e.config_fields("no_such_field=1")
+    assert e2e.config_fields("centroids=64,kmeans_tol=0.5,centroid_dtype=fp16") == {
+        "centroids": 64, "kmeans_tol": 0.5, "centroid_dtype": "fp16"}
     # The variant ran with every read on the general path, and the setting was restored after it.
     general = runs["qvg[QVG_READ_PATH=general]"]["rows"][0]["stats"]
     assert general["general_reads"] > 0 and general["fast_reads"] == 0

@@ -22,7 +22,10 @@ from qvg_compile.quant.packed import PackedStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-PRESETS = ["qvg", "qvg_pro"]
+# The presets, and the qvg preset with FP8 centroids (decoded by the hardware's conversion here).
+CONFIGS = {"qvg": QVGConfig.preset("qvg"), "qvg_pro": QVGConfig.preset("qvg_pro"),
+           "qvg_fp8_centroids": QVGConfig.preset("qvg", centroid_dtype="fp8_e4m3")}
+PRESETS = list(CONFIGS)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,7 +42,7 @@ def kv(seed: int, n: int = 4680, h: int = 4, d: int = 128) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_pair_encode_on_cuda_matches_reference_error(preset):
-    cfg = QVGConfig.preset(preset)
+    cfg = CONFIGS[preset]
     k, v = kv(0)
     ks, vs = encode_qvg_pair(k, v, cfg)
     assert ks.code_mode == cfg.code_mode_for("key") and vs.code_mode == cfg.code_mode_for("value")
@@ -52,7 +55,7 @@ def test_pair_encode_on_cuda_matches_reference_error(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_decode_kernel_equals_reference_decode_on_cuda(preset):
-    cfg = QVGConfig.preset(preset)
+    cfg = CONFIGS[preset]
     k, v = kv(1)
     for seg in encode_qvg_pair(k, v, cfg):
         got = dequantize_segment(seg, torch.float32)
@@ -72,7 +75,7 @@ def store_of(segs) -> PackedStore:
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 def test_fused_attention_on_cuda_matches_reference(preset, dtype, tol):
-    cfg = QVGConfig.preset(preset)
+    cfg = CONFIGS[preset]
     pairs = [encode_qvg_pair(*kv(s, n=1560), cfg) for s in (2, 3)]
     ks, vs = store_of([p[0] for p in pairs]), store_of([p[1] for p in pairs])
     gen = torch.Generator(device="cpu").manual_seed(4)

@@ -64,9 +64,9 @@ def test_fused_matches_reference(dtype, tol, bshd, mask_kind):
     assert torch.allclose(lse, ref_lse, atol=1e-4 if dtype == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("d", [16, 64])
-def test_fused_head_dims_groups_and_batches(d):
-    cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16", key_bits=4, stages=2)
+@pytest.mark.parametrize("d,cdtype", [(16, "fp16"), (64, "fp16"), (32, "fp8_e4m3")])
+def test_fused_head_dims_groups_and_batches(d, cdtype):
+    cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype=cdtype, key_bits=4, stages=2)
     q, ks, vs, tk, tv, _ = inputs(2, b=2, hq=6, hkv=2, m=70, d=d, t=0, n=(40,), cfg=cfg)
     ref = reference_attention(q, ks, vs, [(3, 40)], tk, tv)
     out, _ = attend_fused(q, ks, vs, [(3, 40)], tk, tv, None, 1 / math.sqrt(d))

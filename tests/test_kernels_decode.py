@@ -36,6 +36,8 @@ CASES = [
     dict(stages=0),
     dict(key_bits=4),
     dict(key_bits=8, group_size=32),
+    dict(centroid_dtype="fp8_e4m3"),
+    dict(centroid_dtype="fp8_e4m3", stages=2, scale_dtype="fp16", code_mode="asymmetric"),
 ]
 
 

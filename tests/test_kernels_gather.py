@@ -27,8 +27,9 @@ def runs_and_tails(seed):
 
 
 @pytest.mark.parametrize("changes", [dict(), dict(value_bits=4), dict(code_mode="asymmetric", scale_dtype="fp16"),
-                                     dict(stages=0), dict(code_mode="symmetric", value_code_mode="symmetric_full")],
-                         ids=["default", "v4bit", "asym", "rtn", "modes_per_role"])
+                                     dict(stages=0), dict(code_mode="symmetric", value_code_mode="symmetric_full"),
+                                     dict(centroid_dtype="fp8_e4m3")],
+                         ids=["default", "v4bit", "asym", "rtn", "modes_per_role", "fp8_centroids"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_triton_gather_equals_reference(changes, out_dtype):
     cfg = QVGConfig(centroids=8, group_size=16, kmeans_iters=1, centroid_dtype="fp16").replace(**changes)

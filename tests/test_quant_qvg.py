@@ -5,6 +5,7 @@ from qvg_compile import QVGConfig, quantize
 from qvg_compile.quant import QVGSegment, analytic_bits_per_element
 from qvg_compile.quant.group import error_bound, group_dequantize, group_quantize
 from qvg_compile.quant.qvg import encode_qvg
+from qvg_compile.bench.synthetic import video_like_kv
 from qvg_compile.quant.segment import gather_centroids, residual_energy
 
 
@@ -151,3 +152,19 @@ def test_residual_energy_is_what_the_centroids_leave():
     assert float(residual_energy(x, fitted)) == pytest.approx(0.703, abs=0.01)
     with pytest.raises(ValueError, match="tokens"):
         residual_energy(x[..., :39, :], seg)
+
+
+def test_fp8_centroids_cost_little_error_and_a_byte_per_centroid_value_less():
+    """Video-like K/V of one 4,680-token chunk (3 frames of Wan's 30 x 52 grid), the cache's segment,
+    256 centroids: the codebook is 0.875 of the 3.06 bits per element in BF16. Measured on the CPU,
+    seed 1: keys 0.01757 -> 0.01782 rel-MSE, values 0.01487 -> 0.01507 (+1.4%), 3.063 -> 2.625 bits
+    (the residual is taken against the rounded centroids, so it absorbs their rounding)."""
+    d = video_like_kv(heads=2, frames=3, height=30, width=52, head_dim=128, seed=1)
+    for role, x in (("key", d["k"]), ("value", d["v"])):
+        errs, bits = [], []
+        for cdtype in ("bf16", "fp8_e4m3"):
+            seg = quantize(x, QVGConfig.preset("qvg").replace(centroid_dtype=cdtype), role=role)
+            errs.append(float((seg.dequantize().float() - x.float()).pow(2).mean() / x.float().pow(2).mean()))
+            bits.append(seg.bits_per_element)
+        assert errs[1] <= errs[0] * 1.03 and errs[1] <= 0.0185
+        assert bits[0] - bits[1] == pytest.approx(256 * 8 / 4680, abs=1e-4)

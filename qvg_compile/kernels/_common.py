@@ -80,12 +80,15 @@ def scale_format(scales: torch.Tensor) -> int:
 
 def kernel_store_args(store: PackedStore) -> list:
     """Pointers and strides of a store in the order of `_jit.decode_tile` (after the batch and
-    head strides of each array): codes, scales, zeros, assignments, centroids, segment_ids."""
+    head strides of each array): codes, scales, zeros, assignments, centroids, segment_ids. FP8
+    scales, zero points and centroids go as their uint8 codes (the interpreter has no FP8 type)."""
     scales = store.scales.view(torch.uint8) if store.scales.dtype == torch.float8_e4m3fn else store.scales
     zeros = store.zeros if store.zeros is not None else store.scales
     if zeros.dtype == torch.float8_e4m3fn:
         zeros = zeros.view(torch.uint8)
     a, c = store.assignments, store.centroids
+    if c.dtype == torch.float8_e4m3fn:
+        c = c.view(torch.uint8)
     if not store.stages:
         # Unused by the kernel (STAGES == 0) but must still be a valid pointer.
         a, c = store.codes.new_zeros(1, 1, 1, 1), store.codes.new_zeros(1, 1, 1, 1, 1, 1)

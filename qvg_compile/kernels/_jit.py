@@ -72,6 +72,21 @@ def load_scale(ptr, mask, SCALE_FP8: tl.constexpr):
 
 
 @triton.jit
+def load_centroids(ptrs, mask, SCALE_FP8: tl.constexpr):
+    """Centroid values as fp32 from ``ptrs``: a float type, or FP8 E4M3 passed as uint8 codes
+    (`kernel_store_args`), decoded by the hardware's conversion where ``SCALE_FP8`` says the GPU
+    has one and by integer ops elsewhere (as `load_scale`)."""
+    if ptrs.dtype.element_ty == tl.uint8:
+        if SCALE_FP8 == 2:
+            c = load_scale(ptrs, mask, 2)
+        else:
+            c = load_scale(ptrs, mask, 1)
+    else:
+        c = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return c
+
+
+@triton.jit
 def unpack_codes(rows, s_cd, m2, BN: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """Codes of ``BITS`` (2, 4 or 8) -> fp32 ``[BN, D]`` from the byte rows at ``rows`` (``[BN, 1]``
     pointers): each byte loaded once, in contiguous rows, and its codes spread over the channels
@@ -173,5 +188,5 @@ def decode_tile(
             st = STAGES - 1 - i
             a = tl.load(assign + st * s_as + offs_n * s_an, mask=n_mask, other=0).to(tl.int64)
             row = base + st * s_xs + a * s_xc
-            x += tl.load(row[:, None] + offs_d[None, :] * s_xd, mask=m2, other=0.0).to(tl.float32)
+            x += load_centroids(row[:, None] + offs_d[None, :] * s_xd, m2, SCALE_FP8)
     return x

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import MODE_IDS, small_float_decode, small_float_encode
+from ._jit import MODE_IDS, load_centroids, small_float_decode, small_float_encode
 
 # (EXP, MAN, BIAS) of the scale storage types.
 FLOAT_FORMATS = {torch.float8_e4m3fn: (4, 3, 7), torch.float16: (5, 10, 15)}
@@ -260,7 +260,7 @@ def _quantize_kernel(x, s_x0, s_x1, s_xn, s_xd, B2, cents, assign, codes, scales
     x_energy = tl.sum(tl.sum(r * r, 1), 0)
     for s in tl.static_range(STAGES):
         a = tl.load(assign + (s * G + g) * N + offs_n, mask=nm, other=0).to(tl.int64)
-        r -= tl.load(cents + ((s * G + g) * C + a[:, None]) * D + d[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+        r -= load_centroids(cents + ((s * G + g) * C + a[:, None]) * D + d[None, :], nm[:, None], 1)
     NG: tl.constexpr = D // GROUP
     rg = tl.reshape(r, (BLOCK_N, NG, GROUP))
     unit = tl.full([], (1 - BIAS - MAN + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
@@ -570,6 +570,8 @@ def quantize(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor
         raise ValueError(f"flags, energy: expected [{g}, {nb}] and [{g}, {nb}, 2], got {list(flags.shape)} "
                          f"and {list(energy.shape)}")
     cents = centroids.contiguous() if s else codes
+    if cents.dtype == torch.float8_e4m3fn:
+        cents = cents.view(torch.uint8)
     assign_ = assignments.contiguous() if s else codes
     _quantize_kernel[(nb, g)](
         *_x_args(x), cents, assign_, codes, scales, zeros if asym else scales, flags, energy, n, c, g,

@@ -15,14 +15,15 @@ import torch
 Method = Literal["qvg", "rtn", "kivi", "quarot"]
 CodeMode = Literal["symmetric", "symmetric_full", "asymmetric"]
 ScaleDType = Literal["fp8_e4m3", "fp16"]
-CentroidDType = Literal["bf16", "fp16", "fp32"]
+CentroidDType = Literal["bf16", "fp16", "fp32", "fp8_e4m3"]
 Init = Literal["random", "kmeans++", "given"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("qvg", "rtn", "kivi", "quarot")
 CODE_MODES = ("symmetric", "symmetric_full", "asymmetric")
 SCALE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp16": torch.float16}
-CENTROID_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CENTROID_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                   "fp8_e4m3": torch.float8_e4m3fn}
 INITS = ("random", "kmeans++", "given")
 
 
@@ -49,7 +50,8 @@ class QVGConfig:
         value_code_mode: the values' codes (None: as ``code_mode``). Keys, whose groups often
             hold an outlier channel, need the zero level of ``"symmetric"``; values do better with
             four levels (`qvg` preset, measured on video-like K/V: README, quant-bench).
-        centroid_dtype: storage of the centroids.
+        centroid_dtype: storage of the centroids. The residual is taken against the stored
+            (rounded) centroids, so a coarser type costs only a slightly larger residual.
         seed: seed of every random choice (k-means init); the same seed gives bit-identical results.
         residual_window: KIVI only: most recent tokens kept in full precision (R).
         clip_ratio: QuaRot only: fraction of the min/max range kept before rounding.
