@@ -68,10 +68,11 @@ def measure(k: torch.Tensor, v: torch.Tensor, chunk: int, overrides: dict) -> di
 
 def per_chunk(k: torch.Tensor, v: torch.Tensor, chunk: int, span: int) -> list[list[str]]:
     """Rel-MSE of every chunk of K and V: the cache with its defaults; the published
-    configuration (symmetric codes, C=256, one codebook per span of ``span`` chunks, encoded at
-    once); per-token RTN (the ``rtn`` preset). Rows: chunk, then K and V of each."""
+    configuration (symmetric codes, C=256 BF16 centroids, one codebook per span of ``span`` chunks,
+    encoded at once); per-token RTN (the ``rtn`` preset). Rows: chunk, then K and V of each."""
     n = k.shape[2] // chunk * chunk
-    published = QVGConfig.preset("qvg", code_mode="symmetric", value_code_mode="symmetric", centroids=256)
+    published = QVGConfig.preset("qvg", code_mode="symmetric", value_code_mode="symmetric", centroids=256,
+                                 centroid_dtype="bf16")
     errors = {}
     for name, x, role in (("k", k, "key"), ("v", v, "value")):
         cache = filled(x, role, chunk, {}).dequantize()

@@ -61,12 +61,13 @@ def fresh_dynamo():
 def test_benchmark_runs_end_to_end_on_cpu(tmp_path, fresh_dynamo):
     results = e2e.main(["--config", "tiny", "--device", "cpu", "--contexts", "9", "--timed-chunks", "1",
                         "--profile-at", "9", "--budget-gb", "0.002", "--fit-limit", "600", "--longcat-layers", "0",
-                        "--qvg-env", "QVG_READ_PATH=general", "--qvg-config", "centroid_dtype=fp8_e4m3",
+                        "--qvg-env", "QVG_READ_PATH=general", "--qvg-config", "centroid_dtype=bf16",
                         "--out", str(tmp_path)])
     runs = {r["backend"]: r for r in results["runs"]}
-    # The config variant holds the same tokens with a byte less per centroid value.
-    fp8 = runs["qvg[config: centroid_dtype=fp8_e4m3]"]["rows"][0]
-    assert fp8["kv_bytes"] < runs["qvg"]["rows"][0]["kv_bytes"] and fp8["stats"]["fast_reads"] > 0
+    # The config variant stores BF16 centroids, a byte more per value than the default FP8 (the
+    # tiny model's chunks are too short for the codebook budget to even it out).
+    bf16_cents = runs["qvg[config: centroid_dtype=bf16]"]["rows"][0]
+    assert bf16_cents["kv_bytes"] > runs["qvg"]["rows"][0]["kv_bytes"] and bf16_cents["stats"]["fast_reads"] > 0
     with pytest.raises(ValueError, match="--qvg-config"):
         e2e.config_fields("no_such_field=1")
     assert e2e.config_fields("centroids=64,kmeans_tol=0.5,centroid_dtype=fp16") == {
