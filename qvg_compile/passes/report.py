@@ -301,8 +301,8 @@ def small_cache_note(name: str, mem: dict) -> str:
             f"{mem['codebooks']:.2f}, on top of {mem['codes'] + mem['scales'] + mem['assignments']:.2f} "
             "for the codes. The open rows (dense_chunks chunks of chunk_tokens, and the sinks) cost "
             "the cache dtype's bits x rows / capacity and are freed by qvg_compile.seal at the end of "
-            "a video; a codebook of C centroids costs 16 x C / (tokens sharing it) bits. The gain "
-            "grows with the capacity over the chunk length.")
+            "a video; a codebook of C centroids costs (8 for FP8, 16 for BF16) x C / (tokens sharing it) "
+            "bits. The gain grows with the capacity over the chunk length.")
 
 
 def plain(obj: Any) -> Any:
