@@ -53,19 +53,22 @@ def test_spec_round_trips_through_json_and_sizes_its_arrays():
         StoreSpec(QVGConfig.preset("kivi"), CachePolicy(), (128,), ("key",), "bfloat16")
 
 
-def test_fp8_centroids_buy_twice_the_codebook_for_the_same_bits():
+@pytest.mark.parametrize("preset,sizes,bounds", [("qvg", (128, 256), (0.0285, 0.0305)),
+                                                  ("qvg_pro", (32, 64), (0.0068, 0.0125))])
+def test_fp8_centroids_buy_twice_the_codebook_for_the_same_bits(preset, sizes, bounds):
     """Video-like K/V at Wan's frame grid (2 heads, 12 frames of 30 x 52 tokens, chunks of 3
-    frames), filled chunk by chunk and sealed: the 0.25-bit budget gives 256 FP8 centroids per
-    codebook where it gives 128 BF16 ones. Measured on the CPU, seed 0: keys 0.0362 -> 0.0277,
-    values 0.0389 -> 0.0296 rel-MSE, both at 2.531 bits per element."""
+    frames), filled chunk by chunk and sealed: the 0.25-bit budget buys twice as many FP8 centroids
+    per codebook as BF16 ones. Measured on the CPU, seed 0, rel-MSE BF16 -> FP8 centroids: ``qvg``
+    keys 0.0362 -> 0.0277, values 0.0389 -> 0.0296 (2.531 bits); ``qvg_pro`` keys 0.0092 -> 0.0065,
+    values 0.0164 -> 0.0120 (3.094 bits)."""
     d = video_like_kv(heads=2, frames=12, height=30, width=52, head_dim=128, seed=0)
     chunk = 3 * 30 * 52
-    for name, role in (("k", "key"), ("v", "value")):
+    for (name, role), bound in zip((("k", "key"), ("v", "value")), bounds):
         x = d[name]
         errs, bits = [], []
-        for cdtype in ("bf16", "fp8_e4m3"):
-            cfg = QVGConfig.preset("qvg", centroid_dtype=cdtype)
-            assert CachePolicy().codebook_size(cfg, chunk) == (128 if cdtype == "bf16" else 256)
+        for cdtype, size in zip(("bf16", "fp8_e4m3"), sizes):
+            cfg = QVGConfig.preset(preset, centroid_dtype=cdtype)
+            assert CachePolicy().codebook_size(cfg, chunk) == size
             c = QVGCache.empty(tuple(x.shape), 2, cfg, role=role, dtype=x.dtype, chunk_tokens=chunk)
             for s in range(0, x.shape[2], chunk):
                 c[:, :, s:s + chunk] = x[:, :, s:s + chunk]
@@ -73,4 +76,4 @@ def test_fp8_centroids_buy_twice_the_codebook_for_the_same_bits():
             errs.append(rel_mse(x, c.dequantize()))
             bits.append(c.nbytes() * 8 / x.numel())
         assert bits[1] == bits[0]
-        assert errs[1] <= 0.8 * errs[0] and errs[1] <= 0.031
+        assert errs[1] <= 0.8 * errs[0] and errs[1] <= bound

@@ -116,7 +116,7 @@ class QVGConfig:
 
         ``"qvg"``: S=1, G=64, C=256, 2-bit, FP8 scales and centroids (2.242 bits/element at
         N=37,440, D=128; 2.297 with the published configuration's BF16 centroids).
-        ``"qvg_pro"``: S=4, G=16, C=256. ``"rtn"``: per-token asymmetric, G=64, FP16 scale and
+        ``"qvg_pro"``: S=4, G=16, C=256, FP8 centroids. ``"rtn"``: per-token asymmetric, G=64, FP16 scale and
         zero. ``"rtn_sym"``: the published-style symmetric RTN with FP8 scales (QVG without
         smoothing). ``"kivi"``: G=32, R=128, FP16. ``"quarot"``: Hadamard + per-token asymmetric,
         G=128, FP16.
@@ -168,7 +168,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # configuration stores BF16 centroids (centroid_dtype="bf16").
     "qvg": dict(method="qvg", stages=1, group_size=64, centroids=256, code_mode="symmetric",
                 value_code_mode="symmetric_full", centroid_dtype="fp8_e4m3"),
-    "qvg_pro": dict(method="qvg", stages=4, group_size=16, centroids=256),
+    # FP8 centroids here too: in a sealed cache at Wan's frame grid key rel-MSE 0.0092 -> 0.0065,
+    # value 0.0164 -> 0.0120 at the same 3.09 bits; alone, 0.5 bits less at N=16,384 for ~5% more.
+    "qvg_pro": dict(method="qvg", stages=4, group_size=16, centroids=256, centroid_dtype="fp8_e4m3"),
     "rtn": dict(method="rtn", stages=0, group_size=64, code_mode="asymmetric", scale_dtype="fp16"),
     "rtn_sym": dict(method="qvg", stages=0, group_size=64, code_mode="symmetric",
                     scale_dtype="fp8_e4m3"),
