@@ -54,8 +54,9 @@ def test_qvg_preset_at_the_published_geometry(make, k_max):
     """Video-like K/V ``[1, 4, 24960, 128]`` (16 frames of Wan's 30 x 52 token grid), the geometry
     the published kernels were measured at (key rel-MSE 0.029, value 0.088, ~2.35 bits). Measured
     on the CPU, seed 0: keys 0.0309 and values 0.0317 at 2.270 bits (FP8 centroids; 0.0306 / 0.0315
-    at 2.352 with BF16 ones); with a scene cut half way 0.0359 and 0.0332. Bounds: the published configuration's errors (+10% for keys on the cut,
-    which that measurement did not have), and >= 4x (K) / >= 2x (V) below per-token RTN."""
+    at 2.352 with BF16 ones); with a scene cut half way 0.0359 and 0.0332. Bounds: the published
+    configuration's errors (+10% for keys on the cut, which that measurement did not have), and
+    >= 4x (K) / >= 2x (V) below per-token RTN."""
     d = make(heads=4, frames=16, height=30, width=52, head_dim=128, seed=0)
     records = {r["method"]: r for r in compare(d["k"], d["v"], None, methods=("qvg", "rtn"))}
     qvg, rtn = records["qvg"], records["rtn"]

@@ -80,7 +80,6 @@ def test_flatten_metadata_pickles_and_unflatten_rebuilds_the_same_view():
     assert torch.equal(rebuilt.dequantize(), view.dequantize())
 
 
-
 def test_flatten_metadata_deep_copies_to_itself_unless_symbolic():
     """Dynamo's guard on a cache keeps a deep copy of its flatten metadata and compares it on every
     call: the copy is the same objects, so the compare is an identity check."""
@@ -93,6 +92,7 @@ def test_flatten_metadata_deep_copies_to_itself_unless_symbolic():
     odd = type(view)(view.dims, view.lead, (("run", 0, [L]),), view.parts, view.bcast, view.mode)
     copied = copy.deepcopy(odd)
     assert copied is not odd and copied == odd and copied.pieces[0][2] is not odd.pieces[0][2]
+
 
 def _step(kb, vb, q, k, v, s: int, e: int):
     kb[:, s:e] = k

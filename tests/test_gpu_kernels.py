@@ -22,9 +22,10 @@ from qvg_compile.quant.packed import PackedStore
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# The presets, and the qvg preset with FP8 centroids (decoded by the hardware's conversion here).
+# The presets (FP8 centroids, decoded by the hardware's conversion here) and the qvg preset with
+# the published configuration's BF16 centroids.
 CONFIGS = {"qvg": QVGConfig.preset("qvg"), "qvg_pro": QVGConfig.preset("qvg_pro"),
-           "qvg_fp8_centroids": QVGConfig.preset("qvg", centroid_dtype="fp8_e4m3")}
+           "qvg_bf16_centroids": QVGConfig.preset("qvg", centroid_dtype="bf16")}
 PRESETS = list(CONFIGS)
 
 
