@@ -8,7 +8,7 @@ the oldest slots first. Sealed slots become *segments*: tokens that share one k-
 
 Codebook storage costs ``stages * C * centroid_bits / N`` bits per element for a codebook of C
 centroids over N tokens, which dominates for one-chunk segments (C=256 over 4,680 tokens is 0.87
-bits on top of ~2.2). Two knobs bound it: ``codebook_bits`` picks the largest power-of-two C that
+bits on top of ~2.2 with BF16 centroids, 0.44 with FP8 ones). Two knobs bound it: ``codebook_bits`` picks the largest power-of-two C that
 fits the budget for the tokens the codebook will cover, and ``codebook_chunks`` lets consecutive
 segments reuse one codebook (the later ones only assign tokens to it). The defaults come from
 ``benchmarks/cache_tradeoff.py``.
@@ -34,7 +34,7 @@ class CachePolicy:
             (``1 <= seal_chunks <= dense_chunks``; the published QVG uses 8 and 8).
         codebook_chunks: consecutive segments sharing one codebook: the first runs k-means, the
             next ``codebook_chunks - 1`` only assign their tokens to its centroids. Sharing cuts
-            the error ~15% on a continuous stream, but a chunk right after a scene cut that shares
+            the error ~12% on a continuous stream, but a chunk right after a scene cut that shares
             the previous scene's codebook has 7-8x the key error of its neighbours
             (`benchmarks/cache_tradeoff.py --scene-change --per-chunk`), unless ``share_fit``
             gives it its own codebook.
