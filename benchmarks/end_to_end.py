@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -333,10 +334,16 @@ def kv_row(name: str, video: Video, context: int, times: list[float], peak: int,
                workspace_bytes() if workspace is None else workspace)
 
 
+def file_stem(name: str) -> str:
+    """``name`` (a video's label, e.g. ``qvg[config: centroid_dtype=bf16]``) as a plain file name:
+    every run of characters other than letters, digits, ``_``, ``.`` and ``-`` becomes one ``_``
+    (the device tool returns only plainly named files)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
 def profile_row(row: Row, name: str, video: Video, clock: Clock, out: Path, log: Callable[[str], None]) -> None:
     """Two more chunks of ``video``: one under `torch.profiler` (``row.shares``), one under cProfile."""
-    # File names without '+': the device tool returns only plain names.
-    stem = name.replace("+", "_")
+    stem = file_stem(name)
     row.shares = profile_chunk(video, clock, out / f"profile_{stem}_{row.context}.txt")
     idle = out / f"profile_{stem}_{row.context}.idle.txt"
     if idle.exists():

@@ -137,6 +137,12 @@ def test_interleaved_run_times_every_video_chunk_for_chunk(tmp_path, fresh_dynam
     assert "chunks" in table and "quartiles %" in table and "qvg[QVG_READ_PATH=general]" in table
 
 
+def test_profile_files_get_plain_names():
+    assert e2e.file_stem("bf16+cg") == "bf16_cg"
+    assert e2e.file_stem("qvg[config: centroid_dtype=bf16]") == "qvg_config_centroid_dtype_bf16"
+    assert e2e.file_stem("qvg[QVG_READ_PATH=general]") == "qvg_QVG_READ_PATH_general"
+
+
 def test_stats_delta_and_sum_keep_the_per_name_counts():
     before = {"seals": 2, "fallbacks": {"clone": 1}, "general_why": {}}
     after = {"seals": 5, "fallbacks": {"clone": 1, "cat": 2}, "general_why": {"holes": 1}}
