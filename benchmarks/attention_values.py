@@ -113,7 +113,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     pairs = variants(k, v)
     ms: dict[str, list[float]] = {name: [] for name in pairs}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in pairs}
-    for name, (kk, vv) in pairs.items():
+    # One untimed call each: cuDNN builds its plan for these shapes at the first.
+    for kk, vv in pairs.values():
         F.scaled_dot_product_attention(q, kk, vv)
     for _ in range(args.reps):
         for name, (kk, vv) in pairs.items():
