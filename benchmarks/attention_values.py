@@ -134,8 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                      f"{(med / base - 1) * 100:+.1f}", clock, power])
     print(f"SDPA {args.queries} queries x {n} keys, {H} x {D} heads, bf16, {dev}; "
           f"{args.reps} rounds of {args.calls} calls per variant")
-    print(tabulate(rows, headers=["K/V values", "K / V rel-MSE to randn", "ms per call (median)", "range", "against randn %",
-                                  "SM clock MHz (per round)", "power W (per round)"], tablefmt="github"))
+    headers = ["K/V values", "K / V rel-MSE to randn", "ms per call (median)", "range", "against randn %",
+               "SM clock MHz (per round)", "power W (per round)"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
     return 0
 
 

@@ -868,10 +868,11 @@ def build_model(config: str, layers: int | None, device: torch.device, seed: int
 
 def config_fields(variant: str) -> dict[str, object]:
     """``FIELD=VALUE[,FIELD=VALUE]`` -> `QVGConfig` field overrides (ints and floats parsed)."""
+    known = {f.name for f in dataclasses.fields(QVGConfig)}
     fields: dict[str, object] = {}
     for item in variant.split(","):
         name, sep, text = item.partition("=")
-        if not sep or name not in {f.name for f in dataclasses.fields(QVGConfig)}:
+        if not sep or name not in known:
             raise ValueError(f"--qvg-config: expected FIELD=VALUE with a QVGConfig field, got {item!r}")
         for parse in (int, float, str):
             try:

@@ -8,9 +8,10 @@ the oldest slots first. Sealed slots become *segments*: tokens that share one k-
 
 Codebook storage costs ``stages * C * centroid_bits / N`` bits per element for a codebook of C
 centroids over N tokens, which dominates for one-chunk segments (C=256 over 4,680 tokens is 0.87
-bits on top of ~2.2 with BF16 centroids, 0.44 with FP8 ones). Two knobs bound it: ``codebook_bits`` picks the largest power-of-two C that
-fits the budget for the tokens the codebook will cover, and ``codebook_chunks`` lets consecutive
-segments reuse one codebook (the later ones only assign tokens to it). The defaults come from
+bits on top of ~2.2 with BF16 centroids, 0.44 with FP8 ones). Two knobs bound it:
+``codebook_bits`` picks the largest power-of-two C that fits the budget for the tokens the
+codebook will cover, and ``codebook_chunks`` lets consecutive segments reuse one codebook (the
+later ones only assign tokens to it). The defaults come from
 ``benchmarks/cache_tradeoff.py``.
 """
 

@@ -77,6 +77,7 @@ def load_centroids(ptrs, mask, SCALE_FP8: tl.constexpr):
     (`kernel_store_args`), decoded by the hardware's conversion where ``SCALE_FP8`` says the GPU
     has one and by integer ops elsewhere (as `load_scale`)."""
     if ptrs.dtype.element_ty == tl.uint8:
+        # FP8 centroids also where the scales are not FP8 (SCALE_FP8 == 0): integer decode then.
         if SCALE_FP8 == 2:
             c = load_scale(ptrs, mask, 2)
         else:

@@ -116,8 +116,8 @@ class QVGConfig:
 
         ``"qvg"``: S=1, G=64, C=256, 2-bit, FP8 scales and centroids (2.242 bits/element at
         N=37,440, D=128; 2.297 with the published configuration's BF16 centroids).
-        ``"qvg_pro"``: S=4, G=16, C=256, FP8 centroids. ``"rtn"``: per-token asymmetric, G=64, FP16 scale and
-        zero. ``"rtn_sym"``: the published-style symmetric RTN with FP8 scales (QVG without
+        ``"qvg_pro"``: S=4, G=16, C=256, FP8 centroids. ``"rtn"``: per-token asymmetric, G=64, FP16
+        scale and zero. ``"rtn_sym"``: the published-style symmetric RTN with FP8 scales (QVG without
         smoothing). ``"kivi"``: G=32, R=128, FP16. ``"quarot"``: Hadamard + per-token asymmetric,
         G=128, FP16.
         """
